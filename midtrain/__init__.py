@@ -1,0 +1,30 @@
+"""midtrain: a Lightning-based trainer for midtraining research on language models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "PRESETS", "CausalLM", "MixtureDataModule", "ModelConfig"]
+
+# Public names resolve lazily, so `midtrain --help` or `midtrain.builtin` do not import torch.
+_LAZY = {
+    "CausalLM": "midtrain.lm",
+    "MixtureDataModule": "midtrain.data.datamodule",
+    "GPT": "midtrain.model",
+    "PRESETS": "midtrain.model",
+    "ModelConfig": "midtrain.model",
+}
+
+if TYPE_CHECKING:
+    from midtrain.data.datamodule import MixtureDataModule
+    from midtrain.lm import CausalLM
+    from midtrain.model import GPT, PRESETS, ModelConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'midtrain' has no attribute {name!r}")

@@ -1,0 +1,148 @@
+"""The ``midtrain`` command: a small dispatcher in front of LightningCLI and our own tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from midtrain.errors import MidtrainError
+
+TRAINER_COMMANDS = {
+    "fit": "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
+    "validate": "evaluate a checkpoint on every validation set (val/<set>/loss)",
+    "test": "run the test loop of a model and data module",
+    "predict": "run the predict loop of a model and data module",
+}
+TOOL_COMMANDS = {
+    "prepare": "tokenize named domains into a token store (--config <yaml>)",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: midtrain <command> [options]   (midtrain <command> --help for its options)",
+             "", "commands:"]
+    for name, text in {**TRAINER_COMMANDS, **TOOL_COMMANDS}.items():
+        lines.append(f"  {name:<10} {text}")
+    lines += ["", "Set MIDTRAIN_TRACEBACK=1 to see full tracebacks of errors."]
+    return "\n".join(lines)
+
+
+def one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+# -- prepare ---------------------------------------------------------------------------------
+
+def prepare_main(args: Sequence[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from midtrain.data.prepare import PrepareConfig, prepare
+
+    parser = ArgumentParser(prog="midtrain prepare", exit_on_error=False,
+                            description="Tokenize named domains into a token store.")
+    parser.add_argument("--config", action=ActionConfigFile, help="a prepare YAML")
+    parser.add_class_arguments(PrepareConfig)
+    if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=")
+           for a in args):
+        parser.parse_args(list(args))  # prints and exits
+    try:
+        cfg = parser.parse_args(list(args))
+    except Exception as e:  # argparse.ArgumentError and jsonargparse's own
+        raise MidtrainError(f"prepare config: {one_line(e)}") from None
+    init = parser.instantiate(cfg)
+    prepare(PrepareConfig(output=init.output, domains=init.domains, tokenizer=init.tokenizer,
+                          seed=init.seed, batch_size=init.batch_size))
+
+
+# -- fit / validate / test / predict ----------------------------------------------------------
+
+def trainer_main(argv: Sequence[str]) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.core.datamodule import LightningDataModule
+
+    from midtrain.lm import CausalLM
+    from midtrain.trainer import Trainer
+
+    class MidtrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True,
+                                 "checkpoint.every_n_train_steps": None})
+            # The model's vocabulary follows the tokenizer unless model_config fixes it.
+            parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = cfg.trainer
+            root = trainer.default_root_dir or "runs/midtrain"
+            trainer.default_root_dir = root
+            if trainer.logger in (None, True):
+                # One fixed directory per run: TensorBoard events, config.yaml and checkpoints
+                # live together, and `--ckpt_path last` finds the run's own last checkpoint.
+                from jsonargparse import Namespace
+
+                trainer.logger = Namespace(
+                    class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                    init_args=Namespace(save_dir=root, name="", version=""),
+                )
+
+        def _check(self) -> None:
+            if hasattr(self.model, "check_data") and self.datamodule is not None:
+                self.model.check_data(self.datamodule)
+
+        before_fit = before_validate = before_test = before_predict = _check
+
+    parser_kwargs = {"exit_on_error": False} if not any(
+        a in ("-h", "--help") or a.startswith("--print_config") for a in argv) else {}
+    try:
+        MidtrainCLI(
+            CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
+            args=list(argv),
+        )
+    except MidtrainError:
+        raise
+    except Exception as e:
+        if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
+            raise MidtrainError(f"config: {one_line(e)}") from None
+        raise
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    **{name: None for name in TRAINER_COMMANDS},  # type: ignore[dict-item]
+    "prepare": prepare_main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"midtrain: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        if command in TRAINER_COMMANDS:
+            trainer_main([command, *rest])
+        else:
+            COMMANDS[command](rest)
+    except MidtrainError as e:
+        if os.environ.get("MIDTRAIN_TRACEBACK"):
+            traceback.print_exc()
+        print(f"midtrain {command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

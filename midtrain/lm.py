@@ -1,0 +1,210 @@
+"""``CausalLM``: the Lightning module around the plain ``GPT`` model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.aggregation import SumMetric
+
+from midtrain.errors import MidtrainError
+from midtrain.model import GPT, ModelConfig
+from midtrain.optim import Schedule, lr_scheduler, param_groups, warmup_steps
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a Lightning checkpoint (``model.*`` keys) or a plain state dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = ckpt.get("state_dict", ckpt)
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+class CausalLM(L.LightningModule):
+    """Next-token prediction with a per-token loss mask.
+
+    Args:
+        arch: a preset name from ``midtrain.model.PRESETS`` (e.g. ``pythia-70m``, ``tiny``).
+        model_config: overrides of the preset's fields (any custom shape).
+        vocab_size: tokenizer vocabulary; the CLI links it from the data.
+        lr, min_lr: peak and final learning rate (min_lr default: lr / 10).
+        warmup: linear warmup in optimizer steps, or a fraction of max_steps if < 1.
+        lr_schedule: ``cosine``, ``wsd`` (warmup-stable-decay) or ``constant``.
+        decay_fraction: with ``wsd``, the final fraction of steps that decays.
+        weight_decay, decay_1d_params: AdamW decay, on matrices only unless decay_1d_params.
+        betas, eps: AdamW.
+        init_from: a checkpoint whose weights (only) initialise the model: fresh optimizer
+            and schedule, for SFT and branches.
+    """
+
+    def __init__(self, arch: str = "pythia-70m", model_config: dict[str, Any] | None = None,
+                 vocab_size: int | None = None, lr: float = 3e-4, min_lr: float | None = None,
+                 warmup: float = 0.01, lr_schedule: Schedule = "cosine",
+                 decay_fraction: float = 0.2, weight_decay: float = 0.1,
+                 decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, init_from: str | None = None) -> None:
+        super().__init__()
+        overrides = dict(model_config or {})
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        try:
+            self.config = ModelConfig.from_name(arch, **overrides)
+        except ValueError as e:
+            raise MidtrainError(f"model: {e}") from None
+        if lr <= 0:
+            raise MidtrainError(f"model.lr: must be positive, got {lr}")
+        if lr_schedule not in ("cosine", "wsd", "constant"):
+            raise MidtrainError(f"model.lr_schedule: unknown {lr_schedule!r}; use cosine, wsd or constant")
+        if init_from is not None and not Path(init_from).is_file():
+            raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
+        self.save_hyperparameters()
+        self.hparams["betas"] = list(betas)  # a tuple would not read back with yaml.safe_load
+        self.model: GPT | None = None
+        self.domains: list[str] = []
+        self.tokens_seen: dict[str, int] = {}
+        self._step_sums: torch.Tensor | None = None
+        self.val_metrics = torch.nn.ModuleDict()
+
+    # -- construction ---------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = GPT(self.config)
+        if self.hparams.init_from:
+            state = load_weights(self.hparams.init_from)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as e:
+                first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+                raise MidtrainError(
+                    f"model.init_from: {self.hparams.init_from} does not fit arch "
+                    f"{self.hparams.arch!r}: {first}"
+                ) from None
+
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse data the model cannot take: a larger vocabulary or longer sequences."""
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None and vocab > self.config.padded_vocab_size:
+            raise MidtrainError(
+                f"model.vocab_size: the tokenizer has {vocab} tokens but the model's vocabulary "
+                f"is {self.config.padded_vocab_size}; raise model_config.vocab_size"
+            )
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.block_size:
+            raise MidtrainError(
+                f"data.seq_len: {seq_len} is beyond the model context "
+                f"{self.config.block_size}; lower data.seq_len or raise model_config.block_size"
+            )
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None:
+            return
+        self.check_data(dm)
+        self.domains = list(getattr(dm, "domains", []))
+        for d in self.domains:
+            self.tokens_seen.setdefault(d, 0)
+        for name in getattr(dm, "val_set_names", []):
+            if name not in self.val_metrics:
+                self.val_metrics[name] = torch.nn.ModuleDict(
+                    {"loss": SumMetric(), "tokens": SumMetric(), "bytes": SumMetric()}
+                )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise MidtrainError("trainer.max_steps: set it; the LR schedule is in optimizer steps")
+        sched = lr_scheduler(
+            opt, min_lr=hp.min_lr if hp.min_lr is not None else hp.lr / 10,
+            warmup=warmup_steps(hp.warmup, max_steps), max_steps=max_steps,
+            schedule=hp.lr_schedule, decay_fraction=hp.decay_fraction,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- steps ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["input_ids"])
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                             reduction="none").view_as(batch["targets"])
+        mask = batch["loss_mask"].to(ce.dtype)
+        return ce * mask, mask
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses, mask = self._token_losses(batch)
+        loss = losses.sum() / mask.sum().clamp_min(1)
+        self._accumulate(batch, losses.detach(), mask)
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self._log_step()
+        return loss
+
+    def _accumulate(self, batch: dict[str, torch.Tensor], losses: torch.Tensor,
+                    mask: torch.Tensor) -> None:
+        # rows: loss sum, loss tokens, input tokens; columns: all, then each domain
+        n = len(self.domains)
+        if self._step_sums is None:
+            self._step_sums = torch.zeros(3, n + 1, dtype=torch.float64, device=losses.device)
+        per_seq = torch.stack([losses.sum(1), mask.sum(1),
+                               torch.full_like(mask[:, 0], mask.shape[1])]).double()
+        self._step_sums[:, 0] += per_seq.sum(1)
+        if n:
+            self._step_sums[:, 1:].index_add_(1, batch["domain"], per_seq)
+
+    def _log_step(self) -> None:
+        sums = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum")
+        self._step_sums = None
+        loss_sum, loss_tokens, tokens = sums.cpu().tolist()
+        metrics = {"train/loss": loss_sum[0] / max(loss_tokens[0], 1)}
+        for i, d in enumerate(self.domains, start=1):
+            self.tokens_seen[d] += int(tokens[i])
+            metrics[f"train/tokens/{d}"] = float(self.tokens_seen[d])
+            if loss_tokens[i] > 0:
+                metrics[f"train/loss/{d}"] = loss_sum[i] / loss_tokens[i]
+        metrics["train/tokens"] = float(sum(self.tokens_seen.values()))
+        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/loss", metrics.pop("train/loss"), prog_bar=True, on_step=True,
+                 on_epoch=False, batch_size=1)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        losses, mask = self._token_losses(batch)
+        metrics = self.val_metrics[list(self.val_metrics)[dataloader_idx]]
+        metrics["loss"].update(losses.sum().double())
+        metrics["tokens"].update(mask.sum().double())
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metrics in self.val_metrics.items():
+            tokens = metrics["tokens"].compute()
+            if tokens > 0:
+                loss = (metrics["loss"].compute() / tokens).item()
+                self.log(f"val/{name}/loss", loss, add_dataloader_idx=False, sync_dist=False)
+                self.log(f"val/{name}/ppl", math.exp(min(loss, 50.0)),
+                         add_dataloader_idx=False, sync_dist=False)
+            for m in metrics.values():
+                m.reset()
+
+    # -- checkpoint state -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["midtrain"] = {"tokens_seen": dict(self.tokens_seen)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen.update(checkpoint.get("midtrain", {}).get("tokens_seen", {}))

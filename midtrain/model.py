@@ -1,0 +1,329 @@
+"""A decoder-only transformer (GPT-NeoX / Pythia layout, with a LLaMA-style option).
+
+Plain PyTorch on purpose: no Lightning and no distributed code, so the model can be built,
+tested and inspected on its own. The Lightning module wraps it elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_PYTHIA: dict[str, Any] = dict(
+    vocab_size=50304,
+    block_size=2048,
+    rotary_pct=0.25,
+    parallel_residual=True,
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    bias=True,
+    tie_embeddings=False,
+)
+_LLAMA: dict[str, Any] = dict(
+    norm="rmsnorm",
+    mlp="swiglu",
+    bias=False,
+    rotary_pct=1.0,
+    parallel_residual=False,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "pythia-14m": dict(_PYTHIA, n_embd=128, n_layer=6, n_head=4),
+    "pythia-31m": dict(_PYTHIA, n_embd=256, n_layer=6, n_head=8),
+    "pythia-70m": dict(_PYTHIA, n_embd=512, n_layer=6, n_head=8),
+    "pythia-160m": dict(_PYTHIA, n_embd=768, n_layer=12, n_head=12),
+    "pythia-410m": dict(_PYTHIA, n_embd=1024, n_layer=24, n_head=16),
+    "pythia-1b": dict(_PYTHIA, n_embd=2048, n_layer=16, n_head=8),
+    # Small shapes for unit tests and smoke runs.
+    "tiny": dict(_PYTHIA, n_embd=64, n_layer=2, n_head=4, block_size=256, vocab_size=512),
+    "llama-tiny": dict(
+        _LLAMA,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        block_size=256,
+        vocab_size=512,
+        intermediate_size=172,
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = 50304  # tokenizer vocab; the embedding uses padded_vocab_size
+    pad_vocab_multiple: int = 128
+    block_size: int = 2048  # max context length
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    intermediate_size: int | None = None  # MLP hidden size; None means 4 * n_embd
+    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True  # x + attn(norm_1(x)) + mlp(norm_2(x)), as in GPT-NeoX
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = False
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # Rounding the vocab up keeps the embedding / lm_head matmuls on friendly shapes.
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_size * self.rotary_pct)
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        # A property (not resolved once in __post_init__) so it follows later n_embd edits.
+        return self.intermediate_size if self.intermediate_size is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        for key in overrides:
+            if key not in known:
+                raise ValueError(f"unknown ModelConfig field {key!r} in overrides for {name!r}")
+        config = cls(**{"name": name, **PRESETS[name], **overrides})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for field in (
+            "vocab_size",
+            "pad_vocab_multiple",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+        ):
+            value = getattr(self, field)
+            # bool is an int subclass; reject it so `n_layer=True` is not silently 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(field, "must be a positive int")
+        if self.intermediate_size is not None and (
+            not isinstance(self.intermediate_size, int)
+            or isinstance(self.intermediate_size, bool)
+            or self.intermediate_size <= 0
+        ):
+            fail("intermediate_size", "must be None or a positive int")
+        if self.n_embd % self.n_head != 0:
+            fail("n_embd", f"must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            fail("rotary_pct", "must be in [0, 1]")
+        if self.rotary_dims % 2 != 0:
+            fail(
+                "rotary_pct",
+                f"gives odd rotary_dims={self.rotary_dims} "
+                f"(head_size={self.head_size}); rotary needs an even number of dims",
+            )
+        if not self.rotary_base > 0:
+            fail("rotary_base", "must be > 0")
+        if not self.norm_eps > 0:
+            fail("norm_eps", "must be > 0")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            fail("norm", "must be 'layernorm' or 'rmsnorm'")
+        if self.mlp not in ("gelu", "swiglu"):
+            fail("mlp", "must be 'gelu' or 'swiglu'")
+
+
+def build_rope_cache(
+    seq_len: int, rotary_dims: int, base: float = 10000.0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, rotary_dims), GPT-NeoX layout (freqs repeated twice)."""
+    # Always float32: building the angles in bf16 would wreck positions beyond a few hundred.
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, rotary_dims, 2, device=device, dtype=torch.float32) / rotary_dims
+    )
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.size(-1) dims of x (..., T, head_size); the rest pass through.
+
+    Uses the non-interleaved "rotate_half" convention, so dim j pairs with dim j + rot/2.
+    """
+    rot = cos.size(-1)
+    if rot == 0:
+        return x
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    x_rot = (x_rot * cos + rotated * sin).to(x.dtype)
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+def _make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_size = config.head_size
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # GPT-NeoX packs qkv per head ([q_h | k_h | v_h] for each head h), which keeps
+        # HF Pythia checkpoints loadable without reshuffling the fused weight.
+        qkv = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
+        q, k, v = qkv.split(self.head_size, dim=-1)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden_size, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))  # exact erf GELU, as GPT-NeoX uses
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.mlp_hidden_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.mlp_hidden_size, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.norm_1 = _make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = _make_norm(config)
+        self.mlp = SwiGLUMLP(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.parallel_residual:
+            return x + self.attn(self.norm_1(x), cos, sin) + self.mlp(self.norm_2(x))
+        x = x + self.attn(self.norm_1(x), cos, sin)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        # Submodule constructors draw their own (soon overwritten) init from the CPU RNG.
+        # Rewinding it before reset_parameters() makes a direct build and a meta build +
+        # to_empty() + reset_parameters() give identical weights for the same seed.
+        rng_state = torch.get_rng_state()
+        self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = _make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Non-persistent: derived from the config, so kept out of checkpoints.
+        cos, sin = build_rope_cache(
+            config.block_size,
+            config.rotary_dims,
+            config.rotary_base,
+            device=self.embed.weight.device,
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.embed.weight.device.type != "meta":
+            torch.set_rng_state(rng_state)
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-NeoX init ("small_init" + "wang_init" for residual outputs); safe after to_empty."""
+        config = self.config
+        device = self.embed.weight.device
+        # to_empty() re-creates parameters one module at a time, which silently unties them.
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope_cos, self.rope_sin = build_rope_cache(
+            config.block_size, config.rotary_dims, config.rotary_base, device=device
+        )
+        std = math.sqrt(2.0 / (5 * config.n_embd))
+        # Output projections write into the residual stream; shrinking them with depth keeps
+        # the residual variance roughly constant across layers.
+        out_std = 2.0 / (config.n_layer * math.sqrt(config.n_embd))
+        out_projs = {m for block in self.blocks for m in (block.attn.proj, block.mlp.proj)}
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is self.lm_head and config.tie_embeddings:
+                    continue  # shares embed.weight, already initialized
+                nn.init.normal_(
+                    module.weight, mean=0.0, std=out_std if module in out_projs else std
+                )
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()  # weight 1, bias 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, padded_vocab_size) logits."""
+        seq_len = idx.size(1)
+        if seq_len > self.config.block_size:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds block_size {self.config.block_size}"
+            )
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm_f(x))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameter count (a tied embedding counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B style.
+
+        6 * N for every matmul weight (all Linear layers including lm_head; the embedding is a
+        lookup, and norms/biases are negligible) plus 12 * n_layer * n_embd * seq_len for the
+        attention score and value matmuls. Used as the numerator of MFU.
+        """
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        c = self.config
+        return float(6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len)

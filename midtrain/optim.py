@@ -1,0 +1,68 @@
+"""Optimizer parameter groups and learning-rate schedules, in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from midtrain.errors import MidtrainError
+
+Schedule = Literal["cosine", "wsd", "constant"]
+
+
+def warmup_steps(warmup: float, max_steps: int) -> int:
+    """``warmup`` < 1 is a fraction of max_steps; otherwise a step count."""
+    if warmup < 0:
+        raise MidtrainError(f"model.warmup: must be >= 0, got {warmup}")
+    return int(round(warmup * max_steps)) if warmup < 1 else int(warmup)
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, max_steps: int,
+          schedule: Schedule, decay_fraction: float = 0.2) -> float:
+    """Learning rate for the update made at optimizer step ``step`` (0-based).
+
+    cosine: linear warmup, then cosine from lr to min_lr at max_steps.
+    wsd: warmup, stable at lr, then linear decay to min_lr over the last decay_fraction.
+    constant: warmup, then lr.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = max_steps - int(round(decay_fraction * max_steps))
+        if step < decay_start:
+            return lr
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return lr + (min_lr - lr) * progress
+    raise MidtrainError(f"model.lr_schedule: unknown schedule {schedule!r}; use cosine, wsd or constant")
+
+
+def _factor(step: int, base_lr: float, **kwargs: float) -> float:
+    return lr_at(step, lr=base_lr, **kwargs) / base_lr  # type: ignore[arg-type]
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, **kwargs: float | int | str) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over ``lr_at``. Its state is just the step, so resume continues the curve;
+    a partial (not a closure) keeps LambdaLR from pickling stale settings into a fork."""
+    base = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_factor, base_lr=base, **kwargs))
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:
+    """Weight decay on matrices (embeddings and linear weights) only, unless ``decay_1d``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 or decay_1d else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
