@@ -59,18 +59,17 @@ def prepare_main(args: Sequence[str]) -> None:
 # -- fit / validate / test / predict ----------------------------------------------------------
 
 def trainer_main(argv: Sequence[str]) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.core.datamodule import LightningDataModule
 
+    from midtrain.callbacks import ModelCheckpoint
     from midtrain.lm import CausalLM
     from midtrain.trainer import Trainer
 
     class MidtrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({"checkpoint.save_last": True,
-                                 "checkpoint.every_n_train_steps": None})
+            parser.set_defaults({"checkpoint.save_last": True})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
@@ -92,6 +91,11 @@ def trainer_main(argv: Sequence[str]) -> None:
         def _check(self) -> None:
             if hasattr(self.model, "check_data") and self.datamodule is not None:
                 self.model.check_data(self.datamodule)
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            ckpt = str(cfg.get("ckpt_path") or "")  # a missing file would fail after logging
+            if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
+                    and "://" not in ckpt and not os.path.isfile(ckpt)):
+                raise MidtrainError(f"ckpt_path: checkpoint not found: {ckpt}")
 
         before_fit = before_validate = before_test = before_predict = _check
 
@@ -107,6 +111,11 @@ def trainer_main(argv: Sequence[str]) -> None:
     except MidtrainError:
         raise
     except Exception as e:
+        cause: BaseException | None = e  # jsonargparse wraps errors raised while instantiating
+        while cause is not None and not isinstance(cause, MidtrainError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
         if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
             raise MidtrainError(f"config: {one_line(e)}") from None
         raise

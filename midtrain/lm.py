@@ -50,8 +50,8 @@ class CausalLM(L.LightningModule):
                  eps: float = 1e-8, init_from: str | None = None) -> None:
         super().__init__()
         overrides = dict(model_config or {})
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
+        if vocab_size is not None:  # linked from the data; an explicit model_config wins
+            overrides.setdefault("vocab_size", vocab_size)
         try:
             self.config = ModelConfig.from_name(arch, **overrides)
         except ValueError as e:

@@ -1,0 +1,134 @@
+"""`midtrain prepare` on real text: exact round trip, counts, masks, splits, reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from midtrain.data.store import Store
+from tests.conftest import SHARED, SHARED_DOMAINS, needs_shared, prepare_store
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _split_of(i: int, val_fraction: float, seed: int = 0) -> str:
+    k = round(1 / val_fraction)
+    return "val" if (i + seed) % k == 0 else "train"
+
+
+@needs_shared
+@pytest.mark.parametrize("domain,file,cap", [("c4", "general/c4_demo.jsonl", None),
+                                             ("code", "code/cpython311_stdlib.jsonl", 120)])
+def test_round_trip_and_counts(shared_store: Path, domain: str, file: str, cap: int | None) -> None:
+    store = Store(shared_store)
+    tok = Tokenizer.from_file(str(store.tokenizer_path))
+    d = store.domain(domain)
+    records = [(i, r["text"]) for i, r in enumerate(_jsonl(SHARED / file)) if r["text"]]
+    records = records[:cap] if cap else records
+    expected = {"train": [], "val": []}
+    for i, text in records:
+        expected[_split_of(i, 0.1)].append(text)
+    for split in ("train", "val"):
+        s = d.split(split)
+        assert s.num_docs == len(expected[split]) > 0
+        for j, text in enumerate(expected[split]):
+            ids = s.document(j)
+            # decoding a store gives back the source text exactly
+            assert tok.decode(ids.tolist(), skip_special_tokens=False) == text
+            assert s.tokens[s.doc_offsets[j + 1] - 1] == store.eos_id
+            assert s.doc_bytes[j] == len(text.encode("utf-8"))
+        # per-domain token counts equal the tokenizer's on the source (+1 EOS per document)
+        n = sum(len(e.ids) + 1 for e in tok.encode_batch(expected[split], add_special_tokens=False))
+        assert s.num_tokens == n == d.manifest["splits"][split]["tokens"]
+    assert d.dtype == np.uint16
+
+
+@needs_shared
+def test_prompt_tokens_are_masked(shared_store: Path) -> None:
+    store = Store(shared_store)
+    tok = Tokenizer.from_file(str(store.tokenizer_path))
+    train = store.domain("gsm8k").train
+    assert train.loss_mask is not None
+    first = _jsonl(SHARED / "math/gsm8k_train.jsonl")[1]  # record 0 is in val (k=10, seed 0)
+    prompt = f"Question: {first['question']}\nAnswer: "
+    n_prompt = len(tok.encode(prompt, add_special_tokens=False).ids)
+    lo, hi = train.doc_offsets[0], train.doc_offsets[1]
+    mask = np.asarray(train.loss_mask[lo:hi])
+    assert mask[:n_prompt].sum() == 0 and mask[n_prompt:].all()
+    assert tok.decode(train.document(0).tolist()) == prompt + first["answer"]
+
+
+def test_reuse_and_change_detection(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n"
+                           for i in range(60)))
+    domains = {"a": {"source": {"path": str(src)}, "val_fraction": 0.1}}
+    root = prepare_store(tmp_path / "store", domains, vocab_size=300)
+    tokens = root / "a" / "train.tokens"
+    before = (tokens.stat().st_mtime_ns, tokens.read_bytes())
+    capsys.readouterr()
+
+    prepare_store(tmp_path / "store", domains, vocab_size=300)
+    assert "reused" in capsys.readouterr().out
+    assert tokens.stat().st_mtime_ns == before[0]
+
+    with src.open("a") as f:  # a changed source is detected and rebuilt
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    prepare_store(tmp_path / "store", domains, vocab_size=300)
+    out = capsys.readouterr().out
+    assert "building (source, config or tokenizer changed)" in out
+    store = Store(root)
+    assert store.domain("a").train.num_docs + store.domain("a").val.num_docs == 61
+
+
+def test_split_is_deterministic_and_eval_only(tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(40)))
+    root = prepare_store(tmp_path / "s", {
+        "a": {"source": {"path": str(src)}, "val_fraction": 0.25},
+        "held_out": {"source": {"path": str(src)}, "val_fraction": 1.0},
+    }, vocab_size=300)
+    store = Store(root)
+    tok = Tokenizer.from_file(str(store.tokenizer_path))
+    val = [tok.decode(store.domain("a").val.document(j).tolist()) for j in range(10)]
+    assert val == [f"doc {i}" for i in range(0, 40, 4)]
+    assert store.domain("held_out").train.num_docs == 0
+    assert store.domain("held_out").val.num_docs == 40
+
+
+def test_builtin_store_has_all_domains(builtin_store: Path) -> None:
+    store = Store(builtin_store)
+    assert store.domain_names == ["prose", "code", "math"]
+    for name in store.domain_names:
+        d = store.domain(name)
+        assert d.train.num_tokens > 1000 and d.val.num_docs > 0
+    assert store.domain("math").train.loss_mask is None  # mask_prompt: false
+
+
+def test_failed_rebuild_leaves_store_untouched(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"text {i} " * 10}) + "\n" for i in range(30)))
+    root = prepare_store(tmp_path / "store", {"a": {"source": {"path": str(good)}}}, 300)
+    snapshot = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    from midtrain.errors import MidtrainError
+
+    with pytest.raises(MidtrainError, match="empty domain"):
+        prepare_store(tmp_path / "store", {"a": {"source": {"path": str(good)}, "max_docs": 5},
+                                           "b": {"source": {"path": str(empty)}}}, 300)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == snapshot
+    assert not any(p.name.startswith(".staging") for p in root.iterdir())
+    shutil.rmtree(root)
+
+
+@needs_shared
+def test_shared_domains_cover_the_sample(shared_store: Path) -> None:
+    assert set(Store(shared_store).domain_names) == set(SHARED_DOMAINS)

@@ -1,0 +1,123 @@
+"""Training through the `midtrain` command: TensorBoard tags, resume, validate, schedules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from midtrain.cli import main
+from midtrain.optim import lr_at
+
+
+def fit_config(tmp_path: Path, store: Path, run: str, **trainer: object) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "model": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
+                                                    "block_size": 64}, "lr": 3e-3, "warmup": 2},
+        "data": {"class_path": "midtrain.MixtureDataModule",
+                 "init_args": {"store": str(store), "seq_len": 32, "micro_batch_size": 4,
+                               "val_max_blocks": 4}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 10, "log_every_n_steps": 1,
+                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
+                    "num_sanity_val_steps": 0, "enable_model_summary": False, **trainer},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_fit_logs_tags_and_resume_is_exact(tmp_path: Path, builtin_store: Path) -> None:
+    full = fit_config(tmp_path, builtin_store, "full", val_check_interval=5, limit_val_batches=1)
+    assert main(["fit", "--config", str(full), "--checkpoint.every_n_train_steps", "3",
+                 "--checkpoint.save_top_k", "-1"]) == 0
+    tags = scalars(tmp_path / "full")
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens", "val/prose/loss",
+                "val/math/ppl", *(f"train/{k}/{d}" for k in ("loss", "tokens")
+                                  for d in ("prose", "code", "math"))]:
+        assert tag in tags, tag
+    assert not any("dataloader_idx" in t for t in tags)
+    assert [s for s, _ in tags["train/loss"]] == list(range(10))  # one point per optimizer step
+    assert tags["train/tokens"][-1][1] == 10 * 4 * 32
+    assert sum(tags[f"train/tokens/{d}"][-1][1] for d in ("prose", "code", "math")) == 10 * 4 * 32
+    hparams = yaml.safe_load((tmp_path / "full" / "hparams.yaml").read_text())
+    assert hparams["arch"] == "tiny" and hparams["betas"] == [0.9, 0.95]
+
+    # Resume from the step-6 checkpoint of the same run (in a fresh run directory) and train
+    # to 10: the same weights, bit for bit, as the uninterrupted run.
+    step6 = tmp_path / "full" / "checkpoints" / "epoch=0-step=6.ckpt"
+    assert step6.is_file()
+    part = fit_config(tmp_path, builtin_store, "part", val_check_interval=5, limit_val_batches=1)
+    assert main(["fit", "--config", str(part), "--ckpt_path", str(step6)]) == 0
+    # the final step is checkpointed even when every_n_train_steps does not divide max_steps
+    assert torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt",
+                      weights_only=True)["global_step"] == 10
+    resumed = weights(tmp_path / "part" / "checkpoints" / "last.ckpt")
+    reference = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    lr_full = dict(scalars(tmp_path / "full")["train/lr"])
+    lr_part = dict(scalars(tmp_path / "part")["train/lr"])
+    assert all(lr_part[s] == pytest.approx(lr_full[s]) for s in range(6, 10))
+
+
+def test_gradient_accumulation_logs_once_per_step(tmp_path: Path, builtin_store: Path) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "acc", max_steps=3, accumulate_grad_batches=2,
+                     limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    tags = scalars(tmp_path / "acc")
+    assert [s for s, _ in tags["train/loss"]] == [0, 1, 2]
+    assert tags["train/tokens"][-1][1] == 3 * 2 * 4 * 32
+
+
+def test_validate_reports_every_set(tmp_path: Path, builtin_store: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "v", max_steps=2, limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "v" / "checkpoints" / "last.ckpt"
+    assert main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt),
+                 "--trainer.limit_val_batches", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("prose", "code", "math"):
+        assert f"val/{name}/loss" in out
+
+
+def test_limit_val_batches_integer_stays_integer(tmp_path: Path, builtin_store: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "p", limit_val_batches=1)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "3",
+              "--trainer.val_check_interval", "0.5", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert printed["limit_val_batches"] == 1 and isinstance(printed["limit_val_batches"], int)
+    assert printed["limit_train_batches"] == 3 and isinstance(printed["limit_train_batches"], int)
+    assert printed["val_check_interval"] == 0.5
+
+
+def test_lr_schedules() -> None:
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, max_steps=110)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(50, schedule="wsd", decay_fraction=0.2, **kw) == 1.0
+    assert lr_at(99, schedule="wsd", decay_fraction=0.2, **kw) == pytest.approx(
+        1.0 + (0.1 - 1.0) * (99 - 88) / 22)
+    assert lr_at(80, schedule="constant", **kw) == 1.0
+    assert all(math.isfinite(lr_at(s, schedule="cosine", **kw)) for s in range(200))
