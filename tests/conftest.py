@@ -20,7 +20,13 @@ needs_shared = pytest.mark.skipif(
 
 
 def prepare_store(output: Path, domains: dict, vocab_size: int = 1024) -> Path:
-    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, TrainTokenizerConfig, prepare
+    from midtrain.data.prepare import (
+        DomainConfig,
+        PrepareConfig,
+        TokenizerConfig,
+        TrainTokenizerConfig,
+        prepare,
+    )
 
     config = PrepareConfig(
         output=str(output),

@@ -132,3 +132,25 @@ def test_failed_rebuild_leaves_store_untouched(tmp_path: Path) -> None:
 @needs_shared
 def test_shared_domains_cover_the_sample(shared_store: Path) -> None:
     assert set(Store(shared_store).domain_names) == set(SHARED_DOMAINS)
+
+
+def test_streaming_source_with_token_cap_and_tokenizer_file(tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"body": f"streamed document {i} " * 30}) + "\n"
+                           for i in range(200)))
+    first = prepare_store(tmp_path / "a", {"a": {"source": {"path": str(src)}, "text": "{body}"}},
+                          vocab_size=300)
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+
+    root = prepare(PrepareConfig(
+        output=str(tmp_path / "b"),
+        domains={"s": DomainConfig(source={"path": "json", "data_files": str(src),
+                                           "streaming": True}, text="{body}", max_tokens=2000)},
+        tokenizer=TokenizerConfig(path=str(first / "tokenizer.json")),
+    ))
+    store = Store(root)
+    d = store.domain("s")
+    total = d.train.num_tokens + d.val.num_tokens
+    per_doc = d.train.doc_offsets[1]  # documents are all about the same length
+    assert 2000 <= total < 2000 + 2 * per_doc  # stops at the first document past the cap
+    assert store.tokenizer_hash == Store(first).tokenizer_hash

@@ -136,3 +136,26 @@ def test_loss_falls_on_real_text(tmp_path: Path, shared_store: Path) -> None:
         per_domain = [v for _, v in tags[f"train/loss/{d}"]]
         assert per_domain[-1] < per_domain[0] - 1.0
     assert "train/loss/gsm8k" not in tags  # weight 0: never drawn
+
+
+def test_init_from_loads_weights_only(tmp_path: Path, builtin_store: Path) -> None:
+    base = fit_config(tmp_path, builtin_store, "base", max_steps=3, limit_val_batches=0)
+    assert main(["fit", "--config", str(base)]) == 0
+    parent = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    child = fit_config(tmp_path, builtin_store, "child", max_steps=2, limit_val_batches=0)
+    # max_steps=0 would not train; 1 step from the parent's weights with a fresh optimizer
+    assert main(["fit", "--config", str(child), "--model.init_from", str(parent),
+                 "--model.warmup", "0", "--model.lr_schedule", "constant"]) == 0
+    ckpt = torch.load(tmp_path / "child" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2  # a fresh run: the parent's 3 steps are not counted
+    tags = scalars(tmp_path / "child")
+    assert tags["train/lr"][0][1] == pytest.approx(3e-3)  # fresh schedule, not the parent's
+    parent_loss = scalars(tmp_path / "base")["train/loss"]
+    assert tags["train/loss"][0][1] < parent_loss[0][1] - 0.05  # starts from trained weights
+
+
+def test_callbacks_plug_in_from_the_command_line(tmp_path: Path, builtin_store: Path) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "cb", max_steps=2, limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg), "--trainer.callbacks+=LearningRateMonitor",
+                 "--trainer.callbacks.logging_interval=step"]) == 0
+    assert any(t.startswith("lr-AdamW") for t in scalars(tmp_path / "cb"))

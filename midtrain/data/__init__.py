@@ -1,0 +1,1 @@
+"""The data path, top-down: sources -> tokenizer -> store -> mixture -> loader -> datamodule."""

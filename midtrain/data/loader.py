@@ -1,0 +1,119 @@
+"""Torch datasets over a store: the training stream of micro-batches drawn by a
+``MixtureSchedule``, and fixed validation blocks per named set.
+
+Both are ``IterableDataset``s that shard by data-parallel rank themselves, so Lightning never
+injects a ``DistributedSampler``. The training stream starts at a given optimizer step: resume
+is exact because every micro-batch is a pure function of its index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from midtrain.data.mixture import MixtureSchedule, block_indices
+from midtrain.data.store import Split
+
+
+def read_block(split: Split, block: int, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens [block*seq_len, block*seq_len + seq_len + 1) and the loss mask of its targets."""
+    lo = block * seq_len
+    tokens = np.asarray(split.tokens[lo : lo + seq_len + 1], dtype=np.int64)
+    mask = None
+    if split.loss_mask is not None:
+        mask = np.asarray(split.loss_mask[lo + 1 : lo + seq_len + 1], dtype=np.float32)
+    return tokens, mask
+
+
+def collate(blocks: list[np.ndarray], masks: list[np.ndarray | None],
+            domains: Sequence[int]) -> dict[str, torch.Tensor]:
+    x = torch.from_numpy(np.stack(blocks))
+    mask = torch.from_numpy(
+        np.stack([m if m is not None else np.ones(x.shape[1] - 1, np.float32) for m in masks])
+    )
+    return {
+        "input_ids": x[:, :-1],
+        "targets": x[:, 1:],
+        "loss_mask": mask,
+        "domain": torch.as_tensor(np.asarray(domains), dtype=torch.long),
+    }
+
+
+class MixtureStream(IterableDataset):
+    """Micro-batches of one data-parallel rank, from optimizer step ``start_step`` on.
+
+    Global batch layout of optimizer step s: slot ``(a * world_size + rank) * micro + i`` is
+    sample i of accumulation micro-step a on ``rank``. Worker w of W yields this rank's
+    micro-batches w, w+W, ...; the DataLoader's round-robin restores the order.
+    """
+
+    def __init__(self, splits: Sequence[Split], schedule: MixtureSchedule, seq_len: int,
+                 micro_batch_size: int, accumulation: int, rank: int, world_size: int,
+                 start_step: int, max_steps: int) -> None:
+        self.splits = list(splits)
+        self.schedule = schedule
+        self.seq_len = seq_len
+        self.micro = micro_batch_size
+        self.accumulation = accumulation
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = start_step
+        self.max_steps = max_steps
+        self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
+        assert schedule.batch_size == micro_batch_size * accumulation * world_size
+
+    def __len__(self) -> int:
+        # The whole run counts as one epoch; a resumed iterator yields only what is left, and
+        # Lightning's restored batch counter accounts for the rest.
+        return self.max_steps * self.accumulation
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``index`` (counted from step 0) of this rank."""
+        step, a = divmod(index, self.accumulation)
+        domain, draw = self.schedule.step(step)
+        lo = (a * self.world_size + self.rank) * self.micro
+        domain, draw = domain[lo : lo + self.micro], draw[lo : lo + self.micro]
+        blocks: list[np.ndarray] = [None] * self.micro  # type: ignore[list-item]
+        masks: list[np.ndarray | None] = [None] * self.micro
+        for d in np.unique(domain):
+            sel = np.flatnonzero(domain == d)
+            for i, b in zip(sel, block_indices(draw[sel], self.num_blocks[d],
+                                               self.schedule.seed, int(d)), strict=True):
+                blocks[i], masks[i] = read_block(self.splits[d], int(b), self.seq_len)
+        return collate(blocks, masks, domain)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.start_step * self.accumulation
+        for index in range(start + worker, self.max_steps * self.accumulation, workers):
+            yield self.micro_batch(index)
+
+
+class ValidationBlocks(IterableDataset):
+    """Consecutive blocks of one validation split, identical across runs; this rank's share."""
+
+    def __init__(self, split: Split, seq_len: int, batch_size: int, max_blocks: int | None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.split = split
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        n = split.num_blocks(seq_len)
+        self.num_blocks = n if max_blocks is None else min(n, max_blocks)
+        self.rank, self.world_size = rank, world_size
+
+    def _my_blocks(self) -> np.ndarray:
+        return np.arange(self.rank, self.num_blocks, self.world_size)
+
+    def __len__(self) -> int:
+        return -(-len(self._my_blocks()) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        mine = self._my_blocks()
+        for lo in range(0, len(mine), self.batch_size):
+            pairs = [read_block(self.split, int(b), self.seq_len)
+                     for b in mine[lo : lo + self.batch_size]]
+            yield collate([p[0] for p in pairs], [p[1] for p in pairs], [0] * len(pairs))

@@ -1,0 +1,170 @@
+"""The mixture: a pure function from (optimizer step, slot in the global batch) to
+(domain, block). No state, no I/O: resuming at step N costs the same as starting at 0.
+
+* A schedule is a list of phases, each a start optimizer step and weights over domains.
+* Within a phase every global batch holds exactly ``counts[d]`` sequences of domain d: the
+  largest-remainder rounding of ``weight[d] * batch_size`` (ties broken by a seeded order), so
+  realised ratios equal the configured ones at every step, not just on average.
+* Slots of a step are shuffled with a generator keyed by (seed, step).
+* The n-th draw of domain d reads block ``perm_{seed,d,epoch}(n mod num_blocks)``, a keyed
+  Feistel permutation: a pure O(1) function of n, whatever the store size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from midtrain.errors import MidtrainError
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """From optimizer step ``start_step`` on, draw domains with these (unnormalised) weights."""
+
+    start_step: int
+    weights: Mapping[str, float]
+
+
+def check_weights(weights: Mapping[str, float], known: Sequence[str], where: str) -> None:
+    """One-line errors for weights that cannot define a mixture."""
+    for name, w in weights.items():
+        if name not in known:
+            raise MidtrainError(
+                f"{where}: unknown domain {name!r}; known: {', '.join(known)}"
+            )
+        if not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+            raise MidtrainError(f"{where}.{name}: weight must be a finite number >= 0, got {w!r}")
+    if not weights or sum(weights.values()) <= 0:
+        raise MidtrainError(f"{where}: weights are all zero; give at least one positive weight")
+
+
+def largest_remainder(weights: np.ndarray, total: int, seed: int) -> np.ndarray:
+    """Integers summing to ``total``, each the floor or ceil of ``weights/sum * total``."""
+    quotas = np.round(weights / weights.sum() * total, 9)  # round away float noise before ties
+    counts = np.floor(quotas).astype(np.int64)
+    rest = total - int(counts.sum())
+    if rest:
+        tiebreak = np.random.default_rng([seed, 0x7A11]).permutation(len(weights))
+        order = np.lexsort((tiebreak, -(quotas - counts)))  # largest remainder, then seeded
+        counts[order[:rest]] += 1
+    return counts
+
+
+class MixtureSchedule:
+    """Per-step domain counts and slot assignment for a list of phases.
+
+    ``domains`` fixes the domain ids (their order); ``batch_size`` is the global batch in
+    sequences per optimizer step (micro batch x accumulation x data-parallel size).
+    """
+
+    def __init__(self, domains: Sequence[str], phases: Sequence[Phase], batch_size: int,
+                 seed: int = 0) -> None:
+        if batch_size <= 0:
+            raise MidtrainError(f"global batch size must be positive, got {batch_size}")
+        self.domains = list(domains)
+        self.batch_size = batch_size
+        self.seed = seed
+        phases = sorted(phases, key=lambda p: p.start_step)
+        if not phases or phases[0].start_step != 0:
+            raise MidtrainError("mixture schedule: the first phase must start at step 0")
+        for a, b in zip(phases, phases[1:], strict=False):
+            if a.start_step == b.start_step:
+                raise MidtrainError(f"mixture schedule: two phases start at step {a.start_step}")
+        self.phases = phases
+        self.starts = np.array([p.start_step for p in phases], dtype=np.int64)
+        self.weights = np.zeros((len(phases), len(self.domains)))
+        for i, p in enumerate(phases):
+            check_weights(p.weights, self.domains, f"mixture phase at step {p.start_step}")
+            for name, w in p.weights.items():
+                self.weights[i, self.domains.index(name)] = w
+            self.weights[i] /= self.weights[i].sum()
+        self.counts = np.stack(
+            [largest_remainder(w, batch_size, seed + i) for i, w in enumerate(self.weights)]
+        )
+        # draws of each domain before each phase starts: cumulative counts in closed form
+        lengths = np.diff(self.starts)
+        self._before = np.zeros_like(self.counts)
+        self._before[1:] = np.cumsum(self.counts[:-1] * lengths[:, None], axis=0)
+
+    def phase_index(self, step: int) -> int:
+        return int(np.searchsorted(self.starts, step, side="right")) - 1
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        return dict(zip(self.domains, self.weights[self.phase_index(step)].tolist(), strict=True))
+
+    def draws_before(self, step: int) -> np.ndarray:
+        """Sequences drawn from each domain in steps [0, step)."""
+        p = self.phase_index(step)
+        return self._before[p] + self.counts[p] * (step - self.starts[p])
+
+    def draws_between(self, start: int, stop: int) -> np.ndarray:
+        return self.draws_before(stop) - self.draws_before(start)
+
+    def step(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(domain id, draw number within that domain) for every slot of optimizer step."""
+        return _step_draws(self, step)
+
+
+@lru_cache(maxsize=4)  # the micro-batches of one step share its draws
+def _step_draws(sched: MixtureSchedule, step: int) -> tuple[np.ndarray, np.ndarray]:
+    p = sched.phase_index(step)
+    counts = sched.counts[p]
+    rng = np.random.Generator(np.random.Philox(key=(sched.seed << 64) | step))
+    domain = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    # within-domain rank of each slot, in slot order
+    order = np.argsort(domain, kind="stable")
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - first[domain[order]]
+    return domain, sched.draws_before(step)[domain] + rank
+
+
+# -- keyed permutation -------------------------------------------------------------------------
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+    """A bijection of [0, n) keyed by ``key``: Feistel network plus cycle walking."""
+    index = np.asarray(index, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(index)
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = _mix(np.arange(rounds, dtype=np.uint64) + np.uint64(key & 0xFFFFFFFFFFFFFFFF))
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << np.uint64(half)) | right
+
+    with np.errstate(over="ignore"):
+        out = feistel(index)
+        todo = out >= np.uint64(n)
+        while todo.any():  # domain is < 4n, so a few walks at most
+            out[todo] = feistel(out[todo])
+            todo = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def block_indices(draws: np.ndarray, num_blocks: int, seed: int, domain_id: int) -> np.ndarray:
+    """Block read by each draw number of one domain: a fresh permutation every epoch."""
+    draws = np.asarray(draws, dtype=np.int64)
+    epoch, within = np.divmod(draws, num_blocks)
+    out = np.empty_like(draws)
+    for e in np.unique(epoch):
+        sel = epoch == e
+        key = int(_mix(np.array([seed, domain_id, e], dtype=np.uint64)).sum() & _M64)
+        out[sel] = permute(within[sel], num_blocks, key)
+    return out

@@ -1,0 +1,200 @@
+"""Token stores: one directory per domain of memory-mapped token arrays.
+
+Layout of a store root (written by ``midtrain prepare``)::
+
+    <root>/store.json            index: domains, tokenizer hash, format version
+    <root>/tokenizer.json        the tokenizer every domain was encoded with
+    <root>/<domain>/manifest.json
+    <root>/<domain>/{train,val}.tokens   uint16 (vocab <= 65536) or uint32, documents joined by EOS
+    <root>/<domain>/{train,val}.docs     int64 token offset of each document start, plus the end
+    <root>/<domain>/{train,val}.bytes    int64 UTF-8 byte count of each document (for bits-per-byte)
+    <root>/<domain>/{train,val}.mask     uint8 per-token loss mask (only for templated prompt data)
+
+Everything is read through ``np.memmap``, so opening a store costs the same whatever its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from midtrain.errors import MidtrainError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+    # np.memmap refuses empty files; an empty split is a valid (empty) array.
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of one domain: a flat token stream with document boundaries."""
+
+    tokens: np.ndarray  # (n_tokens,) uint16/uint32, each document followed by EOS
+    doc_offsets: np.ndarray  # (n_docs + 1,) int64
+    doc_bytes: np.ndarray  # (n_docs,) int64
+    loss_mask: np.ndarray | None  # (n_tokens,) uint8, or None = every token counts
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_offsets.shape[0]) - 1
+
+    @property
+    def num_bytes(self) -> int:
+        return int(self.doc_bytes.sum())
+
+    def num_blocks(self, seq_len: int) -> int:
+        """Blocks of seq_len + 1 tokens at stride seq_len: every token is a target once."""
+        return max(0, (self.num_tokens - 1) // seq_len)
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document i, without its trailing EOS."""
+        return np.asarray(self.tokens[self.doc_offsets[i] : self.doc_offsets[i + 1] - 1])
+
+
+class DomainStore:
+    """A prepared domain: manifest plus memory-mapped train/val splits."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise MidtrainError(
+                f"{manifest_path}: no prepared domain here; run `midtrain prepare` first"
+            )
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        self.name: str = self.manifest["name"]
+        self.dtype = np.dtype(self.manifest["dtype"])
+
+    def split(self, name: str) -> Split:
+        return self._splits[name]
+
+    @cached_property
+    def _splits(self) -> dict[str, Split]:
+        out = {}
+        for s in SPLITS:
+            mask_path = self.path / f"{s}.mask"
+            out[s] = Split(
+                tokens=_memmap(self.path / f"{s}.tokens", self.dtype),
+                doc_offsets=np.fromfile(self.path / f"{s}.docs", dtype=np.int64),
+                doc_bytes=np.fromfile(self.path / f"{s}.bytes", dtype=np.int64),
+                loss_mask=_memmap(mask_path, np.dtype(np.uint8)) if mask_path.exists() else None,
+            )
+        return out
+
+    @property
+    def train(self) -> Split:
+        return self.split("train")
+
+    @property
+    def val(self) -> Split:
+        return self.split("val")
+
+
+class Store:
+    """A store root: several domains encoded with one tokenizer."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        index_path = self.root / "store.json"
+        if not index_path.is_file():
+            raise MidtrainError(
+                f"{self.root}: not a token store (no store.json); "
+                "run `midtrain prepare --config <yaml>` to build it"
+            )
+        self.index: dict[str, Any] = json.loads(index_path.read_text())
+        if self.index.get("format_version") != FORMAT_VERSION:
+            raise MidtrainError(
+                f"{index_path}: store format {self.index.get('format_version')} is not "
+                f"{FORMAT_VERSION}; re-run `midtrain prepare`"
+            )
+        self.domain_names: list[str] = list(self.index["domains"])
+        self.vocab_size: int = int(self.index["vocab_size"])
+        self.eos_id: int = int(self.index["eos_id"])
+        self.tokenizer_hash: str = self.index["tokenizer_hash"]
+
+    def domain(self, name: str) -> DomainStore:
+        if name not in self.domain_names:
+            raise MidtrainError(
+                f"unknown domain {name!r} in store {self.root}; "
+                f"known: {', '.join(self.domain_names)}"
+            )
+        return self._domains[name]
+
+    @cached_property
+    def _domains(self) -> dict[str, DomainStore]:
+        return {n: DomainStore(self.root / n) for n in self.domain_names}
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    def fingerprint(self, domains: list[str] | None = None) -> str:
+        """Identity of the data a run trains on: tokenizer plus each domain's content hash."""
+        h = hashlib.sha256(self.tokenizer_hash.encode())
+        for name in sorted(domains if domains is not None else self.domain_names):
+            h.update(name.encode())
+            h.update(self.domain(name).manifest["content_hash"].encode())
+        return h.hexdigest()[:16]
+
+
+class SplitWriter:
+    """Appends documents to one split on disk; memory stays flat whatever the corpus size."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, with_mask: bool) -> None:
+        self.dtype = dtype
+        self._tokens = open(directory / f"{split}.tokens", "wb")  # noqa: SIM115
+        self._docs = open(directory / f"{split}.docs", "wb")  # noqa: SIM115
+        self._bytes = open(directory / f"{split}.bytes", "wb")  # noqa: SIM115
+        self._mask = open(directory / f"{split}.mask", "wb") if with_mask else None  # noqa: SIM115
+        self.num_tokens = 0
+        self.num_docs = 0
+        self.num_bytes = 0
+        self.hash = hashlib.sha256()
+        np.zeros(1, dtype=np.int64).tofile(self._docs)
+
+    def add_batch(
+        self, docs: list[np.ndarray], num_bytes: list[int], masks: list[np.ndarray] | None = None
+    ) -> None:
+        """Append documents (each already ending in EOS) with one write per file."""
+        if not docs:
+            return
+        ids = np.concatenate(docs).astype(self.dtype, copy=False)
+        ids.tofile(self._tokens)
+        self.hash.update(ids.tobytes())
+        if self._mask is not None:
+            assert masks is not None and len(masks) == len(docs)
+            m = np.concatenate(masks).astype(np.uint8, copy=False)
+            m.tofile(self._mask)
+            self.hash.update(m.tobytes())
+        lengths = np.fromiter((d.shape[0] for d in docs), dtype=np.int64, count=len(docs))
+        (self.num_tokens + np.cumsum(lengths)).tofile(self._docs)
+        np.asarray(num_bytes, dtype=np.int64).tofile(self._bytes)
+        self.num_tokens += int(lengths.sum())
+        self.num_docs += len(docs)
+        self.num_bytes += int(sum(num_bytes))
+
+    def close(self) -> None:
+        for f in (self._tokens, self._docs, self._bytes, self._mask):
+            if f is not None:
+                f.close()
