@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from midtrain.errors import MidtrainError
 
@@ -40,7 +41,7 @@ def prepare_main(args: Sequence[str]) -> None:
 
     from midtrain.data.prepare import PrepareConfig, prepare
 
-    parser = ArgumentParser(prog="midtrain prepare", exit_on_error=False,
+    parser = ArgumentParser(prog="midtrain prepare", exit_on_error=False, allow_abbrev=False,
                             description="Tokenize named domains into a token store.")
     parser.add_argument("--config", action=ActionConfigFile, help="a prepare YAML")
     parser.add_class_arguments(PrepareConfig)
@@ -99,8 +100,10 @@ def trainer_main(argv: Sequence[str]) -> None:
 
         before_fit = before_validate = before_test = before_predict = _check
 
-    parser_kwargs = {"exit_on_error": False} if not any(
-        a in ("-h", "--help") or a.startswith("--print_config") for a in argv) else {}
+    # No prefix matching: `--trainer.max_step 3` is an error, not a silent `max_steps`.
+    parser_kwargs: dict[str, Any] = {"allow_abbrev": False}
+    if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
+        parser_kwargs["exit_on_error"] = False
     try:
         MidtrainCLI(
             CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
