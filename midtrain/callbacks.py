@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from midtrain.errors import MidtrainError
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
@@ -21,3 +27,46 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         if self.monitor is None or self.monitor in candidates:
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+
+class MixtureSwitch(Callback):
+    """Switch the data mixture at an optimizer step.
+
+    The first batch of optimizer step ``step`` (or ``round(fraction * max_steps)``) is drawn
+    from ``weights`` — exactly, for any num_workers, prefetch_factor, gradient accumulation and
+    world size, because the data module folds every switch into its schedule before training
+    starts (a switch applied from a hook would reach the model late: the loader runs ahead).
+
+    At the switch it logs the event and, with ``save_checkpoint``, writes
+    ``switch-step=<N>.ckpt`` next to the run's checkpoints: the state right before step N, which
+    ``midtrain fit --fork`` branches from. Use several callbacks for several phases.
+    """
+
+    def __init__(self, weights: dict[str, float], step: int | None = None,
+                 fraction: float | None = None, save_checkpoint: bool = True) -> None:
+        if (step is None) == (fraction is None):
+            raise MidtrainError("MixtureSwitch: give exactly one of `step` or `fraction`")
+        if fraction is not None and not 0 < fraction < 1:
+            raise MidtrainError(f"MixtureSwitch.fraction: must be in (0, 1), got {fraction}")
+        self.weights = dict(weights)
+        self.step = step
+        self.fraction = fraction
+        self.save_checkpoint = save_checkpoint
+
+    def resolve_step(self, max_steps: int) -> int:
+        if self.step is not None:
+            return int(self.step)
+        return int(round(self.fraction * max_steps))  # type: ignore[operator]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        step = self.resolve_step(trainer.max_steps)
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if not stepped or trainer.global_step != step:
+            return
+        rank_zero_info(f"mixture switch before step {step}: {self.weights}")
+        if self.save_checkpoint:
+            ckpt = trainer.checkpoint_callback
+            directory = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(
+                trainer.default_root_dir) / "checkpoints"
+            trainer.save_checkpoint(directory / f"switch-step={step}.ckpt")

@@ -73,6 +73,10 @@ def trainer_main(argv: Sequence[str]) -> None:
             parser.set_defaults({"checkpoint.save_last": True})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+            parser.add_argument(
+                "--fork", type=str | None, default=None,
+                help="start a new run from this checkpoint, keeping model, optimizer, LR "
+                     "schedule and data position, with this run's (new or extended) schedule")
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -98,7 +102,25 @@ def trainer_main(argv: Sequence[str]) -> None:
                     and "://" not in ckpt and not os.path.isfile(ckpt)):
                 raise MidtrainError(f"ckpt_path: checkpoint not found: {ckpt}")
 
-        before_fit = before_validate = before_test = before_predict = _check
+        def before_fit(self) -> None:
+            self._check()
+            fork = self.config["fit"].get("fork")
+            if fork:
+                if self.config["fit"].get("ckpt_path"):
+                    raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
+                if not os.path.isfile(fork):
+                    raise MidtrainError(f"fork: checkpoint not found: {fork}")
+                import torch
+
+                step = torch.load(fork, map_location="cpu", weights_only=True,
+                                  mmap=True)["global_step"]
+                if hasattr(self.datamodule, "fork_step"):
+                    self.datamodule.fork_step = step
+                self.config_init["fit"]["ckpt_path"] = fork
+            if hasattr(self.datamodule, "resolve_schedule"):
+                self.datamodule.resolve_schedule(self.trainer)  # refuse a bad schedule early
+
+        before_validate = before_test = before_predict = _check
 
     # No prefix matching: `--trainer.max_step 3` is an error, not a silent `max_steps`.
     parser_kwargs: dict[str, Any] = {"allow_abbrev": False}

@@ -166,10 +166,13 @@ class CausalLM(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum")
         self._step_sums = None
         loss_sum, loss_tokens, tokens = sums.cpu().tolist()
+        dm = self.trainer.datamodule
+        active = set(getattr(dm, "active_domains", self.domains))
         metrics = {"train/loss": loss_sum[0] / max(loss_tokens[0], 1)}
         for i, d in enumerate(self.domains, start=1):
             self.tokens_seen[d] += int(tokens[i])
-            metrics[f"train/tokens/{d}"] = float(self.tokens_seen[d])
+            if d in active or self.tokens_seen[d]:
+                metrics[f"train/tokens/{d}"] = float(self.tokens_seen[d])
             if loss_tokens[i] > 0:
                 metrics[f"train/loss/{d}"] = loss_sum[i] / loss_tokens[i]
         metrics["train/tokens"] = float(sum(self.tokens_seen.values()))
@@ -177,7 +180,20 @@ class CausalLM(L.LightningModule):
         self.log("train/loss", metrics.pop("train/loss"), prog_bar=True, on_step=True,
                  on_epoch=False, batch_size=1)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        if hasattr(dm, "weights_at"):
+            self._log_mixture(dm, active)
 
+    def _log_mixture(self, dm: Any, active: set[str]) -> None:
+        """mixture/weight/<domain> on every logging step, and always on both sides of a phase
+        start, so the curve steps exactly at the switch whatever log_every_n_steps is."""
+        step = self.global_step  # the optimizer step these batches belong to (not yet stepped)
+        starts = dm.phase_starts()
+        edge = step == 0 or any(step in (s - 1, s) for s in starts)
+        if not edge and (step + 1) % self.trainer.log_every_n_steps:
+            return
+        weights = {f"mixture/weight/{d}": w for d, w in dm.weights_at(step).items() if d in active}
+        for logger in self.loggers:
+            logger.log_metrics(weights, step=step)
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
@@ -190,6 +206,10 @@ class CausalLM(L.LightningModule):
         metrics = self.val_metrics[list(self.val_metrics)[dataloader_idx]]
         metrics["loss"].update(losses.sum().double())
         metrics["tokens"].update(mask.sum().double())
+        bytes_per_token = getattr(self.trainer.datamodule, "val_bytes_per_token", None)
+        if bytes_per_token is not None:
+            name = list(self.val_metrics)[dataloader_idx]
+            metrics["bytes"].update(mask.sum().double() * bytes_per_token(name))
 
     def on_validation_epoch_end(self) -> None:
         for name, metrics in self.val_metrics.items():
@@ -199,8 +219,27 @@ class CausalLM(L.LightningModule):
                 self.log(f"val/{name}/loss", loss, add_dataloader_idx=False, sync_dist=False)
                 self.log(f"val/{name}/ppl", math.exp(min(loss, 50.0)),
                          add_dataloader_idx=False, sync_dist=False)
+                nbytes = metrics["bytes"].compute()
+                if nbytes > 0:  # bits per UTF-8 byte: comparable across tokenizers
+                    bpb = (metrics["loss"].compute() / math.log(2) / nbytes).item()
+                    self.log(f"val/{name}/bpb", bpb, add_dataloader_idx=False, sync_dist=False)
             for m in metrics.values():
                 m.reset()
+
+    def on_fit_start(self) -> None:
+        # One chart per family in TensorBoard's "Custom Scalars" tab: curves of every domain
+        # (or validation set) together.
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
+                logger.experiment.add_custom_scalars({
+                    "train": {"loss per domain": ["Multiline", [r"train/loss/.*"]],
+                              "tokens per domain": ["Multiline", [r"train/tokens/.*"]]},
+                    "mixture": {"weight per domain": ["Multiline", [r"mixture/weight/.*"]]},
+                    "val": {"loss per set": ["Multiline", [r"val/.*/loss"]],
+                            "bits per byte per set": ["Multiline", [r"val/.*/bpb"]]},
+                })
 
     # -- checkpoint state -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

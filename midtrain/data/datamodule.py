@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from midtrain.data.loader import MixtureStream, ValidationBlocks
 from midtrain.data.mixture import MixtureSchedule, Phase, check_weights
 from midtrain.data.store import Store
 from midtrain.errors import MidtrainError
+
+MAX_PHASES = 64
 
 
 class MixtureDataModule(L.LightningDataModule):
@@ -29,12 +32,19 @@ class MixtureDataModule(L.LightningDataModule):
             Default: every domain that has validation data.
         val_max_blocks: cap on validation sequences per set (the first ones, always the same).
         val_batch_size: default micro_batch_size.
+        max_repeat: refuse a schedule that would read any domain more than this many times
+            (epochs); None disables the check. The plan is printed at the start of fit.
+
+    Phases come from three places: ``weights`` (from step 0), ``MixtureSwitch`` callbacks in
+    ``trainer.callbacks`` (resolved before training), and ``change_weights`` at runtime (kept in
+    checkpoints, so a resumed run reproduces them).
     """
 
     def __init__(self, store: str, weights: dict[str, float] | None = None, seq_len: int = 512,
                  micro_batch_size: int = 8, seed: int = 0, num_workers: int = 0,
                  prefetch_factor: int = 2, val_sets: list[str] | None = None,
-                 val_max_blocks: int | None = 64, val_batch_size: int | None = None) -> None:
+                 val_max_blocks: int | None = 64, val_batch_size: int | None = None,
+                 max_repeat: float | None = 10.0) -> None:
         super().__init__()
         self.store = Store(store)
         if seq_len <= 0:
@@ -56,7 +66,13 @@ class MixtureDataModule(L.LightningDataModule):
             weights = {n: w for n, w in weights.items() if w > 0}
         check_weights(weights, names, "data.weights")
         self.weights = dict(weights)
-        self.extra_phases: list[Phase] = []
+        self.max_repeat = max_repeat
+        self.switch_phases: list[Phase] = []  # from MixtureSwitch callbacks
+        self.runtime_phases: list[Phase] = []  # from change_weights(); part of checkpoint state
+        self.fork_step: int | None = None  # set by `midtrain fit --fork`
+        self._resolved_for: tuple | None = None
+        self._table: torch.Tensor | None = None  # phases shared with loader workers
+        self._table_len: torch.Tensor | None = None
         if val_sets is None:
             val_sets = [n for n in names if self.store.domain(n).val.num_blocks(seq_len) > 0]
         for v in val_sets:
@@ -89,16 +105,140 @@ class MixtureDataModule(L.LightningDataModule):
 
     @property
     def phases(self) -> list[Phase]:
-        return [Phase(0, self.weights), *self.extra_phases]
+        """All phases by start step; a runtime change replaces a phase at the same step."""
+        by_step = {0: Phase(0, self.weights)}
+        for p in [*self.switch_phases, *self.runtime_phases]:
+            by_step[p.start_step] = p
+        return [by_step[k] for k in sorted(by_step)]
 
     @property
     def domains(self) -> list[str]:
-        """Training domains, in store order: every domain with weight in some phase."""
+        """Domains a schedule may draw from (every domain with training data), in store order.
+        Fixed for a store, so runtime changes and forks keep domain ids stable."""
+        return [n for n in self.store.domain_names
+                if self.store.domain(n).train.num_blocks(self.seq_len) > 0]
+
+    @property
+    def active_domains(self) -> list[str]:
+        """Domains with weight in some phase."""
         used = {n for p in self.phases for n, w in p.weights.items() if w > 0}
-        return [n for n in self.store.domain_names if n in used]
+        return [n for n in self.domains if n in used]
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """Normalised weights in force at optimizer step ``step``."""
+        phase = [p for p in self.phases if p.start_step <= step][-1]
+        total = sum(phase.weights.values())
+        return {n: phase.weights.get(n, 0.0) / total for n in self.domains}
+
+    def phase_starts(self) -> list[int]:
+        return [p.start_step for p in self.phases]
+
+    def val_bytes_per_token(self, name: str) -> float:
+        """UTF-8 bytes per token of a validation split, for bits-per-byte."""
+        split = self.store.domain(name).val
+        return split.num_bytes / max(split.num_tokens, 1)
 
     def schedule(self, global_batch_size: int) -> MixtureSchedule:
         return MixtureSchedule(self.domains, self.phases, global_batch_size, self.seed)
+
+    def global_batch_size(self, trainer: L.Trainer) -> int:
+        return self.micro_batch_size * trainer.accumulate_grad_batches * trainer.world_size
+
+    # -- the schedule of a run ------------------------------------------------------------
+    def resolve_schedule(self, trainer: L.Trainer) -> None:
+        """Collect MixtureSwitch callbacks and validate the whole schedule before training.
+        Idempotent; prints the plan once."""
+        from midtrain.callbacks import MixtureSwitch
+
+        max_steps = trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise MidtrainError("trainer.max_steps: set it; midtrain schedules data by steps")
+        switches = [cb for cb in trainer.callbacks if isinstance(cb, MixtureSwitch)]
+        key = (max_steps, self.global_batch_size(trainer), tuple(id(cb) for cb in switches))
+        if self._resolved_for == key:
+            return
+        phases: dict[int, Phase] = {}
+        for cb in switches:
+            step = cb.resolve_step(max_steps)
+            where = f"MixtureSwitch(step={step}).weights"
+            if step in phases:
+                raise MidtrainError(f"MixtureSwitch: two switches at step {step}")
+            if not 0 < step < max_steps:
+                raise MidtrainError(
+                    f"MixtureSwitch: a switch at step {step} is outside the run "
+                    f"(0 < step < max_steps={max_steps})"
+                )
+            if self.fork_step is not None and step < self.fork_step:
+                raise MidtrainError(
+                    f"MixtureSwitch: a switch at step {step} is before the fork point "
+                    f"{self.fork_step}; a fork can only change the schedule from there on"
+                )
+            check_weights(cb.weights, self.store.domain_names, where)
+            self._check_domains(cb.weights, where)
+            phases[step] = Phase(step, dict(cb.weights))
+        self.switch_phases = [phases[k] for k in sorted(phases)]
+        self._resolved_for = key
+        rows = self.plan(self.global_batch_size(trainer), max_steps)
+        if trainer.is_global_zero:
+            print(format_plan(rows, self.seq_len))
+        worst = max(rows, key=lambda r: r["epochs"])
+        if self.max_repeat is not None and worst["epochs"] > self.max_repeat:
+            raise MidtrainError(
+                f"data.max_repeat: domain {worst['domain']!r} would be read "
+                f"{worst['epochs']:.1f} times by step {worst['end']} (limit {self.max_repeat}); "
+                "add data, lower its weight, or raise data.max_repeat"
+            )
+
+    def plan(self, global_batch_size: int, max_steps: int) -> list[dict[str, Any]]:
+        """Per phase and domain: sequences and tokens drawn, tokens available, and how many
+        times the domain has been read by the end of the phase."""
+        sched = self.schedule(global_batch_size)
+        ends = [*sched.starts[1:].tolist(), max_steps]
+        rows = []
+        for i, (start, end) in enumerate(zip(sched.starts.tolist(), ends, strict=True)):
+            if start >= max_steps:
+                break
+            drawn = sched.draws_between(start, end)
+            total = sched.draws_before(end)
+            for d, name in enumerate(sched.domains):
+                if drawn[d] == 0:
+                    continue
+                blocks = self.store.domain(name).train.num_blocks(self.seq_len)
+                rows.append({"phase": i, "start": start, "end": end, "domain": name,
+                             "weight": float(sched.weights[i, d]),
+                             "sequences": int(drawn[d]),
+                             "tokens": int(drawn[d]) * self.seq_len,
+                             "available": blocks * self.seq_len,
+                             "epochs": float(total[d]) / blocks})
+        return rows
+
+    def change_weights(self, weights: dict[str, float]) -> int:
+        """Change the mixture during ``fit``: from the first optimizer step whose batches the
+        loader cannot have produced yet (it runs ahead by 1 + num_workers x prefetch_factor
+        micro-batches). Returns that step. The change is kept in checkpoints."""
+        trainer = self.trainer
+        if trainer is None or self._table is None:
+            raise MidtrainError("change_weights: only during fit, once training has started")
+        check_weights(weights, self.store.domain_names, "change_weights")
+        self._check_domains(weights, "change_weights")
+        ready = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        lookahead = 1 + (self.num_workers * self.prefetch_factor if self.num_workers else 0)
+        first_free = ready + lookahead  # first micro-batch index not yet requested
+        step = max(-(-first_free // trainer.accumulate_grad_batches), trainer.global_step + 1)
+        self.runtime_phases = [p for p in self.runtime_phases if p.start_step != step]
+        self.runtime_phases.append(Phase(step, dict(weights)))
+        self.runtime_phases.sort(key=lambda p: p.start_step)
+        self._write_table()
+        return step
+
+    def _write_table(self) -> None:
+        phases = self.phases
+        if len(phases) > self._table.shape[0]:
+            raise MidtrainError(f"change_weights: at most {self._table.shape[0]} phases")
+        for i, p in enumerate(phases):
+            self._table[i, 0] = p.start_step
+            self._table[i, 1:] = torch.tensor([float(p.weights.get(n, 0.0)) for n in self.domains])
+        self._table_len[0] = len(phases)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree with to resume this data stream exactly."""
@@ -110,17 +250,24 @@ class MixtureDataModule(L.LightningDataModule):
         }
 
     # -- Lightning hooks ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer is not None:
+            self.resolve_schedule(self.trainer)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
-            raise MidtrainError("trainer.max_steps: set it; midtrain schedules data by steps")
-        accumulation = trainer.accumulate_grad_batches
-        world = trainer.world_size
-        schedule = self.schedule(self.micro_batch_size * accumulation * world)
+        self.resolve_schedule(trainer)
+        self._table = torch.zeros(MAX_PHASES, 1 + len(self.domains), dtype=torch.float64)
+        self._table_len = torch.zeros(1, dtype=torch.int64)
+        self._table.share_memory_()
+        self._table_len.share_memory_()
+        self._write_table()
+        schedule = self.schedule(self.global_batch_size(trainer))
         stream = MixtureStream(
             [self.store.domain(n).train for n in schedule.domains], schedule, self.seq_len,
-            self.micro_batch_size, accumulation, trainer.global_rank, world,
-            start_step=trainer.global_step, max_steps=trainer.max_steps,
+            self.micro_batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
+            trainer.world_size, start_step=trainer.global_step, max_steps=trainer.max_steps,
+            phase_table=(self._table, self._table_len),
         )
         return self._loader(stream, self.num_workers)
 
@@ -140,7 +287,9 @@ class MixtureDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint()}
+        step = self.trainer.global_step if self.trainer is not None else None
+        return {"fingerprint": self.fingerprint(), "step": step,
+                "runtime_phases": [(p.start_step, dict(p.weights)) for p in self.runtime_phases]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved, now = state_dict.get("fingerprint"), self.fingerprint()
@@ -152,3 +301,34 @@ class MixtureDataModule(L.LightningDataModule):
                     f"data.{key}: the checkpoint was trained with {key} {saved[key]!r}, this run "
                     f"has {now[key]!r}; resuming would not continue the same data stream"
                 )
+        step = state_dict.get("step") or 0
+        runtime = [Phase(s, w) for s, w in state_dict.get("runtime_phases", [])]
+        if self.fork_step is not None:
+            # A fork keeps the past (so the data position) and may change what comes after.
+            self.runtime_phases = [p for p in runtime if p.start_step < step]
+            past = [(p.start_step, dict(p.weights)) for p in self.phases if p.start_step < step]
+            if [tuple(x) for x in saved["phases"] if x[0] < step] != past:
+                raise MidtrainError(
+                    f"fork: the schedule before the fork point (step {step}) differs from the "
+                    "checkpoint's; a fork may only change phases from the fork step on"
+                )
+            return
+        self.runtime_phases = runtime
+        if [tuple(x) for x in saved["phases"]] != [
+                (p.start_step, dict(p.weights)) for p in self.phases]:
+            raise MidtrainError(
+                "data: the checkpoint was trained with a different mixture schedule "
+                f"({saved['phases']} vs {[(p.start_step, dict(p.weights)) for p in self.phases]}); "
+                "to continue with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
+            )
+
+
+def format_plan(rows: list[dict[str, Any]], seq_len: int) -> str:
+    lines = [f"mixture plan (tokens = sequences x seq_len {seq_len}):",
+             f"  {'steps':<15} {'domain':<14} {'weight':>7} {'tokens':>14} {'available':>14} "
+             f"{'epochs':>7}"]
+    for r in rows:
+        lines.append(f"  {str(r['start']) + '-' + str(r['end']):<15} {r['domain']:<14} "
+                     f"{r['weight']:>7.3f} {r['tokens']:>14,} {r['available']:>14,} "
+                     f"{r['epochs']:>7.2f}")
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from midtrain.data.mixture import MixtureSchedule, block_indices
+from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
 from midtrain.data.store import Split
 
 
@@ -52,7 +52,8 @@ class MixtureStream(IterableDataset):
 
     def __init__(self, splits: Sequence[Split], schedule: MixtureSchedule, seq_len: int,
                  micro_batch_size: int, accumulation: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int) -> None:
+                 start_step: int, max_steps: int,
+                 phase_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.splits = list(splits)
         self.schedule = schedule
         self.seq_len = seq_len
@@ -63,6 +64,10 @@ class MixtureStream(IterableDataset):
         self.start_step = start_step
         self.max_steps = max_steps
         self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
+        # Shared-memory phases (start step, weight per domain) written by the datamodule when
+        # the mixture changes at runtime; workers rebuild their schedule when the count moves.
+        self.phase_table = phase_table
+        self._phases_seen = len(schedule.phases)
         assert schedule.batch_size == micro_batch_size * accumulation * world_size
 
     def __len__(self) -> int:
@@ -73,6 +78,7 @@ class MixtureStream(IterableDataset):
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``index`` (counted from step 0) of this rank."""
         step, a = divmod(index, self.accumulation)
+        self._sync_phases()
         domain, draw = self.schedule.step(step)
         lo = (a * self.world_size + self.rank) * self.micro
         domain, draw = domain[lo : lo + self.micro], draw[lo : lo + self.micro]
@@ -80,10 +86,25 @@ class MixtureStream(IterableDataset):
         masks: list[np.ndarray | None] = [None] * self.micro
         for d in np.unique(domain):
             sel = np.flatnonzero(domain == d)
+            key = domain_key(self.schedule.domains[d])
             for i, b in zip(sel, block_indices(draw[sel], self.num_blocks[d],
-                                               self.schedule.seed, int(d)), strict=True):
+                                               self.schedule.seed, key), strict=True):
                 blocks[i], masks[i] = read_block(self.splits[d], int(b), self.seq_len)
         return collate(blocks, masks, domain)
+
+    def _sync_phases(self) -> None:
+        if self.phase_table is None:
+            return
+        table, length = self.phase_table
+        n = int(length[0])
+        if n == self._phases_seen:
+            return
+        rows = table[:n].tolist()
+        phases = [Phase(int(r[0]), dict(zip(self.schedule.domains, r[1:], strict=True)))
+                  for r in rows]
+        s = self.schedule
+        self.schedule = MixtureSchedule(s.domains, phases, s.batch_size, s.seed)
+        self._phases_seen = n
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

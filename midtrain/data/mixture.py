@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -158,8 +159,15 @@ def permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
     return out.astype(np.int64)
 
 
+def domain_key(name: str) -> int:
+    """A stable key per domain name, so adding a domain to a schedule (a fork) leaves the block
+    order of every other domain unchanged."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
 def block_indices(draws: np.ndarray, num_blocks: int, seed: int, domain_id: int) -> np.ndarray:
-    """Block read by each draw number of one domain: a fresh permutation every epoch."""
+    """Block read by each draw number of one domain (``domain_id`` = ``domain_key(name)``):
+    a fresh permutation every epoch."""
     draws = np.asarray(draws, dtype=np.int64)
     epoch, within = np.divmod(draws, num_blocks)
     out = np.empty_like(draws)
