@@ -126,6 +126,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     parser_kwargs: dict[str, Any] = {"allow_abbrev": False}
     if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
         parser_kwargs["exit_on_error"] = False
+    MidtrainError.last = None
     try:
         MidtrainCLI(
             CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
@@ -139,6 +140,8 @@ def trainer_main(argv: Sequence[str]) -> None:
         cause: BaseException | None = e  # jsonargparse wraps errors raised while instantiating
         while cause is not None and not isinstance(cause, MidtrainError):
             cause = cause.__cause__ or cause.__context__
+        if cause is None and MidtrainError.last is not None:
+            cause = MidtrainError.last  # wrapped without a chain (older jsonargparse)
         if cause is not None:
             raise cause from None
         if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class MidtrainError(Exception):
     """Bad input from the user. The CLI prints it as one line and exits non-zero.
@@ -9,3 +11,11 @@ class MidtrainError(Exception):
     Raise it *before* anything on disk is touched, so a bad invocation never modifies an
     existing store, checkpoint or result.
     """
+
+    # The most recent error, for the CLI: libraries that construct our classes (jsonargparse
+    # instantiating a config) may wrap it, some versions without keeping the exception chain.
+    last: ClassVar[MidtrainError | None] = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        MidtrainError.last = self

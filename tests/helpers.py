@@ -1,0 +1,50 @@
+"""Test-only callbacks, importable by `midtrain` subprocesses started from the repo root."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+class RecordDomains(pl.Callback):
+    """Writes the domain ids of every micro-batch the model trains on, with its step."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.rows: list[tuple[int, list[int]]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self.rows.append((trainer.global_step, batch["domain"].tolist()))
+        if self.path:
+            with Path(self.path).open("a") as f:
+                f.write(json.dumps(self.rows[-1]) + "\n")
+
+
+class SlowDown(pl.Callback):
+    """Sleeps after every batch so a test can kill the process mid-run."""
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class ChangeWeightsAt(pl.Callback):
+    """An adaptive-mixture stand-in: changes the weights once, at a given optimizer step."""
+
+    def __init__(self, step: int, weights: dict[str, float], record_to: str | None = None) -> None:
+        self.step, self.weights, self.record_to = step, weights, record_to
+        self.effective: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and self.effective is None:
+            self.effective = trainer.datamodule.change_weights(self.weights)
+            if self.record_to:
+                Path(self.record_to).write_text(str(self.effective))
