@@ -1,0 +1,63 @@
+"""Every shipped config parses, and the stacked overlays carry the study's switches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from midtrain.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+STACKS = [
+    ("demo/fit.yaml", None, None),
+    ("cpu/pretrain.yaml", None, None),
+    ("cpu/pretrain.yaml", "cpu/midtrain-code.yaml", (40, {"prose": 0.8, "code": 0.2})),
+    ("cpu/pretrain.yaml", "cpu/midtrain-math.yaml", (131, {"prose": 0.88, "math": 0.12})),
+    ("cpu/pretrain.yaml", "cpu/cpt-code.yaml", (262, {"code": 1.0})),
+    ("cpu/pretrain.yaml", "cpu/cpt-math.yaml", (367, {"math": 1.0})),
+    ("paper/pretrain.yaml", None, None),
+    ("paper/pretrain.yaml", "paper/midtrain/code.yaml", (6000, {"c4": 0.8, "starcoder": 0.2})),
+    ("paper/pretrain.yaml", "paper/midtrain/code-70m.yaml",
+     (10000, {"c4": 0.8, "starcoder": 0.2})),
+    ("paper/pretrain.yaml", "paper/midtrain/math.yaml", (20000, {"c4": 0.88, "math": 0.12})),
+    ("paper/pretrain.yaml", "paper/midtrain/flan.yaml", (40000, {"c4": 0.95, "flan": 0.05})),
+    ("paper/pretrain.yaml", "paper/midtrain/knowledge_qa.yaml",
+     (40000, {"c4": 0.8, "knowledge_qa": 0.2})),
+    ("paper/pretrain.yaml", "paper/midtrain/dclm.yaml", (40000, {"c4": 0.8, "dclm": 0.2})),
+    ("paper/pretrain.yaml", "paper/cpt/code.yaml", (40000, {"starcoder": 1.0})),
+    ("paper/pretrain.yaml", "paper/cpt/math.yaml", (56000, {"math": 1.0})),
+]
+
+
+@pytest.mark.parametrize("base,overlay,switch", STACKS,
+                         ids=[f"{b}+{o}" if o else b for b, o, _ in STACKS])
+def test_config_parses(base: str, overlay: str | None, switch: tuple | None,
+                       capsys: pytest.CaptureFixture) -> None:
+    args = ["fit", "--config", str(CONFIGS / base)]
+    if overlay:
+        args += ["--config", str(CONFIGS / overlay)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    callbacks = cfg["trainer"].get("callbacks") or []
+    switches = [c["init_args"] for c in callbacks if c["class_path"].endswith("MixtureSwitch")]
+    if switch is None:
+        assert switches == []
+    else:
+        assert [(s["step"], s["weights"]) for s in switches] == [switch]
+    if base.startswith("paper"):
+        steps, micro = cfg["trainer"]["max_steps"], cfg["data"]["init_args"]["micro_batch_size"]
+        assert steps == 61035 and cfg["data"]["init_args"]["seq_len"] == 2048
+        assert micro * cfg["trainer"]["accumulate_grad_batches"] * cfg["trainer"]["devices"] == 1024
+
+
+def test_prepare_configs_parse(capsys: pytest.CaptureFixture) -> None:
+    for name in ("demo/prepare.yaml", "paper/prepare.yaml"):
+        with pytest.raises(SystemExit):
+            main(["prepare", "--config", str(CONFIGS / name), "--print_config"])
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert cfg["domains"]
