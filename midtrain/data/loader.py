@@ -18,27 +18,25 @@ from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_
 from midtrain.data.store import Split
 
 
-def read_block(split: Split, block: int, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Tokens [block*seq_len, block*seq_len + seq_len + 1) and the loss mask of its targets."""
-    lo = block * seq_len
-    tokens = np.asarray(split.tokens[lo : lo + seq_len + 1], dtype=np.int64)
-    mask = None
+def read_blocks(split: Split, blocks: np.ndarray, seq_len: int,
+                tokens_out: np.ndarray, mask_out: np.ndarray) -> None:
+    """Blocks of seq_len + 1 tokens (stride seq_len) into ``tokens_out``; the loss mask of their
+    targets into ``mask_out`` (ones where the split has no mask). One gather per call."""
+    index = np.asarray(blocks, dtype=np.int64)[:, None] * seq_len + np.arange(seq_len + 1)
+    tokens_out[:] = split.tokens[index]
     if split.loss_mask is not None:
-        mask = np.asarray(split.loss_mask[lo + 1 : lo + seq_len + 1], dtype=np.float32)
-    return tokens, mask
+        mask_out[:] = split.loss_mask[index[:, 1:]]
+    else:
+        mask_out[:] = 1.0
 
 
-def collate(blocks: list[np.ndarray], masks: list[np.ndarray | None],
-            domains: Sequence[int]) -> dict[str, torch.Tensor]:
-    x = torch.from_numpy(np.stack(blocks))
-    mask = torch.from_numpy(
-        np.stack([m if m is not None else np.ones(x.shape[1] - 1, np.float32) for m in masks])
-    )
+def to_batch(tokens: np.ndarray, mask: np.ndarray, domains: np.ndarray) -> dict[str, torch.Tensor]:
+    x = torch.from_numpy(tokens)
     return {
         "input_ids": x[:, :-1],
         "targets": x[:, 1:],
-        "loss_mask": mask,
-        "domain": torch.as_tensor(np.asarray(domains), dtype=torch.long),
+        "loss_mask": torch.from_numpy(mask),
+        "domain": torch.from_numpy(np.asarray(domains, dtype=np.int64)),
     }
 
 
@@ -82,15 +80,16 @@ class MixtureStream(IterableDataset):
         domain, draw = self.schedule.step(step)
         lo = (a * self.world_size + self.rank) * self.micro
         domain, draw = domain[lo : lo + self.micro], draw[lo : lo + self.micro]
-        blocks: list[np.ndarray] = [None] * self.micro  # type: ignore[list-item]
-        masks: list[np.ndarray | None] = [None] * self.micro
+        tokens = np.empty((self.micro, self.seq_len + 1), dtype=np.int64)
+        mask = np.empty((self.micro, self.seq_len), dtype=np.float32)
         for d in np.unique(domain):
             sel = np.flatnonzero(domain == d)
-            key = domain_key(self.schedule.domains[d])
-            for i, b in zip(sel, block_indices(draw[sel], self.num_blocks[d],
-                                               self.schedule.seed, key), strict=True):
-                blocks[i], masks[i] = read_block(self.splits[d], int(b), self.seq_len)
-        return collate(blocks, masks, domain)
+            blocks = block_indices(draw[sel], self.num_blocks[d], self.schedule.seed,
+                                   domain_key(self.schedule.domains[d]))
+            t, m = tokens[sel], mask[sel]
+            read_blocks(self.splits[d], blocks, self.seq_len, t, m)
+            tokens[sel], mask[sel] = t, m
+        return to_batch(tokens, mask, domain)
 
     def _sync_phases(self) -> None:
         if self.phase_table is None:
@@ -135,6 +134,8 @@ class ValidationBlocks(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         mine = self._my_blocks()
         for lo in range(0, len(mine), self.batch_size):
-            pairs = [read_block(self.split, int(b), self.seq_len)
-                     for b in mine[lo : lo + self.batch_size]]
-            yield collate([p[0] for p in pairs], [p[1] for p in pairs], [0] * len(pairs))
+            blocks = mine[lo : lo + self.batch_size]
+            tokens = np.empty((len(blocks), self.seq_len + 1), dtype=np.int64)
+            mask = np.empty((len(blocks), self.seq_len), dtype=np.float32)
+            read_blocks(self.split, blocks, self.seq_len, tokens, mask)
+            yield to_batch(tokens, mask, np.zeros(len(blocks), dtype=np.int64))
