@@ -187,3 +187,20 @@ def test_two_switches_at_one_step_are_refused(builtin_store: Path, tmp_path: Pat
         run(builtin_store, tmp_path, [MixtureSwitch({"code": 1}, step=2),
                                       MixtureSwitch({"math": 1}, step=2)], max_steps=5)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_documented_adaptive_callback_runs(builtin_store: Path, tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "midtraining.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)
+    callback = namespace["MoreCodeWhenLossPlateaus"](patience=1)
+    rec = RecordDomains()
+    # prose and code both drawn, so train/loss/code exists from the first step
+    run(builtin_store, tmp_path, [callback, rec], max_steps=12, accumulation=4,
+        weights={"prose": 0.7, "code": 0.3})
+    assert callback.done
+    counts = per_step_counts(rec.rows)
+    old, new = expected({"prose": 0.7, "code": 0.3}, 12), expected({"prose": 0.6, "code": 0.4}, 12)
+    assert old.tolist() != new.tolist()
+    assert counts[0].tolist() == old.tolist() and counts[11].tolist() == new.tolist()
