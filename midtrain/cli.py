@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,6 +84,15 @@ def trainer_main(argv: Sequence[str]) -> None:
             trainer = cfg.trainer
             root = trainer.default_root_dir or "runs/midtrain"
             trainer.default_root_dir = root
+            if trainer.logger in (None, True) and self.subcommand != "fit":
+                # evaluation gets its own subdirectory: the run's config, hparams and events
+                # stay as training left them
+                from jsonargparse import Namespace
+
+                trainer.logger = Namespace(
+                    class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                    init_args=Namespace(save_dir=root, name="", version=self.subcommand),
+                )
             if trainer.logger in (None, True):
                 # One fixed directory per run: TensorBoard events, config.yaml and checkpoints
                 # live together, and `--ckpt_path last` finds the run's own last checkpoint.
@@ -104,6 +114,7 @@ def trainer_main(argv: Sequence[str]) -> None:
 
         def before_fit(self) -> None:
             self._check()
+            self._check_val_interval()
             fork = self.config["fit"].get("fork")
             if fork:
                 if self.config["fit"].get("ckpt_path"):
@@ -119,6 +130,35 @@ def trainer_main(argv: Sequence[str]) -> None:
                 self.config_init["fit"]["ckpt_path"] = fork
             if hasattr(self.datamodule, "resolve_schedule"):
                 self.datamodule.resolve_schedule(self.trainer)  # refuse a bad schedule early
+            self._check_resume()
+
+        def _check_val_interval(self) -> None:
+            t = self.trainer
+            interval = t.val_check_interval
+            batches = (t.max_steps or 0) * t.accumulate_grad_batches
+            if isinstance(interval, int) and batches > 0 and interval > batches:
+                raise MidtrainError(
+                    f"trainer.val_check_interval: {interval} batches is beyond the run's "
+                    f"{batches} (max_steps x accumulate_grad_batches); lower it"
+                )
+
+        def _check_resume(self) -> None:
+            """Refuse a checkpoint whose data the datamodule cannot continue, before Lightning
+            writes anything into the run directory."""
+            ckpt = self.config_init["fit"].get("ckpt_path")
+            if ckpt == "last":
+                cb = self.trainer.checkpoint_callback
+                root = cb.dirpath if cb is not None and cb.dirpath else os.path.join(
+                    self.trainer.default_root_dir, "checkpoints")
+                ckpt = os.path.join(root, "last.ckpt")
+            if not ckpt or not os.path.isfile(ckpt) or self.datamodule is None:
+                return
+            import torch
+
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            data_state = state.get(type(self.datamodule).__qualname__)
+            if data_state is not None:
+                self.datamodule.load_state_dict(data_state)
 
         before_validate = before_test = before_predict = _check
 
@@ -131,8 +171,10 @@ def trainer_main(argv: Sequence[str]) -> None:
         MidtrainCLI(
             CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
             parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
-            args=list(argv),
+            # None = read sys.argv (passing it again only makes LightningCLI warn)
+            args=None if list(argv) == sys.argv[1:] else list(argv),
         )
     except MidtrainError:
         raise
@@ -166,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"midtrain: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # Our streams shard by rank and worker themselves, so the length caveat does not apply.
+    warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
     try:
         if command in TRAINER_COMMANDS:
             trainer_main([command, *rest])

@@ -203,28 +203,40 @@ class CausalLM(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> None:
         losses, mask = self._token_losses(batch)
-        metrics = self.val_metrics[list(self.val_metrics)[dataloader_idx]]
+        name = list(self.val_metrics)[dataloader_idx]
+        metrics = self.val_metrics[name]
         metrics["loss"].update(losses.sum().double())
         metrics["tokens"].update(mask.sum().double())
         bytes_per_token = getattr(self.trainer.datamodule, "val_bytes_per_token", None)
         if bytes_per_token is not None:
-            name = list(self.val_metrics)[dataloader_idx]
+            # estimated from the split's average UTF-8 bytes per token
             metrics["bytes"].update(mask.sum().double() * bytes_per_token(name))
 
-    def on_validation_epoch_end(self) -> None:
+    test_step = validation_step
+
+    def on_validation_epoch_end(self, prefix: str = "val") -> None:
         for name, metrics in self.val_metrics.items():
             tokens = metrics["tokens"].compute()
             if tokens > 0:
                 loss = (metrics["loss"].compute() / tokens).item()
-                self.log(f"val/{name}/loss", loss, add_dataloader_idx=False, sync_dist=False)
-                self.log(f"val/{name}/ppl", math.exp(min(loss, 50.0)),
-                         add_dataloader_idx=False, sync_dist=False)
+                self.log(f"{prefix}/{name}/loss", loss, add_dataloader_idx=False)
+                self.log(f"{prefix}/{name}/ppl", math.exp(min(loss, 50.0)),
+                         add_dataloader_idx=False)
                 nbytes = metrics["bytes"].compute()
                 if nbytes > 0:  # bits per UTF-8 byte: comparable across tokenizers
                     bpb = (metrics["loss"].compute() / math.log(2) / nbytes).item()
-                    self.log(f"val/{name}/bpb", bpb, add_dataloader_idx=False, sync_dist=False)
+                    self.log(f"{prefix}/{name}/bpb", bpb, add_dataloader_idx=False)
             for m in metrics.values():
                 m.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end(prefix="test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
+                     dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per-sequence mean loss (nats per loss token) of each sequence in the batch."""
+        losses, mask = self._token_losses(batch)
+        return {"loss": losses.sum(1) / mask.sum(1).clamp_min(1), "domain": batch["domain"]}
 
     def on_fit_start(self) -> None:
         # One chart per family in TensorBoard's "Custom Scalars" tab: curves of every domain

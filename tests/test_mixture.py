@@ -110,3 +110,13 @@ def test_schedule_phases_and_closed_form_counts() -> None:
     assert seen[0] == list(range(42)) and seen[1] == list(range(18))
     with pytest.raises(MidtrainError, match="two phases start at step 4"):
         MixtureSchedule(["a"], [Phase(0, {"a": 1}), Phase(4, {"a": 1}), Phase(4, {"a": 2})], 2)
+
+
+def test_block_order_key_is_order_sensitive() -> None:
+    from midtrain.data.mixture import block_indices
+
+    draws = np.arange(50)
+    # (seed 0, epoch 1) and (seed 1, epoch 0) must not share a permutation
+    a = block_indices(draws + 50, 50, seed=0, domain_id=7)
+    b = block_indices(draws, 50, seed=1, domain_id=7)
+    assert not np.array_equal(a, b)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from midtrain.data.prepare import validation_split
 from midtrain.data.store import Store
 from tests.conftest import SHARED, SHARED_DOMAINS, needs_shared, prepare_store
 
@@ -19,8 +20,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _split_of(i: int, val_fraction: float, seed: int = 0) -> str:
-    k = round(1 / val_fraction)
-    return "val" if (i + seed) % k == 0 else "train"
+    return "val" if validation_split(val_fraction, seed)(i) else "train"
 
 
 @needs_shared
@@ -56,7 +56,7 @@ def test_prompt_tokens_are_masked(shared_store: Path) -> None:
     tok = Tokenizer.from_file(str(store.tokenizer_path))
     train = store.domain("gsm8k").train
     assert train.loss_mask is not None
-    first = _jsonl(SHARED / "math/gsm8k_train.jsonl")[1]  # record 0 is in val (k=10, seed 0)
+    first = _jsonl(SHARED / "math/gsm8k_train.jsonl")[0]  # record 9 is the first val one
     prompt = f"Question: {first['question']}\nAnswer: "
     n_prompt = len(tok.encode(prompt, add_special_tokens=False).ids)
     lo, hi = train.doc_offsets[0], train.doc_offsets[1]
@@ -98,7 +98,7 @@ def test_split_is_deterministic_and_eval_only(tmp_path: Path) -> None:
     store = Store(root)
     tok = Tokenizer.from_file(str(store.tokenizer_path))
     val = [tok.decode(store.domain("a").val.document(j).tolist()) for j in range(10)]
-    assert val == [f"doc {i}" for i in range(0, 40, 4)]
+    assert val == [f"doc {i}" for i in range(3, 40, 4)]
     assert store.domain("held_out").train.num_docs == 0
     assert store.domain("held_out").val.num_docs == 40
 
@@ -154,3 +154,12 @@ def test_streaming_source_with_token_cap_and_tokenizer_file(tmp_path: Path) -> N
     per_doc = d.train.doc_offsets[1]  # documents are all about the same length
     assert 2000 <= total < 2000 + 2 * per_doc  # stops at the first document past the cap
     assert store.tokenizer_hash == Store(first).tokenizer_hash
+
+
+def test_validation_share_is_exact() -> None:
+    for fraction, n in [(0.1, 1000), (0.3, 1000), (0.05, 997), (0.8, 10), (1.0, 7), (0.0, 50)]:
+        for seed in (0, 3):
+            in_val = validation_split(fraction, seed)
+            picked = [i for i in range(n) if in_val(i)]
+            assert abs(len(picked) - fraction * n) <= 1
+    assert [i for i in range(10) if validation_split(0.3, 0)(i)] == [3, 6, 9]

@@ -159,3 +159,29 @@ def test_callbacks_plug_in_from_the_command_line(tmp_path: Path, builtin_store: 
     assert main(["fit", "--config", str(cfg), "--trainer.callbacks+=LearningRateMonitor",
                  "--trainer.callbacks.logging_interval=step"]) == 0
     assert any(t.startswith("lr-AdamW") for t in scalars(tmp_path / "cb"))
+
+
+def test_test_and_predict_commands(tmp_path: Path, builtin_store: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "tp", max_steps=2, limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "tp").iterdir() if p.is_file()}
+    ckpt = str(tmp_path / "tp" / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    assert main(["test", "--config", str(cfg), "--ckpt_path", ckpt,
+                 "--trainer.limit_test_batches", "1"]) == 0
+    assert "test/math/loss" in capsys.readouterr().out
+    assert main(["predict", "--config", str(cfg), "--ckpt_path", ckpt,
+                 "--trainer.limit_predict_batches", "1"]) == 0
+    # evaluation leaves the training run's config, hparams and events as they were
+    assert {p: p.stat().st_mtime_ns for p in run_files} == run_files
+    assert (tmp_path / "tp" / "test").is_dir()
+
+
+def test_refused_resume_writes_nothing(tmp_path: Path, builtin_store: Path) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "r", max_steps=2, limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")}
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", "last",
+                 "--data.init_args.seed", "5"]) == 2
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before

@@ -279,6 +279,11 @@ class MixtureDataModule(L.LightningDataModule):
             for n in self.val_set_names
         ]
 
+    # `midtrain test` evaluates the validation sets too (logged as test/<set>/...);
+    # `midtrain predict` returns per-sequence losses on them.
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
+
     def _loader(self, dataset: Any, num_workers: int) -> DataLoader:
         return DataLoader(
             dataset, batch_size=None, num_workers=num_workers,

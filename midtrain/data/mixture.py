@@ -21,8 +21,6 @@ import numpy as np
 
 from midtrain.errors import MidtrainError
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 @dataclass(frozen=True)
 class Phase:
@@ -165,6 +163,15 @@ def domain_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
+def _chain(*values: int) -> int:
+    """Order-sensitive hash of integers: (seed 0, epoch 1) and (seed 1, epoch 0) differ."""
+    h = np.zeros(1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for v in values:
+            h = _mix(h ^ np.array([v & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    return int(h[0])
+
+
 def block_indices(draws: np.ndarray, num_blocks: int, seed: int, domain_id: int) -> np.ndarray:
     """Block read by each draw number of one domain (``domain_id`` = ``domain_key(name)``):
     a fresh permutation every epoch."""
@@ -173,6 +180,6 @@ def block_indices(draws: np.ndarray, num_blocks: int, seed: int, domain_id: int)
     out = np.empty_like(draws)
     for e in np.unique(epoch):
         sel = epoch == e
-        key = int(_mix(np.array([seed, domain_id, e], dtype=np.uint64)).sum() & _M64)
+        key = _chain(seed, domain_id, int(e))
         out[sel] = permute(within[sel], num_blocks, key)
     return out

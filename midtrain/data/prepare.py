@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class DomainConfig:
       .parquet/.csv/.txt file), or ``{builtin: python-docs|python-stdlib|arithmetic, ...}``.
     text: template for plain documents; or ``prompt`` + ``response`` for instruction data.
     mask_prompt: with prompt/response, give prompt tokens loss-mask 0.
-    val_fraction: every round(1/val_fraction)-th document goes to validation (1.0 = eval-only).
+    val_fraction: this share of documents, evenly spaced, goes to validation (1.0 = eval-only).
     max_docs / max_tokens: stop after this many documents / tokens (useful with streaming).
     """
 
@@ -150,10 +151,27 @@ def _documents(plan: _Plan) -> Iterator[tuple[int, str, str]]:
         raise MidtrainError(f"{where}.source: could not load records: {msg}") from None
 
 
+def validation_split(fraction: float, seed: int) -> Callable[[int], bool]:
+    """Record i goes to validation iff floor((i+1+o)f) > floor((i+o)f): exactly round(n f) of
+    any n consecutive records, evenly spaced, decided record by record (streaming-friendly).
+    Exact rational arithmetic, so 0.3 means 30%; the offset o comes from the seed."""
+    f = Fraction(fraction).limit_denominator(1_000_000)
+    offset = seed % f.denominator if f.denominator > 1 else 0
+
+    def in_val(i: int) -> bool:
+        j = i + offset
+        return (j + 1) * f.numerator // f.denominator > j * f.numerator // f.denominator
+
+    return in_val
+
+
 def _tokenizer_spec_hash(config: PrepareConfig, plans: list[_Plan]) -> str:
-    spec = {"tokenizer": asdict(config.tokenizer)}
+    spec: dict[str, Any] = {"tokenizer": asdict(config.tokenizer), "seed": config.seed}
+    if config.tokenizer.path is not None and Path(config.tokenizer.path).is_file():
+        spec["file"] = hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest()
     if config.tokenizer.train is not None:  # a trained tokenizer depends on its sample
-        spec["sample"] = [(p.name, source_fingerprint(p.source), asdict(p.config)) for p in plans]
+        spec["sample"] = [(p.name, source_fingerprint(p.source), asdict(p.template),
+                           p.config.val_fraction, p.config.max_docs) for p in plans]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -169,8 +187,11 @@ def _get_tokenizer(config: PrepareConfig, plans: list[_Plan], root: Path) -> tup
         return load_tokenizer(tk.path, tk.hub), spec_hash
 
     def sample() -> Iterator[str]:
+        # training documents only: validation text must not shape the tokenizer
         for p in plans:
-            for _, prompt, response in islice(_documents(p), tk.train.sample_docs):
+            in_val = validation_split(p.config.val_fraction, config.seed)
+            train_docs = ((i, a, b) for i, a, b in _documents(p) if not in_val(i))
+            for _, prompt, response in islice(train_docs, tk.train.sample_docs):
                 yield prompt + response
 
     print(f"training a byte-level BPE tokenizer (vocab {tk.train.vocab_size}) on a sample...")
@@ -189,7 +210,7 @@ def _build_domain(plan: _Plan, tok: Tokenizer, eos: int, config: PrepareConfig,
     with_mask = plan.template.is_instruction and d.mask_prompt
     out.mkdir(parents=True)
     writers = {s: SplitWriter(out, s, dtype, with_mask) for s in ("train", "val")}
-    k = round(1 / d.val_fraction) if d.val_fraction > 0 else 0
+    in_val = validation_split(d.val_fraction, config.seed)
     total_tokens = 0
     bar = tqdm(desc=f"prepare {plan.name}", unit=" docs", leave=False, mininterval=1.0)
     docs = _documents(plan)
@@ -204,7 +225,7 @@ def _build_domain(plan: _Plan, tok: Tokenizer, eos: int, config: PrepareConfig,
             for j, (i, prompt, response) in enumerate(batch):
                 p_ids = prompts[j] if prompts is not None else []
                 ids = np.array(p_ids + responses[j] + [eos], dtype=np.int64)
-                split = "val" if k and (i + config.seed) % k == 0 else "train"
+                split = "val" if in_val(i) else "train"
                 g = grouped[split]
                 g[0].append(ids)
                 g[1].append(len((prompt + response).encode("utf-8")))

@@ -27,7 +27,7 @@ import numpy as np
 
 from midtrain.errors import MidtrainError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
 
 
