@@ -206,6 +206,7 @@ class MixtureDataModule(L.LightningDataModule):
                 blocks = self.store.domain(name).train.num_blocks(self.seq_len)
                 rows.append({"phase": i, "start": start, "end": end, "domain": name,
                              "weight": float(sched.weights[i, d]),
+                             "per_batch": int(sched.counts[i, d]), "batch": global_batch_size,
                              "sequences": int(drawn[d]),
                              "tokens": int(drawn[d]) * self.seq_len,
                              "available": blocks * self.seq_len,
@@ -329,11 +330,14 @@ class MixtureDataModule(L.LightningDataModule):
 
 
 def format_plan(rows: list[dict[str, Any]], seq_len: int) -> str:
+    """The plan as a table. ``per batch`` is the exact count of sequences every global batch of
+    the phase holds: the largest-remainder rounding of weight x batch."""
     lines = [f"mixture plan (tokens = sequences x seq_len {seq_len}):",
-             f"  {'steps':<15} {'domain':<14} {'weight':>7} {'tokens':>14} {'available':>14} "
-             f"{'epochs':>7}"]
+             f"  {'steps':<15} {'domain':<14} {'weight':>7} {'per batch':>11} {'tokens':>14} "
+             f"{'available':>14} {'epochs':>7}"]
     for r in rows:
+        per_batch = f"{r['per_batch']}/{r['batch']}"
         lines.append(f"  {str(r['start']) + '-' + str(r['end']):<15} {r['domain']:<14} "
-                     f"{r['weight']:>7.3f} {r['tokens']:>14,} {r['available']:>14,} "
-                     f"{r['epochs']:>7.2f}")
+                     f"{r['weight']:>7.3f} {per_batch:>11} {r['tokens']:>14,} "
+                     f"{r['available']:>14,} {r['epochs']:>7.2f}")
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 
 * A schedule is a list of phases, each a start optimizer step and weights over domains.
 * Within a phase every global batch holds exactly ``counts[d]`` sequences of domain d: the
-  largest-remainder rounding of ``weight[d] * batch_size`` (ties broken by a seeded order), so
-  realised ratios equal the configured ones at every step, not just on average.
+  largest-remainder rounding of ``weight[d] * batch_size`` (ties broken by a seeded order), the
+  same in every batch of the phase, never drifting with the step. With small batches the
+  rounding is visible (0.1 x 16 = 1.6 -> 2); the printed plan shows the exact counts.
 * Slots of a step are shuffled with a generator keyed by (seed, step).
 * The n-th draw of domain d reads block ``perm_{seed,d,epoch}(n mod num_blocks)``, a keyed
   Feistel permutation: a pure O(1) function of n, whatever the store size.
