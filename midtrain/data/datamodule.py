@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from midtrain.data.loader import MixtureStream, ValidationBlocks
@@ -230,6 +231,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.runtime_phases.append(Phase(step, dict(weights)))
         self.runtime_phases.sort(key=lambda p: p.start_step)
         self._write_table()
+        rank_zero_info(f"mixture change at runtime, from step {step}: {dict(weights)}")
         return step
 
     def _write_table(self) -> None:
