@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "PRESETS", "CausalLM", "MixtureDataModule", "ModelConfig"]
+__all__ = ["GPT", "PRESETS", "CausalLM", "MixtureDataModule", "ModelConfig", "SFTDataModule"]
 
 # Public names resolve lazily, so `midtrain --help` or `midtrain.builtin` do not import torch.
 _LAZY = {
     "CausalLM": "midtrain.lm",
     "MixtureDataModule": "midtrain.data.datamodule",
+    "SFTDataModule": "midtrain.data.sft",
     "GPT": "midtrain.model",
     "PRESETS": "midtrain.model",
     "ModelConfig": "midtrain.model",
@@ -18,6 +19,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from midtrain.data.datamodule import MixtureDataModule
+    from midtrain.data.sft import SFTDataModule
     from midtrain.lm import CausalLM
     from midtrain.model import GPT, PRESETS, ModelConfig
 

@@ -136,7 +136,7 @@ class CausalLM(L.LightningModule):
         return self.model(input_ids)
 
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"])
+        logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                              reduction="none").view_as(batch["targets"])
         mask = batch["loss_mask"].to(ce.dtype)
@@ -156,8 +156,10 @@ class CausalLM(L.LightningModule):
         n = len(self.domains)
         if self._step_sums is None:
             self._step_sums = torch.zeros(3, n + 1, dtype=torch.float64, device=losses.device)
-        per_seq = torch.stack([losses.sum(1), mask.sum(1),
-                               torch.full_like(mask[:, 0], mask.shape[1])]).double()
+        # real (non-padding) input tokens per sequence; every token for pretraining blocks
+        real = batch["tokens"].to(mask.dtype) if "tokens" in batch else torch.full_like(
+            mask[:, 0], mask.shape[1])
+        per_seq = torch.stack([losses.sum(1), mask.sum(1), real]).double()
         self._step_sums[:, 0] += per_seq.sum(1)
         if n:
             self._step_sums[:, 1:].index_add_(1, batch["domain"], per_seq)

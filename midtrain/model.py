@@ -189,7 +189,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # GPT-NeoX packs qkv per head ([q_h | k_h | v_h] for each head h), which keeps
         # HF Pythia checkpoints loadable without reshuffling the fused weight.
@@ -197,7 +198,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(self.head_size, dim=-1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # packed sequences: causal within each document only
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -231,10 +235,11 @@ class Block(nn.Module):
         self.norm_2 = _make_norm(config)
         self.mlp = SwiGLUMLP(config) if config.mlp == "swiglu" else GeluMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.parallel_residual:
-            return x + self.attn(self.norm_1(x), cos, sin) + self.mlp(self.norm_2(x))
-        x = x + self.attn(self.norm_1(x), cos, sin)
+            return x + self.attn(self.norm_1(x), cos, sin, mask) + self.mlp(self.norm_2(x))
+        x = x + self.attn(self.norm_1(x), cos, sin, mask)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -293,17 +298,34 @@ class GPT(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()  # weight 1, bias 0
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, padded_vocab_size) logits."""
+    def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, padded_vocab_size) logits.
+
+        ``doc_ids`` (B, T), optional, marks packed documents: attention stays within a
+        document and rotary positions restart at each one, so a packed row computes exactly
+        what its documents would alone.
+        """
         seq_len = idx.size(1)
         if seq_len > self.config.block_size:
             raise ValueError(
                 f"sequence length {seq_len} exceeds block_size {self.config.block_size}"
             )
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        mask = None
+        if doc_ids is None:
+            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        else:
+            t = torch.arange(seq_len, device=idx.device)
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            first = torch.cummax(torch.where(starts, t, 0), dim=1).values
+            pos = t - first  # position within its document
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same & torch.ones(seq_len, seq_len, dtype=torch.bool,
+                                      device=idx.device).tril()).unsqueeze(1)
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.lm_head(self.norm_f(x))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

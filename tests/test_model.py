@@ -223,3 +223,19 @@ def test_sequence_longer_than_block_size() -> None:
     model(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_packed_documents_equal_separate_forwards(name: str) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name(name)).eval()
+    a = torch.randint(0, 512, (1, 7))
+    b = torch.randint(0, 512, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        out = model(packed, doc_ids=doc_ids)
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+        # without doc ids the second document would see the first
+        assert not torch.allclose(model(packed)[:, 7:], model(b), atol=1e-3)
