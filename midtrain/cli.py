@@ -19,6 +19,7 @@ TRAINER_COMMANDS = {
 }
 TOOL_COMMANDS = {
     "prepare": "tokenize named domains into a token store (--config <yaml>)",
+    "similarity": "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
 }
 
 
@@ -56,6 +57,24 @@ def prepare_main(args: Sequence[str]) -> None:
     init = parser.instantiate(cfg)
     prepare(PrepareConfig(output=init.output, domains=init.domains, tokenizer=init.tokenizer,
                           seed=init.seed, batch_size=init.batch_size))
+
+
+def similarity_main(args: Sequence[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from midtrain.similarity import run
+
+    parser = ArgumentParser(prog="midtrain similarity", exit_on_error=False, allow_abbrev=False,
+                            description=run.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run)
+    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
+        parser.parse_args(list(args))
+    try:
+        cfg = parser.parse_args(list(args))
+    except Exception as e:
+        raise MidtrainError(f"similarity: {one_line(e)}") from None
+    run(**{k: v for k, v in vars(cfg).items() if k != "config"})
 
 
 # -- fit / validate / test / predict ----------------------------------------------------------
@@ -196,6 +215,7 @@ def trainer_main(argv: Sequence[str]) -> None:
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     **{name: None for name in TRAINER_COMMANDS},  # type: ignore[dict-item]
     "prepare": prepare_main,
+    "similarity": similarity_main,
 }
 
 
