@@ -70,3 +70,22 @@ class MixtureSwitch(Callback):
             directory = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(
                 trainer.default_root_dir) / "checkpoints"
             trainer.save_checkpoint(directory / f"switch-step={step}.ckpt")
+
+
+class CheckpointAtSteps(Callback):
+    """Save ``step=<N>.ckpt`` when optimizer step N is reached (before step N runs): fork
+    points for branches, e.g. every midtraining start step of a study's shared prefix."""
+
+    def __init__(self, steps: list[int], dirpath: str | None = None) -> None:
+        self.steps = sorted(set(int(s) for s in steps))
+        self.dirpath = dirpath
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if stepped and trainer.global_step in self.steps:
+            ckpt = trainer.checkpoint_callback
+            directory = Path(self.dirpath) if self.dirpath else (
+                Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath
+                else Path(trainer.default_root_dir) / "checkpoints")
+            trainer.save_checkpoint(directory / f"step={trainer.global_step}.ckpt")

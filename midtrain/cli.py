@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -20,6 +21,8 @@ TRAINER_COMMANDS = {
 TOOL_COMMANDS = {
     "prepare": "tokenize named domains into a token store (--config <yaml>)",
     "similarity": "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
+    "experiment": "a whole study: pretrain once, fork branches, SFT grid, results table",
+    "demo": "the CPU-scale study end to end on built-in data (configs/experiments/cpu.yaml)",
 }
 
 
@@ -75,6 +78,36 @@ def similarity_main(args: Sequence[str]) -> None:
     except Exception as e:
         raise MidtrainError(f"similarity: {one_line(e)}") from None
     run(**{k: v for k, v in vars(cfg).items() if k != "config"})
+
+
+def experiment_main(args: Sequence[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from midtrain.experiment import ExperimentConfig, run_experiment
+
+    parser = ArgumentParser(prog="midtrain experiment", exit_on_error=False, allow_abbrev=False,
+                            description="Run a midtraining study from one config.")
+    parser.add_argument("--config", action=ActionConfigFile, help="an experiment YAML")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the stages and token plan, run nothing")
+    parser.add_class_arguments(ExperimentConfig)
+    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
+        parser.parse_args(list(args))
+    try:
+        cfg = parser.parse_args(list(args))
+    except Exception as e:
+        raise MidtrainError(f"experiment config: {one_line(e)}") from None
+    init = parser.instantiate(cfg)
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    study = ExperimentConfig(**{k: v for k, v in vars(init).items() if k in fields})
+    run_experiment(study, dry_run=init.dry_run)
+
+
+def demo_main(args: Sequence[str]) -> None:
+    config = "configs/experiments/cpu.yaml"
+    if not os.path.isfile(config):
+        raise MidtrainError(f"demo: {config} not found; run `midtrain demo` from the repository root")
+    experiment_main(["--config", config, *args])
 
 
 # -- fit / validate / test / predict ----------------------------------------------------------
@@ -216,6 +249,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     **{name: None for name in TRAINER_COMMANDS},  # type: ignore[dict-item]
     "prepare": prepare_main,
     "similarity": similarity_main,
+    "experiment": experiment_main,
+    "demo": demo_main,
 }
 
 
