@@ -344,7 +344,10 @@ def proximity(cfg: ExperimentConfig, stages: list[Stage]) -> dict[tuple[str, str
         for d in weights:
             counts.setdefault(d, token_counts(store, d, n))
         mix = blend(counts, weights)
-        general = (1 - similarity(counts[cfg.general], target, k))
+        if s.meta["branch"] == "baseline":  # its data is the general corpus: 0 by definition
+            out[("baseline", s.meta["target"])] = 0.0
+            continue
+        general = 1 - similarity(counts[cfg.general], target, k)
         out[(s.meta["branch"], s.meta["target"])] = general - (1 - similarity(mix, target, k))
     return out
 
