@@ -163,3 +163,30 @@ def test_validation_share_is_exact() -> None:
             picked = [i for i in range(n) if in_val(i)]
             assert abs(len(picked) - fraction * n) <= 1
     assert [i for i in range(10) if validation_split(0.3, 0)(i)] == [3, 6, 9]
+
+
+def test_chat_turns_mask_all_but_the_trained_roles(tmp_path: Path) -> None:
+    src = tmp_path / "chat.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": f"hello {i}"},
+                      {"role": "assistant", "content": f"hi there {i}"},
+                      {"role": "user", "content": "bye"},
+                      {"role": "assistant", "content": "goodbye"}]}
+        for i in range(20)
+    ] + [{"messages": ["plain user turn", "plain assistant turn"]}]  # LIMA-style strings
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = prepare_store(tmp_path / "s", {"c": {"source": {"path": str(src)},
+                                                "chat": "messages", "val_fraction": 0.0}}, 300)
+    store = Store(root)
+    tok = Tokenizer.from_file(str(store.tokenizer_path))
+    train = store.domain("c").train
+    for j, rec in enumerate(records):
+        lo, hi = train.doc_offsets[j], train.doc_offsets[j + 1]
+        ids, mask = np.asarray(train.tokens[lo:hi]), np.asarray(train.loss_mask[lo:hi])
+        turns = rec["messages"]
+        texts = [(f"{t['role']}: {t['content']}\n" if isinstance(t, dict) else
+                  f"{'user' if k % 2 == 0 else 'assistant'}: {t}\n") for k, t in enumerate(turns)]
+        assert tok.decode(ids[:-1].tolist()) == "".join(texts)
+        trained = "".join(tok.decode(ids[:-1][mask[:-1] == 1].tolist()).split())
+        assert trained == "".join("".join(t for t in texts if t.startswith("assistant")).split())
+        assert mask[-1] == 1  # EOS counts

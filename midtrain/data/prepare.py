@@ -63,8 +63,10 @@ class DomainConfig:
 
     source: ``datasets.load_dataset`` keyword arguments (``path`` may be a local .jsonl/.json/
       .parquet/.csv/.txt file), or ``{builtin: python-docs|python-stdlib|arithmetic, ...}``.
-    text: template for plain documents; or ``prompt`` + ``response`` for instruction data.
-    mask_prompt: with prompt/response, give prompt tokens loss-mask 0.
+    text: template for plain documents; or ``prompt`` + ``response`` for instruction data; or
+      ``chat``: a field with a list of turns, each rendered with ``chat_turn``.
+    train_roles: with ``chat``, the roles whose turns are trained on.
+    mask_prompt: give context tokens (the prompt; chat turns of other roles) loss-mask 0.
     val_fraction: this share of documents, evenly spaced, goes to validation (1.0 = eval-only).
     max_docs / max_tokens: stop after this many documents / tokens (useful with streaming).
     """
@@ -73,12 +75,19 @@ class DomainConfig:
     text: str | None = "{text}"
     prompt: str | None = None
     response: str | None = None
+    chat: str | None = None
+    chat_turn: str = "{role}: {content}\n"
+    train_roles: list[str] = field(default_factory=lambda: ["assistant"])
     mask_prompt: bool = True
     val_fraction: float = 0.05
     max_docs: int | None = None
     max_tokens: int | None = None
 
     def template(self) -> Template:
+        if self.chat is not None:
+            return Template(text=None, chat=self.chat, chat_turn=self.chat_turn,
+                            train_roles=tuple(self.train_roles), prompt=self.prompt,
+                            response=self.response)
         if self.prompt is not None or self.response is not None:
             return Template(text=None, prompt=self.prompt, response=self.response)
         return Template(text=self.text)
@@ -124,8 +133,8 @@ def _check(config: PrepareConfig) -> list[_Plan]:
     return plans
 
 
-def _documents(plan: _Plan) -> Iterator[tuple[int, str, str]]:
-    """(record index, prompt, response) for every non-empty rendered record, capped."""
+def _documents(plan: _Plan) -> Iterator[tuple[int, list[tuple[str, bool]]]]:
+    """(record index, segments) for every non-empty rendered record, capped."""
     where = f"domains.{plan.name}"
     kept = 0
     try:
@@ -133,10 +142,10 @@ def _documents(plan: _Plan) -> Iterator[tuple[int, str, str]]:
         for i, rec in enumerate(records):
             if i == 0:
                 plan.template.check(rec, where)
-            prompt, response = plan.template.render(rec)
-            if not prompt and not response:
+            segments = [(t, train) for t, train in plan.template.segments(rec) if t]
+            if not segments:
                 continue  # e.g. empty source files: nothing to learn from
-            yield i, prompt, response
+            yield i, segments
             kept += 1
             if plan.config.max_docs is not None and kept >= plan.config.max_docs:
                 return
@@ -190,9 +199,9 @@ def _get_tokenizer(config: PrepareConfig, plans: list[_Plan], root: Path) -> tup
         # training documents only: validation text must not shape the tokenizer
         for p in plans:
             in_val = validation_split(p.config.val_fraction, config.seed)
-            train_docs = ((i, a, b) for i, a, b in _documents(p) if not in_val(i))
-            for _, prompt, response in islice(train_docs, tk.train.sample_docs):
-                yield prompt + response
+            train_docs = ((i, segs) for i, segs in _documents(p) if not in_val(i))
+            for _, segments in islice(train_docs, tk.train.sample_docs):
+                yield "".join(t for t, _ in segments)
 
     print(f"training a byte-level BPE tokenizer (vocab {tk.train.vocab_size}) on a sample...")
     return train_bpe(sample(), tk.train.vocab_size, tk.eos, tk.train.min_frequency), spec_hash
@@ -207,7 +216,7 @@ def _build_domain(plan: _Plan, tok: Tokenizer, eos: int, config: PrepareConfig,
                   out: Path) -> dict[str, Any]:
     d = plan.config
     dtype = token_dtype(tok.get_vocab_size())
-    with_mask = plan.template.is_instruction and d.mask_prompt
+    with_mask = plan.template.has_context and d.mask_prompt
     out.mkdir(parents=True)
     writers = {s: SplitWriter(out, s, dtype, with_mask) for s in ("train", "val")}
     in_val = validation_split(d.val_fraction, config.seed)
@@ -219,20 +228,22 @@ def _build_domain(plan: _Plan, tok: Tokenizer, eos: int, config: PrepareConfig,
             batch = list(islice(docs, config.batch_size))
             if not batch:
                 break
-            prompts = _encode(tok, [p for _, p, _ in batch]) if plan.template.is_instruction else None
-            responses = _encode(tok, [r for _, _, r in batch])
+            # every segment of the batch in one batch-encode call, then regrouped
+            flat = _encode(tok, [t for _, segs in batch for t, _ in segs])
             grouped: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "val": ([], [], [])}
-            for j, (i, prompt, response) in enumerate(batch):
-                p_ids = prompts[j] if prompts is not None else []
-                ids = np.array(p_ids + responses[j] + [eos], dtype=np.int64)
-                split = "val" if in_val(i) else "train"
-                g = grouped[split]
+            k = 0
+            for i, segments in batch:
+                pieces, mask_pieces = [], []
+                for _text, train in segments:
+                    pieces.append(flat[k])
+                    mask_pieces.append(np.full(len(flat[k]), 1 if train else 0, dtype=np.uint8))
+                    k += 1
+                ids = np.array([t for piece in pieces for t in piece] + [eos], dtype=np.int64)
+                g = grouped["val" if in_val(i) else "train"]
                 g[0].append(ids)
-                g[1].append(len((prompt + response).encode("utf-8")))
+                g[1].append(len("".join(t for t, _ in segments).encode("utf-8")))
                 if with_mask:
-                    m = np.ones(len(ids), dtype=np.uint8)
-                    m[: len(p_ids)] = 0
-                    g[2].append(m)
+                    g[2].append(np.concatenate([*mask_pieces, np.ones(1, dtype=np.uint8)]))
                 total_tokens += len(ids)
                 if d.max_tokens is not None and total_tokens >= d.max_tokens:
                     break

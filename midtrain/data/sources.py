@@ -109,26 +109,47 @@ def iter_records(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield {c: batch[c][i] for c in columns}
 
 
+Segment = tuple[str, bool]  # (text, counts in the loss)
+
+
 @dataclass(frozen=True)
 class Template:
-    """Renders a record to text. ``text`` for plain documents; ``prompt`` + ``response`` for
-    instruction data, where the prompt's tokens can be masked out of the loss."""
+    """Renders a record to text segments, each either trained on or (maskable) context.
+
+    ``text``: one plain document. ``prompt`` + ``response``: an instruction pair, the prompt
+    being context. ``chat``: the name of a field holding a list of turns, either dicts with
+    ``role``/``content`` (or ShareGPT's ``from``/``value``) or plain strings alternating user
+    and assistant; each turn is rendered with ``chat_turn`` and only ``train_roles`` are trained
+    on.
+    """
 
     text: str | None = "{text}"
     prompt: str | None = None
     response: str | None = None
+    chat: str | None = None
+    chat_turn: str = "{role}: {content}\n"
+    train_roles: tuple[str, ...] = ("assistant",)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) != (self.response is None):
             raise MidtrainError("template: `prompt` and `response` go together")
+        if self.chat is not None and self.prompt is not None:
+            raise MidtrainError("template: give either `chat` or `prompt`/`response`")
+
+    @property
+    def has_context(self) -> bool:
+        """Whether some segments are context (maskable) rather than trained text."""
+        return self.prompt is not None or self.chat is not None
 
     @property
     def is_instruction(self) -> bool:
-        return self.prompt is not None
+        return self.has_context
 
     @property
     def fields(self) -> set[str]:
-        parts = [self.prompt, self.response] if self.is_instruction else [self.text]
+        if self.chat is not None:
+            return {self.chat}
+        parts = [self.prompt, self.response] if self.prompt is not None else [self.text]
         return {
             name.split(".")[0].split("[")[0]
             for part in parts
@@ -144,10 +165,29 @@ class Template:
                 f"{where}: template field {{{missing[0]}}} is not in the records "
                 f"(fields: {', '.join(sorted(record))})"
             )
+        if self.chat is not None and not isinstance(record[self.chat], list):
+            raise MidtrainError(f"{where}.chat: field {self.chat!r} is not a list of turns")
+
+    def segments(self, record: dict[str, Any]) -> list[Segment]:
+        rec = {k: ("" if v is None else v) for k, v in record.items()}
+        if self.chat is not None:
+            out = []
+            for i, turn in enumerate(record[self.chat] or []):
+                if isinstance(turn, str):
+                    role, content = ("user" if i % 2 == 0 else "assistant"), turn
+                else:
+                    role = turn.get("role", turn.get("from", ""))
+                    content = turn.get("content", turn.get("value", ""))
+                role = {"human": "user", "gpt": "assistant"}.get(role, role)
+                text = self.chat_turn.format(role=role, content=content or "")
+                out.append((text, role in self.train_roles))
+            return out
+        if self.prompt is not None:
+            return [(self.prompt.format_map(rec), False), (self.response.format_map(rec), True)]
+        return [(self.text.format_map(rec), True)]  # type: ignore[union-attr]
 
     def render(self, record: dict[str, Any]) -> tuple[str, str]:
-        """(prompt, response); plain documents have an empty prompt."""
-        rec = {k: ("" if v is None else v) for k, v in record.items()}
-        if self.is_instruction:
-            return self.prompt.format_map(rec), self.response.format_map(rec)  # type: ignore[union-attr]
-        return "", self.text.format_map(rec)  # type: ignore[union-attr]
+        """(context, trained text) of a prompt/response or plain record (for inspection)."""
+        segs = self.segments(record)
+        return ("".join(t for t, train in segs if not train),
+                "".join(t for t, train in segs if train))
