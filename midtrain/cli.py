@@ -23,6 +23,7 @@ TOOL_COMMANDS = {
     "similarity": "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
     "experiment": "a whole study: pretrain once, fork branches, SFT grid, results table",
     "demo": "the CPU-scale study end to end on built-in data (configs/experiments/cpu.yaml)",
+    "consolidate": "a distributed (sharded) checkpoint as one file: consolidate <dir> <out.ckpt>",
 }
 
 
@@ -103,6 +104,14 @@ def experiment_main(args: Sequence[str]) -> None:
     run_experiment(study, dry_run=init.dry_run)
 
 
+def consolidate_main(args: Sequence[str]) -> None:
+    if len(args) != 2 or args[0].startswith("-"):
+        raise MidtrainError("usage: midtrain consolidate <distributed checkpoint dir> <out.ckpt>")
+    from midtrain.checkpoint import consolidate
+
+    print(f"written {consolidate(args[0], args[1])}")
+
+
 def demo_main(args: Sequence[str]) -> None:
     config = "configs/experiments/cpu.yaml"
     if not os.path.isfile(config):
@@ -117,6 +126,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     from lightning.pytorch.core.datamodule import LightningDataModule
 
     from midtrain.callbacks import ModelCheckpoint
+    from midtrain.checkpoint import read_metadata
     from midtrain.lm import CausalLM
     from midtrain.trainer import Trainer
 
@@ -161,7 +171,7 @@ def trainer_main(argv: Sequence[str]) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             ckpt = str(cfg.get("ckpt_path") or "")  # a missing file would fail after logging
             if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
-                    and "://" not in ckpt and not os.path.isfile(ckpt)):
+                    and "://" not in ckpt and not os.path.exists(ckpt)):
                 raise MidtrainError(f"ckpt_path: checkpoint not found: {ckpt}")
 
         def before_fit(self) -> None:
@@ -171,12 +181,9 @@ def trainer_main(argv: Sequence[str]) -> None:
             if fork:
                 if self.config["fit"].get("ckpt_path"):
                     raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
-                if not os.path.isfile(fork):
+                if not os.path.exists(fork):
                     raise MidtrainError(f"fork: checkpoint not found: {fork}")
-                import torch
-
-                step = torch.load(fork, map_location="cpu", weights_only=True,
-                                  mmap=True)["global_step"]
+                step = read_metadata(fork)["global_step"]
                 if hasattr(self.datamodule, "fork_step"):
                     self.datamodule.fork_step = step
                 self.config_init["fit"]["ckpt_path"] = fork
@@ -203,12 +210,9 @@ def trainer_main(argv: Sequence[str]) -> None:
                 root = cb.dirpath if cb is not None and cb.dirpath else os.path.join(
                     self.trainer.default_root_dir, "checkpoints")
                 ckpt = os.path.join(root, "last.ckpt")
-            if not ckpt or not os.path.isfile(ckpt) or self.datamodule is None:
+            if not ckpt or not os.path.exists(ckpt) or self.datamodule is None:
                 return
-            import torch
-
-            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-            data_state = state.get(type(self.datamodule).__qualname__)
+            data_state = read_metadata(ckpt).get(type(self.datamodule).__qualname__)
             if data_state is not None:
                 self.datamodule.load_state_dict(data_state)
 
@@ -251,6 +255,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "similarity": similarity_main,
     "experiment": experiment_main,
     "demo": demo_main,
+    "consolidate": consolidate_main,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import SumMetric
 
+from midtrain.checkpoint import load_weights
 from midtrain.errors import MidtrainError
 from midtrain.model import GPT, ModelConfig
 from midtrain.optim import Schedule, lr_scheduler, param_groups, warmup_steps
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a Lightning checkpoint (``model.*`` keys) or a plain state dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = ckpt.get("state_dict", ckpt)
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
 
 
 class CausalLM(L.LightningModule):
@@ -40,6 +33,12 @@ class CausalLM(L.LightningModule):
         betas, eps: AdamW.
         init_from: a checkpoint whose weights (only) initialise the model: fresh optimizer
             and schedule, for SFT and branches.
+        activation_checkpointing: recompute each block's activations in backward (memory).
+        compile: ``torch.compile`` each transformer block.
+
+    Under Lightning's ``ModelParallelStrategy`` the model is built on the meta device, sharded
+    per block with FSDP2 and then initialised shard by shard (``midtrain.parallel``); under
+    any other strategy (single device, DDP) it is built directly.
     """
 
     def __init__(self, arch: str = "pythia-70m", model_config: dict[str, Any] | None = None,
@@ -47,7 +46,8 @@ class CausalLM(L.LightningModule):
                  warmup: float = 0.01, lr_schedule: Schedule = "cosine",
                  decay_fraction: float = 0.2, weight_decay: float = 0.1,
                  decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, init_from: str | None = None) -> None:
+                 eps: float = 1e-8, init_from: str | None = None,
+                 activation_checkpointing: bool = False, compile: bool = False) -> None:
         super().__init__()
         overrides = dict(model_config or {})
         if vocab_size is not None:  # linked from the data; an explicit model_config wins
@@ -60,7 +60,7 @@ class CausalLM(L.LightningModule):
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
         if lr_schedule not in ("cosine", "wsd", "constant"):
             raise MidtrainError(f"model.lr_schedule: unknown {lr_schedule!r}; use cosine, wsd or constant")
-        if init_from is not None and not Path(init_from).is_file():
+        if init_from is not None and not Path(init_from).exists():
             raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
         self.save_hyperparameters()
         self.hparams["betas"] = list(betas)  # a tuple would not read back with yaml.safe_load
@@ -74,17 +74,44 @@ class CausalLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = GPT(self.config)
+        from midtrain import parallel
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        mesh = None
+        if type(strategy).__name__ == "ModelParallelStrategy":
+            mesh = strategy.device_mesh["data_parallel"]
+        with torch.device("meta") if mesh is not None else contextlib.nullcontext():
+            model = GPT(self.config)
+        if self.hparams.activation_checkpointing:
+            parallel.apply_activation_checkpointing(model)
+        if self.hparams.compile:
+            parallel.apply_compile(model)
+        if mesh is not None:
+            parallel.apply_fsdp(model, mesh)
+            parallel.materialize(model, strategy.root_device)
         if self.hparams.init_from:
-            state = load_weights(self.hparams.init_from)
-            try:
-                self.model.load_state_dict(state)
-            except RuntimeError as e:
-                first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-                raise MidtrainError(
-                    f"model.init_from: {self.hparams.init_from} does not fit arch "
-                    f"{self.hparams.arch!r}: {first}"
-                ) from None
+            self._load_init_weights(model, sharded=mesh is not None)
+        self.model = model
+
+    def _load_init_weights(self, model: GPT, sharded: bool) -> None:
+        state = load_weights(self.hparams.init_from)
+        try:
+            if sharded:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                )
+
+                set_model_state_dict(model, state,
+                                     options=StateDictOptions(full_state_dict=True))
+            else:
+                model.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise MidtrainError(
+                f"model.init_from: {self.hparams.init_from} does not fit arch "
+                f"{self.hparams.arch!r}: {first}"
+            ) from None
 
     def check_data(self, datamodule: Any) -> None:
         """Refuse data the model cannot take: a larger vocabulary or longer sequences."""

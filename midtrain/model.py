@@ -7,6 +7,7 @@ tested and inspected on its own. The Lightning module wraps it elsewhere.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -248,10 +249,10 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        # Submodule constructors draw their own (soon overwritten) init from the CPU RNG.
-        # Rewinding it before reset_parameters() makes a direct build and a meta build +
-        # to_empty() + reset_parameters() give identical weights for the same seed.
-        rng_state = torch.get_rng_state()
+        # Every parameter's initial value is a pure function of (init_seed, its name), so a
+        # direct build, a meta build materialised later, and any sharding of it all start from
+        # the same weights. The seed comes from the global RNG: seed_everything decides it.
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = _make_norm(config)
@@ -268,35 +269,41 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.embed.weight.device.type != "meta":
-            torch.set_rng_state(rng_state)
             self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """GPT-NeoX init ("small_init" + "wang_init" for residual outputs); safe after to_empty."""
+    def initial_value(self, name: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """GPT-NeoX init of parameter ``name`` ("small_init"; "wang_init" for the residual
+        output projections), as a float32 CPU tensor from a generator keyed by its name."""
         config = self.config
-        device = self.embed.weight.device
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        if "norm" in name.split(".")[-2]:
+            return torch.ones(shape)  # LayerNorm / RMSNorm weight
+        std = math.sqrt(2.0 / (5 * config.n_embd))
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            # they write into the residual stream: shrinking them with depth keeps the
+            # residual variance roughly constant across layers
+            std = 2.0 / (config.n_layer * math.sqrt(config.n_embd))
+        key = (self.init_seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+        return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(key))
+
+    def reset_buffers(self) -> None:
+        """Derived buffers (rotary tables) and the embedding tie; safe after to_empty()."""
+        config = self.config
         # to_empty() re-creates parameters one module at a time, which silently unties them.
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope_cos, self.rope_sin = build_rope_cache(
-            config.block_size, config.rotary_dims, config.rotary_base, device=device
+            config.block_size, config.rotary_dims, config.rotary_base,
+            device=self.embed.weight.device,
         )
-        std = math.sqrt(2.0 / (5 * config.n_embd))
-        # Output projections write into the residual stream; shrinking them with depth keeps
-        # the residual variance roughly constant across layers.
-        out_std = 2.0 / (config.n_layer * math.sqrt(config.n_embd))
-        out_projs = {m for block in self.blocks for m in (block.attn.proj, block.mlp.proj)}
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                if module is self.lm_head and config.tie_embeddings:
-                    continue  # shares embed.weight, already initialized
-                nn.init.normal_(
-                    module.weight, mean=0.0, std=out_std if module in out_projs else std
-                )
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()  # weight 1, bias 0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter to its ``initial_value``; safe after to_empty()."""
+        self.reset_buffers()
+        for name, p in self.named_parameters():  # a tied lm_head is listed once, as embed
+            p.copy_(self.initial_value(name, p.shape).to(p.dtype))
 
     def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, padded_vocab_size) logits.

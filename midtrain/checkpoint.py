@@ -1,0 +1,61 @@
+"""Checkpoints in both forms Lightning writes: one file, or a distributed (sharded) directory
+from ``ModelParallelStrategy`` (``*.distcp`` shards plus ``meta.pt`` with everything else)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from midtrain.errors import MidtrainError
+
+
+def is_distributed(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "meta.pt").is_file()
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Everything but the tensors: global_step, loops, datamodule and callback state, hparams."""
+    path = Path(path)
+    if is_distributed(path):
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    raise MidtrainError(f"{path}: not a checkpoint (neither a file nor a distributed checkpoint)")
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """A distributed checkpoint as one file: full (unsharded) tensors plus its metadata."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path, out = Path(path), Path(out)
+    if not is_distributed(path):
+        raise MidtrainError(f"consolidate: {path} is not a distributed checkpoint directory")
+    if out.exists():
+        raise MidtrainError(f"consolidate: {out} exists; choose a new file")
+    tmp = out.with_name(out.name + ".tmp")
+    dcp_to_torch_save(path, tmp)
+    state = torch.load(tmp, map_location="cpu", weights_only=True)
+    state.update(read_metadata(path))
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return out
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights (``GPT`` names) from a Lightning checkpoint file or distributed directory,
+    or from a plain state dict file."""
+    path = Path(path)
+    if is_distributed(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            state = torch.load(consolidate(path, Path(tmp) / "full.ckpt"), map_location="cpu",
+                               weights_only=True)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state)
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
