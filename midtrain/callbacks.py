@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -89,3 +89,33 @@ class CheckpointAtSteps(Callback):
                 Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath
                 else Path(trainer.default_root_dir) / "checkpoints")
             trainer.save_checkpoint(directory / f"step={trainer.global_step}.ckpt")
+
+
+def _sequences(batch: dict) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def _tokens(batch: dict) -> int:
+    return int(batch["input_ids"].numel())
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor set up for token batches: logs (per device and in total)
+    batches, sequences ("samples") and tokens ("items") per second, and, where the device's
+    peak FLOP/s is known (GPUs), FLOP/s and MFU from ``CausalLM.flops_per_batch`` (the model's
+    training FLOPs per token x tokens). Tokens/s also appears in the progress bar."""
+
+    def __init__(self, window_size: int = 20, separator: str = "/") -> None:
+        super().__init__(batch_size_fn=_sequences, length_fn=_tokens, window_size=window_size,
+                         separator=separator)
+
+    def _compute(self, trainer: pl.Trainer, iter_num: int | None = None) -> None:
+        super()._compute(trainer, iter_num)
+        stage = trainer.state.stage
+        if stage is None or stage not in self._throughputs or not trainer.training:
+            return
+        metrics = self._throughputs[stage].compute()
+        per_device = metrics.get(f"device{self._throughputs[stage].separator}items_per_sec")
+        if per_device is not None:
+            trainer.lightning_module.log("tokens/s", float(per_device), prog_bar=True,
+                                         logger=False, on_step=True, on_epoch=False)

@@ -125,7 +125,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.core.datamodule import LightningDataModule
 
-    from midtrain.callbacks import ModelCheckpoint
+    from midtrain.callbacks import ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
     from midtrain.lm import CausalLM
     from midtrain.trainer import Trainer
@@ -133,6 +133,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     class MidtrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(Throughput, "throughput")
             parser.set_defaults({"checkpoint.save_last": True})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")

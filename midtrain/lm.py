@@ -169,7 +169,16 @@ class CausalLM(L.LightningModule):
         mask = batch["loss_mask"].to(ce.dtype)
         return ce * mask, mask
 
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Training FLOPs of the last micro-batch on this device (for ThroughputMonitor's MFU)."""
+        return getattr(self, "_flops_per_batch", None)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        b, t = batch["input_ids"].shape
+        if getattr(self, "_flops_shape", None) != (b, t):  # the model's FLOPs per token, cached
+            self._flops_shape = (b, t)
+            self._flops_per_batch = self.model.flops_per_token(t) * b * t
         losses, mask = self._token_losses(batch)
         loss = losses.sum() / mask.sum().clamp_min(1)
         self._accumulate(batch, losses.detach(), mask)

@@ -29,6 +29,8 @@ STACKS = [
     ("paper/pretrain.yaml", "paper/midtrain/dclm.yaml", (40000, {"c4": 0.8, "dclm": 0.2})),
     ("paper/pretrain.yaml", "paper/cpt/code.yaml", (40000, {"starcoder": 1.0})),
     ("paper/pretrain.yaml", "paper/cpt/math.yaml", (56000, {"math": 1.0})),
+    ("paper/pretrain.yaml", "strategy/fsdp2.yaml", None),
+    ("paper/pretrain.yaml", "strategy/ddp.yaml", None),
 ]
 
 

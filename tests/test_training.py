@@ -185,3 +185,18 @@ def test_refused_resume_writes_nothing(tmp_path: Path, builtin_store: Path) -> N
     assert main(["fit", "--config", str(cfg), "--ckpt_path", "last",
                  "--data.init_args.seed", "5"]) == 2
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before
+
+
+def test_throughput_is_logged(tmp_path: Path, builtin_store: Path) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "tp", max_steps=6, limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg), "--throughput.window_size", "2"]) == 0
+    tags = scalars(tmp_path / "tp")
+    sequences = tags["train/device/samples_per_sec"][-1][1]
+    tokens = tags["train/device/items_per_sec"][-1][1]
+    assert tokens == pytest.approx(sequences * 32, rel=1e-3)  # seq_len 32
+    flops = tags["train/device/flops_per_sec"][-1][1]
+    from midtrain.model import GPT, ModelConfig
+
+    model = GPT(ModelConfig.from_name("tiny", n_layer=2, n_embd=64, n_head=4, block_size=64,
+                                      vocab_size=512))
+    assert flops == pytest.approx(tokens * model.flops_per_token(32), rel=1e-3)
