@@ -35,6 +35,8 @@ class CausalLM(L.LightningModule):
             and schedule, for SFT and branches.
         activation_checkpointing: recompute each block's activations in backward (memory).
         compile: ``torch.compile`` each transformer block.
+        document_masking: in packed pretraining blocks, attend only within each document
+            (split at EOS) with positions restarting per document; off by default, as Pythia.
 
     Under Lightning's ``ModelParallelStrategy`` the model is built on the meta device, sharded
     per block with FSDP2 and then initialised shard by shard (``midtrain.parallel``); under
@@ -47,7 +49,8 @@ class CausalLM(L.LightningModule):
                  decay_fraction: float = 0.2, weight_decay: float = 0.1,
                  decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, init_from: str | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False) -> None:
+                 activation_checkpointing: bool = False, compile: bool = False,
+                 document_masking: bool = False) -> None:
         super().__init__()
         overrides = dict(model_config or {})
         if vocab_size is not None:  # linked from the data; an explicit model_config wins
@@ -133,6 +136,8 @@ class CausalLM(L.LightningModule):
         if dm is None:
             return
         self.check_data(dm)
+        store = getattr(dm, "store", None)
+        self.eos_id = getattr(store, "eos_id", None)
         self.domains = list(getattr(dm, "domains", []))
         for d in self.domains:
             self.tokens_seen.setdefault(d, 0)
@@ -147,6 +152,7 @@ class CausalLM(L.LightningModule):
         opt = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            fused=True if self.device.type == "cuda" else None,  # one kernel for all params
         )
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
@@ -162,8 +168,17 @@ class CausalLM(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
+    def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if "doc_ids" in batch:
+            return batch["doc_ids"]
+        eos = getattr(self, "eos_id", None)
+        if not self.hparams.document_masking or eos is None:
+            return None
+        ends = (batch["input_ids"] == eos).long()
+        return torch.cumsum(ends, dim=1) - ends  # an EOS still belongs to the document it ends
+
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+        logits = self.model(batch["input_ids"], doc_ids=self._doc_ids(batch))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                              reduction="none").view_as(batch["targets"])
         mask = batch["loss_mask"].to(ce.dtype)

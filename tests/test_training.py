@@ -200,3 +200,36 @@ def test_throughput_is_logged(tmp_path: Path, builtin_store: Path) -> None:
     model = GPT(ModelConfig.from_name("tiny", n_layer=2, n_embd=64, n_head=4, block_size=64,
                                       vocab_size=512))
     assert flops == pytest.approx(tokens * model.flops_per_token(32), rel=1e-3)
+
+
+def test_document_masking_and_activation_checkpointing(builtin_store: Path) -> None:
+    from midtrain import CausalLM
+
+    torch.manual_seed(0)
+    plain = CausalLM(arch="tiny", vocab_size=512)
+    plain.configure_model()
+    masked = CausalLM(arch="tiny", vocab_size=512, document_masking=True,
+                      activation_checkpointing=True)
+    masked.configure_model()
+    masked.model.load_state_dict(plain.model.state_dict())
+    masked.eos_id = plain.eos_id = 0
+    x = torch.tensor([[5, 6, 7, 0, 8, 9, 10, 11]])
+    batch = {"input_ids": x, "targets": torch.roll(x, -1, 1), "loss_mask": torch.ones(1, 8)}
+    lm, _ = masked._token_losses(batch)
+    lp, _ = plain._token_losses(batch)
+    assert torch.allclose(lm[0, :4], lp[0, :4], atol=1e-5)  # the first document is the same
+    second = {"input_ids": x[:, 4:], "targets": batch["targets"][:, 4:],
+              "loss_mask": torch.ones(1, 4)}
+    alone, _ = plain._token_losses(second)
+    assert torch.allclose(lm[0, 4:], alone[0], atol=1e-5)  # the second sees only itself
+    assert not torch.allclose(lp[0, 4:], alone[0], atol=1e-4)
+    # activation checkpointing changes memory, not gradients
+    lm.sum().backward()
+    grads_ckpt = [p.grad.clone() for p in masked.model.parameters()]
+    nockpt = CausalLM(arch="tiny", vocab_size=512, document_masking=True)
+    nockpt.configure_model()
+    nockpt.model.load_state_dict(plain.model.state_dict())
+    nockpt.eos_id = 0
+    nockpt._token_losses(batch)[0].sum().backward()
+    for a, b in zip(grads_ckpt, (p.grad for p in nockpt.model.parameters()), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

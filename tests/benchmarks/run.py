@@ -94,6 +94,187 @@ def bench_sampler(store: Path, steps: int = 300) -> dict:
             "ratio_batch_vs_index": batch_rate / index_rate, "_np": np.__version__}
 
 
+def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> dict:
+    """`midtrain fit` (mixture sampler, per-domain metrics, TensorBoard, throughput) vs a plain
+    PyTorch loop on the same model, optimizer and batches: tokens/s of each, measured twice,
+    interleaved."""
+    import lightning as L
+    import torch
+
+    from midtrain import CausalLM, MixtureDataModule
+    from midtrain.callbacks import Throughput
+    from midtrain.optim import param_groups
+    from midtrain.trainer import Trainer
+
+    shape = {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 256}
+    micro, seq = 8, 256
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, *_):
+            if trainer.global_step == warmup:
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, *_):
+            self.seconds = time.perf_counter() - self.t0
+
+    def with_lightning(tmp: Path) -> float:
+        dm = MixtureDataModule(str(store), seq_len=seq, micro_batch_size=micro)
+        torch.manual_seed(0)
+        lm = CausalLM(arch="tiny", model_config=shape, vocab_size=dm.vocab_size, warmup=0)
+        clock = Clock()
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=TensorBoardLogger(
+            str(tmp), name="", version=""), log_every_n_steps=1, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            num_sanity_val_steps=0, callbacks=[clock, Throughput()])
+        trainer.fit(lm, dm)
+        return (steps - warmup) * micro * seq / clock.seconds
+
+    def plain() -> float:
+        dm = MixtureDataModule(str(store), seq_len=seq, micro_batch_size=micro)
+        sched = dm.schedule(micro)
+        from midtrain.data.loader import MixtureStream
+
+        stream = MixtureStream([dm.store.domain(d).train for d in sched.domains], sched, seq,
+                               micro, 1, 0, 1, 0, steps)
+        torch.manual_seed(0)
+        lm = CausalLM(arch="tiny", model_config=shape, vocab_size=dm.vocab_size)
+        lm.configure_model()
+        model = lm.model
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95))
+        for i, batch in enumerate(stream):  # the same batches, built on the fly as fit does
+            if i == warmup:
+                t0 = time.perf_counter()
+            logits = model(batch["input_ids"])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                     batch["targets"].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return (steps - warmup) * micro * seq / (time.perf_counter() - t0)
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(2):
+            runs.append((with_lightning(Path(tmp) / str(i)), plain()))
+    fit = statistics.median(r[0] for r in runs)
+    base = statistics.median(r[1] for r in runs)
+    return {"fit_tokens_per_s": fit, "plain_tokens_per_s": base, "ratio": fit / base,
+            "goal": ">= 0.97"}
+
+
+def bench_prepare(root: Path) -> dict:
+    """`midtrain prepare` tokens/s vs the tokenizers batch encode of the same texts."""
+    from tokenizers import Tokenizer
+
+    from midtrain.builtin import python_stdlib
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+
+    texts = [r["text"] for r in python_stdlib(max_docs=400)]
+    src = root / "code.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok_path = root / "store" / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tok_path))
+    results = []
+    for i in range(2):
+        t0 = time.perf_counter()
+        encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
+        plain = sum(len(e.ids) for e in encoded) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = prepare(PrepareConfig(output=str(root / f"prep{i}"),
+                                    domains={"code": DomainConfig(source={"path": str(src)},
+                                                                  val_fraction=0.0)},
+                                    tokenizer=TokenizerConfig(path=str(tok_path))))
+        seconds = time.perf_counter() - t0
+        import json as _json
+
+        n = _json.loads((out / "code" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+        results.append((n / seconds, plain))
+    prep = statistics.median(r[0] for r in results)
+    base = statistics.median(r[1] for r in results)
+    return {"prepare_tokens_per_s": prep, "encode_batch_tokens_per_s": base,
+            "ratio": prep / base, "goal": ">= 0.9",
+            "note": "prepare includes loading the jsonl with datasets, rendering and writing"}
+
+
+LOADER = r"""
+import resource, sys, time
+from torch.utils.data import DataLoader
+from midtrain.data.loader import MixtureStream
+from midtrain.data.mixture import MixtureSchedule, Phase
+from midtrain.data.store import Store
+s = Store(sys.argv[1])
+sched = MixtureSchedule(["big"], [Phase(0, {"big": 1.0})], batch_size=16, seed=0)
+stream = MixtureStream([s.domain("big").train], sched, 2048, 16, 1, 0, 1, 0, 200)
+t0 = time.perf_counter(); n = 0
+for batch in DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2):
+    n += batch["input_ids"].shape[0]
+rate = n / (time.perf_counter() - t0)
+self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(rate, self_kb, child_kb)
+"""
+
+
+def synthetic_store(root: Path, tokens: int) -> Path:
+    """A one-domain store of random uint16 tokens (written in chunks: memory stays flat)."""
+    import numpy as np
+
+    d = root / "big"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with (d / "train.tokens").open("wb") as f:
+        left = tokens
+        while left:
+            n = min(left, 50_000_000)
+            rng.integers(0, 50000, n, dtype=np.uint16).tofile(f)
+            left -= n
+    np.array([0, tokens], dtype=np.int64).tofile(d / "train.docs")
+    np.array([tokens * 4], dtype=np.int64).tofile(d / "train.bytes")
+    for ext in ("tokens", "docs", "bytes"):
+        (d / f"val.{ext}").write_bytes(b"")
+    np.zeros(1, dtype=np.int64).tofile(d / "val.docs")
+    (d / "manifest.json").write_text(json.dumps({"name": "big", "dtype": "uint16",
+                                                 "content_hash": str(tokens)}))
+    (root / "store.json").write_text(json.dumps({"format_version": 2, "domains": ["big"],
+                                                 "vocab_size": 50304, "eos_id": 0,
+                                                 "tokenizer_hash": "synthetic"}))
+    return root
+
+
+def bench_loader(root: Path) -> dict:
+    """Train-loader sequences/s and peak RSS (main + worker processes) on a ~2 GB store vs a
+    ~20 MB store: memory-mapped, so RSS must not follow the store size."""
+    out = {}
+    for name, tokens in (("20MB", 10_000_000), ("2GB", 1_000_000_000)):
+        store = synthetic_store(root / name, tokens)
+        proc = subprocess.run([sys.executable, "-c", LOADER, str(store)], capture_output=True,
+                              text=True, check=True, cwd=REPO)
+        rate, self_kb, child_kb = proc.stdout.split()
+        out[name] = {"sequences_per_s": float(rate),
+                     "peak_rss_mb_main": int(self_kb) / 1024,
+                     "peak_rss_mb_worker": int(child_kb) / 1024}
+        import shutil
+
+        shutil.rmtree(root / name)
+    big, small = out["2GB"], out["20MB"]
+    out["rss_difference_mb"] = (big["peak_rss_mb_main"] + big["peak_rss_mb_worker"]
+                                - small["peak_rss_mb_main"] - small["peak_rss_mb_worker"])
+    out["goal"] = "RSS within 100 MB of each other"
+    return out
+
+
+def bench_gpu() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device: MFU of pythia-160m/410m (bf16, FSDP2, compile) "
+                           "runs only on a GPU machine"}
+    return {"skipped": "GPU MFU benchmark not implemented yet"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench.json")
@@ -102,7 +283,11 @@ def main() -> None:
         store = build_store(Path(tmp))
         results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                "python": platform.python_version()},
-                   "resume": bench_resume(store), "sampler": bench_sampler(store)}
+                   "resume": bench_resume(store), "sampler": bench_sampler(store),
+                   "training": bench_training_overhead(store),
+                   "prepare": bench_prepare(Path(tmp)),
+                   "loader": bench_loader(Path(tmp) / "loader"),
+                   "gpu": bench_gpu()}
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
     rows = [
@@ -112,6 +297,17 @@ def main() -> None:
          "", s["goal"]),
         ("sampler: sequences/s (micro-batches with tokens)", f"{s['batch_sequences_per_s']:,.0f}",
          "", s["goal"]),
+    ]
+    t, p, ld = results["training"], results["prepare"], results["loader"]
+    rows += [
+        ("training: midtrain fit tokens/s / plain PyTorch loop", f"{t['ratio']:.3f}",
+         f"{t['fit_tokens_per_s']:,.0f} / {t['plain_tokens_per_s']:,.0f}", t["goal"]),
+        ("data prep: prepare tokens/s / tokenizers encode_batch", f"{p['ratio']:.3f}",
+         f"{p['prepare_tokens_per_s']:,.0f} / {p['encode_batch_tokens_per_s']:,.0f}", p["goal"]),
+        ("loader: peak RSS 2 GB store - 20 MB store (MB)", f"{ld['rss_difference_mb']:+.0f}",
+         f"{ld['2GB']['sequences_per_s']:,.0f} vs {ld['20MB']['sequences_per_s']:,.0f} seq/s",
+         ld["goal"]),
+        ("gpu: MFU pythia-160m / 410m", "-", "", results["gpu"].get("skipped", "")),
     ]
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
