@@ -21,13 +21,12 @@ from midtrain.data.store import Split
 def read_blocks(split: Split, blocks: np.ndarray, seq_len: int,
                 tokens_out: np.ndarray, mask_out: np.ndarray) -> None:
     """Blocks of seq_len + 1 tokens (stride seq_len) into ``tokens_out``; the loss mask of their
-    targets into ``mask_out`` (ones where the split has no mask). One gather per call."""
-    index = np.asarray(blocks, dtype=np.int64)[:, None] * seq_len + np.arange(seq_len + 1)
-    tokens_out[:] = split.tokens[index]
-    if split.loss_mask is not None:
-        mask_out[:] = split.loss_mask[index[:, 1:]]
-    else:
-        mask_out[:] = 1.0
+    targets into ``mask_out`` (ones where the split has no mask). One pread per block."""
+    for row, block in enumerate(np.asarray(blocks, dtype=np.int64)):
+        lo = int(block) * seq_len
+        tokens, mask = split.read(lo, lo + seq_len + 1)
+        tokens_out[row] = tokens
+        mask_out[row] = 1.0 if mask is None else mask[1:]
 
 
 def to_batch(tokens: np.ndarray, mask: np.ndarray, domains: np.ndarray) -> dict[str, torch.Tensor]:

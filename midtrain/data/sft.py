@@ -59,9 +59,10 @@ def build_row(split: Split, examples: np.ndarray, max_tokens: int
     for j, e in enumerate(examples):
         lo, hi = int(split.doc_offsets[e]), int(split.doc_offsets[e + 1])
         hi = min(hi, lo + max_tokens)
-        t = np.asarray(split.tokens[lo:hi], dtype=np.int64)
-        m = (np.asarray(split.loss_mask[lo:hi], dtype=np.float32)
-             if split.loss_mask is not None else np.ones(hi - lo, dtype=np.float32))
+        raw, raw_mask = split.read(lo, hi)
+        t = raw.astype(np.int64)
+        m = (raw_mask.astype(np.float32) if raw_mask is not None
+             else np.ones(hi - lo, dtype=np.float32))
         m[0] = 0.0  # an example's first token is never predicted from the one before it
         tokens.append(t)
         mask.append(m)

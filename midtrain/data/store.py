@@ -35,6 +35,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+_FILES: dict[tuple[int, Path], int] = {}  # (pid, path) -> fd: workers open their own
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    key = (os.getpid(), path)
+    fd = _FILES.get(key)
+    if fd is None:
+        fd = _FILES[key] = os.open(path, os.O_RDONLY)
+    return os.pread(fd, size, offset)
+
+
 def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
     # np.memmap refuses empty files; an empty split is a valid (empty) array.
     if path.stat().st_size == 0:
@@ -50,6 +61,24 @@ class Split:
     doc_offsets: np.ndarray  # (n_docs + 1,) int64
     doc_bytes: np.ndarray  # (n_docs,) int64
     loss_mask: np.ndarray | None  # (n_tokens,) uint8, or None = every token counts
+    tokens_path: Path | None = None
+    mask_path: Path | None = None
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens [lo, hi) (and their loss mask) with one ``pread`` each. The training loader
+        reads this way, not through the memory map: random reads of a mapped file make the
+        kernel map whole page-cache folios (up to 2 MB each), so resident memory would grow
+        with the store; a pread copies just the bytes asked for."""
+        if self.tokens_path is None:  # not backed by a file (an empty split)
+            mask = None if self.loss_mask is None else np.asarray(self.loss_mask[lo:hi])
+            return np.asarray(self.tokens[lo:hi]), mask
+        dtype = self.tokens.dtype
+        tokens = np.frombuffer(_pread(self.tokens_path, (hi - lo) * dtype.itemsize,
+                                      lo * dtype.itemsize), dtype=dtype)
+        mask = None
+        if self.mask_path is not None:
+            mask = np.frombuffer(_pread(self.mask_path, hi - lo, lo), dtype=np.uint8)
+        return tokens, mask
 
     @property
     def num_tokens(self) -> int:
@@ -94,11 +123,15 @@ class DomainStore:
         out = {}
         for s in SPLITS:
             mask_path = self.path / f"{s}.mask"
+            tokens_path = self.path / f"{s}.tokens"
+            has_mask = mask_path.exists()
             out[s] = Split(
-                tokens=_memmap(self.path / f"{s}.tokens", self.dtype),
+                tokens=_memmap(tokens_path, self.dtype),
                 doc_offsets=np.fromfile(self.path / f"{s}.docs", dtype=np.int64),
                 doc_bytes=np.fromfile(self.path / f"{s}.bytes", dtype=np.int64),
-                loss_mask=_memmap(mask_path, np.dtype(np.uint8)) if mask_path.exists() else None,
+                loss_mask=_memmap(mask_path, np.dtype(np.uint8)) if has_mask else None,
+                tokens_path=tokens_path if tokens_path.stat().st_size else None,
+                mask_path=mask_path if has_mask and mask_path.stat().st_size else None,
             )
         return out
 
