@@ -8,6 +8,7 @@ run leaves an existing store exactly as it was.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -233,17 +234,16 @@ def _build_domain(plan: _Plan, tok: Tokenizer, eos: int, config: PrepareConfig,
             grouped: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "val": ([], [], [])}
             k = 0
             for i, segments in batch:
-                pieces, mask_pieces = [], []
-                for _text, train in segments:
-                    pieces.append(flat[k])
-                    mask_pieces.append(np.full(len(flat[k]), 1 if train else 0, dtype=np.uint8))
-                    k += 1
-                ids = np.array([t for piece in pieces for t in piece] + [eos], dtype=np.int64)
+                pieces = flat[k : k + len(segments)]
+                k += len(segments)
+                ids = np.array(list(itertools.chain(*pieces, [eos])), dtype=np.int64)
                 g = grouped["val" if in_val(i) else "train"]
                 g[0].append(ids)
-                g[1].append(len("".join(t for t, _ in segments).encode("utf-8")))
+                g[1].append(sum(len(t.encode("utf-8")) for t, _ in segments))
                 if with_mask:
-                    g[2].append(np.concatenate([*mask_pieces, np.ones(1, dtype=np.uint8)]))
+                    g[2].append(np.repeat(
+                        np.array([int(train) for _, train in segments] + [1], dtype=np.uint8),
+                        [len(piece) for piece in pieces] + [1]))
                 total_tokens += len(ids)
                 if d.max_tokens is not None and total_tokens >= d.max_tokens:
                     break
