@@ -94,8 +94,31 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def pretrain_yaml(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The pretraining config as the stages see it: files stacked, dotted overrides applied."""
+    pre = _merged_yaml(cfg.pretrain.config)
+    for arg in cfg.pretrain.args:
+        if arg.startswith("--") and "=" in arg and "+=" not in arg:
+            key, value = arg[2:].split("=", 1)
+            node = pre
+            *parents, leaf = key.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = yaml.safe_load(value)
+    return pre
+
+
+def base_weights(cfg: ExperimentConfig) -> dict[str, float]:
+    """The pretraining mixture (``data.init_args.weights``; the general domain alone if unset)."""
+    weights = pretrain_yaml(cfg).get("data", {}).get("init_args", {}).get("weights")
+    return {str(k): float(v) for k, v in (weights or {cfg.general: 1.0}).items()}
+
+
 def expand_branches(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """Branch name -> {step, weights, domain} (the baseline has no switch)."""
+    """Branch name -> {step, weights, domain} (the baseline has no switch). A grid point mixes
+    its domain in at weight w and scales the pretraining mixture by (1 - w)."""
+    base = base_weights(cfg)
+    total = sum(base.values())
     out: dict[str, dict[str, Any]] = {"baseline": {"step": None, "weights": None}}
     for name, b in cfg.branches.items():
         where = f"branches.{name}"
@@ -120,8 +143,8 @@ def expand_branches(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
             if not 0 < float(w) <= 1:
                 raise MidtrainError(f"{where}.grid.weight: {w} is not in (0, 1]")
             w = float(w)
-            weights = ({cfg.general: round(1 - w, 10), g["domain"]: w} if w < 1
-                       else {g["domain"]: 1.0})
+            weights = {d: round(v / total * (1 - w), 10) for d, v in base.items() if w < 1}
+            weights[g["domain"]] = round(weights.get(g["domain"], 0.0) + w, 10)
             out[f"{name}-s{start}-w{_fmt(w)}"] = {"step": int(start), "weights": weights,
                                                   "domain": g["domain"]}
     return out
@@ -421,21 +444,13 @@ def describe_plan(cfg: ExperimentConfig, stages: list[Stage]) -> str:
     from midtrain.data.mixture import MixtureSchedule, Phase
 
     lines = [f"{len(stages)} stages:"] + [f"  {i}. {s.name}" for i, s in enumerate(stages, 1)]
-    pre = _merged_yaml(cfg.pretrain.config)
-    for arg in cfg.pretrain.args:  # dotted --key=value overrides, as the stages will see them
-        if arg.startswith("--") and "=" in arg and "+=" not in arg:
-            key, value = arg[2:].split("=", 1)
-            node = pre
-            *parents, leaf = key.split(".")
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[leaf] = yaml.safe_load(value)
+    pre = pretrain_yaml(cfg)
     data = pre.get("data", {}).get("init_args", {})
     trainer = pre.get("trainer", {})
     max_steps, seq_len = int(trainer.get("max_steps", 0)), int(data.get("seq_len", 512))
     batch = (int(data.get("micro_batch_size", 8)) * int(trainer.get("accumulate_grad_batches", 1))
              * int(trainer.get("devices", 1) if str(trainer.get("devices", 1)).isdigit() else 1))
-    base = data.get("weights") or {cfg.general: 1.0}
+    base = base_weights(cfg)
     lines.append(f"tokens per domain per phase (global batch {batch} x seq_len {seq_len}, "
                  f"{max_steps} steps):")
     for name, b in expand_branches(cfg).items():

@@ -147,3 +147,20 @@ def test_paper_study_parses_and_plans_without_running(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "pretrain baseline" in out and "tokens per domain per phase" in out
     assert "starcoder" in out and "steps 6000-61035" in out
+
+
+def test_grid_scales_the_pretraining_mixture(tmp_path: Path) -> None:
+    from midtrain.experiment import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
+
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(yaml.safe_dump({"data": {"init_args": {"weights": {"c4": 1, "books": 3}}}}))
+    cfg = ExperimentConfig(
+        output=str(tmp_path / "o"), general="c4", pretrain=PretrainConfig(config=[str(pre)]),
+        sft=SFTConfig(config=[], targets={"t": {"target": "t"}}, lrs=[1e-3]),
+        branches={"mid": {"grid": {"domain": "code", "start": [10], "weight": [0.2, 1.0]}},
+                  "cpt": {"switch": {"step": 20, "weights": {"code": 1}}}})
+    b = expand_branches(cfg)
+    assert b["mid-s10-w0.2"]["weights"] == {"c4": 0.2, "books": 0.6, "code": 0.2}
+    assert b["mid-s10-w1"]["weights"] == {"code": 1.0}
+    assert b["cpt"] == {"step": 20, "weights": {"code": 1.0}, "domain": "code"}
+    assert b["baseline"]["step"] is None
