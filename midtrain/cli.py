@@ -40,68 +40,62 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
-# -- prepare ---------------------------------------------------------------------------------
+# -- our own tools ---------------------------------------------------------------------------
 
-def prepare_main(args: Sequence[str]) -> None:
+def _tool_parser(command: str, description: str) -> Any:
+    """A jsonargparse parser for a tool subcommand: --config files, no prefix matching, and
+    errors raised (not printed with usage) so they become one line."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from midtrain.data.prepare import PrepareConfig, prepare
+    parser = ArgumentParser(prog=f"midtrain {command}", exit_on_error=False, allow_abbrev=False,
+                            description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help=f"a {command} YAML")
+    return parser
 
-    parser = ArgumentParser(prog="midtrain prepare", exit_on_error=False, allow_abbrev=False,
-                            description="Tokenize named domains into a token store.")
-    parser.add_argument("--config", action=ActionConfigFile, help="a prepare YAML")
-    parser.add_class_arguments(PrepareConfig)
-    if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=")
-           for a in args):
+
+def _parse(parser: Any, args: Sequence[str], what: str) -> Any:
+    """Parse, letting --help / --print_config print and exit; any error is one line."""
+    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
         parser.parse_args(list(args))  # prints and exits
     try:
-        cfg = parser.parse_args(list(args))
+        return parser.instantiate(parser.parse_args(list(args)))
+    except MidtrainError:
+        raise
     except Exception as e:  # argparse.ArgumentError and jsonargparse's own
-        raise MidtrainError(f"prepare config: {one_line(e)}") from None
-    init = parser.instantiate(cfg)
-    prepare(PrepareConfig(output=init.output, domains=init.domains, tokenizer=init.tokenizer,
-                          seed=init.seed, batch_size=init.batch_size))
+        raise MidtrainError(f"{what}: {one_line(e)}") from None
+
+
+def _fields_of(cls: type, namespace: Any) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(namespace).items() if k in names}
+
+
+def prepare_main(args: Sequence[str]) -> None:
+    from midtrain.data.prepare import PrepareConfig, prepare
+
+    parser = _tool_parser("prepare", "Tokenize named domains into a token store.")
+    parser.add_class_arguments(PrepareConfig)
+    prepare(PrepareConfig(**_fields_of(PrepareConfig, _parse(parser, args, "prepare config"))))
 
 
 def similarity_main(args: Sequence[str]) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from midtrain.similarity import run
 
-    parser = ArgumentParser(prog="midtrain similarity", exit_on_error=False, allow_abbrev=False,
-                            description=run.__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile)
+    parser = _tool_parser("similarity", run.__doc__.splitlines()[0])
     parser.add_function_arguments(run)
-    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
-        parser.parse_args(list(args))
-    try:
-        cfg = parser.parse_args(list(args))
-    except Exception as e:
-        raise MidtrainError(f"similarity: {one_line(e)}") from None
-    run(**{k: v for k, v in vars(cfg).items() if k != "config"})
+    init = _parse(parser, args, "similarity")
+    run(**{k: v for k, v in vars(init).items() if k != "config"})
 
 
 def experiment_main(args: Sequence[str]) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from midtrain.experiment import ExperimentConfig, run_experiment
 
-    parser = ArgumentParser(prog="midtrain experiment", exit_on_error=False, allow_abbrev=False,
-                            description="Run a midtraining study from one config.")
-    parser.add_argument("--config", action=ActionConfigFile, help="an experiment YAML")
+    parser = _tool_parser("experiment", "Run a midtraining study from one config.")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the stages and token plan, run nothing")
     parser.add_class_arguments(ExperimentConfig)
-    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
-        parser.parse_args(list(args))
-    try:
-        cfg = parser.parse_args(list(args))
-    except Exception as e:
-        raise MidtrainError(f"experiment config: {one_line(e)}") from None
-    init = parser.instantiate(cfg)
-    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    study = ExperimentConfig(**{k: v for k, v in vars(init).items() if k in fields})
-    run_experiment(study, dry_run=init.dry_run)
+    init = _parse(parser, args, "experiment config")
+    run_experiment(ExperimentConfig(**_fields_of(ExperimentConfig, init)), dry_run=init.dry_run)
 
 
 def consolidate_main(args: Sequence[str]) -> None:
