@@ -233,3 +233,15 @@ def test_document_masking_and_activation_checkpointing(builtin_store: Path) -> N
     nockpt._token_losses(batch)[0].sum().backward()
     for a, b in zip(grads_ckpt, (p.grad for p in nockpt.model.parameters()), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16-mixed", torch.float32),
+                                             ("bf16-true", torch.bfloat16)])
+def test_bf16_precisions(tmp_path: Path, builtin_store: Path, precision: str,
+                         dtype: torch.dtype) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "bf", max_steps=3, limit_val_batches=0,
+                     precision=precision)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    assert all(math.isfinite(v) for _, v in scalars(tmp_path / "bf")["train/loss"])
+    state = weights(tmp_path / "bf" / "checkpoints" / "last.ckpt")
+    assert state["model.blocks.0.attn.qkv.weight"].dtype == dtype

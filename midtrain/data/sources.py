@@ -142,10 +142,6 @@ class Template:
         return self.prompt is not None or self.chat is not None
 
     @property
-    def is_instruction(self) -> bool:
-        return self.has_context
-
-    @property
     def fields(self) -> set[str]:
         if self.chat is not None:
             return {self.chat}
@@ -185,9 +181,3 @@ class Template:
         if self.prompt is not None:
             return [(self.prompt.format_map(rec), False), (self.response.format_map(rec), True)]
         return [(self.text.format_map(rec), True)]  # type: ignore[union-attr]
-
-    def render(self, record: dict[str, Any]) -> tuple[str, str]:
-        """(context, trained text) of a prompt/response or plain record (for inspection)."""
-        segs = self.segments(record)
-        return ("".join(t for t, train in segs if not train),
-                "".join(t for t, train in segs if train))
