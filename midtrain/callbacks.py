@@ -12,6 +12,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from midtrain.errors import MidtrainError
 
 
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """Where the run's checkpoints go: the checkpoint callback's directory, or the default."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.dirpath:
+        return Path(ckpt.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
 class ModelCheckpoint(_LightningModelCheckpoint):
     """Lightning's ModelCheckpoint, plus one guarantee: the final step of ``fit`` is saved.
 
@@ -66,10 +74,7 @@ class MixtureSwitch(Callback):
             return
         rank_zero_info(f"mixture switch before step {step}: {self.weights}")
         if self.save_checkpoint:
-            ckpt = trainer.checkpoint_callback
-            directory = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(
-                trainer.default_root_dir) / "checkpoints"
-            trainer.save_checkpoint(directory / f"switch-step={step}.ckpt")
+            trainer.save_checkpoint(checkpoint_dir(trainer) / f"switch-step={step}.ckpt")
 
 
 class CheckpointAtSteps(Callback):
@@ -84,10 +89,7 @@ class CheckpointAtSteps(Callback):
                            outputs: object, batch: object, batch_idx: int) -> None:
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if stepped and trainer.global_step in self.steps:
-            ckpt = trainer.checkpoint_callback
-            directory = Path(self.dirpath) if self.dirpath else (
-                Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath
-                else Path(trainer.default_root_dir) / "checkpoints")
+            directory = Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer)
             trainer.save_checkpoint(directory / f"step={trainer.global_step}.ckpt")
 
 

@@ -16,6 +16,7 @@ from midtrain.checkpoint import load_weights
 from midtrain.errors import MidtrainError
 from midtrain.model import GPT, ModelConfig
 from midtrain.optim import Schedule, lr_scheduler, param_groups, warmup_steps
+from midtrain.trainer import require_max_steps
 
 
 class CausalLM(L.LightningModule):
@@ -154,9 +155,7 @@ class CausalLM(L.LightningModule):
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
             fused=True if self.device.type == "cuda" else None,  # one kernel for all params
         )
-        max_steps = self.trainer.max_steps
-        if max_steps is None or max_steps <= 0:
-            raise MidtrainError("trainer.max_steps: set it; the LR schedule is in optimizer steps")
+        max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
         sched = lr_scheduler(
             opt, min_lr=hp.min_lr if hp.min_lr is not None else hp.lr / 10,
             warmup=warmup_steps(hp.warmup, max_steps), max_steps=max_steps,

@@ -9,10 +9,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from midtrain.data.loader import MixtureStream, ValidationBlocks
+from midtrain.data.loader import MixtureStream, ValidationBlocks, step_loader
 from midtrain.data.mixture import MixtureSchedule, Phase, check_weights
 from midtrain.data.store import Store
 from midtrain.errors import MidtrainError
+from midtrain.trainer import require_max_steps
 
 MAX_PHASES = 64
 
@@ -151,9 +152,7 @@ class MixtureDataModule(L.LightningDataModule):
         Idempotent; prints the plan once."""
         from midtrain.callbacks import MixtureSwitch
 
-        max_steps = trainer.max_steps
-        if max_steps is None or max_steps <= 0:
-            raise MidtrainError("trainer.max_steps: set it; midtrain schedules data by steps")
+        max_steps = require_max_steps(trainer, "midtrain schedules data by steps")
         switches = [cb for cb in trainer.callbacks if isinstance(cb, MixtureSwitch)]
         key = (max_steps, self.global_batch_size(trainer), tuple(id(cb) for cb in switches))
         if self._resolved_for == key:
@@ -288,11 +287,7 @@ class MixtureDataModule(L.LightningDataModule):
     predict_dataloader = val_dataloader
 
     def _loader(self, dataset: Any, num_workers: int) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=None, num_workers=num_workers,
-            prefetch_factor=self.prefetch_factor if num_workers > 0 else None,
-            persistent_workers=False,
-        )
+        return step_loader(dataset, num_workers, self.prefetch_factor)
 
     def state_dict(self) -> dict[str, Any]:
         step = self.trainer.global_step if self.trainer is not None else None

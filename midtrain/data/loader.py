@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
 from midtrain.data.store import Split
@@ -39,45 +39,77 @@ def to_batch(tokens: np.ndarray, mask: np.ndarray, domains: np.ndarray) -> dict[
     }
 
 
-class MixtureStream(IterableDataset):
-    """Micro-batches of one data-parallel rank, from optimizer step ``start_step`` on.
+class StepStream(IterableDataset):
+    """Micro-batches of one data-parallel rank, from optimizer step ``start_step`` on: the
+    shared mechanism of exact resume. Every micro-batch is a pure function of its index.
 
     Global batch layout of optimizer step s: slot ``(a * world_size + rank) * micro + i`` is
     sample i of accumulation micro-step a on ``rank``. Worker w of W yields this rank's
-    micro-batches w, w+W, ...; the DataLoader's round-robin restores the order.
+    micro-batches w, w+W, ...; the DataLoader's round-robin restores the order. Subclasses
+    implement ``micro_batch(index)``.
     """
 
-    def __init__(self, splits: Sequence[Split], schedule: MixtureSchedule, seq_len: int,
-                 micro_batch_size: int, accumulation: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int,
-                 phase_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.splits = list(splits)
-        self.schedule = schedule
-        self.seq_len = seq_len
+    def __init__(self, micro_batch_size: int, accumulation: int, rank: int, world_size: int,
+                 start_step: int, max_steps: int) -> None:
         self.micro = micro_batch_size
         self.accumulation = accumulation
         self.rank = rank
         self.world_size = world_size
         self.start_step = start_step
         self.max_steps = max_steps
-        self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
-        # Shared-memory phases (start step, weight per domain) written by the datamodule when
-        # the mixture changes at runtime; workers rebuild their schedule when the count moves.
-        self.phase_table = phase_table
-        self._phases_seen = len(schedule.phases)
-        assert schedule.batch_size == micro_batch_size * accumulation * world_size
+        self.batch_size = micro_batch_size * accumulation * world_size
+
+    def slots(self, index: int) -> tuple[int, int]:
+        """(optimizer step, first slot of this rank's micro-batch within the global batch)."""
+        step, a = divmod(index, self.accumulation)
+        return step, (a * self.world_size + self.rank) * self.micro
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         # The whole run counts as one epoch; a resumed iterator yields only what is left, and
         # Lightning's restored batch counter accounts for the rest.
         return self.max_steps * self.accumulation
 
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.start_step * self.accumulation
+        for index in range(start + worker, self.max_steps * self.accumulation, workers):
+            yield self.micro_batch(index)
+
+
+def step_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int) -> DataLoader:
+    """A DataLoader over a self-batching, self-sharding dataset (no sampler, no collation)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+
+class MixtureStream(StepStream):
+    """The pretraining stream: each slot's (domain, block) from a ``MixtureSchedule``."""
+
+    def __init__(self, splits: Sequence[Split], schedule: MixtureSchedule, seq_len: int,
+                 micro_batch_size: int, accumulation: int, rank: int, world_size: int,
+                 start_step: int, max_steps: int,
+                 phase_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step,
+                         max_steps)
+        self.splits = list(splits)
+        self.schedule = schedule
+        self.seq_len = seq_len
+        self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
+        # Shared-memory phases (start step, weight per domain) written by the datamodule when
+        # the mixture changes at runtime; workers rebuild their schedule when the count moves.
+        self.phase_table = phase_table
+        self._phases_seen = len(schedule.phases)
+        assert schedule.batch_size == self.batch_size
+
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``index`` (counted from step 0) of this rank."""
-        step, a = divmod(index, self.accumulation)
+        step, lo = self.slots(index)
         self._sync_phases()
         domain, draw = self.schedule.step(step)
-        lo = (a * self.world_size + self.rank) * self.micro
         domain, draw = domain[lo : lo + self.micro], draw[lo : lo + self.micro]
         tokens = np.empty((self.micro, self.seq_len + 1), dtype=np.int64)
         mask = np.empty((self.micro, self.seq_len), dtype=np.float32)
@@ -103,13 +135,6 @@ class MixtureStream(IterableDataset):
         s = self.schedule
         self.schedule = MixtureSchedule(s.domains, phases, s.batch_size, s.seed)
         self._phases_seen = n
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.start_step * self.accumulation
-        for index in range(start + worker, self.max_steps * self.accumulation, workers):
-            yield self.micro_batch(index)
 
 
 class ValidationBlocks(IterableDataset):

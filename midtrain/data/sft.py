@@ -22,12 +22,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from midtrain.data.loader import ValidationBlocks
+from midtrain.data.loader import StepStream, ValidationBlocks, step_loader
 from midtrain.data.mixture import domain_key, permute
 from midtrain.data.store import Split, Store
 from midtrain.errors import MidtrainError
+from midtrain.trainer import require_max_steps
 
 PAD_DOC = -1  # doc id of padding positions: they attend only to each other
 
@@ -91,23 +92,17 @@ def collate_rows(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: 
     return batch
 
 
-class SFTStream(IterableDataset):
-    """Micro-batches of rows of one rank from optimizer step ``start_step`` on (layout as in
-    ``MixtureStream``: slot (a * world + rank) * micro + i of each global batch)."""
+class SFTStream(StepStream):
+    """The SFT stream: each slot's row of whole examples, in a seeded order per epoch."""
 
     def __init__(self, split: Split, name: str, max_length: int, packing: bool, seed: int,
                  pad_id: int, micro_batch_size: int, accumulation: int, rank: int,
                  world_size: int, start_step: int, max_steps: int) -> None:
+        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step,
+                         max_steps)
         self.split, self.max_tokens, self.packing = split, max_length + 1, packing
         self.seed, self.key, self.pad_id = seed, domain_key(name), pad_id
-        self.micro, self.accumulation = micro_batch_size, accumulation
-        self.rank, self.world_size = rank, world_size
-        self.start_step, self.max_steps = start_step, max_steps
         self.lengths = np.diff(np.asarray(split.doc_offsets))
-        self.batch_size = micro_batch_size * accumulation * world_size
-
-    def __len__(self) -> int:
-        return self.max_steps * self.accumulation
 
     @lru_cache(maxsize=2)  # noqa: B019 - one stream per loader; epochs are reused in order
     def _epoch(self, epoch: int) -> list[np.ndarray]:
@@ -123,18 +118,11 @@ class SFTStream(IterableDataset):
         return self._epoch(epoch)[g]
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        step, a = divmod(index, self.accumulation)
-        lo = step * self.batch_size + (a * self.world_size + self.rank) * self.micro
+        step, slot = self.slots(index)
+        lo = step * self.batch_size + slot
         rows = [build_row(self.split, self._row(g), self.max_tokens)
                 for g in range(lo, lo + self.micro)]
         return collate_rows(rows, self.pad_id, 0, self.packing)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index in range(self.start_step * self.accumulation + worker,
-                           self.max_steps * self.accumulation, workers):
-            yield self.micro_batch(index)
 
 
 class ValidationExamples(IterableDataset):
@@ -251,8 +239,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
-        if t is None or t.max_steps is None or t.max_steps <= 0:
-            raise MidtrainError("trainer.max_steps: set it; midtrain schedules data by steps")
+        require_max_steps(t, "midtrain schedules data by steps")
         stream = SFTStream(self.store.domain(self.target).train, self.target, self.max_length,
                            self.packing, self.seed, self.store.eos_id, self.micro_batch_size,
                            t.accumulate_grad_batches, t.global_rank, t.world_size,
@@ -274,8 +261,7 @@ class SFTDataModule(L.LightningDataModule):
     predict_dataloader = val_dataloader
 
     def _loader(self, dataset: Any, num_workers: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                          prefetch_factor=self.prefetch_factor if num_workers > 0 else None)
+        return step_loader(dataset, num_workers, self.prefetch_factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint()}
