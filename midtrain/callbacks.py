@@ -10,14 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckp
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.errors import MidtrainError
-
-
-def checkpoint_dir(trainer: pl.Trainer) -> Path:
-    """Where the run's checkpoints go: the checkpoint callback's directory, or the default."""
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and ckpt.dirpath:
-        return Path(ckpt.dirpath)
-    return Path(trainer.default_root_dir) / "checkpoints"
+from midtrain.paths import checkpoint_dir, step_checkpoint, switch_checkpoint
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
@@ -74,7 +67,7 @@ class MixtureSwitch(Callback):
             return
         rank_zero_info(f"mixture switch before step {step}: {self.weights}")
         if self.save_checkpoint:
-            trainer.save_checkpoint(checkpoint_dir(trainer) / f"switch-step={step}.ckpt")
+            trainer.save_checkpoint(checkpoint_dir(trainer) / switch_checkpoint(step))
 
 
 class CheckpointAtSteps(Callback):
@@ -90,7 +83,7 @@ class CheckpointAtSteps(Callback):
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if stepped and trainer.global_step in self.steps:
             directory = Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer)
-            trainer.save_checkpoint(directory / f"step={trainer.global_step}.ckpt")
+            trainer.save_checkpoint(directory / step_checkpoint(trainer.global_step))
 
 
 def _sequences(batch: dict) -> int:

@@ -22,7 +22,7 @@ TOOL_COMMANDS = {
     "prepare": "tokenize named domains into a token store (--config <yaml>)",
     "similarity": "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
     "experiment": "a whole study: pretrain once, fork branches, SFT grid, results table",
-    "demo": "the CPU-scale study end to end on built-in data (configs/experiments/cpu.yaml)",
+    "demo": "the CPU-scale study end to end on built-in data (configs/study/cpu.yaml)",
     "consolidate": "a distributed (sharded) checkpoint as one file: consolidate <dir> <out.ckpt>",
 }
 
@@ -107,10 +107,9 @@ def consolidate_main(args: Sequence[str]) -> None:
 
 
 def demo_main(args: Sequence[str]) -> None:
-    config = "configs/experiments/cpu.yaml"
-    if not os.path.isfile(config):
-        raise MidtrainError(f"demo: {config} not found; run `midtrain demo` from the repository root")
-    experiment_main(["--config", config, *args])
+    from midtrain.paths import resolve_config
+
+    experiment_main(["--config", str(resolve_config("configs/study/cpu.yaml")), *args])
 
 
 # -- fit / validate / test / predict ----------------------------------------------------------
@@ -122,6 +121,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     from midtrain.callbacks import ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
     from midtrain.lm import CausalLM
+    from midtrain.paths import LAST, checkpoint_dir
     from midtrain.trainer import Trainer
 
     class MidtrainCLI(LightningCLI):
@@ -201,10 +201,7 @@ def trainer_main(argv: Sequence[str]) -> None:
             writes anything into the run directory."""
             ckpt = self.config_init["fit"].get("ckpt_path")
             if ckpt == "last":
-                cb = self.trainer.checkpoint_callback
-                root = cb.dirpath if cb is not None and cb.dirpath else os.path.join(
-                    self.trainer.default_root_dir, "checkpoints")
-                ckpt = os.path.join(root, "last.ckpt")
+                ckpt = str(checkpoint_dir(self.trainer) / LAST)
             if not ckpt or not os.path.exists(ckpt) or self.datamodule is None:
                 return
             data_state = read_metadata(ckpt).get(type(self.datamodule).__qualname__)

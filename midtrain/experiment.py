@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from midtrain.errors import MidtrainError
+from midtrain.paths import CONFIG, LAST, run_checkpoints, step_checkpoint
 
 # -- config -----------------------------------------------------------------------------------
 
@@ -174,11 +175,11 @@ def plan_stages(cfg: ExperimentConfig) -> list[Stage]:
                   f"--trainer.callbacks.weights={json.dumps(b['weights'])}"]
         stages.append(Stage(f"branch {name}", "branch",
                             [*base_args, *switch, f"--trainer.default_root_dir={d}"], d,
-                            fork=base_dir / "checkpoints" / f"step={b['step']}.ckpt",
+                            fork=run_checkpoints(base_dir) / step_checkpoint(b["step"]),
                             meta={"branch": name, **b}))
     sft_args = [a for c in cfg.sft.config for a in ("--config", c)] + cfg.sft.args
     for name in branches:
-        parent = root / "pretrain" / name / "checkpoints" / "last.ckpt"
+        parent = run_checkpoints(root / "pretrain" / name) / LAST
         for target, data in cfg.sft.targets.items():
             if "target" not in data:
                 raise MidtrainError(f"sft.targets.{target}: give `target`, the SFT domain")
@@ -222,7 +223,7 @@ def run_stage(stage: Stage) -> str:
         _run(["prepare", *stage.args], stage.directory / "prepare.log")
         return "ran"
     args = ["fit", *stage.args]
-    last = stage.directory / "checkpoints" / "last.ckpt"
+    last = run_checkpoints(stage.directory) / LAST
     if last.is_file():
         args += ["--ckpt_path", str(last)]  # interrupted: continue where it stopped
         what = "resumed"
@@ -377,7 +378,7 @@ def proximity(cfg: ExperimentConfig, stages: list[Stage]) -> dict[tuple[str, str
 
 def stages_config(stages: list[Stage], kind: str) -> Path:
     stage = next(s for s in stages if s.kind == kind)
-    return stage.directory / "config.yaml"
+    return stage.directory / CONFIG
 
 
 def write_report(cfg: ExperimentConfig, rows: list[dict[str, Any]],

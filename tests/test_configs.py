@@ -12,25 +12,25 @@ from midtrain.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 STACKS = [
-    ("demo/fit.yaml", None, None),
-    ("cpu/pretrain.yaml", None, None),
-    ("cpu/pretrain.yaml", "cpu/midtrain-code.yaml", (40, {"prose": 0.8, "code": 0.2})),
-    ("cpu/pretrain.yaml", "cpu/midtrain-math.yaml", (131, {"prose": 0.88, "math": 0.12})),
-    ("cpu/pretrain.yaml", "cpu/cpt-code.yaml", (262, {"code": 1.0})),
-    ("cpu/pretrain.yaml", "cpu/cpt-math.yaml", (367, {"math": 1.0})),
-    ("paper/pretrain.yaml", None, None),
-    ("paper/pretrain.yaml", "paper/midtrain/code.yaml", (6000, {"c4": 0.8, "starcoder": 0.2})),
-    ("paper/pretrain.yaml", "paper/midtrain/code-70m.yaml",
+    ("pretrain/demo.yaml", None, None),
+    ("pretrain/cpu.yaml", None, None),
+    ("pretrain/cpu.yaml", "midtrain/cpu-code.yaml", (40, {"prose": 0.8, "code": 0.2})),
+    ("pretrain/cpu.yaml", "midtrain/cpu-math.yaml", (131, {"prose": 0.88, "math": 0.12})),
+    ("pretrain/cpu.yaml", "cpt/cpu-code.yaml", (262, {"code": 1.0})),
+    ("pretrain/cpu.yaml", "cpt/cpu-math.yaml", (367, {"math": 1.0})),
+    ("pretrain/paper.yaml", None, None),
+    ("pretrain/paper.yaml", "midtrain/paper-code.yaml", (6000, {"c4": 0.8, "starcoder": 0.2})),
+    ("pretrain/paper.yaml", "midtrain/paper-code-70m.yaml",
      (10000, {"c4": 0.8, "starcoder": 0.2})),
-    ("paper/pretrain.yaml", "paper/midtrain/math.yaml", (20000, {"c4": 0.88, "math": 0.12})),
-    ("paper/pretrain.yaml", "paper/midtrain/flan.yaml", (40000, {"c4": 0.95, "flan": 0.05})),
-    ("paper/pretrain.yaml", "paper/midtrain/knowledge_qa.yaml",
+    ("pretrain/paper.yaml", "midtrain/paper-math.yaml", (20000, {"c4": 0.88, "math": 0.12})),
+    ("pretrain/paper.yaml", "midtrain/paper-flan.yaml", (40000, {"c4": 0.95, "flan": 0.05})),
+    ("pretrain/paper.yaml", "midtrain/paper-knowledge_qa.yaml",
      (40000, {"c4": 0.8, "knowledge_qa": 0.2})),
-    ("paper/pretrain.yaml", "paper/midtrain/dclm.yaml", (40000, {"c4": 0.8, "dclm": 0.2})),
-    ("paper/pretrain.yaml", "paper/cpt/code.yaml", (40000, {"starcoder": 1.0})),
-    ("paper/pretrain.yaml", "paper/cpt/math.yaml", (56000, {"math": 1.0})),
-    ("paper/pretrain.yaml", "strategy/fsdp2.yaml", None),
-    ("paper/pretrain.yaml", "strategy/ddp.yaml", None),
+    ("pretrain/paper.yaml", "midtrain/paper-dclm.yaml", (40000, {"c4": 0.8, "dclm": 0.2})),
+    ("pretrain/paper.yaml", "cpt/paper-code.yaml", (40000, {"starcoder": 1.0})),
+    ("pretrain/paper.yaml", "cpt/paper-math.yaml", (56000, {"math": 1.0})),
+    ("pretrain/paper.yaml", "strategy/fsdp2.yaml", None),
+    ("pretrain/paper.yaml", "strategy/ddp.yaml", None),
 ]
 
 
@@ -51,14 +51,14 @@ def test_config_parses(base: str, overlay: str | None, switch: tuple | None,
         assert switches == []
     else:
         assert [(s["step"], s["weights"]) for s in switches] == [switch]
-    if base.startswith("paper"):
+    if base.endswith("paper.yaml"):
         steps, micro = cfg["trainer"]["max_steps"], cfg["data"]["init_args"]["micro_batch_size"]
         assert steps == 61035 and cfg["data"]["init_args"]["seq_len"] == 2048
         assert micro * cfg["trainer"]["accumulate_grad_batches"] * cfg["trainer"]["devices"] == 1024
 
 
 def test_prepare_configs_parse(capsys: pytest.CaptureFixture) -> None:
-    for name in ("demo/prepare.yaml", "paper/prepare.yaml"):
+    for name in ("prepare/demo.yaml", "prepare/paper.yaml"):
         with pytest.raises(SystemExit):
             main(["prepare", "--config", str(CONFIGS / name), "--print_config"])
         cfg = yaml.safe_load(capsys.readouterr().out)

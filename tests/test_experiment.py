@@ -142,7 +142,7 @@ def test_bad_experiment_configs(tmp_path: Path, study: Path) -> None:
 
 
 def test_paper_study_parses_and_plans_without_running(capsys: pytest.CaptureFixture) -> None:
-    assert main(["experiment", "--config", str(CONFIGS / "experiments" / "paper.yaml"),
+    assert main(["experiment", "--config", str(CONFIGS / "study" / "paper.yaml"),
                  "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "pretrain baseline" in out and "tokens per domain per phase" in out

@@ -14,7 +14,7 @@
 #SBATCH --output=slurm-%j.out
 
 srun midtrain fit \
-    --config configs/paper/pretrain.yaml \
+    --config configs/pretrain/paper.yaml \
     --config configs/strategy/fsdp2.yaml \
     --trainer.num_nodes 2 --trainer.devices 8 \
     --trainer.strategy.init_args.data_parallel_size 16 \

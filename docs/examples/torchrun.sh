@@ -8,7 +8,7 @@ MASTER=${MASTER:-node0.example}
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 8 \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER:29500" \
     -m midtrain fit \
-    --config configs/paper/pretrain.yaml \
+    --config configs/pretrain/paper.yaml \
     --config configs/strategy/fsdp2.yaml \
     --trainer.num_nodes "$NNODES" --trainer.devices 8 \
     --trainer.strategy.init_args.data_parallel_size $((NNODES * 8)) \
