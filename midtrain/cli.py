@@ -88,14 +88,18 @@ def similarity_main(args: Sequence[str]) -> None:
 
 
 def experiment_main(args: Sequence[str]) -> None:
-    from midtrain.experiment import ExperimentConfig, run_experiment
+    from midtrain.study import ExperimentConfig, run_experiment
 
     parser = _tool_parser("experiment", "Run a midtraining study from one config.")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the stages and token plan, run nothing")
+    parser.add_argument("--rerun_changed", action="store_true",
+                        help="re-run finished stages whose config changed (and the stages "
+                             "that start from them) instead of refusing")
     parser.add_class_arguments(ExperimentConfig)
     init = _parse(parser, args, "experiment config")
-    run_experiment(ExperimentConfig(**_fields_of(ExperimentConfig, init)), dry_run=init.dry_run)
+    run_experiment(ExperimentConfig(**_fields_of(ExperimentConfig, init)), dry_run=init.dry_run,
+                   rerun_changed=init.rerun_changed)
 
 
 def consolidate_main(args: Sequence[str]) -> None:

@@ -8,8 +8,8 @@ For two datasets A and B (seeded document samples of token stores, one tokenizer
   with the Jensen–Shannon divergence in bits (in [0, 1]). Identical data gives 1.0; data with
   disjoint vocabularies gives 0.3 / 2 = 0.15.
 * distance = 1 − similarity. A mixture is the weighted blend of its domains' distributions; the
-  proximity advantage of a midtraining mix for an SFT set T is
-  dist(general, T) − dist(mix, T).
+  proximity advantage of a midtraining mix M for an SFT set T, relative to the pretraining
+  mixture P it replaces, is dist(P, T) − dist(M, T).
 """
 
 from __future__ import annotations
@@ -92,11 +92,19 @@ def similarity_matrix(store: Store, domains: Sequence[str], num_docs: int = 500,
     return names, matrix
 
 
-def proximity_advantage(matrix: np.ndarray, names: list[str], general: str, mix: str,
-                        target: str) -> float:
-    """dist(general, target) − dist(mix, target), dist = 1 − similarity."""
-    i = {n: k for k, n in enumerate(names)}
-    return (1 - matrix[i[general], i[target]]) - (1 - matrix[i[mix], i[target]])
+def distance(a: np.ndarray, b: np.ndarray, top_k: int = 1000) -> float:
+    """1 − similarity."""
+    return 1.0 - similarity(a, b, top_k)
+
+
+def proximity_advantage(counts: Mapping[str, np.ndarray], pretraining: Mapping[str, float],
+                        mix: Mapping[str, float], target: np.ndarray,
+                        top_k: int = 1000) -> float:
+    """How much closer a midtraining mixture brings the data to an SFT target than the
+    pretraining mixture it replaces: dist(blend(pretraining), T) − dist(blend(mix), T), each
+    mixture the blend of its domains' token ``counts`` (positive: the mix is closer)."""
+    return (distance(blend(counts, pretraining), target, top_k)
+            - distance(blend(counts, mix), target, top_k))
 
 
 def to_markdown(names: list[str], matrix: np.ndarray) -> str:

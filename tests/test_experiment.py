@@ -14,9 +14,25 @@ import yaml
 from midtrain.cli import main
 from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
 from midtrain.errors import MidtrainError
-from midtrain.experiment import _betainc, last_scalar, welch_t_test
+from midtrain.study.report import last_scalar
+from midtrain.study.stats import _betainc, welch_t_test
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODEL = {"arch": "tiny", "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2,
+                                          "block_size": 64}}
+QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+         "enable_model_summary": False, "num_sanity_val_steps": 0, "log_every_n_steps": 1}
+
+
+def write_pretrain(path: Path, store: Path, weights: dict[str, float]) -> Path:
+    """A tiny pretraining fit config on the built-in store."""
+    path.write_text(yaml.safe_dump({
+        "seed_everything": 0, "model": {**MODEL, "lr": 3e-3},
+        "data": {"class_path": "midtrain.MixtureDataModule",
+                 "init_args": {"store": str(store), "weights": weights,
+                               "seq_len": 32, "micro_batch_size": 4}},
+        "trainer": {**QUIET, "max_steps": 8, "limit_val_batches": 0}}))
+    return path
 
 
 def test_t_distribution_matches_closed_forms() -> None:
@@ -50,23 +66,14 @@ def study(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Path
         domains={"qa": DomainConfig(source={"path": str(src)}, prompt="Q: {q}\nA: ",
                                     response="{a}", val_fraction=0.2)},
         tokenizer=TokenizerConfig(path=str(builtin_store / "tokenizer.json"))))
-    model = {"arch": "tiny", "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2,
-                                              "block_size": 64}}
-    quiet = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-             "enable_model_summary": False, "num_sanity_val_steps": 0, "log_every_n_steps": 1}
-    (root / "pre.yaml").write_text(yaml.safe_dump({
-        "seed_everything": 0, "model": {**model, "lr": 3e-3},
-        "data": {"class_path": "midtrain.MixtureDataModule",
-                 "init_args": {"store": str(builtin_store), "weights": {"prose": 1.0},
-                               "seq_len": 32, "micro_batch_size": 4}},
-        "trainer": {**quiet, "max_steps": 8, "limit_val_batches": 0}}))
+    write_pretrain(root / "pre.yaml", builtin_store, {"prose": 1.0})
     (root / "sft.yaml").write_text(yaml.safe_dump({
-        "model": {**model, "warmup": 0},
+        "model": {**MODEL, "warmup": 0},
         "data": {"class_path": "midtrain.SFTDataModule",
                  "init_args": {"store": str(sft_store), "target": "qa",
                                "general_store": str(builtin_store), "max_length": 32,
                                "micro_batch_size": 4}},
-        "trainer": {**quiet, "max_steps": 3, "val_check_interval": 3, "limit_val_batches": 2}}))
+        "trainer": {**QUIET, "max_steps": 3, "val_check_interval": 3, "limit_val_batches": 2}}))
     (root / "study.yaml").write_text(yaml.safe_dump({
         "output": str(root / "out"), "general": "prose",
         "pretrain": {"config": [str(root / "pre.yaml")]},
@@ -146,21 +153,143 @@ def test_paper_study_parses_and_plans_without_running(capsys: pytest.CaptureFixt
                  "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "pretrain baseline" in out and "tokens per domain per phase" in out
-    assert "starcoder" in out and "steps 6000-61035" in out
+    assert "starcoder" in out and "6000-61035" in out
 
 
 def test_grid_scales_the_pretraining_mixture(tmp_path: Path) -> None:
-    from midtrain.experiment import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
+    from midtrain.study import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
 
-    pre = tmp_path / "pre.yaml"
-    pre.write_text(yaml.safe_dump({"data": {"init_args": {"weights": {"c4": 1, "books": 3}}}}))
     cfg = ExperimentConfig(
-        output=str(tmp_path / "o"), general="c4", pretrain=PretrainConfig(config=[str(pre)]),
+        output=str(tmp_path / "o"), general="c4", pretrain=PretrainConfig(config=[]),
         sft=SFTConfig(config=[], targets={"t": {"target": "t"}}, lrs=[1e-3]),
         branches={"mid": {"grid": {"domain": "code", "start": [10], "weight": [0.2, 1.0]}},
                   "cpt": {"switch": {"step": 20, "weights": {"code": 1}}}})
-    b = expand_branches(cfg)
+    b = expand_branches(cfg, {"c4": 1, "books": 3})
     assert b["mid-s10-w0.2"]["weights"] == {"c4": 0.2, "books": 0.6, "code": 0.2}
     assert b["mid-s10-w1"]["weights"] == {"code": 1.0}
     assert b["cpt"] == {"step": 20, "weights": {"code": 1.0}, "domain": "code"}
     assert b["baseline"]["step"] is None
+
+
+def test_dry_run_shows_realized_shares(capsys: pytest.CaptureFixture) -> None:
+    # the CPU study's 20%-code branch at global batch 16: 3 of 16 sequences are code
+    assert main(["experiment", "--config", str(CONFIGS / "study" / "cpu.yaml"), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    code = next(x for x in out.splitlines() if x.split()[:2] == ["15-150", "code"])
+    prose = next(x for x in out.splitlines() if x.split()[:2] == ["15-150", "prose"])
+    assert code.split()[2:5] == ["0.200", "3/16", "18.75%"]
+    assert prose.split()[2:5] == ["0.800", "13/16", "81.25%"]
+    assert "global batch 16" in out
+
+
+def test_proximity_is_against_the_real_pretraining_mixture(tmp_path: Path,
+                                                           builtin_store: Path) -> None:
+    from midtrain.data.store import Store
+    from midtrain.similarity import blend, similarity, token_counts
+    from midtrain.study import ExperimentConfig, PretrainConfig, SFTConfig, plan_study
+    from midtrain.study.plan import realized_mixture
+    from midtrain.study.report import proximity
+
+    pre = write_pretrain(tmp_path / "pre.yaml", builtin_store, {"prose": 0.5, "math": 0.5})
+    cfg = ExperimentConfig(
+        output=str(tmp_path / "o"), general="prose", pretrain=PretrainConfig(config=[str(pre)]),
+        sft=SFTConfig(config=[str(pre)], targets={"t": {"target": "code"}}, lrs=[1e-3]),
+        branches={"mid": {"grid": {"domain": "code", "start": [4], "weight": [0.5]}}},
+        similarity_docs=20, similarity_top_k=200)
+    study = plan_study(cfg)
+    rows = study.mixture_rows()
+    base, mix = {"prose": 0.5, "math": 0.5}, {"prose": 0.25, "math": 0.25, "code": 0.5}
+    assert realized_mixture(rows["baseline"], 0) == base  # 2 + 2 of a batch of 4
+    assert realized_mixture(rows["mid-s4-w0.5"], 1) == mix  # 1 + 1 + 2
+    store = Store(builtin_store)
+    counts = {d: token_counts(store, d, 20) for d in ("prose", "math", "code")}
+    target = token_counts(store, "code", 20, seed=1)  # another sample of the domain
+    advantage = proximity(study, {"t": target})
+
+    def dist(x: np.ndarray) -> float:
+        return 1 - similarity(x, target, 200)
+
+    direct = dist(blend(counts, base)) - dist(blend(counts, mix))
+    general_only = dist(counts["prose"]) - dist(blend(counts, mix))
+    assert advantage[("mid-s4-w0.5", "t")] == pytest.approx(direct, rel=1e-12)
+    assert abs(direct - general_only) > 0.01  # the general domain alone would mislead
+    assert advantage[("baseline", "t")] == 0.0
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_has_a_column_per_eval_tag(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from midtrain.study import Stage
+    from midtrain.study.report import collect, summarize, write_report
+
+    stages = []
+    for branch, seed, acc in [("baseline", 0, 0.25), ("baseline", 1, 0.35), ("mid", 0, 0.5),
+                              ("mid", 1, 0.6)]:
+        run = tmp_path / branch / str(seed)
+        w = SummaryWriter(str(run))
+        for step in (1, 2):
+            w.add_scalar("val/qa/loss", 2.0 + seed + 1 / step, step)
+            w.add_scalar("val/prose/loss", 3.0 + seed, step)
+            w.add_scalar("eval/arc_easy/acc", acc * step / 2, step)  # the last value is acc
+        w.close()
+        stages.append(Stage(f"sft {branch} {seed}", "sft", [], run,
+                            meta={"branch": branch, "target": "qa", "lr": 1e-3, "seed": seed,
+                                  "domain": "qa"}))
+    rows = collect(stages, "prose")
+    assert [r["eval/arc_easy/acc"] for r in rows] == pytest.approx([0.25, 0.35, 0.5, 0.6])
+    assert [r["in_domain_loss"] for r in rows] == pytest.approx([2.5, 3.5, 2.5, 3.5])
+    table = write_report(tmp_path, "prose", rows, summarize(rows))
+    results = list(__import__("csv").DictReader((tmp_path / "results.csv").open()))
+    assert float(results[2]["eval/arc_easy/acc"]) == pytest.approx(0.5)
+    summary = {s["branch"]: s for s in __import__("csv").DictReader(
+        (tmp_path / "summary.csv").open())}
+    assert float(summary["mid"]["eval/arc_easy/acc_mean"]) == pytest.approx(0.55)
+    assert float(summary["mid"]["eval/arc_easy/acc_std"]) == pytest.approx(np.std([0.5, 0.6],
+                                                                                  ddof=1))
+    assert table.splitlines()[4].endswith("| eval/arc_easy/acc |")
+    assert "| 0.5500 ± 0.0707 |" in table
+
+
+def test_changed_config_is_refused_naming_the_keys(study: Path) -> None:
+    from midtrain.cli import experiment_main
+    from midtrain.study import plan_study
+    from midtrain.study.config import ExperimentConfig, PretrainConfig, SFTConfig
+    from midtrain.study.run import check_stages
+
+    out = study / "out"
+    done = {p: p.read_text() for p in out.rglob("done.json")}
+    for name, key, stage in [("sft.yaml", "trainer.max_steps", "sft baseline qa lr=0.001 seed=0"),
+                             ("pre.yaml", "model.lr", "pretrain baseline")]:
+        path = study / name
+        original = path.read_text()
+        changed = yaml.safe_load(original)
+        changed[key.split(".")[0]][key.split(".")[1]] = 4 if key == "trainer.max_steps" else 1e-3
+        path.write_text(yaml.safe_dump(changed))
+        try:
+            with pytest.raises(MidtrainError, match=re.escape(
+                    f"stage '{stage}' in {out}") + r".*" + re.escape(f"(changed: {name}: {key});")):
+                experiment_main(["--config", str(study / "study.yaml")])
+            if name == "pre.yaml":  # every stage starts from the baseline: all are stale
+                raw = yaml.safe_load((study / "study.yaml").read_text())
+                cfg = ExperimentConfig(**{**raw, "pretrain": PretrainConfig(**raw["pretrain"]),
+                                          "sft": SFTConfig(**raw["sft"])})
+                _, stale = check_stages(plan_study(cfg).stages, rerun_changed=True)
+                assert len(stale) == 6
+        finally:
+            path.write_text(original)
+    assert {p: p.read_text() for p in out.rglob("done.json")} == done  # nothing touched
+
+
+@pytest.mark.slow
+def test_rerun_changed_reruns_changed_stages(study: Path, capsys: pytest.CaptureFixture) -> None:
+    sft = study / "sft.yaml"
+    changed = yaml.safe_load(sft.read_text())
+    changed["trainer"].update(max_steps=4, val_check_interval=4)
+    sft.write_text(yaml.safe_dump(changed))
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(study / "study.yaml"), "--rerun_changed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("re-ran (config changed)" in x for x in lines) == 4  # the SFT runs
+    assert sum("done already" in x for x in lines) == 2  # the baseline and the branch
+    assert main(["experiment", "--config", str(study / "study.yaml")]) == 0  # now consistent

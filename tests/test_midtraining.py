@@ -168,6 +168,16 @@ def test_plan_is_printed_and_repetition_is_refused(builtin_store: Path, tmp_path
         run(builtin_store, tmp_path / "b", [], max_steps=3, max_repeat=0.0001)
 
 
+def test_max_repeat_names_every_offending_domain(builtin_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(MidtrainError) as err:
+        run(builtin_store, tmp_path, [], max_steps=3, weights={"prose": 0.5, "code": 0.5},
+            max_repeat=0.0001)
+    message = str(err.value)
+    assert message.startswith("data.max_repeat: domain 'prose' would be read ")
+    assert ", domain 'code' would be read " in message and "lower their weights" in message
+    assert "\n" not in message and not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("switch,match", [
     (lambda: MixtureSwitch({"poetry": 1}, step=2), "unknown domain 'poetry'"),
     (lambda: MixtureSwitch({"code": -1}, step=2), "weight must be a finite number >= 0"),

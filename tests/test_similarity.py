@@ -9,7 +9,13 @@ import pytest
 
 from midtrain.cli import main
 from midtrain.data.store import Store
-from midtrain.similarity import blend, proximity_advantage, similarity, similarity_matrix
+from midtrain.similarity import (
+    blend,
+    proximity_advantage,
+    similarity,
+    similarity_matrix,
+    token_counts,
+)
 
 
 def test_identical_is_one_and_disjoint_is_the_formula_value() -> None:
@@ -49,7 +55,12 @@ def test_mixtures_blend_toward_their_parts(builtin_store: Path) -> None:
     assert m[i["pure"], i["code"]] == pytest.approx(1.0, abs=1e-6)
     # the mixture sits between prose and code as seen from code
     assert m[i["prose"], i["code"]] < m[i["mix"], i["code"]] < 1.0
-    assert proximity_advantage(m, names, "prose", "mix", "code") > 0
+    counts = {d: token_counts(store, d, 40) for d in ("prose", "code")}
+    advantage = proximity_advantage(counts, {"prose": 1.0}, {"prose": 0.8, "code": 0.2},
+                                    counts["code"], 300)
+    assert advantage > 0
+    assert advantage == pytest.approx(m[i["mix"], i["code"]] - m[i["prose"], i["code"]],
+                                      abs=1e-6)
     c = {"x": np.array([1, 0]), "y": np.array([0, 3])}
     assert np.allclose(blend(c, {"x": 1, "y": 3}) / 1e12, [0.25, 0.75])
 

@@ -10,7 +10,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from midtrain.data.loader import MixtureStream, ValidationBlocks, step_loader
-from midtrain.data.mixture import MixtureSchedule, Phase, check_weights
+from midtrain.data.mixture import (  # format_plan: printed here, importable from here
+    MixtureSchedule,
+    Phase,
+    check_repeat,
+    check_weights,
+    format_plan,
+    plan_rows,
+)
 from midtrain.data.store import Store
 from midtrain.errors import MidtrainError
 from midtrain.trainer import require_max_steps
@@ -181,37 +188,13 @@ class MixtureDataModule(L.LightningDataModule):
         rows = self.plan(self.global_batch_size(trainer), max_steps)
         if trainer.is_global_zero:
             print(format_plan(rows, self.seq_len))
-        worst = max(rows, key=lambda r: r["epochs"])
-        if self.max_repeat is not None and worst["epochs"] > self.max_repeat:
-            raise MidtrainError(
-                f"data.max_repeat: domain {worst['domain']!r} would be read "
-                f"{worst['epochs']:.1f} times by step {worst['end']} (limit {self.max_repeat}); "
-                "add data, lower its weight, or raise data.max_repeat"
-            )
+        check_repeat(rows, self.max_repeat)
 
     def plan(self, global_batch_size: int, max_steps: int) -> list[dict[str, Any]]:
-        """Per phase and domain: sequences and tokens drawn, tokens available, and how many
-        times the domain has been read by the end of the phase."""
-        sched = self.schedule(global_batch_size)
-        ends = [*sched.starts[1:].tolist(), max_steps]
-        rows = []
-        for i, (start, end) in enumerate(zip(sched.starts.tolist(), ends, strict=True)):
-            if start >= max_steps:
-                break
-            drawn = sched.draws_between(start, end)
-            total = sched.draws_before(end)
-            for d, name in enumerate(sched.domains):
-                if drawn[d] == 0:
-                    continue
-                blocks = self.store.domain(name).train.num_blocks(self.seq_len)
-                rows.append({"phase": i, "start": start, "end": end, "domain": name,
-                             "weight": float(sched.weights[i, d]),
-                             "per_batch": int(sched.counts[i, d]), "batch": global_batch_size,
-                             "sequences": int(drawn[d]),
-                             "tokens": int(drawn[d]) * self.seq_len,
-                             "available": blocks * self.seq_len,
-                             "epochs": float(total[d]) / blocks})
-        return rows
+        """Per phase and domain: sequences and tokens drawn, realized share, tokens available,
+        and how many times the domain has been read by the end of the phase (``plan_rows``)."""
+        blocks = {n: self.store.domain(n).train.num_blocks(self.seq_len) for n in self.domains}
+        return plan_rows(self.schedule(global_batch_size), max_steps, self.seq_len, blocks)
 
     def change_weights(self, weights: dict[str, float]) -> int:
         """Change the mixture during ``fit``: from the first optimizer step whose batches the
@@ -325,16 +308,3 @@ class MixtureDataModule(L.LightningDataModule):
                 "to continue with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
             )
 
-
-def format_plan(rows: list[dict[str, Any]], seq_len: int) -> str:
-    """The plan as a table. ``per batch`` is the exact count of sequences every global batch of
-    the phase holds: the largest-remainder rounding of weight x batch."""
-    lines = [f"mixture plan (tokens = sequences x seq_len {seq_len}):",
-             f"  {'steps':<15} {'domain':<14} {'weight':>7} {'per batch':>11} {'tokens':>14} "
-             f"{'available':>14} {'epochs':>7}"]
-    for r in rows:
-        per_batch = f"{r['per_batch']}/{r['batch']}"
-        lines.append(f"  {str(r['start']) + '-' + str(r['end']):<15} {r['domain']:<14} "
-                     f"{r['weight']:>7.3f} {per_batch:>11} {r['tokens']:>14,} "
-                     f"{r['available']:>14,} {r['epochs']:>7.2f}")
-    return "\n".join(lines)

@@ -5,7 +5,8 @@
 * Within a phase every global batch holds exactly ``counts[d]`` sequences of domain d: the
   largest-remainder rounding of ``weight[d] * batch_size`` (ties broken by a seeded order), the
   same in every batch of the phase, never drifting with the step. With small batches the
-  rounding is visible (0.1 x 16 = 1.6 -> 2); the printed plan shows the exact counts.
+  rounding is visible (0.1 x 16 = 1.6 -> 2); the printed plan (``plan_rows``) shows the exact
+  counts and the realized share next to the weight.
 * Slots of a step are shuffled with a generator keyed by (seed, step).
 * The n-th draw of domain d reads block ``perm_{seed,d,epoch}(n mod num_blocks)``, a keyed
   Feistel permutation: a pure O(1) function of n, whatever the store size.
@@ -17,6 +18,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +125,82 @@ def _step_draws(sched: MixtureSchedule, step: int) -> tuple[np.ndarray, np.ndarr
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order)) - first[domain[order]]
     return domain, sched.draws_before(step)[domain] + rank
+
+
+# -- the plan: what a schedule will read ------------------------------------------------------
+
+def plan_rows(schedule: MixtureSchedule, max_steps: int, seq_len: int,
+              blocks: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """Per phase and domain drawn from: sequences and tokens drawn, the realized share of every
+    global batch (``per_batch / batch``, which rounding to whole sequences may move away from
+    the configured ``weight``), and, given the training blocks of each domain, tokens available
+    and how many times the domain has been read by the end of the phase (``None`` without
+    ``blocks``). Pure: the data module and the study's dry run print the same rows."""
+    ends = [*schedule.starts[1:].tolist(), max_steps]
+    batch = schedule.batch_size
+    rows = []
+    for i, (start, end) in enumerate(zip(schedule.starts.tolist(), ends, strict=True)):
+        if start >= max_steps:
+            break
+        drawn = schedule.draws_between(start, end)
+        total = schedule.draws_before(end)
+        for d, name in enumerate(schedule.domains):
+            if drawn[d] == 0:
+                continue
+            n_blocks = None if blocks is None else blocks[name]
+            rows.append({"phase": i, "start": start, "end": end, "domain": name,
+                         "weight": float(schedule.weights[i, d]),
+                         "per_batch": int(schedule.counts[i, d]), "batch": batch,
+                         "share": int(schedule.counts[i, d]) / batch,
+                         "sequences": int(drawn[d]), "tokens": int(drawn[d]) * seq_len,
+                         "available": None if n_blocks is None else n_blocks * seq_len,
+                         "epochs": None if not n_blocks else float(total[d]) / n_blocks})
+    return rows
+
+
+def share_differs(row: Mapping[str, Any]) -> bool:
+    """Whether rounding to whole sequences per batch moved the share off the weight."""
+    return abs(row["share"] - row["weight"]) > 1e-9
+
+
+def format_plan(rows: Sequence[Mapping[str, Any]], seq_len: int,
+                title: str | None = None) -> str:
+    """The plan as a table. ``per batch`` is the exact count of sequences every global batch of
+    the phase holds: the largest-remainder rounding of weight x batch; ``realized`` is that
+    count as a share, shown where it differs from the weight."""
+    fmt = "  {:<15} {:<14} {:>7} {:>11} {:>9} {:>14} {:>14} {:>7}"
+    lines = [title or f"mixture plan (tokens = sequences x seq_len {seq_len}):",
+             fmt.format("steps", "domain", "weight", "per batch", "realized", "tokens",
+                        "available", "epochs")]
+    for r in rows:
+        lines.append(fmt.format(
+            f"{r['start']}-{r['end']}", r["domain"], f"{r['weight']:.3f}",
+            f"{r['per_batch']}/{r['batch']}",
+            f"{r['share']:.2%}" if share_differs(r) else "",
+            f"{r['tokens']:,}", "?" if r["available"] is None else f"{r['available']:,}",
+            "?" if r["epochs"] is None else f"{r['epochs']:.2f}"))
+    if any(share_differs(r) for r in rows):
+        lines.append("  realized: the share each global batch holds, where rounding to whole "
+                     "sequences moves it off the configured weight")
+    return "\n".join(lines)
+
+
+def check_repeat(rows: Sequence[Mapping[str, Any]], max_repeat: float | None) -> None:
+    """One-line error naming every domain the plan would read more than ``max_repeat`` times."""
+    if max_repeat is None:
+        return
+    worst: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        if r["epochs"] is not None and r["epochs"] > max_repeat and (
+                r["domain"] not in worst or r["epochs"] > worst[r["domain"]]["epochs"]):
+            worst[r["domain"]] = r
+    if worst:
+        over = ", ".join(f"domain {d!r} would be read {r['epochs']:.1f} times by step {r['end']}"
+                         for d, r in worst.items())
+        raise MidtrainError(
+            f"data.max_repeat: {over} (limit {max_repeat}); add data, lower "
+            f"{'its weight' if len(worst) == 1 else 'their weights'}, or raise data.max_repeat"
+        )
 
 
 # -- keyed permutation -------------------------------------------------------------------------
