@@ -88,8 +88,12 @@ def similarity_main(args: Sequence[str]) -> None:
 
 
 def experiment_main(args: Sequence[str]) -> None:
+    from midtrain.paths import resolve_config
     from midtrain.study import ExperimentConfig, run_experiment
 
+    # a shipped study config is found by name from any directory, like the configs it names
+    args = [str(resolve_config(a)) if prev == "--config" else a
+            for prev, a in zip(["", *args], args, strict=False)]
     parser = _tool_parser("experiment", "Run a midtraining study from one config.")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the stages and token plan, run nothing")

@@ -268,7 +268,7 @@ def test_changed_config_is_refused_naming_the_keys(study: Path) -> None:
         path.write_text(yaml.safe_dump(changed))
         try:
             with pytest.raises(MidtrainError, match=re.escape(
-                    f"stage '{stage}' in {out}") + r".*" + re.escape(f"(changed: {name}: {key});")):
+                    f"stage '{stage}' in {out}") + r".*" + re.escape(f"(changed: {path}: {key});")):
                 experiment_main(["--config", str(study / "study.yaml")])
             if name == "pre.yaml":  # every stage starts from the baseline: all are stale
                 raw = yaml.safe_load((study / "study.yaml").read_text())

@@ -168,7 +168,7 @@ def format_plan(rows: Sequence[Mapping[str, Any]], seq_len: int,
     """The plan as a table. ``per batch`` is the exact count of sequences every global batch of
     the phase holds: the largest-remainder rounding of weight x batch; ``realized`` is that
     count as a share, shown where it differs from the weight."""
-    fmt = "  {:<15} {:<14} {:>7} {:>11} {:>9} {:>14} {:>14} {:>7}"
+    fmt = "  {:<15} {:<14} {:>7} {:>11} {:>9} {:>16} {:>16} {:>7}"
     lines = [title or f"mixture plan (tokens = sequences x seq_len {seq_len}):",
              fmt.format("steps", "domain", "weight", "per batch", "realized", "tokens",
                         "available", "epochs")]

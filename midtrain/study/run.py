@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from midtrain.errors import MidtrainError
-from midtrain.paths import LAST, run_checkpoints
+from midtrain.paths import LAST, packaged_configs, run_checkpoints
 from midtrain.study.plan import Stage
 
 DONE = "done.json"  # a finished stage: its fingerprint and metadata
@@ -54,6 +54,16 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _short(path: str) -> str:
+    """A config path as a user would name it: ``configs/...`` for a shipped config, relative
+    to the working directory when below it, else as it is."""
+    p = Path(path).resolve()
+    for base, prefix in ((packaged_configs().resolve(), Path("configs")), (Path.cwd(), Path())):
+        if p.is_relative_to(base):
+            return str(prefix / p.relative_to(base))
+    return path
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], parent: str | None) -> list[str]:
     """Human names of what differs between two ``stage_inputs``."""
     if not old:
@@ -78,7 +88,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], parent: str | None) -
     for path in new_files:
         if path in old_files:
             fa, fb = _flat(old_files[path]), _flat(new_files[path])
-            out += [f"{Path(path).name}: {k}" for k in sorted(set(fa) | set(fb))
+            out += [f"{_short(path)}: {k}" for k in sorted(set(fa) | set(fb))
                     if fa.get(k) != fb.get(k)]
     return out or ["its inputs"]
 
