@@ -34,11 +34,13 @@ LOG = "stage.log"
 def stage_inputs(stage: Stage, parent_fingerprint: str | None) -> dict[str, Any]:
     """What a stage's result depends on: its argv, the contents of the config files it stacks
     (parsed, so comments and layout do not count) and its parent stage's fingerprint."""
-    configs = {}
-    for flag, value in zip(stage.args, stage.args[1:], strict=False):
-        if flag == "--config":
-            configs[value] = yaml.safe_load(Path(value).read_text()) or {}
-    return {"argv": stage.args, "configs": configs, "parent": parent_fingerprint}
+    configs, argv = {}, []
+    for prev, arg in zip(["", *stage.args], stage.args, strict=False):
+        if prev == "--config":  # named as the user names it: stable across installs
+            configs[_short(arg)] = yaml.safe_load(Path(arg).read_text()) or {}
+            arg = _short(arg)
+        argv.append(arg)
+    return {"argv": argv, "configs": configs, "parent": parent_fingerprint}
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
@@ -88,7 +90,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], parent: str | None) -
     for path in new_files:
         if path in old_files:
             fa, fb = _flat(old_files[path]), _flat(new_files[path])
-            out += [f"{_short(path)}: {k}" for k in sorted(set(fa) | set(fb))
+            out += [f"{path}: {k}" for k in sorted(set(fa) | set(fb))
                     if fa.get(k) != fb.get(k)]
     return out or ["its inputs"]
 
