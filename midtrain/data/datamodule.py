@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from midtrain.data.loader import MixtureStream, ValidationBlocks, step_loader
-from midtrain.data.mixture import (  # format_plan: printed here, importable from here
+from midtrain.data.mixture import (
     MixtureSchedule,
     Phase,
     check_repeat,
