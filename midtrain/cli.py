@@ -61,7 +61,9 @@ def _parse(parser: Any, args: Sequence[str], what: str) -> Any:
     except MidtrainError:
         raise
     except Exception as e:  # argparse.ArgumentError and jsonargparse's own
-        raise MidtrainError(f"{what}: {one_line(e)}") from None
+        from midtrain.yaml_input import explain_dict_error
+
+        raise MidtrainError(explain_dict_error(one_line(e)) or f"{what}: {one_line(e)}") from None
 
 
 def _fields_of(cls: type, namespace: Any) -> dict[str, Any]:
@@ -263,7 +265,9 @@ def trainer_main(argv: Sequence[str]) -> None:
         if cause is not None:
             raise cause from None
         if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
-            raise MidtrainError(f"config: {one_line(e)}") from None
+            from midtrain.yaml_input import explain_dict_error
+
+            raise MidtrainError(explain_dict_error(one_line(e)) or f"config: {one_line(e)}") from None
         raise
 
 

@@ -9,6 +9,7 @@ nested keys, and YAML values on the command line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,19 @@ def check_args(args: Sequence[str]) -> None:
                 raise MidtrainError(
                     f"{option}: {value} is not a dict (YAML needs a space after each colon); "
                     f"write {option} '{fixed}' (quoted, for the shell)")
+
+
+def explain_dict_error(message: str) -> str | None:
+    """One line for jsonargparse's Union dump when a dict-typed key got a string: the shell
+    or YAML took ``{a:1}`` / ``{a:1,b:2}`` apart (braces expand, no space after a colon)."""
+    if "Expected a <class 'dict'>" not in message:
+        return None
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    given = re.search(r"Given value: (.*?)(?: - |$)", message)
+    key = ".".join(k for k in keys if not k.startswith("--")) or "value"
+    got = f" got {given.group(1).strip()!r};" if given else ""
+    return (f"--{key}: expected a dict,{got} write it as YAML in quotes with a space after each "
+            f"colon, e.g. --{key} '{{a: 1, b: 2}}'")
 
 
 _installed = False

@@ -42,7 +42,7 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_fit_logs_tags_and_resume_is_exact(tmp_path: Path, builtin_store: Path) -> None:
-    full = fit_config(tmp_path, builtin_store, "full", val_check_interval=5, limit_val_batches=1)
+    full = fit_config(tmp_path, builtin_store, "full", val_check_interval=5)
     assert main(["fit", "--config", str(full), "--checkpoint.every_n_train_steps", "3",
                  "--checkpoint.save_top_k", "-1"]) == 0
     tags = scalars(tmp_path / "full")
@@ -61,7 +61,7 @@ def test_fit_logs_tags_and_resume_is_exact(tmp_path: Path, builtin_store: Path) 
     # to 10: the same weights, bit for bit, as the uninterrupted run.
     step6 = tmp_path / "full" / "checkpoints" / "epoch=0-step=6.ckpt"
     assert step6.is_file()
-    part = fit_config(tmp_path, builtin_store, "part", val_check_interval=5, limit_val_batches=1)
+    part = fit_config(tmp_path, builtin_store, "part", val_check_interval=5)
     assert main(["fit", "--config", str(part), "--ckpt_path", str(step6)]) == 0
     # the final step is checkpointed even when every_n_train_steps does not divide max_steps
     assert torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt",
@@ -91,8 +91,7 @@ def test_validate_reports_every_set(tmp_path: Path, builtin_store: Path,
     assert main(["fit", "--config", str(cfg)]) == 0
     capsys.readouterr()
     ckpt = tmp_path / "v" / "checkpoints" / "last.ckpt"
-    assert main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt),
-                 "--trainer.limit_val_batches", "2"]) == 0
+    assert main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt)]) == 0
     out = capsys.readouterr().out
     for name in ("prose", "code", "math"):
         assert f"val/{name}/loss" in out
@@ -168,8 +167,7 @@ def test_test_and_predict_commands(tmp_path: Path, builtin_store: Path,
     run_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "tp").iterdir() if p.is_file()}
     ckpt = str(tmp_path / "tp" / "checkpoints" / "last.ckpt")
     capsys.readouterr()
-    assert main(["test", "--config", str(cfg), "--ckpt_path", ckpt,
-                 "--trainer.limit_test_batches", "1"]) == 0
+    assert main(["test", "--config", str(cfg), "--ckpt_path", ckpt]) == 0
     assert "test/math/loss" in capsys.readouterr().out
     assert main(["predict", "--config", str(cfg), "--ckpt_path", ckpt,
                  "--trainer.limit_predict_batches", "1"]) == 0
