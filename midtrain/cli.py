@@ -145,6 +145,12 @@ def trainer_main(argv: Sequence[str]) -> None:
                     f"ckpt_path: `midtrain {self.subcommand}` evaluates trained weights; give "
                     "--ckpt_path <checkpoint> (or `last` of the run), or --model.init_from "
                     "<checkpoint>")
+            if self.subcommand in ("validate", "test"):
+                # `limit_val_batches: 0` in a fit config turns periodic validation off; the
+                # command whose whole job is evaluation evaluates the whole sets.
+                key = "limit_val_batches" if self.subcommand == "validate" else "limit_test_batches"
+                if cfg.trainer.get(key) == 0:
+                    cfg.trainer[key] = 1.0
             trainer = cfg.trainer
             root = trainer.default_root_dir or "runs/midtrain"
             trainer.default_root_dir = root

@@ -29,6 +29,7 @@ WARNINGS = [
 # Only when evaluating (validate/test/predict), where only the weights of a checkpoint matter:
 EVALUATION_WARNINGS = [
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be",
+    r"The dirpath has changed from .* won't be reloaded",
 ]
 
 # rank_zero_info lines (matched at the start)

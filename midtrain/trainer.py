@@ -8,10 +8,12 @@ them ``int | float`` keeps integers integers; ``0.5`` and ``1.0`` stay fractions
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.errors import MidtrainError
@@ -21,21 +23,23 @@ class StepProgressBar(TQDMProgressBar):
     """The training bar counts optimizer steps of the whole run (``global_step/max_steps``), so
     a resumed run shows where it is, the total, and an ETA from the steps this process ran."""
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._count_steps(trainer)  # a resumed run may not start an epoch
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps is not None and max_steps > 0 else super().total_train_batches
+
+    def init_train_tqdm(self) -> Tqdm:
+        step = self.trainer.global_step
+        # tqdm's rate and ETA count from `initial`: the steps a resumed run did not run here
+        return Tqdm(desc=self.train_description, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout,
+                    smoothing=0, bar_format=self.BAR_FORMAT,
+                    total=convert_inf(self.total_train_batches), initial=step)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self._count_steps(trainer)
-
-    def _count_steps(self, trainer: pl.Trainer) -> None:
         bar = self.train_progress_bar
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            bar.total = trainer.max_steps
-        # tqdm's rate and ETA count from `initial`: the steps a resumed run did not run here
         bar.initial = bar.n = trainer.global_step
-        bar.set_description(f"Epoch {trainer.current_epoch}")
         bar.refresh()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
