@@ -134,6 +134,7 @@ def test_sft_run_logs_in_domain_loss_and_forgetting(tmp_path: Path, builtin_stor
     cfg["model"]["init_from"] = str(tmp_path / "pre" / "checkpoints" / "last.ckpt")
     cfg["trainer"].update(default_root_dir=str(tmp_path / "sft"), max_steps=6,
                           val_check_interval=3)
+    del cfg["trainer"]["limit_val_batches"]  # the set sizes above decide what is evaluated
     sft = tmp_path / "sft.yaml"
     sft.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(sft)]) == 0
