@@ -6,7 +6,6 @@ import dataclasses
 import os
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,7 +61,9 @@ def _parse(parser: Any, args: Sequence[str], what: str) -> Any:
     except MidtrainError:
         raise
     except Exception as e:  # argparse.ArgumentError and jsonargparse's own
-        raise MidtrainError(f"{what}: {one_line(e)}") from None
+        from midtrain.yaml_input import explain_dict_error
+
+        raise MidtrainError(explain_dict_error(one_line(e)) or f"{what}: {one_line(e)}") from None
 
 
 def _fields_of(cls: type, namespace: Any) -> dict[str, Any]:
@@ -146,6 +147,18 @@ def trainer_main(argv: Sequence[str]) -> None:
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if self.subcommand in ("validate", "test") and not (
+                    cfg.get("ckpt_path") or cfg.model.get("init_from")):
+                raise MidtrainError(
+                    f"ckpt_path: `midtrain {self.subcommand}` evaluates trained weights; give "
+                    "--ckpt_path <checkpoint> (or `last` of the run), or --model.init_from "
+                    "<checkpoint>")
+            if self.subcommand in ("validate", "test"):
+                # `limit_val_batches: 0` in a fit config turns periodic validation off; the
+                # command whose whole job is evaluation evaluates the whole sets.
+                key = "limit_val_batches" if self.subcommand == "validate" else "limit_test_batches"
+                if cfg.trainer.get(key) == 0:
+                    cfg.trainer[key] = 1.0
             trainer = cfg.trainer
             root = trainer.default_root_dir or "runs/midtrain"
             trainer.default_root_dir = root
@@ -176,10 +189,43 @@ def trainer_main(argv: Sequence[str]) -> None:
             if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
                     and "://" not in ckpt and not os.path.exists(ckpt)):
                 raise MidtrainError(f"ckpt_path: checkpoint not found: {ckpt}")
+            self._check_val_limits()
+            if self.subcommand in ("validate", "test"):
+                if ckpt == "last":  # Lightning's own lookup finds nothing outside of fit
+                    ckpt = str(checkpoint_dir(self.trainer) / LAST)
+                    if not os.path.exists(ckpt):
+                        raise MidtrainError(f"ckpt_path: last: no checkpoint at {ckpt}")
+                    self.config_init[self.subcommand]["ckpt_path"] = ckpt
+                if self.trainer.is_global_zero:
+                    print(f"midtrain {self.subcommand}: {self._evaluated_weights(ckpt, cfg)}")
+
+        def _evaluated_weights(self, ckpt: str, cfg: Any) -> str:
+            """Which weights validate/test evaluate, for the first line of their output."""
+            what, path = ("checkpoint", ckpt) if ckpt else (
+                "model.init_from (weights only)", str(cfg.model.init_from))
+            if os.path.exists(path):
+                step = read_metadata(path).get("global_step")
+                if step is not None:
+                    return f"evaluating {what} {path} (trained {step} steps)"
+            return f"evaluating {what} {path}"
+
+        def _check_val_limits(self) -> None:
+            """A validation set is the same blocks for any world size: its size comes from the
+            data module, never from Lightning's per-process batch limits."""
+            if not hasattr(self.datamodule, "val_set_names"):
+                return
+            for key in ("limit_val_batches", "limit_test_batches"):
+                value = getattr(self.trainer, key)
+                if value not in (0, 1.0) or (value == 1 and isinstance(value, int)):
+                    sizes = ("data.val_max_blocks" if hasattr(self.datamodule, "val_max_blocks")
+                             else "data.val_max_examples and data.general_val_max_blocks")
+                    raise MidtrainError(
+                        f"trainer.{key}: {value} counts batches per process, so the evaluated "
+                        "sequences would change with the number of processes; set the size of "
+                        f"each validation set with {sizes} ({key}: 0 turns it off)")
 
         def before_fit(self) -> None:
             self._check()
-            self._check_val_interval()
             fork = self.config["fit"].get("fork")
             if fork:
                 if self.config["fit"].get("ckpt_path"):
@@ -193,16 +239,6 @@ def trainer_main(argv: Sequence[str]) -> None:
             if hasattr(self.datamodule, "resolve_schedule"):
                 self.datamodule.resolve_schedule(self.trainer)  # refuse a bad schedule early
             self._check_resume()
-
-        def _check_val_interval(self) -> None:
-            t = self.trainer
-            interval = t.val_check_interval
-            batches = (t.max_steps or 0) * t.accumulate_grad_batches
-            if isinstance(interval, int) and batches > 0 and interval > batches:
-                raise MidtrainError(
-                    f"trainer.val_check_interval: {interval} batches is beyond the run's "
-                    f"{batches} (max_steps x accumulate_grad_batches); lower it"
-                )
 
         def _check_resume(self) -> None:
             """Refuse a checkpoint whose data the datamodule cannot continue, before Lightning
@@ -243,7 +279,9 @@ def trainer_main(argv: Sequence[str]) -> None:
         if cause is not None:
             raise cause from None
         if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
-            raise MidtrainError(f"config: {one_line(e)}") from None
+            from midtrain.yaml_input import explain_dict_error
+
+            raise MidtrainError(explain_dict_error(one_line(e)) or f"config: {one_line(e)}") from None
         raise
 
 
@@ -268,9 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"midtrain: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    # Our streams shard by rank and worker themselves, so the length caveat does not apply.
-    warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+    from midtrain import quiet, yaml_input
+
+    quiet.quiet_lightning(command)
     try:
+        yaml_input.install()
+        yaml_input.check_args(rest)
         if command in TRAINER_COMMANDS:
             trainer_main([command, *rest])
         else:

@@ -1,4 +1,5 @@
-"""Lightning's Trainer, with count-or-fraction arguments parsed integer-first.
+"""Lightning's Trainer, with midtrain's units: validation cadence in optimizer steps, progress
+in optimizer steps, count-or-fraction arguments parsed integer-first, one results table.
 
 Lightning annotates ``limit_val_batches`` and friends as ``Union[float, int]``; jsonargparse tries
 float first, so ``limit_val_batches: 1`` (one batch) became ``1.0`` (100% of batches). Declaring
@@ -7,26 +8,131 @@ them ``int | float`` keeps integers integers; ``0.5`` and ``1.0`` stay fractions
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.errors import MidtrainError
 
 
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts optimizer steps of the whole run (``global_step/max_steps``), so
+    a resumed run shows where it is, the total, and an ETA from the steps this process ran."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps is not None and max_steps > 0 else super().total_train_batches
+
+    def init_train_tqdm(self) -> Tqdm:
+        step = self.trainer.global_step
+        # tqdm's rate and ETA count from `initial`: the steps a resumed run did not run here
+        return Tqdm(desc=self.train_description, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout,
+                    smoothing=0, bar_format=self.BAR_FORMAT,
+                    total=convert_inf(self.total_train_batches), initial=step)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        bar.initial = bar.n = trainer.global_step
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if bar is None or bar.disable or step == bar.n:
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+
+
 class Trainer(pl.Trainer):
+    """``pl.Trainer`` with two differences in meaning, both in optimizer steps:
+
+    - an integer ``val_check_interval`` counts optimizer steps, whatever the gradient
+      accumulation and world size (Lightning counts this process's micro-batches); an interval
+      beyond ``max_steps`` validates once, at the end of the run (with one info line);
+    - the training progress bar shows optimizer steps of the whole run (also after a resume).
+
+    ``validate`` and ``test`` print one results table, one column per validation set.
+    """
+
     def __init__(self, *, limit_train_batches: int | float | None = None,
                  limit_val_batches: int | float | None = None,
                  limit_test_batches: int | float | None = None,
                  limit_predict_batches: int | float | None = None,
                  val_check_interval: int | float | None = None,
                  overfit_batches: int | float = 0.0, **kwargs: Any) -> None:
+        self.val_check_steps = val_check_interval if isinstance(val_check_interval, int) else None
+        if self.val_check_steps is not None:
+            max_steps = kwargs.get("max_steps")
+            if max_steps is not None and 0 < max_steps < self.val_check_steps:
+                rank_zero_info(f"trainer.val_check_interval: {self.val_check_steps} steps is "
+                               f"beyond the run's {max_steps}; validating at the end of the run")
+                self.val_check_steps = max_steps
+            accumulation = kwargs.get("accumulate_grad_batches", 1)
+            # Lightning counts the micro-batches of this process: one optimizer step is
+            # `accumulation` of them on every rank, whatever the world size.
+            val_check_interval = self.val_check_steps * accumulation
+        if kwargs.get("enable_progress_bar", True) is not False:
+            callbacks = kwargs.get("callbacks")
+            callbacks = [] if callbacks is None else (
+                list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
+            if not any(isinstance(cb, ProgressBar) for cb in callbacks):
+                kwargs["callbacks"] = [*callbacks, StepProgressBar()]
         super().__init__(limit_train_batches=limit_train_batches,
                          limit_val_batches=limit_val_batches,
                          limit_test_batches=limit_test_batches,
                          limit_predict_batches=limit_predict_batches,
                          val_check_interval=val_check_interval,
                          overfit_batches=overfit_batches, **kwargs)
+
+    def validate(self, *args: Any, verbose: bool = True, **kwargs: Any) -> list[dict[str, float]]:
+        results = super().validate(*args, verbose=False, **kwargs)
+        if verbose and self.is_global_zero:
+            print(results_table(results))
+        return results
+
+    def test(self, *args: Any, verbose: bool = True, **kwargs: Any) -> list[dict[str, float]]:
+        results = super().test(*args, verbose=False, **kwargs)
+        if verbose and self.is_global_zero:
+            print(results_table(results))
+        return results
+
+
+def results_table(results: list[dict[str, float]]) -> str:
+    """``<stage>/<set>/<metric>`` results as one table: a row per metric, a column per set.
+    Lightning repeats every epoch-level metric in each dataloader's dict; they are merged."""
+    merged: dict[str, float] = {}
+    for r in results:
+        merged.update(r)
+    sets: dict[str, dict[str, float]] = {}
+    other: dict[str, float] = {}
+    for key, value in merged.items():
+        parts = key.split("/")
+        if len(parts) == 3:
+            sets.setdefault(parts[1], {})[f"{parts[0]}/{parts[2]}"] = value
+        else:
+            other[key] = value
+    metrics = list(dict.fromkeys(m for per_set in sets.values() for m in per_set))
+    rows = [["", *sets]] + [[m, *(_fmt(per_set.get(m)) for per_set in sets.values())]
+                            for m in metrics]
+    rows += [[k, _fmt(v)] for k, v in other.items()]
+    width = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    lines = ["  ".join(c.rjust(width[i]) if i else c.ljust(width[i]) for i, c in enumerate(r))
+             for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def require_max_steps(trainer: pl.Trainer | None, why: str) -> int:

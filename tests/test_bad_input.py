@@ -128,10 +128,10 @@ def run(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Run:
                   "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}},
         "data": {"class_path": "midtrain.MixtureDataModule",
                  "init_args": {"store": str(builtin_store), "seq_len": 32,
-                               "micro_batch_size": 2}},
+                               "micro_batch_size": 2, "val_max_blocks": 2}},
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2,
                     "default_root_dir": str(d / "run"), "enable_progress_bar": False,
-                    "limit_val_batches": 1, "num_sanity_val_steps": 0},
+                    "num_sanity_val_steps": 0},
     }
     config = write_yaml(d / "fit.yaml", cfg)
     assert main(["fit", "--config", str(config), "--trainer.max_steps", "2"]) == 0

@@ -72,8 +72,9 @@ def study(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Path
         "data": {"class_path": "midtrain.SFTDataModule",
                  "init_args": {"store": str(sft_store), "target": "qa",
                                "general_store": str(builtin_store), "max_length": 32,
-                               "micro_batch_size": 4}},
-        "trainer": {**QUIET, "max_steps": 3, "val_check_interval": 3, "limit_val_batches": 2}}))
+                               "micro_batch_size": 4, "val_max_examples": 8,
+                               "general_val_max_blocks": 8}},
+        "trainer": {**QUIET, "max_steps": 3, "val_check_interval": 3}}))
     (root / "study.yaml").write_text(yaml.safe_dump({
         "output": str(root / "out"), "general": "prose",
         "pretrain": {"config": [str(root / "pre.yaml")]},

@@ -129,10 +129,12 @@ def test_sft_run_logs_in_domain_loss_and_forgetting(tmp_path: Path, builtin_stor
                    "init_args": {"store": str(sft_store), "target": "qa",
                                  "general_store": str(builtin_store),
                                  "general_val_sets": ["prose"], "max_length": 48,
-                                 "micro_batch_size": 4, "packing": True}}
+                                 "micro_batch_size": 4, "packing": True,
+                                 "val_max_examples": 8, "general_val_max_blocks": 8}}
     cfg["model"]["init_from"] = str(tmp_path / "pre" / "checkpoints" / "last.ckpt")
     cfg["trainer"].update(default_root_dir=str(tmp_path / "sft"), max_steps=6,
-                          val_check_interval=3, limit_val_batches=2)
+                          val_check_interval=3)
+    del cfg["trainer"]["limit_val_batches"]  # the set sizes above decide what is evaluated
     sft = tmp_path / "sft.yaml"
     sft.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(sft)]) == 0

@@ -138,7 +138,13 @@ class MixtureStream(StepStream):
 
 
 class ValidationBlocks(IterableDataset):
-    """Consecutive blocks of one validation split, identical across runs; this rank's share."""
+    """Consecutive blocks of one validation split, identical across runs; this rank's share.
+
+    The set is the first ``max_blocks`` blocks whatever the world size; rank r takes blocks
+    r, r + world_size, ... Every rank yields the same number of rows (a short share is padded
+    with rows whose loss mask is zero), so sharded models run the same collectives on every
+    rank, and sums of losses and tokens over ranks are those of the whole set.
+    """
 
     def __init__(self, split: Split, seq_len: int, batch_size: int, max_blocks: int | None,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -148,18 +154,19 @@ class ValidationBlocks(IterableDataset):
         n = split.num_blocks(seq_len)
         self.num_blocks = n if max_blocks is None else min(n, max_blocks)
         self.rank, self.world_size = rank, world_size
-
-    def _my_blocks(self) -> np.ndarray:
-        return np.arange(self.rank, self.num_blocks, self.world_size)
+        self.rows = -(-self.num_blocks // world_size)  # per rank, padding included
 
     def __len__(self) -> int:
-        return -(-len(self._my_blocks()) // self.batch_size)
+        return -(-self.rows // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        mine = self._my_blocks()
-        for lo in range(0, len(mine), self.batch_size):
+        mine = np.arange(self.rank, self.num_blocks, self.world_size)
+        real = len(mine)
+        mine = np.concatenate([mine, np.zeros(self.rows - real, dtype=mine.dtype)])
+        for lo in range(0, self.rows, self.batch_size):
             blocks = mine[lo : lo + self.batch_size]
             tokens = np.empty((len(blocks), self.seq_len + 1), dtype=np.int64)
             mask = np.empty((len(blocks), self.seq_len), dtype=np.float32)
             read_blocks(self.split, blocks, self.seq_len, tokens, mask)
+            mask[max(real - lo, 0):] = 0.0  # padding rows count nothing
             yield to_batch(tokens, mask, np.zeros(len(blocks), dtype=np.int64))

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from midtrain.errors import MidtrainError
 from midtrain.paths import LAST, packaged_configs, run_checkpoints
 from midtrain.study.plan import Stage
+from midtrain.yaml_input import load_yaml_file
 
 DONE = "done.json"  # a finished stage: its fingerprint and metadata
 STARTED = "fingerprint.json"  # a started stage: the fingerprint it was started with
@@ -37,7 +36,7 @@ def stage_inputs(stage: Stage, parent_fingerprint: str | None) -> dict[str, Any]
     configs, argv = {}, []
     for prev, arg in zip(["", *stage.args], stage.args, strict=False):
         if prev == "--config":  # named as the user names it: stable across installs
-            configs[_short(arg)] = yaml.safe_load(Path(arg).read_text()) or {}
+            configs[_short(arg)] = load_yaml_file(arg) or {}
             arg = _short(arg)
         argv.append(arg)
     return {"argv": argv, "configs": configs, "parent": parent_fingerprint}
