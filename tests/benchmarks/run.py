@@ -169,7 +169,7 @@ def bench_prepare(root: Path) -> dict:
     """`midtrain prepare` tokens/s vs the tokenizers batch encode of the same texts."""
     from tokenizers import Tokenizer
 
-    from midtrain.builtin import python_stdlib
+    from midtrain.data.builtin import python_stdlib
     from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
 
     texts = [r["text"] for r in python_stdlib(max_docs=400)]
