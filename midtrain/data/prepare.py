@@ -432,6 +432,11 @@ def _write_manifest(plan: _Plan, out: Path, built: dict[str, Any], eos: int,
     return manifest
 
 
+def _worker_init() -> None:
+    # one process per core already: the tokenizer's own thread pool would oversubscribe
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _encode_job(args: tuple) -> dict[str, Any]:
     return _encode_shard(*args)
 
@@ -445,9 +450,12 @@ class _Builder:
         self.dtype = token_dtype(tok.get_vocab_size())
         self.pool: ProcessPoolExecutor | None = None
         if config.num_proc > 1:
-            # spawn: the parent holds datasets/arrow and tokenizers threads, unsafe to fork
-            self.pool = ProcessPoolExecutor(config.num_proc,
-                                            mp_context=multiprocessing.get_context("spawn"))
+            # fork, as `datasets.map(num_proc=...)` does: workers start in milliseconds
+            # (spawn would re-import datasets in each, seconds per worker)
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.pool = ProcessPoolExecutor(config.num_proc, mp_context=context,
+                                            initializer=_worker_init)
 
     def shard(self, plan: _Plan, out: Path, index: int, count: int) -> dict[str, Any]:
         c = self.config
@@ -591,7 +599,7 @@ def prepare(config: PrepareConfig, shard: tuple[int, int] | None = None, merge: 
         raise MidtrainError(f"--shard: i/N needs 0 <= i < N, got {shard[0]}/{shard[1]}")
     _check_output(root)
     for p in plans:  # fail on a bad source or template before spending time on a tokenizer
-        next(_documents(p), None)
+        next(_rendered(p, 1), None)
 
     sharded = shard is not None or merge
     tok, tok_spec = _get_tokenizer(config, plans, root, sharded and not tokenizer_only)

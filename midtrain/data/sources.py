@@ -79,6 +79,11 @@ def source_fingerprint(spec: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+# Datasets opened in this process, by source fingerprint: forked prepare workers inherit them
+# instead of each opening the source again.
+_OPENED: dict[str, Any] = {}
+
+
 def record_batches(spec: dict[str, Any], where: str, batch_size: int, index: int = 0,
                    count: int = 1) -> Iterator[tuple[int, list[Record]]]:
     """(index of the first record, records) for every ``batch_size`` records of the source
@@ -91,7 +96,10 @@ def record_batches(spec: dict[str, Any], where: str, batch_size: int, index: int
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # its load errors come back as our one line instead
     try:
-        ds = source.dataset(spec)
+        key = source_fingerprint(spec)  # changes with local files: never a stale dataset
+        ds = _OPENED.get(key)
+        if ds is None:
+            ds = _OPENED[key] = source.dataset(spec)
         if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             raise MidtrainError(
                 f"{where}: source {spec.get('path')!r} gives several splits "
