@@ -280,14 +280,16 @@ def _diagnose_file(path: Path, builder: str) -> str | None:
         except json.JSONDecodeError as e:
             return f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})"
         return None
-    for lineno, line in enumerate(text.split("\n"), 1):
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            return (f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno}); "
-                    "a truncated file ends like this")
+            last = not any(rest.strip() for rest in lines[lineno:])
+            return (f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})"
+                    + ("; the file looks truncated" if last else ""))
         if not isinstance(value, dict):
             return f"{path}:{lineno}: a JSON line must be an object, got {type(value).__name__}"
     return None
