@@ -444,17 +444,17 @@ def _encode_job(args: tuple) -> dict[str, Any]:
 class _Builder:
     """Builds domains with ``num_proc`` local processes (one pool for every domain)."""
 
-    def __init__(self, config: PrepareConfig, tok: Tokenizer, eos: int) -> None:
-        self.config, self.eos = config, eos
+    def __init__(self, config: PrepareConfig, tok: Tokenizer, eos: int, processes: int) -> None:
+        self.config, self.eos, self.processes = config, eos, processes
         self.tokenizer_json = tok.to_str()
         self.dtype = token_dtype(tok.get_vocab_size())
         self.pool: ProcessPoolExecutor | None = None
-        if config.num_proc > 1:
+        if processes > 1:
             # fork, as `datasets.map(num_proc=...)` does: workers start in milliseconds
             # (spawn would re-import datasets in each, seconds per worker)
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ProcessPoolExecutor(config.num_proc, mp_context=context,
+            self.pool = ProcessPoolExecutor(processes, mp_context=context,
                                             initializer=_worker_init)
 
     def shard(self, plan: _Plan, out: Path, index: int, count: int) -> dict[str, Any]:
@@ -467,7 +467,7 @@ class _Builder:
         if self.pool is None:
             return _encode_shard(plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, out,
                                  progress=True)
-        n = c.num_proc
+        n = self.processes
         parts = out.parent / f"{out.name}.parts"
         jobs = [(plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, parts / str(i), i, n)
                 for i in range(n)]
@@ -620,8 +620,8 @@ def prepare(config: PrepareConfig, shard: tuple[int, int] | None = None, merge: 
                   for p in plans if merge and p.name not in reused}
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    builder = _Builder(config if shard is None else PrepareConfig(
-        config.output, config.domains, config.tokenizer, config.seed, config.batch_size), tok, eos)
+    # a node's shard is one process; a merge only copies
+    builder = _Builder(config, tok, eos, 1 if shard is not None or merge else config.num_proc)
     if shard is not None:
         try:
             return _run_shard(config, plans, root, builder, reused, *shard)

@@ -92,14 +92,17 @@ def record_batches(spec: dict[str, Any], where: str, batch_size: int, index: int
     import datasets
 
     source = source_for(spec, where)
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # its load errors come back as our one line instead
     try:
         key = source_fingerprint(spec)  # changes with local files: never a stale dataset
         ds = _OPENED.get(key)
         if ds is None:
-            ds = _OPENED[key] = source.dataset(spec)
+            logger = logging.getLogger("datasets")
+            level = logger.level
+            logger.setLevel(logging.CRITICAL)  # its load errors come back as our one line
+            try:
+                ds = _OPENED[key] = source.dataset(spec)
+            finally:
+                logger.setLevel(level)
         if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             raise MidtrainError(
                 f"{where}: source {spec.get('path')!r} gives several splits "
@@ -125,8 +128,6 @@ def record_batches(spec: dict[str, Any], where: str, batch_size: int, index: int
         cause = e.__cause__ or e
         msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise MidtrainError(f"{where}: could not load records: {msg}") from None
-    finally:
-        logger.setLevel(level)
 
 
 def _rows(columns: dict[str, list[Any]]) -> list[Record]:

@@ -11,6 +11,8 @@ Layout of a store root (written by ``midtrain prepare``)::
     <root>/<domain>/{train,val}.mask     uint8 per-token loss mask (only for templated prompt data)
 
 Everything is read through ``np.memmap``, so opening a store costs the same whatever its size.
+The manifest records the size and sha256 of every file: sizes are checked at open (a stat per
+file), content by ``midtrain prepare --verify``.
 """
 
 from __future__ import annotations
