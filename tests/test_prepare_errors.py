@@ -50,6 +50,9 @@ CASES: list[tuple[str, Callable[[Path], dict[str, Any]], str]] = [
      _source(_file("t.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "tru')),
      "domains.bad.source: {tmp}/t.jsonl:3: malformed JSON line: Unterminated string starting "
      "at (column 10); the file looks truncated"),
+    ("json-array-malformed",
+     _source(_file("a.json", b'[\n  {"text": "a"},\n  {"text": "b" "c"}\n]\n')),
+     "domains.bad.source: {tmp}/a.json:3: malformed JSON: Expecting ',' delimiter (column 16)"),
     ("txt-not-utf8",
      _source(_file("latin1.txt", "first line\ncaf\u00e9 au lait\n".encode("latin-1"))),
      "domains.bad.source: {tmp}/latin1.txt:2: not UTF-8: byte 0xe9 at offset 14 "

@@ -261,39 +261,44 @@ class LocalFiles:
 
 
 def _diagnose_file(path: Path, builder: str) -> str | None:
-    """What is wrong with a local text/JSON file (read on the error path only)."""
-    data = path.read_bytes()
-    nul = data.find(b"\x00", 0, 1 << 16)
+    """What is wrong with a local text/JSON file: read line by line, on the error path only."""
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    nul = head.find(b"\x00")
     if nul >= 0:
         return f"{path}: a binary file (NUL byte at offset {nul}), not UTF-8 text"
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        return (f"{path}:{line}: not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
-                f"(line {line}, column {column}); convert the file to UTF-8")
-    if builder != "json":
-        return None
-    if text.lstrip().startswith("["):  # a JSON array (.json)
-        try:
-            json.loads(text)
+    if builder == "json" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        try:  # a JSON array (.json): one document, parsed whole
+            json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            pass  # reported below, with its line
         except json.JSONDecodeError as e:
             return f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})"
-        return None
-    lines = text.split("\n")
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            last = not any(rest.strip() for rest in lines[lineno:])
-            return (f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})"
-                    + ("; the file looks truncated" if last else ""))
-        if not isinstance(value, dict):
-            return f"{path}:{lineno}: a JSON line must be an object, got {type(value).__name__}"
-    return None
+    problem, offset = None, 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                start = e.start - (3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0)
+                return (f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at offset "
+                        f"{offset + e.start} (line {lineno}, column {start + 1}); convert the "
+                        "file to UTF-8")
+            offset += len(raw)
+            if builder != "json" or problem is not None or not line.strip():
+                if problem is not None and line.strip():
+                    return problem  # a bad line with more after it: not a truncation
+                continue
+            if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                problem = f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})"
+                continue
+            if not isinstance(value, dict):
+                return f"{path}:{lineno}: a JSON line must be an object, got {type(value).__name__}"
+    return None if problem is None else problem + "; the file looks truncated"
 
 
 # -- datasets.load_dataset: hub datasets and every other builder ---------------------------------
