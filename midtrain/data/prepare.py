@@ -623,6 +623,9 @@ def prepare(config: PrepareConfig, shard: tuple[int, int] | None = None, merge: 
     # a node's shard is one process; a merge only copies
     builder = _Builder(config, tok, eos, 1 if shard is not None or merge else config.num_proc)
     if shard is not None:
+        if config.num_proc > 1:
+            print(f"num_proc {config.num_proc} ignored with --shard: a shard is one process "
+                  "(give N = nodes x cores shards instead)")
         try:
             return _run_shard(config, plans, root, builder, reused, *shard)
         finally:
