@@ -79,7 +79,8 @@ def prepare_main(args: Sequence[str]) -> None:
         if len(args) != 2:
             raise MidtrainError("usage: midtrain prepare --verify <store dir>")
         return verify_store(args[1])
-    parser = _tool_parser("prepare", "Tokenize named domains into a token store.")
+    parser = _tool_parser("prepare", "Tokenize named domains into a token store. "
+                          "`midtrain prepare --verify <store>` rehashes a store's files.")
     parser.add_class_arguments(PrepareConfig)
     parser.add_argument("--shard", type=str, help="i/N: encode only shard i of N (one node of "
                         "a multi-node prepare), then run once with --merge")
