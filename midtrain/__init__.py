@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 __all__ = ["GPT", "PRESETS", "CausalLM", "MixtureDataModule", "ModelConfig", "SFTDataModule"]
 
-# Public names resolve lazily, so `midtrain --help` or `midtrain.builtin` do not import torch.
+# Public names resolve lazily, so `midtrain --help` or `midtrain.data.builtin` do not import torch.
 _LAZY = {
     "CausalLM": "midtrain.lm",
     "MixtureDataModule": "midtrain.data.datamodule",

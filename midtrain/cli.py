@@ -18,7 +18,7 @@ TRAINER_COMMANDS = {
     "predict": "run the predict loop of a model and data module",
 }
 TOOL_COMMANDS = {
-    "prepare": "tokenize named domains into a token store (--config <yaml>)",
+    "prepare": "tokenize named domains into a token store (--config <yaml>; --verify <store>)",
     "similarity": "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
     "experiment": "a whole study: pretrain once, fork branches, SFT grid, results table",
     "demo": "the CPU-scale study end to end on built-in data (configs/study/cpu.yaml)",
@@ -74,9 +74,29 @@ def _fields_of(cls: type, namespace: Any) -> dict[str, Any]:
 def prepare_main(args: Sequence[str]) -> None:
     from midtrain.data.prepare import PrepareConfig, prepare
 
-    parser = _tool_parser("prepare", "Tokenize named domains into a token store.")
+    if args and args[0] == "--verify":  # check a store's files against its manifests
+        from midtrain.data.prepare import verify_store
+
+        if len(args) != 2:
+            raise MidtrainError("usage: midtrain prepare --verify <store dir>")
+        return verify_store(args[1])
+    parser = _tool_parser("prepare", "Tokenize named domains into a token store. "
+                          "`midtrain prepare --verify <store>` rehashes a store's files.")
     parser.add_class_arguments(PrepareConfig)
-    prepare(PrepareConfig(**_fields_of(PrepareConfig, _parse(parser, args, "prepare config"))))
+    parser.add_argument("--shard", type=str, help="i/N: encode only shard i of N (one node of "
+                        "a multi-node prepare), then run once with --merge")
+    parser.add_argument("--merge", action="store_true", help="build the store from the shards")
+    parser.add_argument("--tokenizer_only", action="store_true",
+                        help="train (or load) the tokenizer once, for --shard runs to share")
+    init = _parse(parser, args, "prepare config")
+    shard = None
+    if init.shard is not None:
+        i, _, n = init.shard.partition("/")
+        if not (i.isdigit() and n.isdigit()):
+            raise MidtrainError(f"--shard: expected i/N (e.g. 0/4), got {init.shard!r}")
+        shard = (int(i), int(n))
+    prepare(PrepareConfig(**_fields_of(PrepareConfig, init)), shard=shard, merge=init.merge,
+            tokenizer_only=init.tokenizer_only)
 
 
 def similarity_main(args: Sequence[str]) -> None:

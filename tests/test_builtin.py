@@ -15,8 +15,8 @@ from pydoc_data.topics import topics
 
 import pytest
 
-from midtrain import builtin
-from midtrain.builtin import (
+from midtrain.data import builtin
+from midtrain.data.builtin import (
     BUILTIN_SOURCES,
     arithmetic,
     builtin_records,

@@ -11,6 +11,8 @@ Layout of a store root (written by ``midtrain prepare``)::
     <root>/<domain>/{train,val}.mask     uint8 per-token loss mask (only for templated prompt data)
 
 Everything is read through ``np.memmap``, so opening a store costs the same whatever its size.
+The manifest records the size and sha256 of every file: sizes are checked at open (a stat per
+file), content by ``midtrain prepare --verify``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class DomainStore:
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         self.name: str = self.manifest["name"]
         self.dtype = np.dtype(self.manifest["dtype"])
+        check_sizes(self.path, self.manifest)
 
     def split(self, name: str) -> Split:
         return self._splits[name]
@@ -191,43 +194,119 @@ class Store:
         return h.hexdigest()[:16]
 
 
-class SplitWriter:
-    """Appends documents to one split on disk; memory stays flat whatever the corpus size."""
+def expected_sizes(manifest: dict[str, Any]) -> dict[str, int]:
+    """File name -> size in bytes, from the manifest (older manifests: from the counts)."""
+    if "files" in manifest:
+        return {name: f["bytes"] for name, f in manifest["files"].items()}
+    if "splits" not in manifest:
+        return {}
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    out = {}
+    for s, n in manifest["splits"].items():
+        out[f"{s}.tokens"] = n["tokens"] * itemsize
+        out[f"{s}.docs"] = (n["docs"] + 1) * 8
+        out[f"{s}.bytes"] = n["docs"] * 8
+        if manifest.get("mask_prompt"):
+            out[f"{s}.mask"] = n["tokens"]
+    return out
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, with_mask: bool) -> None:
+
+def check_sizes(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file of a domain has the size its manifest says: a truncated or damaged store is
+    a one-line error, not silently shorter training data. Costs one stat per file."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for name, size in expected_sizes(manifest).items():
+        f = path / name
+        if not f.is_file():
+            raise MidtrainError(f"{f}: missing from the store; re-run `midtrain prepare`")
+        actual = f.stat().st_size
+        if name.endswith(".tokens") and actual % itemsize:
+            raise MidtrainError(
+                f"{f}: {actual:,} bytes is not a whole number of {manifest['dtype']} tokens "
+                "(odd byte length): the file is damaged; re-run `midtrain prepare`")
+        if actual != size:
+            raise MidtrainError(
+                f"{f}: {actual:,} bytes but its manifest says {size:,}: the store is truncated "
+                "or damaged; re-run `midtrain prepare`")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(files: dict[str, dict[str, Any]]) -> str:
+    """A domain's content hash: over the sha256 of each of its files, by name."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}:{files[name]['sha256']}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def verify(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(domain, problem or "ok") for every domain of a store, rehashing every file."""
+    store = Store(root)
+    out = []
+    for name in store.domain_names:
+        path = store.root / name
+        try:
+            manifest = DomainStore(path).manifest  # sizes checked on open
+        except MidtrainError as e:
+            out.append((name, str(e)))
+            continue
+        if "files" not in manifest:
+            out.append((name, f"{path}: made by an older midtrain without file hashes; "
+                              "re-run `midtrain prepare` to verify it"))
+            continue
+        bad = [f for f, entry in sorted(manifest["files"].items())
+               if file_digest(path / f) != entry["sha256"]]
+        out.append((name, f"{path / bad[0]}: content differs from its manifest (sha256); "
+                          "re-run `midtrain prepare`" if bad else "ok"))
+    return out
+
+
+class SplitWriter:
+    """Appends documents to one split on disk; memory stays flat whatever the corpus size.
+
+    With ``with_records`` it also writes ``<split>.records`` (int64 source record index of
+    each document), which a shard of a parallel prepare needs to be merged in order."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, with_mask: bool,
+                 with_records: bool = False) -> None:
         self.dtype = dtype
         self._tokens = open(directory / f"{split}.tokens", "wb")  # noqa: SIM115
         self._docs = open(directory / f"{split}.docs", "wb")  # noqa: SIM115
         self._bytes = open(directory / f"{split}.bytes", "wb")  # noqa: SIM115
         self._mask = open(directory / f"{split}.mask", "wb") if with_mask else None  # noqa: SIM115
+        self._records = (open(directory / f"{split}.records", "wb")  # noqa: SIM115
+                         if with_records else None)
         self.num_tokens = 0
         self.num_docs = 0
         self.num_bytes = 0
-        self.hash = hashlib.sha256()
         np.zeros(1, dtype=np.int64).tofile(self._docs)
 
-    def add_batch(
-        self, docs: list[np.ndarray], num_bytes: list[int], masks: list[np.ndarray] | None = None
-    ) -> None:
-        """Append documents (each already ending in EOS) with one write per file."""
-        if not docs:
+    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray, num_bytes: list[int],
+                  mask: np.ndarray | None = None, records: list[int] | None = None) -> None:
+        """Append documents given as their concatenated tokens (each ending in EOS) and their
+        lengths, with one write per file."""
+        if not len(lengths):
             return
-        ids = np.concatenate(docs).astype(self.dtype, copy=False)
-        ids.tofile(self._tokens)
-        self.hash.update(ids.tobytes())
+        tokens.astype(self.dtype, copy=False).tofile(self._tokens)
         if self._mask is not None:
-            assert masks is not None and len(masks) == len(docs)
-            m = np.concatenate(masks).astype(np.uint8, copy=False)
-            m.tofile(self._mask)
-            self.hash.update(m.tobytes())
-        lengths = np.fromiter((d.shape[0] for d in docs), dtype=np.int64, count=len(docs))
-        (self.num_tokens + np.cumsum(lengths)).tofile(self._docs)
+            assert mask is not None and len(mask) == len(tokens)
+            mask.astype(np.uint8, copy=False).tofile(self._mask)
+        if self._records is not None:
+            np.asarray(records, dtype=np.int64).tofile(self._records)
+        (self.num_tokens + np.cumsum(lengths, dtype=np.int64)).tofile(self._docs)
         np.asarray(num_bytes, dtype=np.int64).tofile(self._bytes)
-        self.num_tokens += int(lengths.sum())
-        self.num_docs += len(docs)
+        self.num_tokens += int(tokens.shape[0])
+        self.num_docs += len(lengths)
         self.num_bytes += int(sum(num_bytes))
 
     def close(self) -> None:
-        for f in (self._tokens, self._docs, self._bytes, self._mask):
+        for f in (self._tokens, self._docs, self._bytes, self._mask, self._records):
             if f is not None:
                 f.close()

@@ -17,7 +17,14 @@ def load_tokenizer(path: str | None = None, hub: str | None = None) -> Tokenizer
     if path is not None:
         if not Path(path).is_file():
             raise MidtrainError(f"tokenizer.path: file not found: {path}")
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # any JSON that is not a tokenizer: name the file and the cause
+            cause = " ".join(str(e).split()) or type(e).__name__
+            raise MidtrainError(
+                f"tokenizer.path: {path} is not a tokenizer.json ({cause}); give a file saved "
+                "by the `tokenizers` library (e.g. a hub model's tokenizer.json)"
+            ) from None
     if hub is not None:
         try:
             return Tokenizer.from_pretrained(hub)

@@ -169,7 +169,7 @@ def bench_prepare(root: Path) -> dict:
     """`midtrain prepare` tokens/s vs the tokenizers batch encode of the same texts."""
     from tokenizers import Tokenizer
 
-    from midtrain.builtin import python_stdlib
+    from midtrain.data.builtin import python_stdlib
     from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
 
     texts = [r["text"] for r in python_stdlib(max_docs=400)]
@@ -327,6 +327,8 @@ def bench_gpu(store: Path) -> dict:
 
 
 def main() -> None:
+    from tests.benchmarks import prepare as prepare_bench
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
@@ -337,6 +339,7 @@ def main() -> None:
                    "resume": bench_resume(store), "sampler": bench_sampler(store),
                    "training": bench_training_overhead(store),
                    "prepare": bench_prepare(Path(tmp)),
+                   "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
                    "loader": bench_loader(Path(tmp) / "loader"),
                    "gpu": bench_gpu(store)}
     results["sampler"].pop("_np")
@@ -364,6 +367,7 @@ def main() -> None:
              for a in ("pythia-160m", "pythia-410m")),
          "", results["gpu"].get("skipped", results["gpu"].get("goal", ""))),
     ]
+    rows += prepare_bench.rows(results["prepare_parallel"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
         print(f"{name:<52} {fig:>12}  {detail:<22} {goal}")
