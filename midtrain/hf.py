@@ -322,6 +322,50 @@ def config_of(spec: str, where: str = "init_from", directory: Path | None = None
         raise MidtrainError(f"{where}: {directory}/config.json: {e}") from None
 
 
+# keys an HF-initialised model may set differently from its HF config (no weight depends on them)
+_FREE_KEYS = {"block_size"}
+
+
+def config_for_init(init_from: str, model_config: dict[str, Any] | None) -> ModelConfig:
+    """The shape ``CausalLM(init_from="hf:...")`` builds: the HF config's, plus any
+    ``model_config`` entry that agrees with it (or changes only the context length)."""
+    config = config_of(init_from, "model.init_from")
+    given = dict(model_config or {})
+    derived = asdict(config)
+    unknown = sorted(set(given) - set(derived))
+    if unknown:
+        raise MidtrainError(f"model.model_config: unknown field {unknown[0]!r}")
+    for key, value in given.items():
+        if key in _FREE_KEYS or key == "name":
+            continue
+        if value != derived[key]:
+            raise MidtrainError(
+                f"model.model_config.{key}={value!r} conflicts with {init_from} "
+                f"({key}={derived[key]!r}); drop it: the shape comes from the HF config")
+    config = ModelConfig(**{**derived, **{k: given[k] for k in _FREE_KEYS if k in given}})
+    try:
+        config.validate()
+    except ValueError as e:
+        raise MidtrainError(f"model: {e}") from None
+    return config
+
+
+def load_into(model: GPT, init_from: str, sharded: bool) -> None:
+    """Load the HF weights into ``model``. Sharded (FSDP2): rank 0 reads the files and each
+    tensor is broadcast and sliced into the local shards, so no other rank holds a full copy."""
+    where = "model.init_from"
+    if not sharded:
+        _, state = load(init_from, where)
+        model.load_state_dict(state)
+        return
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = load(init_from, where)[1] if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                broadcast_from_rank0=True))
+
+
 def tokenizer_file(spec: str, where: str = "tokenizer") -> Path:
     """The ``tokenizer.json`` of an HF model ``hf:<dir or id>[@rev]`` (or a plain dir/id)."""
     directory = resolve(spec, where, patterns=("tokenizer*", "special_tokens_map.json",
@@ -471,3 +515,33 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# -- any model, ready to run ---------------------------------------------------------------------
+
+def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
+               dtype: str | None = None) -> tuple[GPT, Any, int | None]:
+    """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
+    dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
+    unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
+    from tokenizers import Tokenizer
+
+    if source.startswith(HF_PREFIX):
+        config, state = load(source, "--ckpt")
+        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (
+            tokenizer_file(source), None)
+    else:
+        config, state, meta = load_checkpoint(source)
+        tok_path, eos = (tokenizer_source(tokenizer) if tokenizer
+                         else run_tokenizer(Path(source), meta))
+    tok = Tokenizer.from_file(str(tok_path))
+    check_tokenizer(tok, config, "--tokenizer")
+    eos_token = _eos_token(tok, eos, "--tokenizer")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    model.load_state_dict(state)
+    if dtype is not None:
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[dtype])
+    return model.eval(), tok, tok.token_to_id(eos_token)
