@@ -326,6 +326,7 @@ def write_tasks(directory: Path) -> Path:
 
 def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it (lm_eval[hf])
     import lm_eval
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
@@ -349,7 +350,7 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     # loglikelihoods are the model's own summed token log-probs (and equal the hf model's)
     from lm_eval.models.huggingface import HFLM
 
-    theirs = HFLM(pretrained=str(exported(run)), dtype="float32", batch_size=4)
+    theirs = HFLM(pretrained=str(exported(run)), dtype="float32", batch_size=4, device="cpu")
     requests = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate(
         [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")])]
     got, want = ours.loglikelihood(requests), theirs.loglikelihood(requests)

@@ -31,7 +31,8 @@ class DownstreamEval(Callback):
     optimizer step just completed.
     """
 
-    def __init__(self, tasks: list[str | dict[str, Any]], every_n_steps: int = 1000,
+    def __init__(self, tasks: list[str | dict[str, int | str | list[str]]],
+                 every_n_steps: int = 1000,
                  limit: int | None = None, batch_size: int = 8, at_end: bool = True,
                  include_path: str | None = None, num_fewshot: int | None = None) -> None:
         if every_n_steps <= 0:

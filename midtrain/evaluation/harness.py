@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: it imports it only when empty)
+import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -49,8 +50,10 @@ class MidtrainLM(TemplateLM):
                 from midtrain.errors import MidtrainError
 
                 raise MidtrainError("--model_args: give checkpoint=<checkpoint or hf:model>")
-            model, tokenizer_object, eos_id = load_model(str(checkpoint), tokenizer,
-                                                         device or "cpu", dtype)
+            if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                device = "cpu"  # lm-eval's CLI passes --device cuda by default
+            model, tokenizer_object, eos_id = load_model(str(checkpoint), tokenizer, device,
+                                                         dtype)
         self.model = model
         self.tok = tokenizer_object
         self._eos_id = eos_id if eos_id is not None else 0
@@ -59,6 +62,20 @@ class MidtrainLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.vocab_size = min(model.config.padded_vocab_size,
                               self.tok.get_vocab_size(with_added_tokens=True))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict | None = None) -> MidtrainLM:
+        # --model_args wins over lm-eval's own --batch_size/--device (always passed along)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
+                                       additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict | None = None) -> MidtrainLM:
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     @property
     def eot_token_id(self) -> int:
