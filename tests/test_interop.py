@@ -449,3 +449,27 @@ def test_prepare_takes_tokenizer_from_hf_model(tmp_path: Path, builtin_store: Pa
                               domains={"d": DomainConfig(source={"path": str(docs)})},
                               tokenizer=TokenizerConfig(hub=f"hf:{directory}@main")))
     assert not (tmp_path / "store2").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_import_and_distributed_export(tmp_path: Path, builtin_store: Path) -> None:
+    """init_from hf: under FSDP2 (2 gloo processes, rank 0 reads, shards broadcast) starts
+    from the same loss as one process; its sharded checkpoint exports like a file."""
+    from tests.test_distributed import FSDP2, fit, losses
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    init = ("--model.init_from", f"hf:{directory}", "--model.arch", "tiny")
+    one = fit(tmp_path, builtin_store, "one", 1, None, 2, *init)
+    fsdp = fit(tmp_path, builtin_store, "fsdp", 2, FSDP2, 2, *init)
+    assert losses(fsdp)[0] == pytest.approx(losses(one)[0], rel=1e-5)
+    sharded = fsdp / "checkpoints" / "last.ckpt"
+    assert (sharded / "meta.pt").is_file()
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(sharded), "--out", str(out)]) == 0
+    config, state, _ = hf.load_checkpoint(sharded)
+    ours = GPT(config)
+    ours.load_state_dict(state)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-5
