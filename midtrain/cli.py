@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 import sys
@@ -143,8 +144,10 @@ def generate_main(args: Sequence[str]) -> None:
     parser.add_argument("--device", default="cpu")
     a = _parse(parser, args, "generate")
     model, tok, eos = load_model(a.ckpt, a.tokenizer, a.device)
+    # a shell passes "\n" as two characters: read escapes, so --stop "\n\n" means a blank line
+    stops = [codecs.decode(s, "unicode_escape") for s in a.stop]
     sampling = Sampling(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=list(a.stop),
+                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=stops,
                         stop_ids=[eos] if eos is not None else [])
     vocab = min(model.config.padded_vocab_size, tok.get_vocab_size(with_added_tokens=True))
     for prompt, text in zip(a.prompt, generate_text(model, tok, a.prompt, sampling, vocab),
