@@ -393,15 +393,25 @@ def test_downstream_eval_callback_logs_tags(tmp_path: Path, builtin_store: Path)
     cfg = fit_config(tmp_path, builtin_store, "ds", ARCHS["pythia"], steps=5)
     config = yaml.safe_load(cfg.read_text())
     config["trainer"]["log_every_n_steps"] = 50  # eval tags do not depend on it
+    init_args = {"tasks": tasks, "every_n_steps": 2, "limit": 5}
+    expected = ["eval/arith/acc", "eval/arith/acc_norm", "eval/arith_gen/exact_match"]
+    try:
+        import lm_eval  # noqa: F401
+
+        # an lm-eval task by name, from a directory of task YAMLs
+        init_args.update(include_path=str(tmp_path / "tasks"))
+        tasks.append("mt_arith_mc")
+        expected.append("eval/mt_arith_mc/acc")
+    except ImportError:
+        pass
     config["trainer"]["callbacks"] = [{"class_path": "midtrain.callbacks.DownstreamEval",
-                                       "init_args": {"tasks": tasks, "every_n_steps": 2,
-                                                     "limit": 5}}]
+                                       "init_args": init_args}]
     cfg.write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(cfg)]) == 0
     ea = EventAccumulator(str(tmp_path / "ds"))
     ea.Reload()
     tags = ea.Tags()["scalars"]
-    for tag in ("eval/arith/acc", "eval/arith/acc_norm", "eval/arith_gen/exact_match"):
+    for tag in expected:
         assert tag in tags
         steps = [e.step for e in ea.Scalars(tag)]
         assert steps == [2, 4, 5]  # every 2 optimizer steps, and the end
