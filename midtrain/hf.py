@@ -350,6 +350,27 @@ def config_for_init(init_from: str, model_config: dict[str, Any] | None) -> Mode
     return config
 
 
+def check_store(init_from: str, store: Any) -> None:
+    """Refuse a token store that does not line up with the HF model: another vocabulary than
+    the model's tokenizer, or another end-of-text id than its config's."""
+    from tokenizers import Tokenizer
+
+    directory = resolve(init_from, "model.init_from")
+    hf_tokenizer = directory / "tokenizer.json"
+    fix = f"prepare the store with `tokenizer: {{hub: {init_from}}}`"
+    if hf_tokenizer.is_file():
+        ours = Tokenizer.from_file(str(store.tokenizer_path)).get_vocab(with_added_tokens=True)
+        theirs = Tokenizer.from_file(str(hf_tokenizer)).get_vocab(with_added_tokens=True)
+        if ours != theirs:
+            raise MidtrainError(f"data.store: {store.root} was tokenized with another tokenizer "
+                                f"than {init_from} ({len(ours)} vs {len(theirs)} tokens); {fix}")
+    eos = read_config(directory, "model.init_from").get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if eos_ids and store.eos_id not in eos_ids:
+        raise MidtrainError(f"data.store: end-of-text id {store.eos_id} of {store.root} is not "
+                            f"the model's eos_token_id {eos}; {fix}")
+
+
 def load_into(model: GPT, init_from: str, sharded: bool) -> None:
     """Load the HF weights into ``model``. Sharded (FSDP2): rank 0 reads the files and each
     tensor is broadcast and sliced into the local shards, so no other rank holds a full copy."""

@@ -141,6 +141,11 @@ class CausalLM(L.LightningModule):
                 f"model.vocab_size: the tokenizer has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.padded_vocab_size}; raise model_config.vocab_size"
             )
+        store = getattr(datamodule, "store", None)
+        if (self.hparams.init_from or "").startswith("hf:") and store is not None:
+            from midtrain import hf
+
+            hf.check_store(self.hparams.init_from, store)  # same tokenizer and EOS as the model
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and seq_len > self.config.block_size:
             raise MidtrainError(

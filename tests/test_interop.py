@@ -166,6 +166,8 @@ def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
             vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, intermediate_size=172, max_position_embeddings=64,
             tie_word_embeddings=False)
+    eos = json.loads((store / "store.json").read_text())["eos_id"]
+    config.bos_token_id = config.eos_token_id = eos  # as Pythia: <|endoftext|> is both
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -209,6 +211,21 @@ def test_import_refuses_bad_input(tmp_path: Path, builtin_store: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(MidtrainError, match="directory not found"):
         CausalLM(init_from=f"hf:{tmp_path}/missing")
+
+
+def test_import_refuses_another_tokenizer(tmp_path: Path, builtin_store: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    from midtrain.data.datamodule import MixtureDataModule
+    from midtrain.lm import CausalLM
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    data = MixtureDataModule(str(builtin_store), seq_len=32)
+    CausalLM(init_from=f"hf:{directory}").check_data(data)  # the same tokenizer passes
+    other = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+    other.save(str(directory / "tokenizer.json"))
+    with pytest.raises(MidtrainError, match="tokenized with another tokenizer"):
+        CausalLM(init_from=f"hf:{directory}").check_data(data)
 
 
 def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Path) -> None:
