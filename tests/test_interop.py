@@ -69,6 +69,12 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     return perturbed(tmp / "run" / "checkpoints" / "last.ckpt")
 
 
+def one_arch(run: Path, arch: str = "pythia") -> None:
+    """Tests of plumbing that does not depend on the architecture run once (CPU time)."""
+    if run.parents[2].name.rstrip("0123456789") != arch:
+        pytest.skip(f"covered by the {arch} run")
+
+
 def exported(ckpt: Path) -> Path:
     out = ckpt.parent.parent / "hf"
     if not out.exists():
@@ -104,6 +110,7 @@ def test_export_matches_transformers(run: Path, builtin_store: Path) -> None:
 
 
 def test_export_bf16_sharded(run: Path, tmp_path: Path) -> None:
+    one_arch(run, "llama")
     out = tmp_path / "bf16"
     assert main(["export", "--ckpt", str(run), "--out", str(out), "--dtype", "bf16",
                  "--max_shard_size", "20KB"]) == 0
@@ -274,6 +281,7 @@ def test_generation_cache_matches_full_and_transformers(run: Path) -> None:
 
 def test_generate_command_and_method(run: Path, builtin_store: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
+    one_arch(run)
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(run), "--prompt", "def add(a, b):", "--prompt",
                  "Question:", "--max_new_tokens", "8"]) == 0
@@ -385,6 +393,7 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
 
 
 def test_lm_eval_command(run: Path, tmp_path: Path) -> None:
+    one_arch(run)
     pytest.importorskip("lm_eval")
     write_tasks(tmp_path / "tasks")
     assert main(["lm-eval", "run", "--model", "midtrain", "--model_args",
