@@ -414,24 +414,24 @@ def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
         raise MidtrainError(f"{where}: {e}") from None
 
 
-def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
-                                                 dict[str, Any]]:
+def load_checkpoint(path: str | Path, where: str = "--ckpt") -> tuple[
+        ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir."""
     from midtrain.checkpoint import load_weights, read_metadata
 
     path = Path(path)
     if not path.exists():
-        raise MidtrainError(f"--ckpt: checkpoint not found: {path}")
+        raise MidtrainError(f"{where}: checkpoint not found: {path}")
     try:
         meta = read_metadata(path)
     except MidtrainError:
         raise
     except Exception:
-        raise MidtrainError(f"--ckpt: {path} is not a checkpoint (cannot be read by "
+        raise MidtrainError(f"{where}: {path} is not a checkpoint (cannot be read by "
                             "torch.load)") from None
     if not isinstance(meta, dict) or "hyper_parameters" not in meta:
-        raise MidtrainError(f"--ckpt: {path} is not a midtrain checkpoint (no hyper_parameters)")
-    config = checkpoint_config(meta["hyper_parameters"], "--ckpt")
+        raise MidtrainError(f"{where}: {path} is not a midtrain checkpoint (no hyper_parameters)")
+    config = checkpoint_config(meta["hyper_parameters"], where)
     state = load_weights(path)
     return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
 
@@ -541,18 +541,18 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
 # -- any model, ready to run ---------------------------------------------------------------------
 
 def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
-               dtype: str | None = None) -> tuple[GPT, Any, int | None]:
+               dtype: str | None = None, where: str = "--ckpt") -> tuple[GPT, Any, int | None]:
     """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
     dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
     unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
     from tokenizers import Tokenizer
 
     if source.startswith(HF_PREFIX):
-        config, state = load(source, "--ckpt")
+        config, state = load(source, where)
         tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (
             tokenizer_file(source), None)
     else:
-        config, state, meta = load_checkpoint(source)
+        config, state, meta = load_checkpoint(source, where)
         tok_path, eos = (tokenizer_source(tokenizer) if tokenizer
                          else run_tokenizer(Path(source), meta))
     tok = Tokenizer.from_file(str(tok_path))

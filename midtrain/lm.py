@@ -34,7 +34,9 @@ class CausalLM(L.LightningModule):
         weight_decay, decay_1d_params: AdamW decay, on matrices only unless decay_1d_params.
         betas, eps: AdamW.
         init_from: a checkpoint whose weights (only) initialise the model: fresh optimizer
-            and schedule, for SFT and branches.
+            and schedule, for SFT and branches. Or ``hf:<local dir or hub id>[@revision]``: a
+            Hugging Face GPTNeoX/Llama model, whose config also gives the shape (``arch`` is
+            then unused; ``model_config`` may only agree with it, or change ``block_size``).
         activation_checkpointing: recompute each block's activations in backward (memory).
         compile: ``torch.compile`` each transformer block.
         document_masking: in packed pretraining blocks, attend only within each document

@@ -392,7 +392,7 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
         theirs.loglikelihood_rolling(rolling)[0], abs=1e-4)
 
 
-def test_lm_eval_command(run: Path, tmp_path: Path) -> None:
+def test_lm_eval_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one_arch(run)
     pytest.importorskip("lm_eval")
     write_tasks(tmp_path / "tasks")
@@ -402,6 +402,15 @@ def test_lm_eval_command(run: Path, tmp_path: Path) -> None:
                  str(tmp_path / "results")]) == 0
     files = list((tmp_path / "results").rglob("results_*.json"))
     assert files and "mt_arith_mc" in json.loads(files[0].read_text())["results"]
+    # an unknown task, a path that is not a checkpoint: one line each, exit 2
+    capsys.readouterr()
+    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args", f"checkpoint={run}",
+                 "--tasks", "no_such_task_xyz", "--device", "cpu"]) == 2
+    assert "Tasks not found: no_such_task_xyz" in capsys.readouterr().err
+    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args",
+                 f"checkpoint={tmp_path / 'nope.ckpt'}", "--tasks", "mt_arith_mc",
+                 "--include_path", str(tmp_path / "tasks"), "--device", "cpu"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err.splitlines()[-1]
 
 
 # -- in-loop downstream evaluation --------------------------------------------------------------

@@ -52,8 +52,8 @@ class MidtrainLM(TemplateLM):
                 raise MidtrainError("--model_args: give checkpoint=<checkpoint or hf:model>")
             if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
                 device = "cpu"  # lm-eval's CLI passes --device cuda by default
-            model, tokenizer_object, eos_id = load_model(str(checkpoint), tokenizer, device,
-                                                         dtype)
+            model, tokenizer_object, eos_id = load_model(
+                str(checkpoint), tokenizer, device, dtype, where="model_args checkpoint")
         self.model = model
         self.tok = tokenizer_object
         self._eos_id = eos_id if eos_id is not None else 0
@@ -165,13 +165,21 @@ class MidtrainLM(TemplateLM):
 
 def run_cli(args: list[str]) -> None:
     """lm-eval's own command line, with the ``midtrain`` model registered."""
+    import os
     import sys
 
     from lm_eval.__main__ import cli_evaluate
+
+    from midtrain.errors import MidtrainError
 
     argv = sys.argv
     sys.argv = ["lm_eval", *args]
     try:
         cli_evaluate()
+    except (ValueError, KeyError, FileNotFoundError) as e:  # unknown task or model, bad args
+        if os.environ.get("MIDTRAIN_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise MidtrainError(f"lm-eval: {message}") from None
     finally:
         sys.argv = argv
