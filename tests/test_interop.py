@@ -109,6 +109,51 @@ def test_export_matches_transformers(run: Path, builtin_store: Path) -> None:
     assert not list(out.parent.glob(".hf.*"))  # no temporary directory left behind
 
 
+@pytest.mark.parametrize(("arch", "overrides"), [
+    ("tiny", {"parallel_residual": False, "tie_embeddings": True, "rotary_pct": 0.5}),
+    ("llama-tiny", {"tie_embeddings": True, "bias": True, "norm_eps": 1e-5}),
+])
+def test_mapping_variants_round_trip(arch: str, overrides: dict, tmp_path: Path) -> None:
+    """Options beyond the presets (tied embeddings, sequential residual, rotary share, biases)
+    survive GPT -> transformers -> GPT with the same logits."""
+    from huggingface_hub import save_torch_state_dict
+
+    from midtrain.model import ModelConfig
+
+    config = ModelConfig.from_name(arch, **overrides)
+    torch.manual_seed(0)
+    ours = GPT(config)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    hf.to_hf_config(config).save_pretrained(tmp_path)
+    save_torch_state_dict(hf.to_hf_state_dict(ours.state_dict(), config), tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    back_config, back_state = hf.load(f"hf:{tmp_path}")
+    back = GPT(back_config)
+    back.load_state_dict(back_state)
+    idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ours(idx)
+        assert (theirs(idx).logits - expected).abs().max().item() <= 1e-5
+        assert torch.equal(back(idx), expected)
+
+
+@pytest.mark.parametrize(("arch", "overrides", "message"), [
+    ("tiny", {"bias": False}, "bias=False with a GELU MLP"),
+    ("tiny", {"norm": "rmsnorm"}, "norm='rmsnorm' with a GELU MLP"),
+    ("llama-tiny", {"norm": "layernorm"}, "norm='layernorm' with a SwiGLU MLP"),
+    ("llama-tiny", {"parallel_residual": True}, "parallel_residual=True"),
+    ("llama-tiny", {"rotary_pct": 0.5}, "rotary_pct=0.5"),
+])
+def test_export_refuses_what_transformers_cannot_express(arch: str, overrides: dict,
+                                                         message: str) -> None:
+    from midtrain.model import ModelConfig
+
+    with pytest.raises(MidtrainError, match=message):
+        hf.hf_architecture(ModelConfig.from_name(arch, **overrides))
+
+
 def test_export_bf16_sharded(run: Path, tmp_path: Path) -> None:
     one_arch(run, "llama")
     out = tmp_path / "bf16"
