@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckp
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.errors import MidtrainError
+from midtrain.evaluation.callback import DownstreamEval  # noqa: F401  (re-exported)
 from midtrain.paths import checkpoint_dir, step_checkpoint, switch_checkpoint
 
 

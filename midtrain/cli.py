@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 import sys
@@ -23,6 +24,9 @@ TOOL_COMMANDS = {
     "experiment": "a whole study: pretrain once, fork branches, SFT grid, results table",
     "demo": "the CPU-scale study end to end on built-in data (configs/study/cpu.yaml)",
     "consolidate": "a distributed (sharded) checkpoint as one file: consolidate <dir> <out.ckpt>",
+    "export": "a checkpoint as a Hugging Face transformers model directory (--ckpt, --out)",
+    "generate": "sample text from a checkpoint or hf:<model> (--ckpt, --prompt ...)",
+    "lm-eval": "lm-evaluation-harness with the `midtrain` model registered (lm_eval's arguments)",
 }
 
 
@@ -133,6 +137,59 @@ def consolidate_main(args: Sequence[str]) -> None:
     from midtrain.checkpoint import consolidate
 
     print(f"written {consolidate(args[0], args[1])}")
+
+
+def export_main(args: Sequence[str]) -> None:
+    from midtrain.hf import MAX_SHARD_SIZE, export
+
+    parser = _tool_parser("export", "Write a checkpoint as a Hugging Face model directory.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or distributed directory")
+    parser.add_argument("--out", required=True, help="new directory to write")
+    parser.add_argument("--dtype", default="float32", help="float32, bf16 or fp16")
+    parser.add_argument("--tokenizer", type=str | None, default=None,
+                        help="tokenizer.json, store dir or hf:model (default: the run's store)")
+    parser.add_argument("--eos", type=str | None, default=None, help="end-of-text token")
+    parser.add_argument("--max_shard_size", default=MAX_SHARD_SIZE,
+                        help="safetensors shard size, e.g. 5GB")
+    a = _parse(parser, args, "export")
+    print(f"written {export(a.ckpt, a.out, a.dtype, a.tokenizer, a.eos, a.max_shard_size)}")
+
+
+def generate_main(args: Sequence[str]) -> None:
+    from midtrain.generation import Sampling, generate_text
+    from midtrain.hf import load_model
+
+    parser = _tool_parser("generate", "Generate text from a checkpoint or an HF model.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint, or hf:<dir or id>[@revision]")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="a prompt; repeat for a batch")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int | None, default=None)
+    parser.add_argument("--top_p", type=float | None, default=None)
+    parser.add_argument("--seed", type=int | None, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    parser.add_argument("--tokenizer", type=str | None, default=None)
+    parser.add_argument("--device", default="cpu")
+    a = _parse(parser, args, "generate")
+    model, tok, eos = load_model(a.ckpt, a.tokenizer, a.device)
+    # a shell passes "\n" as two characters: read escapes, so --stop "\n\n" means a blank line
+    stops = [codecs.decode(s, "unicode_escape") for s in a.stop]
+    sampling = Sampling(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=stops,
+                        stop_ids=[eos] if eos is not None else [])
+    vocab = min(model.config.padded_vocab_size, tok.get_vocab_size(with_added_tokens=True))
+    for prompt, text in zip(a.prompt, generate_text(model, tok, a.prompt, sampling, vocab),
+                            strict=True):
+        print(prompt + text)
+        if len(a.prompt) > 1:
+            print("---")
+
+
+def lm_eval_main(args: Sequence[str]) -> None:
+    from midtrain.evaluation.harness import run_cli
+
+    run_cli(list(args))
 
 
 def demo_main(args: Sequence[str]) -> None:
@@ -314,6 +371,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "experiment": experiment_main,
     "demo": demo_main,
     "consolidate": consolidate_main,
+    "export": export_main,
+    "generate": generate_main,
+    "lm-eval": lm_eval_main,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ class CausalLM(L.LightningModule):
         weight_decay, decay_1d_params: AdamW decay, on matrices only unless decay_1d_params.
         betas, eps: AdamW.
         init_from: a checkpoint whose weights (only) initialise the model: fresh optimizer
-            and schedule, for SFT and branches.
+            and schedule, for SFT and branches. Or ``hf:<local dir or hub id>[@revision]``: a
+            Hugging Face GPTNeoX/Llama model, whose config also gives the shape (``arch`` is
+            then unused; ``model_config`` may only agree with it, or change ``block_size``).
         activation_checkpointing: recompute each block's activations in backward (memory).
         compile: ``torch.compile`` each transformer block.
         document_masking: in packed pretraining blocks, attend only within each document
@@ -56,17 +59,27 @@ class CausalLM(L.LightningModule):
         overrides = dict(model_config or {})
         if vocab_size is not None:  # linked from the data; an explicit model_config wins
             overrides.setdefault("vocab_size", vocab_size)
-        try:
-            self.config = ModelConfig.from_name(arch, **overrides)
-        except ValueError as e:
-            raise MidtrainError(f"model: {e}") from None
+        if init_from is not None and init_from.startswith("hf:"):
+            from midtrain import hf
+
+            # the shape comes from the HF config; the weights load in configure_model
+            self.config = hf.config_for_init(init_from, model_config)
+        else:
+            try:
+                self.config = ModelConfig.from_name(arch, **overrides)
+            except ValueError as e:
+                raise MidtrainError(f"model: {e}") from None
         if lr <= 0:
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
         if lr_schedule not in ("cosine", "wsd", "constant"):
             raise MidtrainError(f"model.lr_schedule: unknown {lr_schedule!r}; use cosine, wsd or constant")
-        if init_from is not None and not Path(init_from).exists():
+        if (init_from is not None and not init_from.startswith("hf:")
+                and not Path(init_from).exists()):
             raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
         self.save_hyperparameters()
+        if init_from is not None and init_from.startswith("hf:"):
+            # the resolved shape, so a checkpoint of this run describes its model by itself
+            self.hparams["model_config"] = dataclasses.asdict(self.config)
         self.hparams["betas"] = list(betas)  # a tuple would not read back with yaml.safe_load
         self.model: GPT | None = None
         self.domains: list[str] = []
@@ -98,6 +111,11 @@ class CausalLM(L.LightningModule):
         self.model = model
 
     def _load_init_weights(self, model: GPT, sharded: bool) -> None:
+        if self.hparams.init_from.startswith("hf:"):
+            from midtrain import hf
+
+            hf.load_into(model, self.hparams.init_from, sharded)
+            return
         state = load_weights(self.hparams.init_from)
         try:
             if sharded:
@@ -125,6 +143,11 @@ class CausalLM(L.LightningModule):
                 f"model.vocab_size: the tokenizer has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.padded_vocab_size}; raise model_config.vocab_size"
             )
+        store = getattr(datamodule, "store", None)
+        if (self.hparams.init_from or "").startswith("hf:") and store is not None:
+            from midtrain import hf
+
+            hf.check_store(self.hparams.init_from, store)  # same tokenizer and EOS as the model
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and seq_len > self.config.block_size:
             raise MidtrainError(
@@ -304,6 +327,48 @@ class CausalLM(L.LightningModule):
                     "val": {"loss per set": ["Multiline", [r"val/.*/loss"]],
                             "bits per byte per set": ["Multiline", [r"val/.*/bpb"]]},
                 })
+
+    # -- generation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: list[str] | None = None,
+                 tokenizer: Any = None, stop_at_eos: bool = True) -> str | list[str]:
+        """Completions of ``prompts`` (one string or a batch), greedy by default, with a KV
+        cache. ``tokenizer``: a ``tokenizers.Tokenizer`` or tokenizer.json path; by default
+        the training store's, or the HF model's this module was initialised from."""
+        from tokenizers import Tokenizer
+
+        from midtrain.generation import Sampling, generate_text
+
+        if tokenizer is None:
+            store = getattr(getattr(self._trainer, "datamodule", None), "store", None)
+            if store is not None:
+                tokenizer = str(store.tokenizer_path)
+            elif (self.hparams.init_from or "").startswith("hf:"):
+                from midtrain import hf
+
+                tokenizer = str(hf.tokenizer_file(self.hparams.init_from))
+            else:
+                raise MidtrainError("generate: give tokenizer= (no data module or HF model "
+                                    "to take it from)")
+        if not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_file(str(tokenizer))
+        eos = getattr(self, "eos_id", None)
+        if eos is None:
+            from midtrain.data.tokenizer import DEFAULT_EOS
+
+            eos = tokenizer.token_to_id(DEFAULT_EOS)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop=list(stop or []),
+                            stop_ids=[eos] if stop_at_eos and eos is not None else [])
+        if self.model is None:
+            self.configure_model()
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = generate_text(self.model, tokenizer, batch, sampling,
+                            vocab_size=min(self.config.padded_vocab_size,
+                                           tokenizer.get_vocab_size(with_added_tokens=True)))
+        return out[0] if isinstance(prompts, str) else out
 
     # -- checkpoint state -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

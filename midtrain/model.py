@@ -182,6 +182,23 @@ def _make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding, preallocated (B, H,
+    max_len, head_size); ``update`` appends the new tokens' and returns everything so far."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v, self.length = k, v, 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache full: {end} tokens for room of {self.k.size(2)}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -191,7 +208,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # GPT-NeoX packs qkv per head ([q_h | k_h | v_h] for each head h), which keeps
         # HF Pythia checkpoints loadable without reshuffling the fused weight.
@@ -199,6 +217,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(self.head_size, dim=-1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if kv_cache is not None:  # decoding: attend to every cached key as well
+            k, v = kv_cache.update(k, v)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # packed sequences: causal within each document only
@@ -237,10 +257,12 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(config) if config.mlp == "swiglu" else GeluMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         if self.parallel_residual:
-            return x + self.attn(self.norm_1(x), cos, sin, mask) + self.mlp(self.norm_2(x))
-        x = x + self.attn(self.norm_1(x), cos, sin, mask)
+            return (x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache)
+                    + self.mlp(self.norm_2(x)))
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -333,6 +355,39 @@ class GPT(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
+        return self.lm_head(self.norm_f(x))
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """One empty key/value cache per block for ``forward_cached``, room for max_len tokens."""
+        c, w = self.config, self.embed.weight
+        shape = (batch_size, c.n_head, max_len, c.head_size)
+        return [KVCache(torch.empty(shape, dtype=w.dtype, device=w.device),
+                        torch.empty(shape, dtype=w.dtype, device=w.device))
+                for _ in range(c.n_layer)]
+
+    def forward_cached(self, idx: torch.Tensor, cache: list[KVCache], positions: torch.Tensor,
+                       key_mask: torch.Tensor) -> torch.Tensor:
+        """Incremental decoding: (B, T) new tokens -> (B, T, padded_vocab_size) logits, with
+        the keys and values of every earlier token read from ``cache`` (and these appended).
+
+        ``positions`` (B, T) are the tokens' rotary positions; ``key_mask`` (B, L + T) marks
+        which cached-plus-new tokens are real (False: left padding of a shorter prompt), so
+        each row computes what it would alone. Cost per new token is independent of L.
+        """
+        T = idx.size(1)
+        if int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} is beyond block_size "
+                             f"{self.config.block_size}")
+        total = cache[0].length + T
+        causal = torch.ones(T, total, dtype=torch.bool, device=idx.device).tril(total - T)
+        # a padding query attends to itself, so no softmax row is empty (NaN would spread)
+        self_key = torch.zeros_like(causal)
+        self_key[:, total - T:] = torch.eye(T, dtype=torch.bool, device=idx.device)
+        mask = ((key_mask[:, None, :] & causal) | self_key).unsqueeze(1)
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        x = self.embed(idx)
+        for block, kv in zip(self.blocks, cache, strict=True):
+            x = block(x, cos, sin, mask, kv)
         return self.lm_head(self.norm_f(x))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

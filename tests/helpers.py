@@ -48,3 +48,20 @@ class ChangeWeightsAt(pl.Callback):
             self.effective = trainer.datamodule.change_weights(self.weights)
             if self.record_to:
                 Path(self.record_to).write_text(str(self.effective))
+
+
+class SaveBatches(pl.Callback):
+    """Saves every training micro-batch (a list of dicts of tensors) to ``path`` at train end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.batches: list[dict] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self.batches.append({k: v.detach().cpu().clone() for k, v in batch.items()})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch
+
+        torch.save(self.batches, self.path)

@@ -26,6 +26,13 @@ def load_tokenizer(path: str | None = None, hub: str | None = None) -> Tokenizer
                 "by the `tokenizers` library (e.g. a hub model's tokenizer.json)"
             ) from None
     if hub is not None:
+        if hub.startswith("hf:") or "@" in hub or Path(hub).is_dir():
+            # a model directory or hub id, optionally @revision: the tokenizer a released
+            # model was trained with (midtrain.hf resolves it the way init_from does)
+            from midtrain.hf import HF_PREFIX, tokenizer_file
+
+            spec = hub if hub.startswith(HF_PREFIX) else HF_PREFIX + hub
+            return Tokenizer.from_file(str(tokenizer_file(spec, "tokenizer.hub")))
         try:
             return Tokenizer.from_pretrained(hub)
         except Exception as e:  # network, auth or a wrong name: one line either way

@@ -1,0 +1,568 @@
+"""Hugging Face interop: export a checkpoint as a ``transformers`` model directory, and import a
+``transformers`` model (a local directory or a hub id, optionally ``@revision``) into ``GPT``.
+
+Two architectures map one to one onto ``GPT``:
+
+- ``GPTNeoXForCausalLM`` (Pythia): LayerNorm with bias, exact-erf GELU MLP, fused per-head
+  ``[q|k|v]`` projection (the very layout of ``CausalSelfAttention.qkv``), partial rotary, parallel
+  or sequential residual.
+- ``LlamaForCausalLM`` (the llama-style variant): RMSNorm, SwiGLU, full rotary, sequential residual;
+  separate q/k/v projections are cut from / stacked into the fused one, head by head.
+
+Any other option is refused with one line naming it: nothing is exported or imported approximately.
+Needs the ``hf`` extra (``pip install midtrain[hf]``: transformers, safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from midtrain.errors import MidtrainError
+from midtrain.model import GPT, ModelConfig
+
+HF_PREFIX = "hf:"
+MAX_SHARD_SIZE = "5GB"  # safetensors shards above this size, as transformers' save_pretrained
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MidtrainError(
+            f"{module} is not installed; Hugging Face interop needs `pip install midtrain[hf]`"
+        ) from None
+
+
+# -- config mapping --------------------------------------------------------------------------
+
+def hf_architecture(config: ModelConfig) -> str:
+    """``gpt_neox`` or ``llama``, or a one-line error naming the option neither can express."""
+    if config.mlp == "gelu":
+        if config.norm != "layernorm":
+            raise MidtrainError(f"export: norm={config.norm!r} with a GELU MLP has no transformers "
+                                "equivalent (GPTNeoX uses LayerNorm)")
+        if not config.bias:
+            raise MidtrainError("export: bias=False with a GELU MLP has no transformers "
+                                "equivalent (GPTNeoX's MLP and LayerNorm always have biases)")
+        return "gpt_neox"
+    if config.norm != "rmsnorm":
+        raise MidtrainError(f"export: norm={config.norm!r} with a SwiGLU MLP has no transformers "
+                            "equivalent (Llama uses RMSNorm)")
+    if config.parallel_residual:
+        raise MidtrainError("export: parallel_residual=True with a SwiGLU MLP has no transformers "
+                            "equivalent (Llama is sequential)")
+    if config.rotary_dims != config.head_size:
+        raise MidtrainError(f"export: rotary_pct={config.rotary_pct} with a SwiGLU MLP has no "
+                            "transformers equivalent (Llama rotates every head dim)")
+    return "llama"
+
+
+def to_hf_config(config: ModelConfig, bos_id: int | None = None,
+                 eos_id: int | None = None) -> Any:
+    """The ``transformers`` config of ``config``; the vocabulary is the padded one (as Pythia's)."""
+    transformers = _require("transformers")
+    common = dict(
+        vocab_size=config.padded_vocab_size, hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        intermediate_size=config.mlp_hidden_size, max_position_embeddings=config.block_size,
+        tie_word_embeddings=config.tie_embeddings, bos_token_id=bos_id, eos_token_id=eos_id,
+    )
+    if hf_architecture(config) == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            **common, hidden_act="gelu", layer_norm_eps=config.norm_eps,
+            use_parallel_residual=config.parallel_residual, attention_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base,
+                             "partial_rotary_factor": config.rotary_pct},
+            architectures=["GPTNeoXForCausalLM"], dtype="float32",
+        )
+    return transformers.LlamaConfig(
+        **common, hidden_act="silu", rms_norm_eps=config.norm_eps,
+        num_key_value_heads=config.n_head, head_dim=config.head_size,
+        attention_bias=config.bias, mlp_bias=config.bias,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
+        architectures=["LlamaForCausalLM"], dtype="float32",
+    )
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope settings from a config.json of any transformers version (4.x keys or 5.x)."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    if "rotary_pct" in hf:
+        rope.setdefault("partial_rotary_factor", hf["rotary_pct"])
+    return rope
+
+
+def from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """``ModelConfig`` fields for an HF ``config.json`` dict, or a one-line error."""
+    model_type = hf.get("model_type")
+    if model_type not in ("gpt_neox", "llama"):
+        raise MidtrainError(f"{where}: model_type {model_type!r} is not supported; "
+                            "midtrain imports gpt_neox (Pythia) and llama models")
+    n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    rope = _rope(hf)
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise MidtrainError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} "
+                            "is not supported (only plain rotary)")
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
+        raise MidtrainError(f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}")
+    vocab = int(hf["vocab_size"])
+    out: dict[str, Any] = dict(
+        name=f"{model_type}-import", vocab_size=vocab,
+        pad_vocab_multiple=128 if vocab % 128 == 0 else 1,  # the embedding keeps HF's rows
+        block_size=int(hf.get("max_position_embeddings", 2048)),
+        n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
+        intermediate_size=int(hf.get("intermediate_size") or 4 * n_embd),
+        rotary_base=float(rope["rope_theta"]),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "llama")),
+    )
+    if model_type == "gpt_neox":
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise MidtrainError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                                "(GPTNeoX import needs exact 'gelu')")
+        if not hf.get("attention_bias", True):
+            raise MidtrainError(f"{where}: attention_bias=false is not supported for gpt_neox")
+        out.update(norm="layernorm", mlp="gelu", bias=True,
+                   norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+                   parallel_residual=bool(hf.get("use_parallel_residual", True)),
+                   rotary_pct=float(rope.get("partial_rotary_factor", 1.0)))
+    else:
+        if hf.get("hidden_act", "silu") != "silu":
+            raise MidtrainError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                                "(Llama import needs 'silu')")
+        kv = int(hf.get("num_key_value_heads") or n_head)
+        if kv != n_head:
+            raise MidtrainError(f"{where}: grouped-query attention (num_key_value_heads={kv} != "
+                                f"{n_head} heads) is not supported")
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            raise MidtrainError(f"{where}: attention_bias != mlp_bias is not supported")
+        if int(hf.get("pretraining_tp", 1)) != 1:
+            raise MidtrainError(f"{where}: pretraining_tp != 1 is not supported")
+        out.update(norm="rmsnorm", mlp="swiglu", bias=bool(hf.get("attention_bias", False)),
+                   norm_eps=float(hf.get("rms_norm_eps", 1e-6)), parallel_residual=False,
+                   rotary_pct=1.0)
+    return out
+
+
+# -- weight mapping ---------------------------------------------------------------------------
+
+def _qkv_split(w: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our fused per-head [q_h|k_h|v_h] rows -> separate q, k, v (Llama's projections)."""
+    shaped = w.reshape(n_head, 3, -1, *w.shape[1:])
+    return tuple(shaped[:, i].reshape(-1, *w.shape[1:]) for i in range(3))  # type: ignore[return-value]
+
+
+def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int) -> torch.Tensor:
+    parts = [t.reshape(n_head, 1, -1, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
+    """Our parameter name -> the HF one (everything except Llama's split qkv)."""
+    names: dict[str, str] = {}
+    suffixes = ("weight", "bias") if config.bias or arch == "gpt_neox" else ("weight",)
+    norm_suffixes = ("weight", "bias") if config.norm == "layernorm" else ("weight",)
+    if arch == "gpt_neox":
+        root, names["embed.weight"] = "gpt_neox", "gpt_neox.embed_in.weight"
+        per_layer = {"norm_1": ("input_layernorm", norm_suffixes),
+                     "norm_2": ("post_attention_layernorm", norm_suffixes),
+                     "attn.qkv": ("attention.query_key_value", suffixes),
+                     "attn.proj": ("attention.dense", suffixes),
+                     "mlp.fc": ("mlp.dense_h_to_4h", suffixes),
+                     "mlp.proj": ("mlp.dense_4h_to_h", suffixes)}
+        final, head = "gpt_neox.final_layer_norm", "embed_out.weight"
+    else:
+        root, names["embed.weight"] = "model", "model.embed_tokens.weight"
+        per_layer = {"norm_1": ("input_layernorm", norm_suffixes),
+                     "norm_2": ("post_attention_layernorm", norm_suffixes),
+                     "attn.proj": ("self_attn.o_proj", suffixes),
+                     "mlp.fc_1": ("mlp.gate_proj", suffixes),
+                     "mlp.fc_2": ("mlp.up_proj", suffixes),
+                     "mlp.proj": ("mlp.down_proj", suffixes)}
+        final, head = "model.norm", "lm_head.weight"
+    for i in range(config.n_layer):
+        for ours, (theirs, sfx) in per_layer.items():
+            for s in sfx:
+                names[f"blocks.{i}.{ours}.{s}"] = f"{root}.layers.{i}.{theirs}.{s}"
+    for s in norm_suffixes:
+        names[f"norm_f.{s}"] = f"{final}.{s}"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = head
+    return names
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    arch = hf_architecture(config)
+    out = {theirs: state[ours] for ours, theirs in _name_map(config, arch).items()}
+    if arch == "llama":
+        sfx = ("weight", "bias") if config.bias else ("weight",)
+        for i in range(config.n_layer):
+            for s in sfx:
+                q, k, v = _qkv_split(state[f"blocks.{i}.attn.qkv.{s}"], config.n_head)
+                for name, t in zip(("q", "k", "v"), (q, k, v), strict=True):
+                    out[f"model.layers.{i}.self_attn.{name}_proj.{s}"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
+                       where: str) -> dict[str, torch.Tensor]:
+    arch = "gpt_neox" if config.mlp == "gelu" else "llama"
+    names = _name_map(config, arch)
+    if arch == "gpt_neox" and "embed_out.weight" not in hf_state and "lm_head.weight" in hf_state:
+        # transformers 5 names Pythia's output layer lm_head (and reads embed_out as that)
+        hf_state = {**hf_state, "embed_out.weight": hf_state["lm_head.weight"]}
+    missing = [theirs for theirs in names.values() if theirs not in hf_state]
+    if missing:
+        raise MidtrainError(f"{where}: weights miss {missing[0]} ({len(missing)} missing tensors)")
+    out = {ours: hf_state[theirs] for ours, theirs in names.items()}
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["embed.weight"]
+    if arch == "llama":
+        sfx = ("weight", "bias") if config.bias else ("weight",)
+        for i in range(config.n_layer):
+            for s in sfx:
+                q, k, v = (hf_state[f"model.layers.{i}.self_attn.{n}_proj.{s}"] for n in "qkv")
+                out[f"blocks.{i}.attn.qkv.{s}"] = _qkv_fuse(q, k, v, config.n_head)
+    return out
+
+
+# -- locating and reading an HF model ---------------------------------------------------------
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``hf:<dir or hub id>[@revision]`` -> (dir or id, revision)."""
+    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    name, _, revision = body.partition("@")
+    if not name:
+        raise MidtrainError(f"{spec!r}: give hf:<local dir or hub id>[@revision]")
+    return name, revision or None
+
+
+def resolve(spec: str, what: str = "init_from",
+            patterns: tuple[str, ...] = ("config.json", "generation_config.json", "tokenizer*",
+                                         "special_tokens_map.json", *_WEIGHT_FILES,
+                                         "model-*.safetensors", "pytorch_model-*.bin")) -> Path:
+    """A local directory holding the model: the directory itself, or the hub snapshot of the id
+    at the revision (downloaded once into the HF cache; HF_HUB_OFFLINE uses the cache only)."""
+    name, revision = parse_spec(spec)
+    if Path(name).is_dir():
+        if revision is not None:
+            raise MidtrainError(f"{what}: {name} is a local directory; @{revision} applies "
+                                "only to hub ids")
+        return Path(name)
+    if name.startswith((".", "/")) or name.count("/") > 1:
+        raise MidtrainError(f"{what}: directory not found: {name}")
+    hub = _require("huggingface_hub")
+    from huggingface_hub import errors
+
+    try:
+        return Path(hub.snapshot_download(name, revision=revision, allow_patterns=list(patterns)))
+    except errors.RevisionNotFoundError:
+        raise MidtrainError(f"{what}: revision {revision!r} does not exist for {name}; see the "
+                            "repository's branches (Pythia: step0 ... step143000)") from None
+    except errors.RepositoryNotFoundError:
+        raise MidtrainError(f"{what}: no hub repository {name!r} (or it is private)") from None
+    except Exception as e:  # offline, network, auth: one line either way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MidtrainError(f"{what}: could not fetch {name}"
+                            f"{'@' + revision if revision else ''} from the hub ({first})") from None
+
+
+def read_config(directory: Path, where: str) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise MidtrainError(f"{where}: {directory} has no config.json; not a transformers model")
+    return json.loads(path.read_text())
+
+
+def read_state(directory: Path, where: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the model directory (safetensors preferred, sharded or not)."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = directory / index_name
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                 if index.is_file() else [single] if (directory / single).is_file() else [])
+        if not files:
+            continue
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            if f.endswith(".safetensors"):
+                st = _require("safetensors.torch")
+                state.update(st.load_file(str(directory / f)))
+            else:
+                state.update(torch.load(directory / f, map_location="cpu", weights_only=True))
+        return state
+    raise MidtrainError(f"{where}: {directory} has no model.safetensors or pytorch_model.bin")
+
+
+def load(spec: str, where: str = "init_from") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """ModelConfig and GPT state dict of an HF model ``hf:<dir or id>[@rev]``."""
+    directory = resolve(spec, where)
+    config = config_of(spec, where, directory)
+    return config, from_hf_state_dict(read_state(directory, where), config, where)
+
+
+def config_of(spec: str, where: str = "init_from", directory: Path | None = None) -> ModelConfig:
+    directory = directory or resolve(spec, where, patterns=("config.json",))
+    try:
+        return ModelConfig(**from_hf_config(read_config(directory, where), where))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MidtrainError(f"{where}: {directory}/config.json: {e}") from None
+
+
+# keys an HF-initialised model may set differently from its HF config (no weight depends on them)
+_FREE_KEYS = {"block_size"}
+
+
+def config_for_init(init_from: str, model_config: dict[str, Any] | None) -> ModelConfig:
+    """The shape ``CausalLM(init_from="hf:...")`` builds: the HF config's, plus any
+    ``model_config`` entry that agrees with it (or changes only the context length)."""
+    config = config_of(init_from, "model.init_from")
+    given = dict(model_config or {})
+    derived = asdict(config)
+    unknown = sorted(set(given) - set(derived))
+    if unknown:
+        raise MidtrainError(f"model.model_config: unknown field {unknown[0]!r}")
+    for key, value in given.items():
+        if key in _FREE_KEYS or key == "name":
+            continue
+        if value != derived[key]:
+            raise MidtrainError(
+                f"model.model_config.{key}={value!r} conflicts with {init_from} "
+                f"({key}={derived[key]!r}); drop it: the shape comes from the HF config")
+    config = ModelConfig(**{**derived, **{k: given[k] for k in _FREE_KEYS if k in given}})
+    try:
+        config.validate()
+    except ValueError as e:
+        raise MidtrainError(f"model: {e}") from None
+    return config
+
+
+def check_store(init_from: str, store: Any) -> None:
+    """Refuse a token store that does not line up with the HF model: another vocabulary than
+    the model's tokenizer, or another end-of-text id than its config's."""
+    from tokenizers import Tokenizer
+
+    directory = resolve(init_from, "model.init_from")
+    hf_tokenizer = directory / "tokenizer.json"
+    fix = f"prepare the store with `tokenizer: {{hub: {init_from}}}`"
+    if hf_tokenizer.is_file():
+        ours = Tokenizer.from_file(str(store.tokenizer_path)).get_vocab(with_added_tokens=True)
+        theirs = Tokenizer.from_file(str(hf_tokenizer)).get_vocab(with_added_tokens=True)
+        if ours != theirs:
+            raise MidtrainError(f"data.store: {store.root} was tokenized with another tokenizer "
+                                f"than {init_from} ({len(ours)} vs {len(theirs)} tokens); {fix}")
+    eos = read_config(directory, "model.init_from").get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if eos_ids and store.eos_id not in eos_ids:
+        raise MidtrainError(f"data.store: end-of-text id {store.eos_id} of {store.root} is not "
+                            f"the model's eos_token_id {eos}; {fix}")
+
+
+def load_into(model: GPT, init_from: str, sharded: bool) -> None:
+    """Load the HF weights into ``model``. Sharded (FSDP2): rank 0 reads the files and each
+    tensor is broadcast and sliced into the local shards, so no other rank holds a full copy."""
+    where = "model.init_from"
+    if not sharded:
+        _, state = load(init_from, where)
+        model.load_state_dict(state)
+        return
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = load(init_from, where)[1] if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                broadcast_from_rank0=True))
+
+
+def tokenizer_file(spec: str, where: str = "tokenizer") -> Path:
+    """The ``tokenizer.json`` of an HF model ``hf:<dir or id>[@rev]`` (or a plain dir/id)."""
+    directory = resolve(spec, where, patterns=("tokenizer*", "special_tokens_map.json",
+                                               "config.json"))
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise MidtrainError(f"{where}: {directory} has no tokenizer.json (a fast tokenizer)")
+    return path
+
+
+# -- checkpoints of this trainer ----------------------------------------------------------------
+
+def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
+    """The ModelConfig a CausalLM with these hyperparameters builds."""
+    init_from = hparams.get("init_from") or ""
+    overrides = dict(hparams.get("model_config") or {})
+    full = {f.name for f in fields(ModelConfig)} <= set(overrides)
+    if init_from.startswith(HF_PREFIX) and full:
+        return ModelConfig(**overrides)  # resolved at construction (see CausalLM)
+    if hparams.get("vocab_size") is not None:
+        overrides.setdefault("vocab_size", hparams["vocab_size"])
+    try:
+        return ModelConfig.from_name(hparams.get("arch", "pythia-70m"), **overrides)
+    except ValueError as e:
+        raise MidtrainError(f"{where}: {e}") from None
+
+
+def load_checkpoint(path: str | Path, where: str = "--ckpt") -> tuple[
+        ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir."""
+    from midtrain.checkpoint import load_weights, read_metadata
+
+    path = Path(path)
+    if not path.exists():
+        raise MidtrainError(f"{where}: checkpoint not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except MidtrainError:
+        raise
+    except Exception:
+        raise MidtrainError(f"{where}: {path} is not a checkpoint (cannot be read by "
+                            "torch.load)") from None
+    if not isinstance(meta, dict) or "hyper_parameters" not in meta:
+        raise MidtrainError(f"{where}: {path} is not a midtrain checkpoint (no hyper_parameters)")
+    config = checkpoint_config(meta["hyper_parameters"], where)
+    state = load_weights(path)
+    return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
+
+
+def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
+    """The tokenizer a checkpoint's run trained with, and its EOS token: the store named in
+    the run's config.yaml (next to ``checkpoints/``), else the HF model it was imported from."""
+    import yaml
+
+    from midtrain.paths import CHECKPOINTS, CONFIG
+
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
+    config_path = run_dir / CONFIG
+    if config_path.is_file():
+        data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
+        store = (data.get("init_args") or data).get("store")
+        if store and (Path(store) / "tokenizer.json").is_file():
+            index = json.loads((Path(store) / "store.json").read_text())
+            return Path(store) / "tokenizer.json", index.get("eos")
+    init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
+    if init_from.startswith(HF_PREFIX):
+        return tokenizer_file(init_from), None
+    raise MidtrainError(f"--tokenizer: cannot find the run's tokenizer for {ckpt} (no "
+                        f"{config_path} naming a store); give --tokenizer <tokenizer.json, "
+                        "store dir or hf:model>")
+
+
+def tokenizer_source(given: str) -> tuple[Path, str | None]:
+    """--tokenizer: a tokenizer.json, a store directory or an HF model -> (file, eos token)."""
+    p = Path(given)
+    if p.is_file():
+        return p, None
+    if (p / "store.json").is_file():
+        return p / "tokenizer.json", json.loads((p / "store.json").read_text()).get("eos")
+    if given.startswith(HF_PREFIX) or (p / "tokenizer.json").is_file():
+        return tokenizer_file(given if given.startswith(HF_PREFIX) else HF_PREFIX + given), None
+    raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")
+
+
+def _eos_token(tok: Any, eos: str | None, where: str) -> str:
+    from midtrain.data.tokenizer import DEFAULT_EOS
+
+    for candidate in (eos, DEFAULT_EOS, "</s>", "<eos>"):
+        if candidate and tok.token_to_id(candidate) is not None:
+            return candidate
+    raise MidtrainError(f"{where}: the tokenizer has no end-of-text token; give one with --eos")
+
+
+def check_tokenizer(tok: Any, config: ModelConfig, where: str) -> None:
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > config.padded_vocab_size:
+        raise MidtrainError(f"{where}: the tokenizer has {size} tokens but the model's vocabulary "
+                            f"is {config.padded_vocab_size}; use the tokenizer it was trained with")
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
+           tokenizer: str | None = None, eos: str | None = None,
+           max_shard_size: str | int = MAX_SHARD_SIZE) -> Path:
+    """Write ``out`` as a transformers model directory (config, safetensors, generation config,
+    tokenizer). Built in a temporary directory next to ``out`` and renamed: never half-written."""
+    from tokenizers import Tokenizer
+
+    transformers = _require("transformers")
+    hub = _require("huggingface_hub")
+    out = Path(out)
+    if out.exists():
+        raise MidtrainError(f"--out: {out} exists; choose a new directory")
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise MidtrainError(f"--dtype: {dtype!r} is not one of float32, bf16, fp16")
+    config, state, meta = load_checkpoint(ckpt)
+    hf_architecture(config)  # refuse before any work
+    tok_path, run_eos = (tokenizer_source(tokenizer) if tokenizer
+                         else run_tokenizer(Path(ckpt), meta))
+    tok = Tokenizer.from_file(str(tok_path))
+    check_tokenizer(tok, config, "--tokenizer")
+    eos_token = _eos_token(tok, eos or run_eos, "--eos")
+    eos_id = tok.token_to_id(eos_token)
+    hf_state = {k: v.to(dtypes[dtype]) for k, v in to_hf_state_dict(state, config).items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf_config = to_hf_config(config, bos_id=eos_id, eos_id=eos_id)
+        hf_config.dtype = str(dtypes[dtype]).removeprefix("torch.")
+        hf_config.save_pretrained(tmp)
+        hub.save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size)
+        transformers.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id,
+                                      pad_token_id=eos_id).save_pretrained(tmp)
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=eos_token, eos_token=eos_token,
+            unk_token=None, pad_token=None, model_max_length=config.block_size)
+        fast.save_pretrained(tmp)
+        (tmp / "midtrain.json").write_text(json.dumps(
+            {"source": str(ckpt), "global_step": meta.get("global_step"),
+             "model_config": asdict(config)}, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -- any model, ready to run ---------------------------------------------------------------------
+
+def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
+               dtype: str | None = None, where: str = "--ckpt") -> tuple[GPT, Any, int | None]:
+    """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
+    dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
+    unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
+    from tokenizers import Tokenizer
+
+    if source.startswith(HF_PREFIX):
+        config, state = load(source, where)
+        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (
+            tokenizer_file(source), None)
+    else:
+        config, state, meta = load_checkpoint(source, where)
+        tok_path, eos = (tokenizer_source(tokenizer) if tokenizer
+                         else run_tokenizer(Path(source), meta))
+    tok = Tokenizer.from_file(str(tok_path))
+    check_tokenizer(tok, config, "--tokenizer")
+    eos_token = _eos_token(tok, eos, "--tokenizer")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    model.load_state_dict(state)
+    if dtype is not None:
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[dtype])
+    return model.eval(), tok, tok.token_to_id(eos_token)

@@ -1,0 +1,565 @@
+"""Hugging Face export/import, generation with a KV cache, lm-evaluation-harness both ways and
+in-loop downstream evaluation (needs the hf / eval extras: skipped cleanly without them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from midtrain import hf  # noqa: E402
+from midtrain.cli import main  # noqa: E402
+from midtrain.errors import MidtrainError  # noqa: E402
+from midtrain.generation import Sampling, generate_ids  # noqa: E402
+from midtrain.model import GPT  # noqa: E402
+
+ARCHS = {
+    "pythia": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
+                                                "block_size": 64}},
+    "llama": {"arch": "llama-tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
+                                                     "block_size": 64, "bias": True}},
+}
+
+
+def fit_config(tmp: Path, store: Path, run: str, model: dict, steps: int = 2,
+               **extra: object) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "model": {**model, "lr": 3e-3, "warmup": 1},
+        "data": {"class_path": "midtrain.MixtureDataModule",
+                 "init_args": {"store": str(store), "seq_len": 32, "micro_batch_size": 4,
+                               "val_max_blocks": 2}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps,
+                    "log_every_n_steps": 1, "default_root_dir": str(tmp / run),
+                    "enable_progress_bar": False, "num_sanity_val_steps": 0,
+                    "limit_val_batches": 0, "enable_model_summary": False},
+        **extra,
+    }
+    path = tmp / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def perturbed(ckpt: Path, seed: int = 0) -> Path:
+    """The checkpoint with noise on every weight (biases and norm parameters too: a fresh
+    model has zero biases and unit norms, which would hide mapping mistakes)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(seed)
+    for k, v in state["state_dict"].items():
+        state["state_dict"][k] = v + 0.2 * torch.randn(v.shape, generator=g)
+    out = ckpt.with_name("perturbed.ckpt")
+    torch.save(state, out)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+        builtin_store: Path) -> Path:
+    """A real 2-step run of a pythia- or llama-shaped model; returns a perturbed checkpoint
+    inside the run's checkpoints/ (so the run's config.yaml names the store)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    assert main(["fit", "--config", str(fit_config(tmp, builtin_store, "run",
+                                                   ARCHS[request.param]))]) == 0
+    return perturbed(tmp / "run" / "checkpoints" / "last.ckpt")
+
+
+def one_arch(run: Path, arch: str = "pythia") -> None:
+    """Tests of plumbing that does not depend on the architecture run once (CPU time)."""
+    if run.parents[2].name.rstrip("0123456789") != arch:
+        pytest.skip(f"covered by the {arch} run")
+
+
+def exported(ckpt: Path) -> Path:
+    out = ckpt.parent.parent / "hf"
+    if not out.exists():
+        assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    return out
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def test_export_matches_transformers(run: Path, builtin_store: Path) -> None:
+    out = exported(run)
+    config, state, _ = hf.load_checkpoint(run)
+    ours = GPT(config)
+    ours.load_state_dict(state)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = "GPTNeoXForCausalLM" if config.mlp == "gelu" else "LlamaForCausalLM"
+    assert type(theirs).__name__ == expected
+    idx = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+    assert diff <= 1e-5
+    # the run's tokenizer, with EOS/BOS, loads with no extra code
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    store_tok = json.loads((builtin_store / "store.json").read_text())
+    assert tok.eos_token == store_tok["eos"] == tok.bos_token
+    assert tok.eos_token_id == store_tok["eos_id"] == theirs.generation_config.eos_token_id
+    from tokenizers import Tokenizer
+
+    text = "def f(x):\n    return x + 1  # Question: 12 + 30?"
+    assert tok(text)["input_ids"] == Tokenizer.from_file(
+        str(builtin_store / "tokenizer.json")).encode(text).ids
+    assert not list(out.parent.glob(".hf.*"))  # no temporary directory left behind
+
+
+@pytest.mark.parametrize(("arch", "overrides"), [
+    ("tiny", {"parallel_residual": False, "tie_embeddings": True, "rotary_pct": 0.5}),
+    ("llama-tiny", {"tie_embeddings": True, "bias": True, "norm_eps": 1e-5}),
+])
+def test_mapping_variants_round_trip(arch: str, overrides: dict, tmp_path: Path) -> None:
+    """Options beyond the presets (tied embeddings, sequential residual, rotary share, biases)
+    survive GPT -> transformers -> GPT with the same logits."""
+    from huggingface_hub import save_torch_state_dict
+
+    from midtrain.model import ModelConfig
+
+    config = ModelConfig.from_name(arch, **overrides)
+    torch.manual_seed(0)
+    ours = GPT(config)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    hf.to_hf_config(config).save_pretrained(tmp_path)
+    save_torch_state_dict(hf.to_hf_state_dict(ours.state_dict(), config), tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    back_config, back_state = hf.load(f"hf:{tmp_path}")
+    back = GPT(back_config)
+    back.load_state_dict(back_state)
+    idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ours(idx)
+        assert (theirs(idx).logits - expected).abs().max().item() <= 1e-5
+        assert torch.equal(back(idx), expected)
+
+
+@pytest.mark.parametrize(("arch", "overrides", "message"), [
+    ("tiny", {"bias": False}, "bias=False with a GELU MLP"),
+    ("tiny", {"norm": "rmsnorm"}, "norm='rmsnorm' with a GELU MLP"),
+    ("llama-tiny", {"norm": "layernorm"}, "norm='layernorm' with a SwiGLU MLP"),
+    ("llama-tiny", {"parallel_residual": True}, "parallel_residual=True"),
+    ("llama-tiny", {"rotary_pct": 0.5}, "rotary_pct=0.5"),
+])
+def test_export_refuses_what_transformers_cannot_express(arch: str, overrides: dict,
+                                                         message: str) -> None:
+    from midtrain.model import ModelConfig
+
+    with pytest.raises(MidtrainError, match=message):
+        hf.hf_architecture(ModelConfig.from_name(arch, **overrides))
+
+
+def test_export_bf16_sharded(run: Path, tmp_path: Path) -> None:
+    one_arch(run, "llama")
+    out = tmp_path / "bf16"
+    assert main(["export", "--ckpt", str(run), "--out", str(out), "--dtype", "bf16",
+                 "--max_shard_size", "20KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    _, state, _ = hf.load_checkpoint(run)
+    assert torch.equal(model.get_input_embeddings().weight, state["embed.weight"].bfloat16())
+
+
+def test_export_refuses_bad_input(run: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(*args: str) -> str:
+        capsys.readouterr()
+        assert main(["export", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        return err
+
+    out = tmp_path / "out"
+    not_ckpt = tmp_path / "notes.txt"
+    not_ckpt.write_text("hello")
+    assert "not a checkpoint" in fails("--ckpt", str(not_ckpt), "--out", str(out))
+    assert "not found" in fails("--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(out))
+    # an option transformers cannot express (a GELU MLP with RMSNorm)
+    state = torch.load(run, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["model_config"] = {**state["hyper_parameters"]["model_config"],
+                                                 "norm": "rmsnorm", "mlp": "gelu"}
+    odd = run.with_name("odd.ckpt")
+    torch.save(state, odd)
+    assert "norm='rmsnorm'" in fails("--ckpt", str(odd), "--out", str(out))
+    # a tokenizer with more tokens than the model's vocabulary
+    from tokenizers import Tokenizer, models
+
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(600)}, unk_token="w0"))
+    big.save(str(tmp_path / "big.json"))
+    assert "600 tokens" in fails("--ckpt", str(run), "--out", str(out), "--tokenizer",
+                                 str(tmp_path / "big.json"))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert "exists" in fails("--ckpt", str(run), "--out", str(existing))
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+# -- import -----------------------------------------------------------------------------------
+
+def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
+    """A random transformers model (non-trivial biases and norms) saved with save_pretrained,
+    with the store's tokenizer: what a released checkpoint looks like, offline."""
+    torch.manual_seed(0)
+    if kind == "pythia":
+        config = transformers.GPTNeoXConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=256, max_position_embeddings=64, use_parallel_residual=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.25}, hidden_act="gelu")
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=172, max_position_embeddings=64,
+            tie_word_embeddings=False)
+    eos = json.loads((store / "store.json").read_text())["eos_id"]
+    config.bos_token_id = config.eos_token_id = eos  # as Pythia: <|endoftext|> is both
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(store / "tokenizer.json"),
+                                         eos_token="<|endoftext|>").save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_import_matches_transformers(kind: str, tmp_path: Path, builtin_store: Path) -> None:
+    from midtrain.lm import CausalLM
+
+    directory = random_hf_model(kind, tmp_path / kind, builtin_store)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    lm = CausalLM(init_from=f"hf:{directory}")
+    lm.configure_model()
+    idx = torch.randint(0, 512, (2, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (lm.model(idx) - theirs(idx).logits).abs().max().item() <= 1e-5
+    assert lm.hparams.model_config["n_layer"] == 2  # the resolved shape is kept in hparams
+    # consistent explicit settings pass; conflicting ones are one-line errors
+    CausalLM(init_from=f"hf:{directory}", model_config={"n_layer": 2, "block_size": 32})
+    with pytest.raises(MidtrainError, match=r"model_config.n_layer=3 conflicts"):
+        CausalLM(init_from=f"hf:{directory}", model_config={"n_layer": 3})
+
+
+def test_import_refuses_bad_input(tmp_path: Path, builtin_store: Path) -> None:
+    from midtrain.lm import CausalLM
+
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
+    with pytest.raises(MidtrainError, match="model_type 'gpt2' is not supported"):
+        CausalLM(init_from=f"hf:{gpt2}")
+    directory = random_hf_model("pythia", tmp_path / "p", builtin_store)
+    with pytest.raises(MidtrainError, match="applies only to hub ids"):
+        CausalLM(init_from=f"hf:{directory}@step1000")
+    with pytest.raises(MidtrainError, match="could not fetch") as e:  # offline in tests
+        CausalLM(init_from="hf:EleutherAI/pythia-14m@step1000")
+    assert "\n" not in str(e.value)
+    with pytest.raises(MidtrainError, match="directory not found"):
+        CausalLM(init_from=f"hf:{tmp_path}/missing")
+
+
+def test_import_refuses_another_tokenizer(tmp_path: Path, builtin_store: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    from midtrain.data.datamodule import MixtureDataModule
+    from midtrain.lm import CausalLM
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    data = MixtureDataModule(str(builtin_store), seq_len=32)
+    CausalLM(init_from=f"hf:{directory}").check_data(data)  # the same tokenizer passes
+    other = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+    other.save(str(directory / "tokenizer.json"))
+    with pytest.raises(MidtrainError, match="tokenized with another tokenizer"):
+        CausalLM(init_from=f"hf:{directory}").check_data(data)
+
+
+def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Path) -> None:
+    """Loss at step 0 of `fit --model.init_from hf:<dir>` equals transformers' loss on the
+    same batch."""
+    import torch.nn.functional as F
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    batch_file = tmp_path / "batch.pt"
+    cfg = fit_config(tmp_path, builtin_store, "cont", {"init_from": f"hf:{directory}"}, steps=1)
+    assert main(["fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.SaveBatches",
+                 f"--trainer.callbacks.path={batch_file}"]) == 0
+    batch = torch.load(batch_file, weights_only=True)[0]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        logits = theirs(batch["input_ids"]).logits
+    ce = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none")
+    mask = batch["loss_mask"].flatten().float()
+    expected = float((ce * mask).sum() / mask.sum())
+    ea = EventAccumulator(str(tmp_path / "cont"))
+    ea.Reload()
+    logged = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert logged[0] == pytest.approx(expected, abs=1e-5)
+
+
+# -- generation -------------------------------------------------------------------------------
+
+def test_generation_cache_matches_full_and_transformers(run: Path) -> None:
+    model, tok, eos = hf.load_model(str(run))
+    prompts = [tok.encode(p).ids for p in ("def add(a, b):", "Question: 3 + 4 =", "The")]
+    sampling = Sampling(max_new_tokens=15)
+    cached = generate_ids(model, prompts, sampling)
+    assert cached == generate_ids(model, prompts, sampling, use_cache=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported(run)).eval()
+    for prompt, ours in zip(prompts, cached, strict=True):
+        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False,
+                              eos_token_id=None, pad_token_id=eos)
+        assert out[0, len(prompt):].tolist() == ours
+    # sampling: reproducible with a seed, and top_k=1 is greedy
+    sampled = Sampling(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    assert generate_ids(model, prompts, sampled) == generate_ids(model, prompts, sampled)
+    assert generate_ids(model, prompts, Sampling(max_new_tokens=10, temperature=1.0, top_k=1,
+                                                 seed=1)) == [c[:10] for c in cached]
+
+
+def test_generate_command_and_method(run: Path, builtin_store: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    one_arch(run)
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(run), "--prompt", "def add(a, b):", "--prompt",
+                 "Question:", "--max_new_tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def add(a, b):") and "---\nQuestion:" in out
+    from midtrain.lm import CausalLM
+
+    lm = CausalLM.load_from_checkpoint(run)
+    text = lm.generate("def add(a, b):", max_new_tokens=8,
+                       tokenizer=builtin_store / "tokenizer.json")
+    model, tok, eos = hf.load_model(str(run))
+    expected = tok.decode(generate_ids(model, [tok.encode("def add(a, b):").ids],
+                                       Sampling(max_new_tokens=8, stop_ids=[eos]))[0])
+    assert text == expected
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--max_new_tokens",
+                 "100"]) == 2
+
+
+# -- lm-evaluation-harness ----------------------------------------------------------------------
+
+MC_TASK = """task: mt_arith_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+test_split: train
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+GEN_TASK = """task: mt_arith_gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+test_split: train
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: " {{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def write_tasks(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for a in range(8):
+        b = (3 * a + 1) % 7
+        right = str(a + b)
+        choices = [right, str(a + b + 1), str(a * b + 3)]
+        order = sorted(range(3), key=lambda i: (i * 5 + a) % 3)
+        rows.append({"question": f"{a} + {b} =", "answer": right,
+                     "choices": [choices[i] for i in order], "label": order.index(0)})
+    data = directory / "arith.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "mc.yaml").write_text(MC_TASK.format(data=data))
+    (directory / "gen.yaml").write_text(GEN_TASK.format(data=data))
+    return data
+
+
+def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it (lm_eval[hf])
+    import lm_eval
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from midtrain.evaluation.harness import MidtrainLM
+
+    write_tasks(tmp_path / "tasks")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    ours = MidtrainLM(checkpoint=str(run), batch_size=4)
+    results = {}
+    for name, model, args in (("midtrain", ours, None),
+                              ("hf", "hf", f"pretrained={exported(run)},dtype=float32")):
+        out = lm_eval.simple_evaluate(model=model, model_args=args,
+                                      tasks=["mt_arith_mc", "mt_arith_gen"],
+                                      task_manager=manager, batch_size=4, device="cpu")
+        results[name] = {t: {k: v for k, v in r.items() if "stderr" not in k and k != "alias"}
+                         for t, r in out["results"].items()}
+    assert results["midtrain"] == results["hf"]
+    assert set(results["midtrain"]["mt_arith_mc"]) >= {"acc,none", "acc_norm,none"}
+
+    # loglikelihoods are the model's own summed token log-probs (and equal the hf model's)
+    from lm_eval.models.huggingface import HFLM
+
+    theirs = HFLM(pretrained=str(exported(run)), dtype="float32", batch_size=4, device="cpu")
+    requests = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate(
+        [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")])]
+    got, want = ours.loglikelihood(requests), theirs.loglikelihood(requests)
+    for (a, ga), (b, gb) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    ctx = ours.tok_encode("Question: 2 + 3 =")
+    whole = ours.tok_encode("Question: 2 + 3 = 5")
+    with torch.no_grad():
+        logp = torch.log_softmax(ours.model(torch.tensor([whole])).float(), -1)[0]
+    direct = sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+    assert got[0][0] == pytest.approx(direct, abs=1e-5)
+    rolling = [Instance("loglikelihood_rolling", {}, ("def f(x):\n    return x * 2\n",), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        theirs.loglikelihood_rolling(rolling)[0], abs=1e-4)
+
+
+def test_lm_eval_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one_arch(run)
+    pytest.importorskip("lm_eval")
+    write_tasks(tmp_path / "tasks")
+    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args",
+                 f"checkpoint={run},batch_size=4", "--tasks", "mt_arith_mc",
+                 "--include_path", str(tmp_path / "tasks"), "--output_path",
+                 str(tmp_path / "results")]) == 0
+    files = list((tmp_path / "results").rglob("results_*.json"))
+    assert files and "mt_arith_mc" in json.loads(files[0].read_text())["results"]
+    # an unknown task, a path that is not a checkpoint: one line each, exit 2
+    capsys.readouterr()
+    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args", f"checkpoint={run}",
+                 "--tasks", "no_such_task_xyz", "--device", "cpu"]) == 2
+    assert "Tasks not found: no_such_task_xyz" in capsys.readouterr().err
+    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args",
+                 f"checkpoint={tmp_path / 'nope.ckpt'}", "--tasks", "mt_arith_mc",
+                 "--include_path", str(tmp_path / "tasks"), "--device", "cpu"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err.splitlines()[-1]
+
+
+# -- in-loop downstream evaluation --------------------------------------------------------------
+
+def test_downstream_eval_callback_logs_tags(tmp_path: Path, builtin_store: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_tasks(tmp_path / "tasks")
+    tasks = [{"name": "arith", "path": str(data), "kind": "multiple_choice",
+              "context": "Question: {question}\nAnswer:", "choices": "choices",
+              "answer": "label"},
+             {"name": "arith_gen", "path": str(data), "kind": "exact_match",
+              "context": "Question: {question}\nAnswer:", "answer": "answer",
+              "max_new_tokens": 4}]
+    cfg = fit_config(tmp_path, builtin_store, "ds", ARCHS["pythia"], steps=5)
+    config = yaml.safe_load(cfg.read_text())
+    config["trainer"]["log_every_n_steps"] = 50  # eval tags do not depend on it
+    init_args = {"tasks": tasks, "every_n_steps": 2, "limit": 5}
+    expected = ["eval/arith/acc", "eval/arith/acc_norm", "eval/arith_gen/exact_match"]
+    try:
+        import lm_eval  # noqa: F401
+
+        # an lm-eval task by name, from a directory of task YAMLs
+        init_args.update(include_path=str(tmp_path / "tasks"))
+        tasks.append("mt_arith_mc")
+        expected.append("eval/mt_arith_mc/acc")
+    except ImportError:
+        pass
+    config["trainer"]["callbacks"] = [{"class_path": "midtrain.callbacks.DownstreamEval",
+                                       "init_args": init_args}]
+    cfg.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    ea = EventAccumulator(str(tmp_path / "ds"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    for tag in expected:
+        assert tag in tags
+        steps = [e.step for e in ea.Scalars(tag)]
+        assert steps == [2, 4, 5]  # every 2 optimizer steps, and the end
+        assert all(0.0 <= e.value <= 1.0 for e in ea.Scalars(tag))
+
+
+def test_downstream_eval_refuses_bad_tasks(tmp_path: Path) -> None:
+    from midtrain.callbacks import DownstreamEval
+
+    with pytest.raises(MidtrainError, match="file not found"):
+        DownstreamEval(tasks=[{"name": "x", "path": str(tmp_path / "no.jsonl"),
+                               "kind": "exact_match", "context": "{q}", "answer": "a"}])
+    pytest.importorskip("lm_eval")
+    with pytest.raises(MidtrainError, match="no lm-eval task 'no_such_task_xyz'"):
+        DownstreamEval(tasks=["no_such_task_xyz"])
+
+
+def test_paper_from_pythia_config_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    from midtrain.paths import resolve_config
+
+    path = resolve_config("configs/midtrain/paper-from-pythia.yaml")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_from"] == "hf:EleutherAI/pythia-160m@step100000"
+
+
+def test_prepare_takes_tokenizer_from_hf_model(tmp_path: Path, builtin_store: Path) -> None:
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(20)))
+    store = prepare(PrepareConfig(output=str(tmp_path / "store"),
+                                  domains={"d": DomainConfig(source={"path": str(docs)})},
+                                  tokenizer=TokenizerConfig(hub=f"hf:{directory}")))
+    from tokenizers import Tokenizer
+
+    text = "Question: 12 + 30 =\ndef f(x): return x"
+    ids = Tokenizer.from_file(str(Path(store) / "tokenizer.json")).encode(text).ids
+    assert ids == Tokenizer.from_file(str(builtin_store / "tokenizer.json")).encode(text).ids
+    with pytest.raises(MidtrainError, match="applies only to hub ids"):
+        prepare(PrepareConfig(output=str(tmp_path / "store2"),
+                              domains={"d": DomainConfig(source={"path": str(docs)})},
+                              tokenizer=TokenizerConfig(hub=f"hf:{directory}@main")))
+    assert not (tmp_path / "store2").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_import_and_distributed_export(tmp_path: Path, builtin_store: Path) -> None:
+    """init_from hf: under FSDP2 (2 gloo processes, rank 0 reads, shards broadcast) starts
+    from the same loss as one process; its sharded checkpoint exports like a file."""
+    from tests.test_distributed import FSDP2, fit, losses
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    init = ("--model.init_from", f"hf:{directory}", "--model.arch", "tiny")
+    one = fit(tmp_path, builtin_store, "one", 1, None, 2, *init)
+    fsdp = fit(tmp_path, builtin_store, "fsdp", 2, FSDP2, 2, *init)
+    assert losses(fsdp)[0] == pytest.approx(losses(one)[0], rel=1e-5)
+    sharded = fsdp / "checkpoints" / "last.ckpt"
+    assert (sharded / "meta.pt").is_file()
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(sharded), "--out", str(out)]) == 0
+    config, state, _ = hf.load_checkpoint(sharded)
+    ours = GPT(config)
+    ours.load_state_dict(state)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-5
