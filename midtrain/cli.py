@@ -15,7 +15,7 @@ from midtrain.errors import MidtrainError
 TRAINER_COMMANDS = {
     "fit": "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
     "validate": "evaluate a checkpoint on every validation set (val/<set>/loss)",
-    "test": "run the test loop of a model and data module",
+    "test": "like validate, logged as test/<set>/loss (in <run>/test/)",
     "predict": "run the predict loop of a model and data module",
 }
 TOOL_COMMANDS = {
@@ -32,7 +32,7 @@ def _usage() -> str:
     lines = ["usage: midtrain <command> [options]   (midtrain <command> --help for its options)",
              "", "commands:"]
     for name, text in {**TRAINER_COMMANDS, **TOOL_COMMANDS}.items():
-        lines.append(f"  {name:<10} {text}")
+        lines.append(f"  {name:<12}{text}")
     lines += ["", "Set MIDTRAIN_TRACEBACK=1 to see full tracebacks of errors."]
     return "\n".join(lines)
 
