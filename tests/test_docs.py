@@ -28,8 +28,9 @@ How they run:
   - `tox ...`: not run (it runs this suite); the `-e` environments must exist in tox.ini;
   - `tensorboard --logdir DIR`: not run (a server); DIR must hold an events file by then;
   - anything else (`python -c ...`, `ls`, ...): run as written.
-- `test_page_commands` runs every command but the `SLOW` ones (the whole study); the slow
-  test `test_page_commands_slow` runs all of a page's commands, so each runs in at least one.
+- `test_page_commands` runs every command but the `SLOW` ones (the whole study) and the
+  `SLOW_PAGES` (which only repeat other pages' commands); the slow test
+  `test_page_commands_slow` runs all commands of those pages, so each runs in at least one.
 - A failure names the page, the line and the command, with the end of its output.
 - Pages that read `../shared` data are skipped when it is absent (see conftest.py).
 """
@@ -70,6 +71,9 @@ OVERRIDES: dict[str, dict[str, str]] = {
 
 # Commands that take minutes (the CPU study end to end): only in the slow test.
 SLOW = [r"^midtrain demo(?!.*--(dry_run|help))", r"^midtrain experiment(?!.*--(dry_run|help))"]
+# Pages whose commands all repeat other pages' (run there in the fast test): only in the slow
+# test, to keep the fast one short. test_slow_pages_only_repeat_other_pages keeps this honest.
+SLOW_PAGES = {"README.md", "docs/index.md"}
 
 # What an executed command may not need (such commands go in ```text blocks with a note).
 NEEDS_HUB_OR_GPU = [
@@ -371,16 +375,34 @@ def run_page(page: Path, tmp_path: Path, demo_store: Path, include_slow: bool) -
             pytest.fail(f"{where} exited {done.returncode} (ran: {script})\n{tail}")
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_id)
+def _has_slow(page: Path) -> bool:
+    return _id(page) in SLOW_PAGES or any(kind == "run" and step.slow
+                                          for kind, step in page_steps(page))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _id(p) not in SLOW_PAGES], ids=_id)
 def test_page_commands(page: Path, tmp_path: Path, demo_store: Path) -> None:
     run_page(page, tmp_path, demo_store, include_slow=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if any(
-    kind == "run" and step.slow for kind, step in page_steps(p))], ids=_id)
+@pytest.mark.parametrize("page", [p for p in PAGES if _has_slow(p)], ids=_id)
 def test_page_commands_slow(page: Path, tmp_path: Path, demo_store: Path) -> None:
     run_page(page, tmp_path, demo_store, include_slow=True)
+
+
+def test_slow_pages_only_repeat_other_pages() -> None:
+    """A page kept out of the fast test has no command that the fast test does not run."""
+    def texts(page: Path) -> set[str]:  # each command and each part of a compound one
+        return {seg.strip() for kind, s in page_steps(page) if kind == "run" and not s.slow
+                for seg, _ in split_operators(s.text)}
+
+    fast = set().union(*(texts(p) for p in PAGES if _id(p) not in SLOW_PAGES))
+    for page in PAGES:
+        if _id(page) in SLOW_PAGES:
+            assert texts(page) <= fast, (
+                f"{_id(page)}: {sorted(texts(page) - fast)} run only in the slow test; run them "
+                f"on another page too, or take {_id(page)} out of SLOW_PAGES")
 
 
 # -- the parser itself ---------------------------------------------------------------------------
