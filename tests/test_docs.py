@@ -20,7 +20,7 @@ How they run:
 - A page's commands run in order (later ones use earlier ones' runs), each with bash from the
   sandbox, with this interpreter's `midtrain` and `python` first on PATH and this checkout
   first on PYTHONPATH. Shell operators (`;`, `&&`, `||`, `|`) keep their meaning; each
-  segment is handled by its program (`SEGMENTS` in `_segment`):
+  segment is handled by its program (see `_segment`):
   - `midtrain <command>`: `OVERRIDES[command]` appended, except keys the command sets itself;
   - `pip install ...`: not run (it would change this environment); what it installs is
     checked instead: `.`/`-e .` with extras that pyproject.toml declares, `torch==X` equal to
