@@ -15,7 +15,7 @@ from midtrain.errors import MidtrainError
 TRAINER_COMMANDS = {
     "fit": "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
     "validate": "evaluate a checkpoint on every validation set (val/<set>/loss)",
-    "test": "run the test loop of a model and data module",
+    "test": "like validate, logged as test/<set>/loss (in <run>/test/)",
     "predict": "run the predict loop of a model and data module",
 }
 TOOL_COMMANDS = {
@@ -27,6 +27,7 @@ TOOL_COMMANDS = {
     "export": "a checkpoint as a Hugging Face transformers model directory (--ckpt, --out)",
     "generate": "sample text from a checkpoint or hf:<model> (--ckpt, --prompt ...)",
     "lm-eval": "lm-evaluation-harness with the `midtrain` model registered (lm_eval's arguments)",
+    "configs": "the ready-made configs shipped with midtrain: configs list | show | copy",
 }
 
 
@@ -34,7 +35,7 @@ def _usage() -> str:
     lines = ["usage: midtrain <command> [options]   (midtrain <command> --help for its options)",
              "", "commands:"]
     for name, text in {**TRAINER_COMMANDS, **TOOL_COMMANDS}.items():
-        lines.append(f"  {name:<10} {text}")
+        lines.append(f"  {name:<12}{text}")
     lines += ["", "Set MIDTRAIN_TRACEBACK=1 to see full tracebacks of errors."]
     return "\n".join(lines)
 
@@ -192,10 +193,75 @@ def lm_eval_main(args: Sequence[str]) -> None:
     run_cli(list(args))
 
 
+DEMO_CONFIG = "configs/study/cpu.yaml"
+
+
+DEMO_USAGE = """usage: midtrain demo [--dry_run] [--output DIR] [any midtrain experiment option]
+
+The CPU-scale study end to end on built-in data (no network): prepare the built-in data and SFT
+sets, pretrain once, fork a midtraining and a CPT branch, fine-tune every branch on two targets
+with two seeds, and print the results table; about 6 minutes on 2 CPU cores. The same as
+`midtrain experiment --config configs/study/cpu.yaml`.
+
+options:
+  -h, --help    show this message and exit
+  --dry_run     print the stages and token plan, run nothing
+  --output DIR  where the study writes (default runs/experiments/cpu); data goes to data/
+  Any key of configs/study/cpu.yaml can be overridden the same way, e.g. --sft.seeds '[0]'
+  (see midtrain experiment --help, and --print_config for the resolved study)."""
+
+
 def demo_main(args: Sequence[str]) -> None:
+    """`midtrain experiment` on the shipped CPU study config, with its own usage."""
     from midtrain.paths import resolve_config
 
+    if any(a in ("-h", "--help") for a in args):
+        print(DEMO_USAGE)
+        return
     experiment_main(["--config", str(resolve_config("configs/study/cpu.yaml")), *args])
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """Every ``--config FILE`` (``--config=FILE``, ``-c FILE``) with FILE resolved by
+    `midtrain.paths.resolve_config`: a ready-made config works by name from any directory."""
+    from midtrain.paths import resolve_config
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = str(resolve_config(out[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + str(resolve_config(arg.split("=", 1)[1]))
+    return out
+
+
+CONFIGS_USAGE = """usage: midtrain configs list                 the ready-made configs, by name
+       midtrain configs show <name>          print one
+       midtrain configs copy <name> <dest>   copy a config (or a kind, e.g. pretrain, or all)
+                                             out of the package, to edit it
+
+A name is a path inside the shipped configs (pretrain/demo.yaml, configs/pretrain/demo.yaml).
+Any --config takes such a name directly when no local file of that name exists."""
+
+
+def configs_main(args: Sequence[str]) -> None:
+    from midtrain.paths import copy_configs, list_configs, show_config
+
+    action, rest = (args[0], list(args[1:])) if args else ("", [])
+    if action in ("-h", "--help", ""):
+        print(CONFIGS_USAGE)
+        if not action:
+            raise MidtrainError("configs: give an action: list, show or copy")
+    elif action == "list" and not rest:
+        print(list_configs())
+    elif action == "show" and len(rest) == 1:
+        print(show_config(rest[0]), end="")
+    elif action == "copy" and len(rest) == 2:
+        for written in copy_configs(rest[0], rest[1]):  # dest as typed: a trailing / = folder
+            print(f"written {written}")
+    else:
+        raise MidtrainError(f"configs: unknown or incomplete action {' '.join(args)!r}; "
+                            f"see midtrain configs --help")
 
 
 # -- fit / validate / test / predict ----------------------------------------------------------
@@ -374,6 +440,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "export": export_main,
     "generate": generate_main,
     "lm-eval": lm_eval_main,
+    "configs": configs_main,
 }
 
 
@@ -382,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], resolve_config_args(argv[1:])
+    if argv[1:] != rest and argv == sys.argv[1:]:
+        sys.argv[2:] = rest  # LightningCLI (and DDP's relaunch) read sys.argv
     if command not in COMMANDS:
         print(f"midtrain: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

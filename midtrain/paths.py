@@ -64,3 +64,74 @@ def resolve_config(path: str | Path) -> Path:
     relative = Path(*parts[1:]) if parts and parts[0] == "configs" else given
     shipped = packaged_configs() / relative
     return shipped if not given.is_absolute() and shipped.is_file() else given
+
+
+def _shipped(name: str | Path) -> Path:
+    """A shipped config file or folder by name (``pretrain/demo.yaml``, ``configs/pretrain``,
+    ``all``); a one-line error naming what exists otherwise."""
+    from midtrain.errors import MidtrainError
+
+    root = packaged_configs()
+    parts = Path(name).parts
+    relative = Path(*parts[1:]) if parts and parts[0] == "configs" else Path(name)
+    target = root if str(name) in ("all", "configs", "configs/") else root / relative
+    if Path(name).is_absolute() or ".." in parts or not target.exists():
+        kinds = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir()))
+        raise MidtrainError(f"configs: no shipped config {str(name)!r}; see `midtrain configs "
+                            f"list` (kinds: {kinds}, or all)")
+    return target
+
+
+def _summary(path: Path) -> str:
+    """The first comment line of a config: what it is."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def list_configs() -> str:
+    """Every shipped config by name, with the first line of its header comment."""
+    root = packaged_configs()
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+    width = max(len(n) for n in names)
+    lines = [f"ready-made configs in {root} (use as --config configs/<name> from any directory):"]
+    lines += [f"  {n:<{width}}  {_summary(root / n)}".rstrip() for n in names]
+    return "\n".join(lines)
+
+
+def show_config(name: str) -> str:
+    from midtrain.errors import MidtrainError
+
+    path = _shipped(name)
+    if not path.is_file():
+        raise MidtrainError(f"configs: {name!r} is a folder; show takes one config file")
+    return path.read_text()
+
+
+def copy_configs(name: str, dest: str) -> list[Path]:
+    """Copy a shipped config (or a folder of them, or ``all``) out of the package. A file goes
+    to ``dest`` (or into it, when it is a folder); a folder's files keep their names under
+    ``dest``. Refuses to overwrite anything, before writing anything."""
+    import shutil
+
+    from midtrain.errors import MidtrainError
+
+    source, into_dir = _shipped(name), str(dest).endswith(("/", "\\"))
+    dest = Path(dest)
+    if source.is_file():
+        into_dir = into_dir or dest.is_dir()
+        pairs = [(source, dest / source.name if into_dir else dest)]
+    else:
+        pairs = [(f, dest / f.relative_to(source)) for f in sorted(source.rglob("*.yaml"))]
+    existing = [str(to) for _, to in pairs if to.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise MidtrainError(f"configs: {existing[0]} exists{more}; copy to a new place or "
+                            f"remove it first")
+    for src, to in pairs:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, to)
+    return [to for _, to in pairs]
