@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from midtrain._lightning import throughput_metrics
+from midtrain.data.contract import require_contract, require_max_steps
 from midtrain.errors import MidtrainError
+from midtrain.metrics import is_logging_step
 from midtrain.paths import checkpoint_dir, step_checkpoint, switch_checkpoint
 
 
@@ -35,8 +40,9 @@ class MixtureSwitch(Callback):
 
     The first batch of optimizer step ``step`` (or ``round(fraction * max_steps)``) is drawn
     from ``weights`` — exactly, for any num_workers, prefetch_factor, gradient accumulation and
-    world size, because the data module folds every switch into its schedule before training
-    starts (a switch applied from a hook would reach the model late: the loader runs ahead).
+    world size, because the switch registers with the data module (``add_switch``) in ``setup``,
+    before training starts, and the data module folds it into its schedule (a switch applied
+    from a hook would reach the model late: the loader runs ahead).
 
     At the switch it logs the event and, with ``save_checkpoint``, writes
     ``switch-step=<N>.ckpt`` next to the run's checkpoints: the state right before step N, which
@@ -58,6 +64,20 @@ class MixtureSwitch(Callback):
         if self.step is not None:
             return int(self.step)
         return int(round(self.fraction * max_steps))  # type: ignore[operator]
+
+    def register(self, datamodule: Any, max_steps: int) -> None:
+        """Register this switch with the data module that owns the schedule (idempotent)."""
+        if not hasattr(datamodule, "add_switch"):
+            raise MidtrainError(
+                f"MixtureSwitch: the data module {type(datamodule).__name__} has no mixture "
+                "schedule (add_switch); use it with midtrain.MixtureDataModule"
+            )
+        datamodule.add_switch(self.resolve_step(max_steps), self.weights, max_steps, owner=self)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            max_steps = require_max_steps(trainer, "MixtureSwitch steps are optimizer steps")
+            self.register(trainer.datamodule, max_steps)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: object, batch: object, batch_idx: int) -> None:
@@ -86,6 +106,29 @@ class CheckpointAtSteps(Callback):
             trainer.save_checkpoint(directory / step_checkpoint(trainer.global_step))
 
 
+class MixtureLogging(Callback):
+    """Logs ``mixture/weight/<domain>`` (the schedule's normalised weight, from the data
+    module's ``weights_at``) for every domain with weight in some phase, on logging steps and
+    always on both sides of a phase start, so the curve steps exactly at the switch whatever
+    ``log_every_n_steps`` is. A weight of 0 here is the schedule, not a stale measurement.
+    The ``midtrain`` command adds it by default."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.datamodule is None:
+            return
+        data = require_contract(trainer.datamodule)
+        step = trainer.global_step - 1  # the optimizer step just taken
+        starts = data.phase_starts()
+        if not is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps, starts):
+            return
+        used = {d for s in starts for d, w in data.weights_at(s).items() if w > 0}
+        weights = {f"mixture/weight/{d}": w for d, w in data.weights_at(step).items()
+                   if d in used}
+        for logger in trainer.loggers:
+            logger.log_metrics(weights, step=step)
+
+
 def _sequences(batch: dict) -> int:
     return int(batch["input_ids"].shape[0])
 
@@ -103,14 +146,14 @@ class Throughput(ThroughputMonitor):
     def __init__(self, window_size: int = 20, separator: str = "/") -> None:
         super().__init__(batch_size_fn=_sequences, length_fn=_tokens, window_size=window_size,
                          separator=separator)
+        self.separator = separator
 
-    def _compute(self, trainer: pl.Trainer, iter_num: int | None = None) -> None:
-        super()._compute(trainer, iter_num)
-        stage = trainer.state.stage
-        if stage is None or stage not in self._throughputs or not trainer.training:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+        if trainer.progress_bar_callback is None or not trainer.is_global_zero:
             return
-        metrics = self._throughputs[stage].compute()
-        per_device = metrics.get(f"device{self._throughputs[stage].separator}items_per_sec")
-        if per_device is not None:
-            trainer.lightning_module.log("tokens/s", float(per_device), prog_bar=True,
-                                         logger=False, on_step=True, on_epoch=False)
+        per_device = throughput_metrics(self, trainer).get(f"device{self.separator}items_per_sec")
+        if per_device is not None:  # a host tensor: the progress bar never waits for the device
+            pl_module.log("tokens/s", torch.tensor(float(per_device)), prog_bar=True,
+                          logger=False, on_step=True, on_epoch=False, batch_size=1)

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from midtrain.errors import MidtrainError
+from midtrain.errors import MidtrainError, find_midtrain_error
 
 TRAINER_COMMANDS = {
     "fit": "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
@@ -118,7 +118,8 @@ def trainer_main(argv: Sequence[str]) -> None:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.core.datamodule import LightningDataModule
 
-    from midtrain.callbacks import ModelCheckpoint, Throughput
+    from midtrain._lightning import checkpoint_datamodule_state, set_run_argument
+    from midtrain.callbacks import MixtureLogging, MixtureSwitch, ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
     from midtrain.lm import CausalLM
     from midtrain.paths import LAST, checkpoint_dir
@@ -128,6 +129,7 @@ def trainer_main(argv: Sequence[str]) -> None:
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.add_lightning_class_args(Throughput, "throughput")
+            parser.add_lightning_class_args(MixtureLogging, "mixture_logging")
             parser.set_defaults({"checkpoint.save_last": True})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -161,8 +163,8 @@ def trainer_main(argv: Sequence[str]) -> None:
                 )
 
         def _check(self) -> None:
-            if hasattr(self.model, "check_data") and self.datamodule is not None:
-                self.model.check_data(self.datamodule)
+            if self.datamodule is not None:  # the data contract, checked before any write
+                self.model.connect(self.datamodule)
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             ckpt = str(cfg.get("ckpt_path") or "")  # a missing file would fail after logging
             if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
@@ -181,9 +183,14 @@ def trainer_main(argv: Sequence[str]) -> None:
                 step = read_metadata(fork)["global_step"]
                 if hasattr(self.datamodule, "fork_step"):
                     self.datamodule.fork_step = step
-                self.config_init["fit"]["ckpt_path"] = fork
+                set_run_argument(self, "fit", "ckpt_path", fork)
             if hasattr(self.datamodule, "resolve_schedule"):
-                self.datamodule.resolve_schedule(self.trainer)  # refuse a bad schedule early
+                # refuse a bad schedule before anything is written: the switches register now
+                # (MixtureSwitch.setup registers them again, idempotently, inside fit)
+                for cb in self.trainer.callbacks:
+                    if isinstance(cb, MixtureSwitch):
+                        cb.register(self.datamodule, self.trainer.max_steps or 0)
+                self.datamodule.resolve_schedule(self.trainer)
             self._check_resume()
 
         def _check_val_interval(self) -> None:
@@ -204,7 +211,7 @@ def trainer_main(argv: Sequence[str]) -> None:
                 ckpt = str(checkpoint_dir(self.trainer) / LAST)
             if not ckpt or not os.path.exists(ckpt) or self.datamodule is None:
                 return
-            data_state = read_metadata(ckpt).get(type(self.datamodule).__qualname__)
+            data_state = checkpoint_datamodule_state(read_metadata(ckpt), self.datamodule)
             if data_state is not None:
                 self.datamodule.load_state_dict(data_state)
 
@@ -214,7 +221,6 @@ def trainer_main(argv: Sequence[str]) -> None:
     parser_kwargs: dict[str, Any] = {"allow_abbrev": False}
     if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
         parser_kwargs["exit_on_error"] = False
-    MidtrainError.last = None
     try:
         MidtrainCLI(
             CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
@@ -227,11 +233,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     except MidtrainError:
         raise
     except Exception as e:
-        cause: BaseException | None = e  # jsonargparse wraps errors raised while instantiating
-        while cause is not None and not isinstance(cause, MidtrainError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None and MidtrainError.last is not None:
-            cause = MidtrainError.last  # wrapped without a chain (older jsonargparse)
+        cause = find_midtrain_error(e)  # jsonargparse wraps errors raised while instantiating
         if cause is not None:
             raise cause from None
         if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 
 class MidtrainError(Exception):
     """Bad input from the user. The CLI prints it as one line and exits non-zero.
@@ -12,10 +10,15 @@ class MidtrainError(Exception):
     existing store, checkpoint or result.
     """
 
-    # The most recent error, for the CLI: libraries that construct our classes (jsonargparse
-    # instantiating a config) may wrap it, some versions without keeping the exception chain.
-    last: ClassVar[MidtrainError | None] = None
 
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)
-        MidtrainError.last = self
+def find_midtrain_error(error: BaseException) -> MidtrainError | None:
+    """The ``MidtrainError`` behind ``error``: libraries that construct our classes (jsonargparse
+    instantiating a config) raise their own exception ``from`` ours."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, MidtrainError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -11,8 +11,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from midtrain.errors import MidtrainError
-
 
 class Trainer(pl.Trainer):
     def __init__(self, *, limit_train_batches: int | float | None = None,
@@ -28,9 +26,3 @@ class Trainer(pl.Trainer):
                          val_check_interval=val_check_interval,
                          overfit_batches=overfit_batches, **kwargs)
 
-
-def require_max_steps(trainer: pl.Trainer | None, why: str) -> int:
-    """``trainer.max_steps``, which midtrain's schedules are keyed by; a one-line error if unset."""
-    if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
-        raise MidtrainError(f"trainer.max_steps: set it; {why}")
-    return trainer.max_steps
