@@ -11,16 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ThroughputMonitor
-
-
-def throughput_metrics(monitor: ThroughputMonitor, trainer: pl.Trainer) -> dict[str, float]:
-    """The current window of a ``ThroughputMonitor`` for the running stage (host-side numbers,
-    no device sync). Lightning keeps its per-stage ``Throughput`` objects in ``_throughputs``
-    and offers no accessor."""
-    stage = trainer.state.stage
-    throughput = monitor._throughputs.get(stage) if stage is not None else None
-    return throughput.compute() if throughput is not None else {}
 
 
 def checkpoint_datamodule_state(checkpoint: dict[str, Any],

@@ -121,6 +121,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     from midtrain._lightning import checkpoint_datamodule_state, set_run_argument
     from midtrain.callbacks import MixtureLogging, MixtureSwitch, ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
+    from midtrain.data.contract import require_max_steps
     from midtrain.lm import CausalLM
     from midtrain.paths import LAST, checkpoint_dir
     from midtrain.trainer import Trainer
@@ -187,9 +188,10 @@ def trainer_main(argv: Sequence[str]) -> None:
             if hasattr(self.datamodule, "resolve_schedule"):
                 # refuse a bad schedule before anything is written: the switches register now
                 # (MixtureSwitch.setup registers them again, idempotently, inside fit)
+                max_steps = require_max_steps(self.trainer, "midtrain schedules data by steps")
                 for cb in self.trainer.callbacks:
                     if isinstance(cb, MixtureSwitch):
-                        cb.register(self.datamodule, self.trainer.max_steps or 0)
+                        cb.register(self.datamodule, max_steps)
                 self.datamodule.resolve_schedule(self.trainer)
             self._check_resume()
 
