@@ -4,6 +4,7 @@ the extension points (data contract, schedule table)."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ class CountHostSyncs(pl.Callback, TorchDispatchMode):
     ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``float()``, ``int()`` of a tensor,
     from Python or C++), ``aten.equal``/``aten.is_nonzero``, and Python calls of
     ``Tensor.tolist``/``.cpu``/``.numpy`` (no-ops on a CPU tensor, transfers on a GPU).
-    Counting is on from ``on_train_start`` to ``on_train_end``."""
+    Not counted: reads of AdamW's ``state["step"]`` counters, which torch keeps on the host on
+    every device. Counting is on from ``on_train_start`` to ``on_train_end``."""
 
     OPS = ("_local_scalar_dense", "equal", "is_nonzero")
     METHODS = ("tolist", "cpu", "numpy")
@@ -77,16 +79,20 @@ class CountHostSyncs(pl.Callback, TorchDispatchMode):
         self.step: int | None = None
         self.counts: dict[int, list[str]] = {}
         self._saved: dict[str, Any] = {}
+        self._host_scalars: set[int] = set()
         CountHostSyncs.last = self
 
     def _count(self, what: str) -> None:
-        if self.step is not None:
-            self.counts.setdefault(self.step, []).append(what)
+        if self.step is not None:  # where: the innermost frames outside this file
+            stack = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}"
+                     for f in traceback.extract_stack()[:-2] if __file__ != f.filename]
+            self.counts.setdefault(self.step, []).append(f"{what} at {' < '.join(stack[-3:])}")
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        if func.overloadpacket.__name__ in self.OPS:
-            self._count(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if name in self.OPS and not (args and id(args[0]) in self._host_scalars):
+            self._count(name)
         return func(*args, **(kwargs or {}))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -105,6 +111,10 @@ class CountHostSyncs(pl.Callback, TorchDispatchMode):
                              batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self.step = trainer.global_step
+        # AdamW's step counters live on the host on every device (unless fused/capturable):
+        # reading them is no device sync
+        self._host_scalars = {id(s["step"]) for opt in trainer.optimizers
+                              for s in opt.state.values() if "step" in s}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = None
