@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from midtrain.errors import MidtrainError, find_midtrain_error
+from midtrain.errors import MidtrainError, find_midtrain_error, recording_errors
 
 TRAINER_COMMANDS = {
     "fit": "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
@@ -223,24 +223,27 @@ def trainer_main(argv: Sequence[str]) -> None:
     parser_kwargs: dict[str, Any] = {"allow_abbrev": False}
     if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
         parser_kwargs["exit_on_error"] = False
-    try:
-        MidtrainCLI(
-            CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
-            parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
-            # None = read sys.argv (passing it again only makes LightningCLI warn)
-            args=None if list(argv) == sys.argv[1:] else list(argv),
-        )
-    except MidtrainError:
-        raise
-    except Exception as e:
-        cause = find_midtrain_error(e)  # jsonargparse wraps errors raised while instantiating
-        if cause is not None:
-            raise cause from None
-        if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
-            raise MidtrainError(f"config: {one_line(e)}") from None
-        raise
+    with recording_errors() as raised:
+        try:
+            MidtrainCLI(
+                CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
+                parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
+                # None = read sys.argv (passing it again only makes LightningCLI warn)
+                args=None if list(argv) == sys.argv[1:] else list(argv),
+            )
+        except MidtrainError:
+            raise
+        except Exception as e:
+            # jsonargparse wraps errors raised while instantiating our classes: in the
+            # exception chain, or (older versions, a Union's subtype) only in its message
+            cause = find_midtrain_error(e) or (raised[-1] if raised else None)
+            if cause is not None:
+                raise cause from None
+            if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
+                raise MidtrainError(f"config: {one_line(e)}") from None
+            raise
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# MidtrainErrors raised inside `recording_errors()` (None outside one)
+_raised: ContextVar[list[MidtrainError] | None] = ContextVar("midtrain_raised", default=None)
+
 
 class MidtrainError(Exception):
     """Bad input from the user. The CLI prints it as one line and exits non-zero.
@@ -10,10 +17,27 @@ class MidtrainError(Exception):
     existing store, checkpoint or result.
     """
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        raised = _raised.get()
+        if raised is not None:
+            raised.append(self)
+
+
+@contextmanager
+def recording_errors() -> Iterator[list[MidtrainError]]:
+    """The ``MidtrainError``s raised inside the block, in order: for a caller that receives
+    them wrapped by a library without the exception chain (jsonargparse < 4.50 reports an error
+    of one of a Union's subtypes only in its own message)."""
+    token = _raised.set([])
+    try:
+        yield _raised.get()  # type: ignore[misc]
+    finally:
+        _raised.reset(token)
+
 
 def find_midtrain_error(error: BaseException) -> MidtrainError | None:
-    """The ``MidtrainError`` behind ``error``: libraries that construct our classes (jsonargparse
-    instantiating a config) raise their own exception ``from`` ours."""
+    """The ``MidtrainError`` behind ``error`` in its exception chain, if any."""
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
