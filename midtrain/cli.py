@@ -122,6 +122,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     from midtrain.callbacks import MixtureLogging, MixtureSwitch, ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
     from midtrain.data.contract import require_max_steps
+    from midtrain.data.datamodule import MixtureDataModule
     from midtrain.lm import CausalLM
     from midtrain.paths import LAST, checkpoint_dir
     from midtrain.trainer import Trainer
@@ -185,7 +186,7 @@ def trainer_main(argv: Sequence[str]) -> None:
                 if hasattr(self.datamodule, "fork_step"):
                     self.datamodule.fork_step = step
                 set_run_argument(self, "fit", "ckpt_path", fork)
-            if hasattr(self.datamodule, "resolve_schedule"):
+            if isinstance(self.datamodule, MixtureDataModule):
                 # refuse a bad schedule before anything is written: the switches register now
                 # (MixtureSwitch.setup registers them again, idempotently, inside fit)
                 max_steps = require_max_steps(self.trainer, "midtrain schedules data by steps")

@@ -147,6 +147,30 @@ def test_no_host_syncs_in_non_logging_steps(tmp_path: Path, builtin_store: Path)
     assert [s for s, _ in scalars(tmp_path / "sync")["train/loss"]] == sorted(logging)
 
 
+@pytest.mark.parametrize("num_workers,expected", [(0, 3), (2, 4)])
+def test_change_weights_step_comes_from_the_loaders_own_count(
+        builtin_store: Path, tmp_path: Path, num_workers: int, expected: int) -> None:
+    """Called after optimizer step 1 (accumulation 2): the loader has handed out micro-batches
+    0-3 and, with 2 workers x prefetch 2, asked for 4-7 in advance, so the first micro-batch it
+    cannot have produced is 4 (no workers: step 2, but step 2 has begun, so 3) or 8 (step 4)."""
+    from midtrain import MixtureDataModule
+    from tests.helpers import ChangeWeightsAt
+
+    dm = MixtureDataModule(str(builtin_store), weights={"prose": 1.0}, seq_len=16,
+                           micro_batch_size=2, num_workers=num_workers, prefetch_factor=2,
+                           val_max_blocks=2)
+    change = ChangeWeightsAt(step=2, weights={"math": 1.0})
+    model = CausalLM(arch="tiny", model_config={"n_layer": 1, "n_embd": 32, "n_head": 2,
+                                                "block_size": 64}, vocab_size=dm.vocab_size)
+    trainer = Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[change],
+                      default_root_dir=str(tmp_path))
+    trainer.fit(model, dm)
+    assert change.effective == expected
+    assert dm.weights_at(expected) == {"prose": 0.0, "code": 0.0, "math": 1.0}
+
+
 class ForeignData(pl.LightningDataModule):
     """A user's data module that does not implement midtrain's data contract."""
 

@@ -218,8 +218,9 @@ class MixtureDataModule(StepDataModule):
 
     def change_weights(self, weights: dict[str, float]) -> int:
         """Change the mixture during ``fit``: from the first optimizer step whose batches the
-        loader cannot have produced yet (it runs ahead by 1 + num_workers x prefetch_factor
-        micro-batches). Returns that step. The change is kept in checkpoints."""
+        loader cannot have produced yet (those it handed out, plus num_workers x
+        prefetch_factor asked of its workers in advance), and never the running step.
+        Returns that step. The change is kept in checkpoints."""
         trainer, loader = self.trainer, self.train_loader
         if trainer is None or self._table is None or loader is None:
             raise MidtrainError("change_weights: only during fit, once training has started")
