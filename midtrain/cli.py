@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from midtrain.errors import MidtrainError
+from midtrain.errors import MidtrainError, find_midtrain_error, recording_errors
 
 TRAINER_COMMANDS = {
     "fit": "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
@@ -270,8 +270,11 @@ def trainer_main(argv: Sequence[str]) -> None:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.core.datamodule import LightningDataModule
 
-    from midtrain.callbacks import ModelCheckpoint, Throughput
+    from midtrain._lightning import checkpoint_datamodule_state, set_run_argument
+    from midtrain.callbacks import MixtureLogging, MixtureSwitch, ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
+    from midtrain.data.contract import require_max_steps
+    from midtrain.data.datamodule import MixtureDataModule
     from midtrain.lm import CausalLM
     from midtrain.paths import LAST, checkpoint_dir
     from midtrain.trainer import Trainer
@@ -280,6 +283,7 @@ def trainer_main(argv: Sequence[str]) -> None:
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.add_lightning_class_args(Throughput, "throughput")
+            parser.add_lightning_class_args(MixtureLogging, "mixture_logging")
             parser.set_defaults({"checkpoint.save_last": True})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -325,8 +329,8 @@ def trainer_main(argv: Sequence[str]) -> None:
                 )
 
         def _check(self) -> None:
-            if hasattr(self.model, "check_data") and self.datamodule is not None:
-                self.model.check_data(self.datamodule)
+            if self.datamodule is not None:  # the data contract, checked before any write
+                self.model.connect(self.datamodule)
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             ckpt = str(cfg.get("ckpt_path") or "")  # a missing file would fail after logging
             if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
@@ -378,9 +382,15 @@ def trainer_main(argv: Sequence[str]) -> None:
                 step = read_metadata(fork)["global_step"]
                 if hasattr(self.datamodule, "fork_step"):
                     self.datamodule.fork_step = step
-                self.config_init["fit"]["ckpt_path"] = fork
-            if hasattr(self.datamodule, "resolve_schedule"):
-                self.datamodule.resolve_schedule(self.trainer)  # refuse a bad schedule early
+                set_run_argument(self, "fit", "ckpt_path", fork)
+            if isinstance(self.datamodule, MixtureDataModule):
+                # refuse a bad schedule before anything is written: the switches register now
+                # (MixtureSwitch.setup registers them again, idempotently, inside fit)
+                max_steps = require_max_steps(self.trainer, "midtrain schedules data by steps")
+                for cb in self.trainer.callbacks:
+                    if isinstance(cb, MixtureSwitch):
+                        cb.register(self.datamodule, max_steps)
+                self.datamodule.resolve_schedule(self.trainer)
             self._check_resume()
 
         def _check_resume(self) -> None:
@@ -391,7 +401,7 @@ def trainer_main(argv: Sequence[str]) -> None:
                 ckpt = str(checkpoint_dir(self.trainer) / LAST)
             if not ckpt or not os.path.exists(ckpt) or self.datamodule is None:
                 return
-            data_state = read_metadata(ckpt).get(type(self.datamodule).__qualname__)
+            data_state = checkpoint_datamodule_state(read_metadata(ckpt), self.datamodule)
             if data_state is not None:
                 self.datamodule.load_state_dict(data_state)
 
@@ -401,31 +411,30 @@ def trainer_main(argv: Sequence[str]) -> None:
     parser_kwargs: dict[str, Any] = {"allow_abbrev": False}
     if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
         parser_kwargs["exit_on_error"] = False
-    MidtrainError.last = None
-    try:
-        MidtrainCLI(
-            CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
-            parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
-            # None = read sys.argv (passing it again only makes LightningCLI warn)
-            args=None if list(argv) == sys.argv[1:] else list(argv),
-        )
-    except MidtrainError:
-        raise
-    except Exception as e:
-        cause: BaseException | None = e  # jsonargparse wraps errors raised while instantiating
-        while cause is not None and not isinstance(cause, MidtrainError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None and MidtrainError.last is not None:
-            cause = MidtrainError.last  # wrapped without a chain (older jsonargparse)
-        if cause is not None:
-            raise cause from None
-        if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
-            from midtrain.yaml_input import explain_dict_error
+    with recording_errors() as raised:
+        try:
+            MidtrainCLI(
+                CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
+                parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
+                # None = read sys.argv (passing it again only makes LightningCLI warn)
+                args=None if list(argv) == sys.argv[1:] else list(argv),
+            )
+        except MidtrainError:
+            raise
+        except Exception as e:
+            # jsonargparse wraps errors raised while instantiating our classes: in the
+            # exception chain, or (older versions, a Union's subtype) only in its message
+            cause = find_midtrain_error(e) or (raised[-1] if raised else None)
+            if cause is not None:
+                raise cause from None
+            if type(e).__name__ == "ArgumentError" or "jsonargparse" in type(e).__module__:
+                from midtrain.yaml_input import explain_dict_error
 
-            raise MidtrainError(explain_dict_error(one_line(e)) or f"config: {one_line(e)}") from None
-        raise
+                raise MidtrainError(explain_dict_error(one_line(e))
+                                    or f"config: {one_line(e)}") from None
+            raise
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# MidtrainErrors raised inside `recording_errors()` (None outside one)
+_raised: ContextVar[list[MidtrainError] | None] = ContextVar("midtrain_raised", default=None)
 
 
 class MidtrainError(Exception):
@@ -12,10 +17,32 @@ class MidtrainError(Exception):
     existing store, checkpoint or result.
     """
 
-    # The most recent error, for the CLI: libraries that construct our classes (jsonargparse
-    # instantiating a config) may wrap it, some versions without keeping the exception chain.
-    last: ClassVar[MidtrainError | None] = None
-
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
-        MidtrainError.last = self
+        raised = _raised.get()
+        if raised is not None:
+            raised.append(self)
+
+
+@contextmanager
+def recording_errors() -> Iterator[list[MidtrainError]]:
+    """The ``MidtrainError``s raised inside the block, in order: for a caller that receives
+    them wrapped by a library without the exception chain (jsonargparse < 4.50 reports an error
+    of one of a Union's subtypes only in its own message)."""
+    token = _raised.set([])
+    try:
+        yield _raised.get()  # type: ignore[misc]
+    finally:
+        _raised.reset(token)
+
+
+def find_midtrain_error(error: BaseException) -> MidtrainError | None:
+    """The ``MidtrainError`` behind ``error`` in its exception chain, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, MidtrainError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None

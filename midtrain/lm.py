@@ -11,13 +11,15 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics.aggregation import SumMetric
 
 from midtrain.checkpoint import load_weights
+from midtrain.data.contract import DataContract, require_contract, require_max_steps
 from midtrain.errors import MidtrainError
+from midtrain.metrics import DomainSums, add_per_domain, is_logging_step
 from midtrain.model import GPT, ModelConfig
-from midtrain.optim import Schedule, lr_scheduler, param_groups, warmup_steps
-from midtrain.trainer import require_max_steps
+from midtrain.optim import check_schedule, lr_scheduler, param_groups, warmup_steps
 
 
 class CausalLM(L.LightningModule):
@@ -29,7 +31,8 @@ class CausalLM(L.LightningModule):
         vocab_size: tokenizer vocabulary; the CLI links it from the data.
         lr, min_lr: peak and final learning rate (min_lr default: lr / 10).
         warmup: linear warmup in optimizer steps, or a fraction of max_steps if < 1.
-        lr_schedule: ``cosine``, ``wsd`` (warmup-stable-decay) or ``constant``.
+        lr_schedule: a name in ``midtrain.optim.SCHEDULES``: ``cosine``, ``wsd``
+            (warmup-stable-decay) or ``constant``.
         decay_fraction: with ``wsd``, the final fraction of steps that decays.
         weight_decay, decay_1d_params: AdamW decay, on matrices only unless decay_1d_params.
         betas, eps: AdamW.
@@ -49,7 +52,7 @@ class CausalLM(L.LightningModule):
 
     def __init__(self, arch: str = "pythia-70m", model_config: dict[str, Any] | None = None,
                  vocab_size: int | None = None, lr: float = 3e-4, min_lr: float | None = None,
-                 warmup: float = 0.01, lr_schedule: Schedule = "cosine",
+                 warmup: float = 0.01, lr_schedule: str = "cosine",
                  decay_fraction: float = 0.2, weight_decay: float = 0.1,
                  decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, init_from: str | None = None,
@@ -71,8 +74,7 @@ class CausalLM(L.LightningModule):
                 raise MidtrainError(f"model: {e}") from None
         if lr <= 0:
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
-        if lr_schedule not in ("cosine", "wsd", "constant"):
-            raise MidtrainError(f"model.lr_schedule: unknown {lr_schedule!r}; use cosine, wsd or constant")
+        check_schedule(lr_schedule)
         if (init_from is not None and not init_from.startswith("hf:")
                 and not Path(init_from).exists()):
             raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
@@ -82,10 +84,20 @@ class CausalLM(L.LightningModule):
             self.hparams["model_config"] = dataclasses.asdict(self.config)
         self.hparams["betas"] = list(betas)  # a tuple would not read back with yaml.safe_load
         self.model: GPT | None = None
+        # from the data module (the data contract), set by connect()
+        self.data: DataContract | None = None
         self.domains: list[str] = []
-        self.tokens_seen: dict[str, int] = {}
-        self._step_sums: torch.Tensor | None = None
+        self.eos_id: int | None = None
+        self.val_bytes_per_token: dict[str, float] = {}
+        # training metrics: on the device between logging steps (midtrain.metrics)
+        self.tokens_seen: dict[str, int] = {}  # global, up to the last flush; in checkpoints
+        self._step_sums: DomainSums | None = None  # this step, this rank
+        self._tokens_pending: torch.Tensor | None = None  # since the last flush, this rank
+        self._grad_norm: torch.Tensor | None = None  # on logging steps only
         self.val_metrics = torch.nn.ModuleDict()
+        # the model's training FLOPs per micro-batch, for the shape last seen
+        self._flops_shape: tuple[int, int] | None = None
+        self._flops_per_batch: float | None = None
 
     # -- construction ---------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -93,9 +105,10 @@ class CausalLM(L.LightningModule):
             return
         from midtrain import parallel
 
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = self._attached_trainer()
+        strategy = trainer.strategy if trainer is not None else None
         mesh = None
-        if type(strategy).__name__ == "ModelParallelStrategy":
+        if isinstance(strategy, ModelParallelStrategy):
             mesh = strategy.device_mesh["data_parallel"]
         with torch.device("meta") if mesh is not None else contextlib.nullcontext():
             model = GPT(self.config)
@@ -135,41 +148,49 @@ class CausalLM(L.LightningModule):
                 f"{self.hparams.arch!r}: {first}"
             ) from None
 
-    def check_data(self, datamodule: Any) -> None:
-        """Refuse data the model cannot take: a larger vocabulary or longer sequences."""
-        vocab = getattr(datamodule, "vocab_size", None)
-        if vocab is not None and vocab > self.config.padded_vocab_size:
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached: built outside a Trainer
+            return None
+
+    def connect(self, datamodule: Any) -> None:
+        """Take what the model needs from a data module implementing ``DataContract`` (a
+        one-line error names what is missing), and refuse data the model cannot take: a larger
+        vocabulary or longer rows than its context. The one place these are checked; the CLI
+        calls it before anything is written, ``setup`` again for plain ``Trainer.fit``."""
+        data = require_contract(datamodule)
+        if data.vocab_size > self.config.padded_vocab_size:
             raise MidtrainError(
-                f"model.vocab_size: the tokenizer has {vocab} tokens but the model's vocabulary "
-                f"is {self.config.padded_vocab_size}; raise model_config.vocab_size"
+                f"model.vocab_size: the tokenizer has {data.vocab_size} tokens but the model's "
+                f"vocabulary is {self.config.padded_vocab_size}; raise model_config.vocab_size"
             )
         store = getattr(datamodule, "store", None)
         if (self.hparams.init_from or "").startswith("hf:") and store is not None:
             from midtrain import hf
 
             hf.check_store(self.hparams.init_from, store)  # same tokenizer and EOS as the model
-        seq_len = getattr(datamodule, "seq_len", None)
-        if seq_len is not None and seq_len > self.config.block_size:
+        if data.seq_len > self.config.block_size:
             raise MidtrainError(
-                f"data.seq_len: {seq_len} is beyond the model context "
+                f"data.seq_len: {data.seq_len} is beyond the model context "
                 f"{self.config.block_size}; lower data.seq_len or raise model_config.block_size"
             )
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is None:
-            return
-        self.check_data(dm)
-        store = getattr(dm, "store", None)
-        self.eos_id = getattr(store, "eos_id", None)
-        self.domains = list(getattr(dm, "domains", []))
+        self.data = data
+        self.eos_id = data.eos_id
+        self.domains = list(data.domains)
         for d in self.domains:
             self.tokens_seen.setdefault(d, 0)
-        for name in getattr(dm, "val_set_names", []):
+        self.val_bytes_per_token = {n: data.val_bytes_per_token(n) for n in data.val_set_names}
+        for name in data.val_set_names:
             if name not in self.val_metrics:
                 self.val_metrics[name] = torch.nn.ModuleDict(
                     {"loss": SumMetric(), "tokens": SumMetric(), "bytes": SumMetric()}
                 )
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None:  # plain dataloaders work too, without per-domain metrics
+            self.connect(dm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -193,7 +214,7 @@ class CausalLM(L.LightningModule):
     def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if "doc_ids" in batch:
             return batch["doc_ids"]
-        eos = getattr(self, "eos_id", None)
+        eos = self.eos_id
         if not self.hparams.document_masking or eos is None:
             return None
         ends = (batch["input_ids"] == eos).long()
@@ -209,71 +230,94 @@ class CausalLM(L.LightningModule):
     @property
     def flops_per_batch(self) -> float | None:
         """Training FLOPs of the last micro-batch on this device (for ThroughputMonitor's MFU)."""
-        return getattr(self, "_flops_per_batch", None)
+        return self._flops_per_batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         b, t = batch["input_ids"].shape
-        if getattr(self, "_flops_shape", None) != (b, t):  # the model's FLOPs per token, cached
+        if self._flops_shape != (b, t):  # the model's FLOPs per token, cached
             self._flops_shape = (b, t)
             self._flops_per_batch = self.model.flops_per_token(t) * b * t
         losses, mask = self._token_losses(batch)
         loss = losses.sum() / mask.sum().clamp_min(1)
         self._accumulate(batch, losses.detach(), mask)
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self._log_step()
         return loss
 
+    # -- training metrics: device-side every step, reduced and logged on logging steps ------
     def _accumulate(self, batch: dict[str, torch.Tensor], losses: torch.Tensor,
                     mask: torch.Tensor) -> None:
-        # rows: loss sum, loss tokens, input tokens; columns: all, then each domain
         n = len(self.domains)
         if self._step_sums is None:
-            self._step_sums = torch.zeros(3, n + 1, dtype=torch.float64, device=losses.device)
+            self._step_sums = DomainSums.zeros(n, losses.device)
+        if self._tokens_pending is None:
+            self._tokens_pending = torch.zeros(n + 1, dtype=torch.float64, device=losses.device)
         # real (non-padding) input tokens per sequence; every token for pretraining blocks
-        real = batch["tokens"].to(mask.dtype) if "tokens" in batch else torch.full_like(
-            mask[:, 0], mask.shape[1])
-        per_seq = torch.stack([losses.sum(1), mask.sum(1), real]).double()
-        self._step_sums[:, 0] += per_seq.sum(1)
-        if n:
-            self._step_sums[:, 1:].index_add_(1, batch["domain"], per_seq)
+        real = batch["tokens"] if "tokens" in batch else torch.full_like(mask[:, 0], mask.shape[1])
+        domain = batch["domain"] if n else None
+        self._step_sums.add(losses, mask, real, domain)
+        add_per_domain(self._tokens_pending, real, domain)
 
-    def _log_step(self) -> None:
-        sums = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum")
-        self._step_sums = None
-        loss_sum, loss_tokens, tokens = sums.cpu().tolist()
-        dm = self.trainer.datamodule
-        active = set(getattr(dm, "active_domains", self.domains))
-        metrics = {"train/loss": loss_sum[0] / max(loss_tokens[0], 1)}
-        for i, d in enumerate(self.domains, start=1):
-            self.tokens_seen[d] += int(tokens[i])
-            if d in active or self.tokens_seen[d]:
-                metrics[f"train/tokens/{d}"] = float(self.tokens_seen[d])
-            if loss_tokens[i] > 0:
-                metrics[f"train/loss/{d}"] = loss_sum[i] / loss_tokens[i]
-        metrics["train/tokens"] = float(sum(self.tokens_seen.values()))
-        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/loss", metrics.pop("train/loss"), prog_bar=True, on_step=True,
-                 on_epoch=False, batch_size=1)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        if hasattr(dm, "weights_at"):
-            self._log_mixture(dm, active)
+    def is_logging_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` logs training metrics (``midtrain.metrics``)."""
+        trainer = self.trainer
+        starts = self.data.phase_starts() if self.data is not None else [0]
+        return is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps or 0, starts)
 
-    def _log_mixture(self, dm: Any, active: set[str]) -> None:
-        """mixture/weight/<domain> on every logging step, and always on both sides of a phase
-        start, so the curve steps exactly at the switch whatever log_every_n_steps is."""
-        step = self.global_step  # the optimizer step these batches belong to (not yet stepped)
-        starts = dm.phase_starts()
-        edge = step == 0 or any(step in (s - 1, s) for s in starts)
-        if not edge and (step + 1) % self.trainer.log_every_n_steps:
-            return
-        weights = {f"mixture/weight/{d}": w for d, w in dm.weights_at(step).items() if d in active}
-        for logger in self.loggers:
-            logger.log_metrics(weights, step=step)
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.is_logging_step(self.global_step):
+            return  # the norm costs a pass over every gradient: only when it is logged
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+            self._grad_norm = torch.nn.utils.get_total_norm(grads)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the step's sums keep growing
+        step = self.global_step - 1  # the optimizer step just taken
+        if self.is_logging_step(step):
+            self._log_train_step(step)
+        self._step_sums = None
+
+    def _flush_tokens(self) -> None:
+        """Add this step's pending token counts of every rank to ``tokens_seen`` (a collective
+        and one transfer: on logging steps and before a checkpoint is written)."""
+        if self._tokens_pending is None:
+            return
+        pending = self.trainer.strategy.reduce(self._tokens_pending, reduce_op="sum")
+        self._tokens_pending = None
+        for d, n in zip(self.domains, pending[1:].tolist(), strict=True):
+            self.tokens_seen[d] += int(n)
+
+    def _log_train_step(self, step: int) -> None:
+        """Log step ``step``: ``train/loss``, and per domain ``train/loss/<d>`` and
+        ``train/tokens/<d>`` only if the domain had tokens in this step (no stale values:
+        a domain without tokens has no point at that step)."""
+        sums = DomainSums.from_stacked(
+            self.trainer.strategy.reduce(self._step_sums.stacked(), reduce_op="sum").cpu())
+        self._flush_tokens()
+        metrics = {"train/loss": float(sums.loss[0] / sums.loss_tokens[0].clamp_min(1))}
+        for i, d in enumerate(self.domains, start=1):
+            if sums.tokens[i] > 0:
+                metrics[f"train/tokens/{d}"] = float(self.tokens_seen[d])
+            if sums.loss_tokens[i] > 0:
+                metrics[f"train/loss/{d}"] = float(sums.loss[i] / sums.loss_tokens[i])
+        metrics["train/tokens"] = float(sum(self.tokens_seen.values()))
+        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        if self._grad_norm is not None:
+            norm = self._grad_norm
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 DTensor
+            metrics["train/grad_norm"] = float(norm)
+            self._grad_norm = None
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+        # Also in trainer.callback_metrics (for callbacks and ModelCheckpoint(monitor=...)),
+        # updated on logging steps, and train/loss in the progress bar: as host tensors, so
+        # Lightning's per-step conversions never wait for the device. Not to the loggers:
+        # Lightning would re-log a value at every later step, stale.
+        host = {k: torch.tensor(v) for k, v in metrics.items()}
+        self.log("train/loss", host.pop("train/loss"), logger=False,
+                 prog_bar=self.trainer.progress_bar_callback is not None, on_step=True,
+                 on_epoch=False, batch_size=1)
+        self.log_dict(host, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> None:
@@ -282,10 +326,9 @@ class CausalLM(L.LightningModule):
         metrics = self.val_metrics[name]
         metrics["loss"].update(losses.sum().double())
         metrics["tokens"].update(mask.sum().double())
-        bytes_per_token = getattr(self.trainer.datamodule, "val_bytes_per_token", None)
-        if bytes_per_token is not None:
+        if name in self.val_bytes_per_token:
             # estimated from the split's average UTF-8 bytes per token
-            metrics["bytes"].update(mask.sum().double() * bytes_per_token(name))
+            metrics["bytes"].update(mask.sum().double() * self.val_bytes_per_token[name])
 
     test_step = validation_step
 
@@ -342,7 +385,8 @@ class CausalLM(L.LightningModule):
         from midtrain.generation import Sampling, generate_text
 
         if tokenizer is None:
-            store = getattr(getattr(self._trainer, "datamodule", None), "store", None)
+            trainer = self._attached_trainer()
+            store = getattr(getattr(trainer, "datamodule", None), "store", None)
             if store is not None:
                 tokenizer = str(store.tokenizer_path)
             elif (self.hparams.init_from or "").startswith("hf:"):
@@ -372,6 +416,7 @@ class CausalLM(L.LightningModule):
 
     # -- checkpoint state -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._flush_tokens()  # every rank saves: the counts include the last step
         checkpoint["midtrain"] = {"tokens_seen": dict(self.tokens_seen)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import nn
 
 from midtrain.errors import MidtrainError
-
-Schedule = Literal["cosine", "wsd", "constant"]
 
 
 def warmup_steps(warmup: float, max_steps: int) -> int:
@@ -21,28 +19,53 @@ def warmup_steps(warmup: float, max_steps: int) -> int:
     return int(round(warmup * max_steps)) if warmup < 1 else int(warmup)
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, max_steps: int,
-          schedule: Schedule, decay_fraction: float = 0.2) -> float:
-    """Learning rate for the update made at optimizer step ``step`` (0-based).
+# -- LR schedules after warmup: (step, lr, min_lr, warmup, max_steps, decay_fraction) -> lr ---
 
-    cosine: linear warmup, then cosine from lr to min_lr at max_steps.
-    wsd: warmup, stable at lr, then linear decay to min_lr over the last decay_fraction.
-    constant: warmup, then lr.
-    """
+def cosine(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
+           decay_fraction: float) -> float:
+    """Cosine from lr to min_lr at max_steps."""
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def wsd(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
+        decay_fraction: float) -> float:
+    """Warmup-stable-decay: lr, then linear decay to min_lr over the last decay_fraction."""
+    decay_start = max_steps - int(round(decay_fraction * max_steps))
+    if step < decay_start:
+        return lr
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    return lr + (min_lr - lr) * progress
+
+
+def constant(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
+             decay_fraction: float) -> float:
+    """lr after warmup."""
+    return lr
+
+
+SCHEDULES: dict[str, Callable[[int, float, float, int, int, float], float]] = {
+    "cosine": cosine, "wsd": wsd, "constant": constant,
+}
+"""The LR-schedule table: ``model.lr_schedule`` names a key. A new schedule is one function
+added here (warmup is applied before it)."""
+
+
+def check_schedule(name: str) -> None:
+    if name not in SCHEDULES:
+        raise MidtrainError(
+            f"model.lr_schedule: unknown {name!r}; use one of {', '.join(SCHEDULES)}"
+        )
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, max_steps: int,
+          schedule: str, decay_fraction: float = 0.2) -> float:
+    """Learning rate for the update made at optimizer step ``step`` (0-based): linear warmup
+    over ``warmup`` steps, then ``SCHEDULES[schedule]``."""
+    check_schedule(schedule)
     if step < warmup:
         return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-    if schedule == "wsd":
-        decay_start = max_steps - int(round(decay_fraction * max_steps))
-        if step < decay_start:
-            return lr
-        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-        return lr + (min_lr - lr) * progress
-    raise MidtrainError(f"model.lr_schedule: unknown schedule {schedule!r}; use cosine, wsd or constant")
+    return SCHEDULES[schedule](step, lr, min_lr, warmup, max_steps, decay_fraction)
 
 
 def _factor(step: int, base_lr: float, **kwargs: float) -> float:

@@ -16,8 +16,6 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
-from midtrain.errors import MidtrainError
-
 
 class StepProgressBar(TQDMProgressBar):
     """The training bar counts optimizer steps of the whole run (``global_step/max_steps``), so
@@ -133,10 +131,3 @@ def results_table(results: list[dict[str, float]]) -> str:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
-
-
-def require_max_steps(trainer: pl.Trainer | None, why: str) -> int:
-    """``trainer.max_steps``, which midtrain's schedules are keyed by; a one-line error if unset."""
-    if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
-        raise MidtrainError(f"trainer.max_steps: set it; {why}")
-    return trainer.max_steps

@@ -60,7 +60,6 @@ SHELL = {"bash", "sh", "shell", "console"}
 OVERRIDES: dict[str, dict[str, str]] = {
     "fit": {
         "trainer.max_steps": "4",               # the demo's 300 steps: 4
-        "trainer.val_check_interval": "4",      # validate at the end (of 4 steps)
         "trainer.num_sanity_val_steps": "0",
         "trainer.enable_progress_bar": "false",
     },

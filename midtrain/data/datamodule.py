@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import IterableDataset
 
-from midtrain.data.loader import MixtureStream, ValidationBlocks, step_loader
+from midtrain.data.contract import StepDataModule, require_max_steps
+from midtrain.data.loader import MixtureStream, ValidationBlocks
 from midtrain.data.mixture import (
     MixtureSchedule,
     Phase,
@@ -20,12 +22,11 @@ from midtrain.data.mixture import (
 )
 from midtrain.data.store import Store
 from midtrain.errors import MidtrainError
-from midtrain.trainer import require_max_steps
 
 MAX_PHASES = 64
 
 
-class MixtureDataModule(L.LightningDataModule):
+class MixtureDataModule(StepDataModule):
     """Mixes the domains of a token store (built by ``midtrain prepare``).
 
     Args:
@@ -44,9 +45,10 @@ class MixtureDataModule(L.LightningDataModule):
         max_repeat: refuse a schedule that would read any domain more than this many times
             (epochs); None disables the check. The plan is printed at the start of fit.
 
-    Phases come from three places: ``weights`` (from step 0), ``MixtureSwitch`` callbacks in
-    ``trainer.callbacks`` (resolved before training), and ``change_weights`` at runtime (kept in
-    checkpoints, so a resumed run reproduces them).
+    Phases come from three places: ``weights`` (from step 0), switches registered with
+    ``add_switch`` before training (``MixtureSwitch`` callbacks do so in their ``setup``), and
+    ``change_weights`` at runtime (kept in checkpoints, so a resumed run reproduces them).
+    The data module owns the schedule; it implements ``midtrain.data.contract.DataContract``.
     """
 
     def __init__(self, store: str, weights: dict[str, float] | None = None, seq_len: int = 512,
@@ -76,7 +78,7 @@ class MixtureDataModule(L.LightningDataModule):
         check_weights(weights, names, "data.weights")
         self.weights = dict(weights)
         self.max_repeat = max_repeat
-        self.switch_phases: list[Phase] = []  # from MixtureSwitch callbacks
+        self._switches: dict[Any, Phase] = {}  # registered by add_switch, keyed by owner
         self.runtime_phases: list[Phase] = []  # from change_weights(); part of checkpoint state
         self.fork_step: int | None = None  # set by `midtrain fit --fork`
         self._resolved_for: tuple | None = None
@@ -107,10 +109,11 @@ class MixtureDataModule(L.LightningDataModule):
                     f"than one sequence of seq_len {self.seq_len} + 1"
                 )
 
-    # -- what other components read -------------------------------------------------------
+    # -- what other components read (the data contract) ------------------------------------
     @property
-    def vocab_size(self) -> int:
-        return self.store.vocab_size
+    def switch_phases(self) -> list[Phase]:
+        """Phases registered with ``add_switch``, by start step."""
+        return sorted(self._switches.values(), key=lambda p: p.start_step)
 
     @property
     def phases(self) -> list[Phase]:
@@ -154,36 +157,36 @@ class MixtureDataModule(L.LightningDataModule):
         return self.micro_batch_size * trainer.accumulate_grad_batches * trainer.world_size
 
     # -- the schedule of a run ------------------------------------------------------------
-    def resolve_schedule(self, trainer: L.Trainer) -> None:
-        """Collect MixtureSwitch callbacks and validate the whole schedule before training.
-        Idempotent; prints the plan once."""
-        from midtrain.callbacks import MixtureSwitch
+    def add_switch(self, step: int, weights: Mapping[str, float], max_steps: int,
+                   owner: Any = None) -> None:
+        """Register a mixture switch: ``weights`` from optimizer step ``step`` on, for a run of
+        ``max_steps``. Called before training (by ``MixtureSwitch.setup``); registering again
+        with the same ``owner`` replaces its switch."""
+        where = f"MixtureSwitch(step={step}).weights"
+        if any(p.start_step == step for o, p in self._switches.items() if o is not owner):
+            raise MidtrainError(f"MixtureSwitch: two switches at step {step}")
+        if not 0 < step < max_steps:
+            raise MidtrainError(
+                f"MixtureSwitch: a switch at step {step} is outside the run "
+                f"(0 < step < max_steps={max_steps})"
+            )
+        if self.fork_step is not None and step < self.fork_step:
+            raise MidtrainError(
+                f"MixtureSwitch: a switch at step {step} is before the fork point "
+                f"{self.fork_step}; a fork can only change the schedule from there on"
+            )
+        check_weights(weights, self.store.domain_names, where)
+        self._check_domains(weights, where)
+        self._switches[owner] = Phase(step, dict(weights))
 
+    def resolve_schedule(self, trainer: L.Trainer) -> None:
+        """Validate the whole schedule before training and print the plan. Idempotent: the
+        plan is printed once per distinct schedule."""
         max_steps = require_max_steps(trainer, "midtrain schedules data by steps")
-        switches = [cb for cb in trainer.callbacks if isinstance(cb, MixtureSwitch)]
-        key = (max_steps, self.global_batch_size(trainer), tuple(id(cb) for cb in switches))
+        key = (max_steps, self.global_batch_size(trainer),
+               tuple((p.start_step, tuple(sorted(p.weights.items()))) for p in self.phases))
         if self._resolved_for == key:
             return
-        phases: dict[int, Phase] = {}
-        for cb in switches:
-            step = cb.resolve_step(max_steps)
-            where = f"MixtureSwitch(step={step}).weights"
-            if step in phases:
-                raise MidtrainError(f"MixtureSwitch: two switches at step {step}")
-            if not 0 < step < max_steps:
-                raise MidtrainError(
-                    f"MixtureSwitch: a switch at step {step} is outside the run "
-                    f"(0 < step < max_steps={max_steps})"
-                )
-            if self.fork_step is not None and step < self.fork_step:
-                raise MidtrainError(
-                    f"MixtureSwitch: a switch at step {step} is before the fork point "
-                    f"{self.fork_step}; a fork can only change the schedule from there on"
-                )
-            check_weights(cb.weights, self.store.domain_names, where)
-            self._check_domains(cb.weights, where)
-            phases[step] = Phase(step, dict(cb.weights))
-        self.switch_phases = [phases[k] for k in sorted(phases)]
         self._resolved_for = key
         rows = self.plan(self.global_batch_size(trainer), max_steps)
         if trainer.is_global_zero:
@@ -198,17 +201,19 @@ class MixtureDataModule(L.LightningDataModule):
 
     def change_weights(self, weights: dict[str, float]) -> int:
         """Change the mixture during ``fit``: from the first optimizer step whose batches the
-        loader cannot have produced yet (it runs ahead by 1 + num_workers x prefetch_factor
-        micro-batches). Returns that step. The change is kept in checkpoints."""
-        trainer = self.trainer
-        if trainer is None or self._table is None:
+        loader cannot have produced yet (those it handed out, plus num_workers x
+        prefetch_factor asked of its workers in advance), and never the running step.
+        Returns that step. The change is kept in checkpoints."""
+        trainer, loader = self.trainer, self.train_loader
+        if trainer is None or self._table is None or loader is None:
             raise MidtrainError("change_weights: only during fit, once training has started")
         check_weights(weights, self.store.domain_names, "change_weights")
         self._check_domains(weights, "change_weights")
-        ready = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        lookahead = 1 + (self.num_workers * self.prefetch_factor if self.num_workers else 0)
-        first_free = ready + lookahead  # first micro-batch index not yet requested
-        step = max(-(-first_free // trainer.accumulate_grad_batches), trainer.global_step + 1)
+        # The stream's own accounting: the first micro-batch index (counted from step 0) that
+        # its loader cannot have produced yet.
+        stream: MixtureStream = loader.dataset  # type: ignore[assignment]
+        first_free = stream.start_step * stream.accumulation + loader.produced()
+        step = max(-(-first_free // stream.accumulation), trainer.global_step + 1)
         self.runtime_phases = [p for p in self.runtime_phases if p.start_step != step]
         self.runtime_phases.append(Phase(step, dict(weights)))
         self.runtime_phases.sort(key=lambda p: p.start_step)
@@ -234,13 +239,8 @@ class MixtureDataModule(L.LightningDataModule):
             "phases": [(p.start_step, dict(sorted(p.weights.items()))) for p in self.phases],
         }
 
-    # -- Lightning hooks ------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.trainer is not None:
-            self.resolve_schedule(self.trainer)
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
+    # -- streams (StepDataModule makes the loaders) -----------------------------------------
+    def train_stream(self, trainer: L.Trainer) -> IterableDataset:
         self.resolve_schedule(trainer)
         self._table = torch.zeros(MAX_PHASES, 1 + len(self.domains), dtype=torch.float64)
         self._table_len = torch.zeros(1, dtype=torch.int64)
@@ -248,29 +248,17 @@ class MixtureDataModule(L.LightningDataModule):
         self._table_len.share_memory_()
         self._write_table()
         schedule = self.schedule(self.global_batch_size(trainer))
-        stream = MixtureStream(
+        return MixtureStream(
             [self.store.domain(n).train for n in schedule.domains], schedule, self.seq_len,
             self.micro_batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
             trainer.world_size, start_step=trainer.global_step, max_steps=trainer.max_steps,
             phase_table=(self._table, self._table_len),
         )
-        return self._loader(stream, self.num_workers)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return [
-            self._loader(ValidationBlocks(self.store.domain(n).val, self.seq_len,
-                                          self.val_batch_size, self.val_max_blocks, rank, world), 0)
-            for n in self.val_set_names
-        ]
-
-    # `midtrain test` evaluates the validation sets too (logged as test/<set>/...);
-    # `midtrain predict` returns per-sequence losses on them.
-    test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
-
-    def _loader(self, dataset: Any, num_workers: int) -> DataLoader:
-        return step_loader(dataset, num_workers, self.prefetch_factor)
+    def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
+        return [ValidationBlocks(self.store.domain(n).val, self.seq_len, self.val_batch_size,
+                                 self.val_max_blocks, rank, world_size)
+                for n in self.val_set_names]
 
     def state_dict(self) -> dict[str, Any]:
         step = self.trainer.global_step if self.trainer is not None else None

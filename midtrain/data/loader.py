@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
 from midtrain.data.store import Split
@@ -80,12 +80,6 @@ class StepStream(IterableDataset):
             yield self.micro_batch(index)
 
 
-def step_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int) -> DataLoader:
-    """A DataLoader over a self-batching, self-sharding dataset (no sampler, no collation)."""
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=prefetch_factor if num_workers > 0 else None)
-
-
 class MixtureStream(StepStream):
     """The pretraining stream: each slot's (domain, block) from a ``MixtureSchedule``."""
 
@@ -102,6 +96,7 @@ class MixtureStream(StepStream):
         # Shared-memory phases (start step, weight per domain) written by the datamodule when
         # the mixture changes at runtime; workers rebuild their schedule when the count moves.
         self.phase_table = phase_table
+        self._table_views: tuple[np.ndarray, np.ndarray] | None = None
         self._phases_seen = len(schedule.phases)
         assert schedule.batch_size == self.batch_size
 
@@ -125,7 +120,9 @@ class MixtureStream(StepStream):
     def _sync_phases(self) -> None:
         if self.phase_table is None:
             return
-        table, length = self.phase_table
+        if self._table_views is None:  # numpy views of the shared memory, made in the worker
+            self._table_views = (self.phase_table[0].numpy(), self.phase_table[1].numpy())
+        table, length = self._table_views
         n = int(length[0])
         if n == self._phases_seen:
             return

@@ -22,13 +22,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from midtrain.data.loader import StepStream, ValidationBlocks, step_loader
+from midtrain.data.contract import StepDataModule
+from midtrain.data.loader import StepStream, ValidationBlocks
 from midtrain.data.mixture import domain_key, permute
 from midtrain.data.store import Split, Store
 from midtrain.errors import MidtrainError
-from midtrain.trainer import require_max_steps
 
 PAD_DOC = -1  # doc id of padding positions: they attend only to each other
 
@@ -145,7 +145,7 @@ class ValidationExamples(IterableDataset):
             yield collate_rows(rows, self.pad_id, 0, packed=False)
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(StepDataModule):
     """Fine-tuning on one prepared domain, with the general corpus' validation sets alongside.
 
     Args:
@@ -193,7 +193,6 @@ class SFTDataModule(L.LightningDataModule):
             if name == target:
                 raise MidtrainError("data.general_val_sets: the target is evaluated already")
         self.max_length = max_length
-        self.seq_len = max_length  # what the model's context must hold
         self.packing = packing
         self.micro_batch_size = micro_batch_size
         self.seed = seed
@@ -205,18 +204,21 @@ class SFTDataModule(L.LightningDataModule):
         self.num_truncated = int((lengths > max_length + 1).sum())
         self.num_examples = len(lengths)
 
-    # -- what other components read -------------------------------------------------------
+    # -- what other components read (the data contract) ------------------------------------
     @property
-    def vocab_size(self) -> int:
-        return self.store.vocab_size
+    def seq_len(self) -> int:
+        """The longest row: ``max_length`` tokens (the model's context must hold it)."""
+        return self.max_length
 
     @property
     def domains(self) -> list[str]:
         return [self.target]
 
-    @property
-    def active_domains(self) -> list[str]:
-        return [self.target]
+    def weights_at(self, step: int) -> dict[str, float]:
+        return {self.target: 1.0}
+
+    def phase_starts(self) -> list[int]:
+        return [0]
 
     @property
     def val_set_names(self) -> list[str]:
@@ -237,31 +239,23 @@ class SFTDataModule(L.LightningDataModule):
             rank_zero_info(f"SFT {self.target}: {self.num_truncated} of {self.num_examples} "
                            f"training examples truncated to max_length {self.max_length}")
 
-    def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        require_max_steps(t, "midtrain schedules data by steps")
-        stream = SFTStream(self.store.domain(self.target).train, self.target, self.max_length,
-                           self.packing, self.seed, self.store.eos_id, self.micro_batch_size,
-                           t.accumulate_grad_batches, t.global_rank, t.world_size,
-                           start_step=t.global_step, max_steps=t.max_steps)
-        return self._loader(stream, self.num_workers)
+    def train_stream(self, trainer: L.Trainer) -> IterableDataset:
+        return SFTStream(self.store.domain(self.target).train, self.target, self.max_length,
+                         self.packing, self.seed, self.store.eos_id, self.micro_batch_size,
+                         trainer.accumulate_grad_batches, trainer.global_rank,
+                         trainer.world_size, start_step=trainer.global_step,
+                         max_steps=trainer.max_steps)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        loaders = [self._loader(ValidationExamples(
-            self.store.domain(self.target).val, self.max_length, self.micro_batch_size,
-            self.store.eos_id, self.val_max_examples, rank, world), 0)]
-        for name in self.general_val_sets:
-            loaders.append(self._loader(ValidationBlocks(
-                self.general.domain(name).val, self.max_length, self.micro_batch_size,
-                self.general_val_max_blocks, rank, world), 0))
-        return loaders
-
-    test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
-
-    def _loader(self, dataset: Any, num_workers: int) -> DataLoader:
-        return step_loader(dataset, num_workers, self.prefetch_factor)
+    def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
+        return [
+            ValidationExamples(self.store.domain(self.target).val, self.max_length,
+                               self.micro_batch_size, self.store.eos_id, self.val_max_examples,
+                               rank, world_size),
+            *(ValidationBlocks(self.general.domain(name).val, self.max_length,
+                               self.micro_batch_size, self.general_val_max_blocks, rank,
+                               world_size)
+              for name in self.general_val_sets),
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint()}

@@ -1,0 +1,150 @@
+"""The contract between data and model: what ``CausalLM``, the CLI and the callbacks read from a
+data module, by name.
+
+``DataContract`` is the interface (a ``Protocol``: any ``LightningDataModule`` with these members
+works); ``StepDataModule`` is the base class of midtrain's own data modules and holds what they
+share (step-indexed training loaders that count what they hand out, validation loaders sharded by
+rank, the fingerprint check of ``state_dict``). ``require_contract`` turns a data module that
+lacks a member into one line naming what is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from midtrain.errors import MidtrainError
+
+
+@runtime_checkable
+class DataContract(Protocol):
+    """What a data module tells the model and the callbacks.
+
+    vocab_size: tokens of the tokenizer (the model's vocabulary must hold them).
+    eos_id: the end-of-document token (document masking splits packed rows at it).
+    seq_len: the longest row in tokens the model is fed (checked against its context).
+    domains: the training domains, in a fixed order: batch["domain"] indexes this list.
+    val_set_names: the validation sets, in the order of ``val_dataloader()``.
+    """
+
+    vocab_size: int
+    eos_id: int
+    seq_len: int
+    domains: list[str]
+    val_set_names: list[str]
+
+    def val_bytes_per_token(self, name: str) -> float:
+        """Average UTF-8 bytes per token of validation set ``name`` (for bits per byte)."""
+        ...
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """Normalised mixture weight of every domain at optimizer step ``step``."""
+        ...
+
+    def phase_starts(self) -> list[int]:
+        """Optimizer steps at which a mixture phase starts (0 first)."""
+        ...
+
+
+CONTRACT_MEMBERS = ("vocab_size", "eos_id", "seq_len", "domains", "val_set_names",
+                    "val_bytes_per_token", "weights_at", "phase_starts")
+
+
+def require_contract(datamodule: Any) -> DataContract:
+    """``datamodule`` as a ``DataContract``, or one line naming the members it lacks."""
+    missing = [m for m in CONTRACT_MEMBERS if not hasattr(datamodule, m)]
+    if missing:
+        raise MidtrainError(
+            f"data: {type(datamodule).__name__} does not implement midtrain's data contract "
+            f"(midtrain.data.contract.DataContract); missing: {', '.join(missing)}"
+        )
+    return datamodule
+
+
+def require_max_steps(trainer: L.Trainer | None, why: str) -> int:
+    """``trainer.max_steps``, which midtrain's schedules are keyed by; a one-line error if unset."""
+    if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
+        raise MidtrainError(f"trainer.max_steps: set it; {why}")
+    return trainer.max_steps
+
+
+class StepLoader(DataLoader):
+    """A DataLoader over a self-batching, self-sharding dataset (no sampler, no collation) that
+    counts the batches it has handed out since its last ``iter()``: the stream's own accounting
+    of how far the loader may have run ahead (see ``produced``)."""
+
+    def __init__(self, dataset: IterableDataset, num_workers: int = 0,
+                 prefetch_factor: int = 2) -> None:
+        super().__init__(dataset, batch_size=None, num_workers=num_workers,
+                         prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        self.handed_out = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.handed_out = 0
+        for batch in super().__iter__():
+            self.handed_out += 1
+            yield batch
+
+    def produced(self) -> int:
+        """Batches of this iteration that may exist already: handed out, plus what the workers
+        have been asked for in advance (num_workers x prefetch_factor)."""
+        ahead = self.num_workers * self.prefetch_factor if self.num_workers > 0 else 0
+        return self.handed_out + ahead
+
+
+class StepDataModule(L.LightningDataModule):
+    """Shared machinery of midtrain's data modules (both implement ``DataContract``).
+
+    Subclasses set ``store`` (its ``vocab_size`` and ``eos_id`` are the contract's),
+    ``num_workers``/``prefetch_factor``, and implement ``train_stream()``,
+    ``val_datasets()`` and ``fingerprint()``.
+    """
+
+    store: Any
+    num_workers: int
+    prefetch_factor: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_loader: StepLoader | None = None  # the loader of the running fit
+
+    @property
+    def vocab_size(self) -> int:
+        return self.store.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.store.eos_id
+
+    # -- what subclasses define -------------------------------------------------------------
+    def train_stream(self, trainer: L.Trainer) -> IterableDataset:
+        raise NotImplementedError
+
+    def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- Lightning hooks ------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        require_max_steps(trainer, "midtrain schedules data by steps")
+        self.train_loader = StepLoader(self.train_stream(trainer), self.num_workers,
+                                       self.prefetch_factor)
+        return self.train_loader
+
+    def val_dataloader(self) -> list[DataLoader]:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return [DataLoader(d, batch_size=None) for d in self.val_datasets(rank, world)]
+
+    # `midtrain test` evaluates the validation sets too (logged as test/<set>/...);
+    # `midtrain predict` returns per-sequence losses on them.
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
