@@ -32,7 +32,8 @@ How they run:
   `SLOW_PAGES` (which only repeat other pages' commands); the slow test
   `test_page_commands_slow` runs all commands of those pages, so each runs in at least one.
 - A failure names the page, the line and the command, with the end of its output.
-- Pages that read `../shared` data are skipped when it is absent (see conftest.py).
+- Pages that read `../shared` data are skipped when it is absent (see conftest.py); pages
+  whose commands need an optional extra (NEEDS_EXTRA) are skipped where it is not installed.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ SLOW_PAGES = {"README.md", "docs/index.md"}
 
 # What an executed command may not need (such commands go in ```text blocks with a note).
 NEEDS_HUB_OR_GPU = [
-    (r"\bhf:", "a hub model (hf:)"),
+    (r"\bhf:(?![./~])", "a hub model (hf:<id>; a local directory hf:/path or hf:./path is fine)"),
     (r"--\S*\bhub[ =]", "a hub tokenizer"),
     (r"configs/\S*paper\S*\.yaml(?!.*--(print_config|dry_run|help))",
      "the paper configs (hub data, GPUs); only --print_config/--dry_run of them run here"),
@@ -85,6 +86,12 @@ NEEDS_HUB_OR_GPU = [
 ]
 
 NEEDS_SHARED = re.compile(r"\.\./shared|configs/\S*local\S*\.yaml")
+# Commands that need an optional extra: the page is skipped (with the reason) where the extra's
+# packages are not installed; the tox env `interop` installs them and runs those pages.
+NEEDS_EXTRA = [
+    (re.compile(r"\bmidtrain (export|generate|lm-eval)\b|\blm_eval\b|\btransformers\b"),
+     ("transformers", "safetensors", "lm_eval"), "midtrain[eval]"),
+]
 
 
 @dataclass
@@ -345,6 +352,10 @@ def run_page(page: Path, tmp_path: Path, demo_store: Path, include_slow: bool) -
     mentions = " ".join(s.text if kind == "run" else s[2] for kind, s in steps)
     if NEEDS_SHARED.search(mentions) and not SHARED.is_dir():
         pytest.skip(f"the page reads the sample data, not found at {SHARED}")
+    for pattern, modules, extra in NEEDS_EXTRA:
+        if pattern.search(mentions):
+            for module in modules:
+                pytest.importorskip(module, reason=f"the page's commands need {extra}")
     sandbox = tmp_path / "repo"
     sandbox.mkdir()
     _link_repo(sandbox)
