@@ -82,8 +82,11 @@ class StepStream(IterableDataset):
 
 def step_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int) -> DataLoader:
     """A DataLoader over a self-batching, self-sharding dataset (no sampler, no collation)."""
+    from midtrain.fault import ignore_preemption_signals  # workers leave signals to the trainer
+
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=prefetch_factor if num_workers > 0 else None)
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                      worker_init_fn=ignore_preemption_signals if num_workers > 0 else None)
 
 
 class MixtureStream(StepStream):
