@@ -21,3 +21,15 @@ def save_final_checkpoint(callback: ModelCheckpoint, trainer: pl.Trainer) -> Non
     if callback.monitor is None or callback.monitor in candidates:
         callback._save_topk_checkpoint(trainer, candidates)
     callback._save_last_checkpoint(trainer, candidates)
+
+
+class KeepConfigOnResume:
+    """A LightningCLI mixin: ``--ckpt_path <file>`` does not overwrite the model config.
+
+    LightningCLI 2.6 (``_parse_ckpt_path``) loads a checkpoint's hyperparameters over the
+    command line's, so ``--ckpt_path x --model.lr 0.01`` silently trains with the checkpoint's lr
+    (and a file that is not a checkpoint gives a traceback). midtrain compares the two instead and
+    refuses differences in one line (``midtrain.fault.resume_differences``)."""
+
+    def _parse_ckpt_path(self) -> None:
+        return None

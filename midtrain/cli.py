@@ -120,13 +120,14 @@ def trainer_main(argv: Sequence[str]) -> None:
     from lightning.pytorch.core.datamodule import LightningDataModule
 
     from midtrain import fault
+    from midtrain._lightning import KeepConfigOnResume
     from midtrain.callbacks import ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
     from midtrain.lm import CausalLM
     from midtrain.paths import run_checkpoints
     from midtrain.trainer import Trainer
 
-    class MidtrainCLI(LightningCLI):
+    class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.add_lightning_class_args(Throughput, "throughput")
