@@ -146,6 +146,11 @@ def trainer_main(argv: Sequence[str]) -> None:
             trainer = cfg.trainer
             root = trainer.default_root_dir or "runs/midtrain"
             trainer.default_root_dir = root
+            if trainer.get("max_steps") is None:  # `--trainer.max_steps null`
+                if self.subcommand == "fit":
+                    raise MidtrainError("trainer.max_steps: null; set a positive number of "
+                                        "optimizer steps (midtrain's schedules are in steps)")
+                trainer.max_steps = -1  # Lightning's "no limit"; evaluation does not use it
             self._plan_resume(cfg)
             if trainer.logger in (None, True) and self.subcommand != "fit":
                 # evaluation gets its own subdirectory: the run's config, hparams and events

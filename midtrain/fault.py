@@ -14,6 +14,7 @@ choice and checking of the checkpoint a run resumes from. See docs/fault-toleran
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.checkpoint import is_distributed, read_metadata
@@ -82,9 +84,12 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.glob(f".*{TEMP_MARK}*") if p.is_file()]
+    stale = list(directory.glob(f".*{TEMP_MARK}*"))
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)  # a distributed checkpoint's temp directory
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 
@@ -107,9 +112,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
     """Swap the strategy's default CheckpointIO for ``AtomicCheckpointIO`` (a user's own
-    CheckpointIO plugin is kept)."""
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    CheckpointIO plugin is kept); distributed checkpoint directories are written to a temp
+    directory and renamed."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    if isinstance(strategy, ModelParallelStrategy):  # writes sharded directories in place
+        strategy.save_checkpoint = _atomic_directory_save(strategy)
+
+
+def _atomic_directory_save(strategy: Any) -> Callable[..., None]:
+    """Wrap ``ModelParallelStrategy.save_checkpoint`` (which writes shards in place): every rank
+    writes into ``.<name>.tmp-<pid>`` next to the destination; rank 0 then swaps it in. A crash
+    leaves the old checkpoint (or, between the two renames, ``.<name>.tmp-old``: resume falls
+    back to the newest other checkpoint)."""
+    save = strategy.save_checkpoint
+
+    def atomic(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        path = Path(strategy.broadcast(str(filepath)))
+        tmp = path.parent / f".{path.name}{TEMP_MARK}{strategy.broadcast(os.getpid())}"
+        save(checkpoint, tmp, storage_options)
+        strategy.barrier()
+        if strategy.global_rank == 0:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as handle:
+                        os.fsync(handle.fileno())
+            old = path.parent / f".{path.name}{TEMP_MARK}old"
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        strategy.barrier()
+
+    return atomic
 
 
 # -- preemption --------------------------------------------------------------------------------
