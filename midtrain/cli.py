@@ -133,7 +133,9 @@ def trainer_main(argv: Sequence[str]) -> None:
             parser.add_lightning_class_args(Throughput, "throughput")
             parser.add_lightning_class_args(fault.Preemption, "preemption")
             parser.add_lightning_class_args(fault.DivergenceGuard, "divergence")
-            parser.set_defaults({"checkpoint.save_last": True})
+            # A resumed run overwrites its own last.ckpt (never a stray last-v1.ckpt).
+            parser.set_defaults({"checkpoint.save_last": True,
+                                 "checkpoint.enable_version_counter": False})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
             parser.add_argument(

@@ -97,6 +97,7 @@ def test_signal_checkpoints_the_step_and_resumes_bitwise(
     no_temps(ckpts)
 
     finish(midtrain("fit", "--config", str(cfg), "--ckpt_path", "last"))
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == MAX_STEPS
     assert_equal_weights(ref / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
 
 
