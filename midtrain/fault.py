@@ -430,22 +430,32 @@ def resume_checkpoint(directory: Path, say: Callable[[str], None]) -> Path | Non
 # -- what a resume must agree with -------------------------------------------------------------
 
 # Keys that shape what happened before the checkpoint: a fork cannot change them either.
-PAST_KEYS = ("data.store", "data.seq_len", "data.seed", "data.global_batch_size", "model.shape",
-             "model.decay_1d_params")
+PAST_KEYS = ("data.store", "data.seq_len", "data.max_length", "data.packing", "data.seed",
+             "data.global_batch_size", "model.shape", "model.decay_1d_params")
 
 
 def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
     """Everything that shapes a run's data stream and optimisation, by config key."""
     record: dict[str, Any] = {}
-    if hasattr(datamodule, "fingerprint") and hasattr(datamodule, "micro_batch_size"):
-        fp = datamodule.fingerprint()
-        record.update({
-            "data.store": fp["store"], "data.seq_len": fp["seq_len"], "data.seed": fp["seed"],
-            "data.global_batch_size": datamodule.global_batch_size(trainer),
-            "data.micro_batch_size": datamodule.micro_batch_size,
-            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "world size": trainer.world_size,
-        })
+    if datamodule is not None:
+        fingerprint = datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else {}
+        store = getattr(datamodule, "store", None)
+        if "store" in fingerprint:
+            record["data.store"] = fingerprint["store"]
+        elif hasattr(store, "fingerprint"):
+            record["data.store"] = store.fingerprint()
+        for key in ("seq_len", "max_length", "packing", "seed"):
+            if hasattr(datamodule, key):
+                record[f"data.{key}"] = getattr(datamodule, key)
+        micro = getattr(datamodule, "micro_batch_size", None)
+        if micro is not None:
+            record.update({
+                "data.global_batch_size":
+                    micro * trainer.accumulate_grad_batches * trainer.world_size,
+                "data.micro_batch_size": micro,
+                "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "world size": trainer.world_size,
+            })
     config = getattr(model, "config", None)
     if config is not None:
         from dataclasses import asdict

@@ -86,6 +86,8 @@ def test_signal_checkpoints_the_step_and_resumes_bitwise(
         time.sleep(0.02)
     number = getattr(signal, sig)
     (os.killpg if group else os.kill)(proc.pid, number)
+    time.sleep(0.1)
+    (os.killpg if group else os.kill)(proc.pid, number)  # a second signal changes nothing
     _, err = proc.communicate(timeout=300)
     err = err.decode()
     assert proc.returncode == fault.EXIT_PREEMPTED, err[-3000:]
