@@ -429,6 +429,9 @@ def resume_checkpoint(directory: Path, say: Callable[[str], None]) -> Path | Non
 
 # -- what a resume must agree with -------------------------------------------------------------
 
+# How the global batch is split is recorded but may change on resume (e.g. 2 processes -> 1
+# with twice the micro batch): the data stream is the same; the sums differ in rounding only.
+ELASTIC_KEYS = ("data.micro_batch_size", "trainer.accumulate_grad_batches", "world size")
 # Keys that shape what happened before the checkpoint: a fork cannot change them either.
 PAST_KEYS = ("data.store", "data.seq_len", "data.max_length", "data.packing", "data.seed",
              "data.global_batch_size", "model.shape", "model.decay_1d_params")
@@ -483,7 +486,7 @@ def resume_differences(saved: dict[str, Any], now: dict[str, Any],
                        fork: bool) -> list[str]:
     """Differences between a checkpoint's run record and this run's, as ``key old -> new``:
     all of them for a resume; for a fork only those that change the past."""
-    keys = [k for k in now if k in saved and saved[k] != now[k]]
+    keys = [k for k in now if k in saved and saved[k] != now[k] and k not in ELASTIC_KEYS]
     if fork:
         keys = [k for k in keys if k in PAST_KEYS]
     return [_show(k, saved[k], now[k]) for k in keys]

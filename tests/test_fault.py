@@ -328,7 +328,7 @@ def _a_file(tmp: Path, run_dir: Path) -> str:
 RESUME_CASES = [
     # id, extra arguments ({last}: the run's last.ckpt; {tmp}), expected text
     ("micro-batch", ["--ckpt_path", "last", "--data.init_args.micro_batch_size", "1"],
-     "data.global_batch_size 2 -> 1; data.micro_batch_size 2 -> 1"),
+     "data.global_batch_size 2 -> 1; resume with"),
     ("lr", ["--ckpt_path", "last", "--model.lr", "0.01"], "model.lr 0.0003 -> 0.01"),
     ("model-shape", ["--ckpt_path", "last", "--model.model_config",
                      "{n_layer: 2, n_embd: 32, n_head: 2, block_size: 64}"],
