@@ -29,13 +29,11 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     """
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from midtrain._lightning import save_final_checkpoint
+
         super().on_train_end(trainer, pl_module)
-        if self._should_skip_saving_checkpoint(trainer) or trainer.interrupted:
-            return
-        candidates = self._monitor_candidates(trainer)
-        if self.monitor is None or self.monitor in candidates:
-            self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        if not trainer.interrupted:
+            save_final_checkpoint(self, trainer)
 
 
 class MixtureSwitch(Callback):

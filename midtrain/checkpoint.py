@@ -3,6 +3,7 @@ from ``ModelParallelStrategy`` (``*.distcp`` shards plus ``meta.pt`` with everyt
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,16 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
         raise MidtrainError(f"consolidate: {path} is not a distributed checkpoint directory")
     if out.exists():
         raise MidtrainError(f"consolidate: {out} exists; choose a new file")
-    tmp = out.with_name(out.name + ".tmp")
-    dcp_to_torch_save(path, tmp)
-    state = torch.load(tmp, map_location="cpu", weights_only=True)
+    from midtrain.fault import TEMP_MARK, atomic_save
+
+    tmp = out.with_name(f".{out.name}{TEMP_MARK}{os.getpid()}-full")  # next to out, not TMPDIR
+    try:
+        dcp_to_torch_save(path, tmp)
+        state = torch.load(tmp, map_location="cpu", weights_only=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     state.update(read_metadata(path))
-    torch.save(state, tmp)
-    tmp.replace(out)
-    return out
+    return atomic_save(state, out)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from midtrain.errors import MidtrainError, find_midtrain_error, recording_errors
@@ -270,21 +271,30 @@ def trainer_main(argv: Sequence[str]) -> None:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.core.datamodule import LightningDataModule
 
-    from midtrain._lightning import checkpoint_datamodule_state, set_run_argument
+    from midtrain import fault
+    from midtrain._lightning import (
+        KeepConfigOnResume,
+        checkpoint_datamodule_state,
+        set_run_argument,
+    )
     from midtrain.callbacks import MixtureLogging, MixtureSwitch, ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
     from midtrain.data.contract import require_max_steps
     from midtrain.data.datamodule import MixtureDataModule
     from midtrain.lm import CausalLM
-    from midtrain.paths import LAST, checkpoint_dir
+    from midtrain.paths import run_checkpoints
     from midtrain.trainer import Trainer
 
-    class MidtrainCLI(LightningCLI):
+    class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.add_lightning_class_args(Throughput, "throughput")
             parser.add_lightning_class_args(MixtureLogging, "mixture_logging")
-            parser.set_defaults({"checkpoint.save_last": True})
+            parser.add_lightning_class_args(fault.Preemption, "preemption")
+            parser.add_lightning_class_args(fault.DivergenceGuard, "divergence")
+            # A resumed run overwrites its own last.ckpt (never a stray last-v1.ckpt).
+            parser.set_defaults({"checkpoint.save_last": True,
+                                 "checkpoint.enable_version_counter": False})
             # The model's vocabulary follows the tokenizer unless model_config fixes it.
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
             parser.add_argument(
@@ -309,6 +319,12 @@ def trainer_main(argv: Sequence[str]) -> None:
             trainer = cfg.trainer
             root = trainer.default_root_dir or "runs/midtrain"
             trainer.default_root_dir = root
+            if trainer.get("max_steps") is None:  # `--trainer.max_steps null`
+                if self.subcommand == "fit":
+                    raise MidtrainError("trainer.max_steps: null; set a positive number of "
+                                        "optimizer steps (midtrain's schedules are in steps)")
+                trainer.max_steps = -1  # Lightning's "no limit"; evaluation does not use it
+            self._plan_resume(cfg)
             if trainer.logger in (None, True) and self.subcommand != "fit":
                 # evaluation gets its own subdirectory: the run's config, hparams and events
                 # stay as training left them
@@ -327,24 +343,56 @@ def trainer_main(argv: Sequence[str]) -> None:
                     class_path="lightning.pytorch.loggers.TensorBoardLogger",
                     init_args=Namespace(save_dir=root, name="", version=""),
                 )
+            logger = trainer.logger
+            if (self.subcommand == "fit" and self._resume_step is not None
+                    and getattr(logger, "class_path", "").endswith("TensorBoardLogger")):
+                # events a killed run wrote after its checkpoint would show every replayed
+                # step twice: TensorBoard drops events from this step on (SummaryWriter kwarg)
+                logger.init_args.purge_step = self._resume_step
+
+        def _plan_resume(self, cfg: Any) -> None:
+            """Resolve ``--ckpt_path last`` / ``last_or_new`` to a file (reading only; errors and
+            the explaining lines come in before_fit, after the config's own errors)."""
+            self._resume_error: str | None = None
+            self._resume_lines: list[str] = []
+            self._resume_step: int | None = None
+            ckpt = cfg.get("ckpt_path")
+            dirpath = cfg.get("checkpoint", {}).get("dirpath") if "checkpoint" in cfg else None
+            directory = Path(dirpath) if dirpath else run_checkpoints(cfg.trainer.default_root_dir)
+            self._checkpoint_dir = directory
+            if ckpt in ("last", "last_or_new"):
+                found = fault.resume_checkpoint(directory, self._resume_lines.append)
+                if found is not None:
+                    cfg.ckpt_path = str(found)
+                elif ckpt == "last":
+                    self._resume_error = (f"ckpt_path: last: no checkpoint in {directory}; start "
+                                          "without --ckpt_path, or use --ckpt_path last_or_new")
+                elif self.subcommand != "fit":
+                    self._resume_error = "ckpt_path: last_or_new is for fit only"
+                else:
+                    cfg.ckpt_path = None
+                    self._resume_lines.append(
+                        f"midtrain: NO CHECKPOINT in {directory}: starting a new run "
+                        "(--ckpt_path last_or_new)")
+            ckpt = cfg.get("ckpt_path")
+            if ckpt and Path(str(ckpt)).exists():
+                meta, _ = fault.loadable(Path(str(ckpt)))
+                if meta is not None:
+                    self._resume_step = int(meta["global_step"])
 
         def _check(self) -> None:
             if self.datamodule is not None:  # the data contract, checked before any write
                 self.model.connect(self.datamodule)
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if self._resume_error:
+                raise MidtrainError(self._resume_error)
             ckpt = str(cfg.get("ckpt_path") or "")  # a missing file would fail after logging
             if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
-                    and "://" not in ckpt and not os.path.exists(ckpt)):
-                raise MidtrainError(f"ckpt_path: checkpoint not found: {ckpt}")
+                    and "://" not in ckpt):
+                fault.check_checkpoint(ckpt, "ckpt_path")  # missing, truncated, not one
             self._check_val_limits()
-            if self.subcommand in ("validate", "test"):
-                if ckpt == "last":  # Lightning's own lookup finds nothing outside of fit
-                    ckpt = str(checkpoint_dir(self.trainer) / LAST)
-                    if not os.path.exists(ckpt):
-                        raise MidtrainError(f"ckpt_path: last: no checkpoint at {ckpt}")
-                    self.config_init[self.subcommand]["ckpt_path"] = ckpt
-                if self.trainer.is_global_zero:
-                    print(f"midtrain {self.subcommand}: {self._evaluated_weights(ckpt, cfg)}")
+            if self.subcommand in ("validate", "test") and self.trainer.is_global_zero:
+                print(f"midtrain {self.subcommand}: {self._evaluated_weights(ckpt, cfg)}")
 
         def _evaluated_weights(self, ckpt: str, cfg: Any) -> str:
             """Which weights validate/test evaluate, for the first line of their output."""
@@ -377,12 +425,11 @@ def trainer_main(argv: Sequence[str]) -> None:
             if fork:
                 if self.config["fit"].get("ckpt_path"):
                     raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
-                if not os.path.exists(fork):
-                    raise MidtrainError(f"fork: checkpoint not found: {fork}")
-                step = read_metadata(fork)["global_step"]
+                step = fault.check_checkpoint(fork, "fork")["global_step"]
                 if hasattr(self.datamodule, "fork_step"):
                     self.datamodule.fork_step = step
                 set_run_argument(self, "fit", "ckpt_path", fork)
+            self._check_run_dir(fresh=not self.config["fit"].get("ckpt_path"))
             if isinstance(self.datamodule, MixtureDataModule):
                 # refuse a bad schedule before anything is written: the switches register now
                 # (MixtureSwitch.setup registers them again, idempotently, inside fit)
@@ -391,17 +438,56 @@ def trainer_main(argv: Sequence[str]) -> None:
                     if isinstance(cb, MixtureSwitch):
                         cb.register(self.datamodule, max_steps)
                 self.datamodule.resolve_schedule(self.trainer)
-            self._check_resume()
+            self._check_resume(fork=bool(fork))
+            # every check passed: from here on the run may write
+            for line in self._resume_lines:
+                fault.say(line)
+            fault.use_atomic_checkpoints(self.trainer)
+            for stale in fault.remove_stale_temps(self._checkpoint_dir):
+                fault.say(f"midtrain: removed {stale}, left by a save that was killed")
 
-        def _check_resume(self) -> None:
-            """Refuse a checkpoint whose data the datamodule cannot continue, before Lightning
-            writes anything into the run directory."""
+        def _check_run_dir(self, fresh: bool) -> None:
+            """The run directory can be written, and a new run does not mix with another's
+            checkpoints (a later --ckpt_path last would pick from both)."""
+            root = Path(self.trainer.default_root_dir)
+            for path in (root, self._checkpoint_dir):
+                if path.exists() and not path.is_dir():
+                    raise MidtrainError(f"trainer.default_root_dir: {path} is a file, not a run "
+                                        "directory; choose another path")
+            existing = next((p for p in (self._checkpoint_dir, root, *root.parents)
+                             if p.exists()), None)
+            if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+                raise MidtrainError(f"trainer.default_root_dir: {existing} is not writable; "
+                                    "fix its permissions or choose another run directory")
+            if fresh and (found := fault.run_checkpoints_in(self._checkpoint_dir)):
+                raise MidtrainError(
+                    f"trainer.default_root_dir: {self._checkpoint_dir} already holds another "
+                    f"run's checkpoints ({found[0].name}, ...); continue it with --ckpt_path "
+                    "last, or choose a new trainer.default_root_dir")
+
+
+        def _check_resume(self, fork: bool) -> None:
+            """Refuse a checkpoint this run cannot continue exactly (or a fork that would
+            change the past), before Lightning writes anything into the run directory."""
             ckpt = self.config_init["fit"].get("ckpt_path")
-            if ckpt == "last":
-                ckpt = str(checkpoint_dir(self.trainer) / LAST)
-            if not ckpt or not os.path.exists(ckpt) or self.datamodule is None:
+            if not ckpt or not os.path.exists(ckpt):
                 return
-            data_state = checkpoint_datamodule_state(read_metadata(ckpt), self.datamodule)
+            meta = read_metadata(ckpt)
+            saved = meta.get("midtrain", {}).get("run")
+            if saved is not None:
+                now = fault.run_record(self.model, self.datamodule, self.trainer)
+                diffs = fault.resume_differences(saved, now, fork)
+                if diffs:
+                    what = "--fork" if fork else "--ckpt_path"
+                    hint = ("a fork may change the optimizer settings, max_steps and the "
+                            "schedule from the fork step on, not the past" if fork else
+                            "resume with the checkpoint's settings, or start a new run from it "
+                            "with --fork")
+                    raise MidtrainError(f"{what} {ckpt}: it was trained with another setup: "
+                                        f"{'; '.join(diffs)}; {hint}")
+            if self.datamodule is None:
+                return
+            data_state = checkpoint_datamodule_state(meta, self.datamodule)
             if data_state is not None:
                 self.datamodule.load_state_dict(data_state)
 
@@ -478,7 +564,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MIDTRAIN_TRACEBACK"):
             traceback.print_exc()
         print(f"midtrain {command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: bad input; 3: training diverged (fault.py)
+    except SystemExit as e:
+        from midtrain.fault import Preempted
+
+        if isinstance(e, Preempted):  # checkpoint written: exit so the scheduler requeues
+            return int(e.code)
+        raise
     except KeyboardInterrupt:
         return 130
     return 0

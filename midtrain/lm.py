@@ -184,7 +184,9 @@ class CausalLM(L.LightningModule):
         for name in data.val_set_names:
             if name not in self.val_metrics:
                 self.val_metrics[name] = torch.nn.ModuleDict(
-                    {"loss": SumMetric(), "tokens": SumMetric(), "bytes": SumMetric()}
+                    # nan_strategy="disable": a NaN loss stays NaN (the default drops it, and a
+                    # diverged model would report loss 0)
+                    {k: SumMetric(nan_strategy="disable") for k in ("loss", "tokens", "bytes")}
                 )
 
     def setup(self, stage: str) -> None:
@@ -333,13 +335,14 @@ class CausalLM(L.LightningModule):
     test_step = validation_step
 
     def on_validation_epoch_end(self, prefix: str = "val") -> None:
+        # A NaN loss is logged as NaN (never as a number: torchmetrics would make it 0).
         for name, metrics in self.val_metrics.items():
             tokens = metrics["tokens"].compute()
             if tokens > 0:
                 loss = (metrics["loss"].compute() / tokens).item()
                 self.log(f"{prefix}/{name}/loss", loss, add_dataloader_idx=False)
-                self.log(f"{prefix}/{name}/ppl", math.exp(min(loss, 50.0)),
-                         add_dataloader_idx=False)
+                ppl = math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan
+                self.log(f"{prefix}/{name}/ppl", ppl, add_dataloader_idx=False)
                 nbytes = metrics["bytes"].compute()
                 if nbytes > 0:  # bits per UTF-8 byte: comparable across tokenizers
                     bpb = (metrics["loss"].compute() / math.log(2) / nbytes).item()
@@ -416,8 +419,50 @@ class CausalLM(L.LightningModule):
 
     # -- checkpoint state -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from midtrain.fault import run_record
+
         self._flush_tokens()  # every rank saves: the counts include the last step
         checkpoint["midtrain"] = {"tokens_seen": dict(self.tokens_seen)}
+        trainer = self._attached_trainer()
+        if trainer is not None:  # what a resume must agree with (midtrain.fault)
+            checkpoint["midtrain"]["run"] = run_record(self, trainer.datamodule, trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen.update(checkpoint.get("midtrain", {}).get("tokens_seen", {}))
+        from midtrain.fault import resume_differences, run_record
+
+        saved = checkpoint.get("midtrain", {})
+        self.tokens_seen.update(saved.get("tokens_seen", {}))
+        trainer = self._attached_trainer()
+        if trainer is None or trainer.state.fn != "fit" or "run" not in saved:
+            return
+        fork = getattr(trainer.datamodule, "fork_step", None) is not None
+        now = run_record(self, trainer.datamodule, trainer)
+        diffs = resume_differences(saved["run"], now, fork)
+        if diffs:
+            raise MidtrainError(
+                f"checkpoint: trained with another setup: {'; '.join(diffs)}; "
+                + ("a fork cannot change the past" if fork else
+                   "resume with the same settings, or start a new run from it with --fork"))
+        if fork:
+            self._apply_optimizer_settings(checkpoint, checkpoint.get("global_step", 0))
+
+    def _apply_optimizer_settings(self, checkpoint: dict[str, Any], step: int) -> None:
+        """A fork continues the optimizer state with this run's hyperparameters (lr, schedule,
+        betas, eps, weight decay): the checkpoint's would otherwise win silently."""
+        from midtrain.optim import lr_at, warmup_steps
+
+        hp = self.hparams
+        max_steps = self.trainer.max_steps
+        min_lr = hp.min_lr if hp.min_lr is not None else hp.lr / 10
+        lr_now = lr_at(step, lr=hp.lr, min_lr=min_lr, warmup=warmup_steps(hp.warmup, max_steps),
+                       max_steps=max_steps, schedule=hp.lr_schedule,
+                       decay_fraction=hp.decay_fraction)
+        for opt in checkpoint.get("optimizer_states", []):
+            for i, group in enumerate(opt.get("param_groups", [])):
+                # groups as midtrain.optim.param_groups makes them: decayed first, then not
+                group.update(lr=lr_now, initial_lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                             weight_decay=hp.weight_decay if i == 0 else 0.0)
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = [hp.lr] * len(sched["base_lrs"])
+                sched["_last_lr"] = [lr_now] * len(sched["base_lrs"])

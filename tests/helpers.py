@@ -65,3 +65,14 @@ class SaveBatches(pl.Callback):
         import torch
 
         torch.save(self.batches, self.path)
+
+
+class NaNGradientAt(pl.Callback):
+    """A fault injector: makes one gradient NaN at the given optimizer steps (after backward)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")

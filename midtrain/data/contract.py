@@ -10,6 +10,7 @@ lacks a member into one line naming what is missing.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,6 +72,18 @@ def require_max_steps(trainer: L.Trainer | None, why: str) -> int:
     return trainer.max_steps
 
 
+# Signals a cluster sends to stop a job (Slurm's pre-timeout SIGUSR1, SIGTERM; SIGUSR2 for
+# other schedulers): the main process saves and exits (midtrain.fault.Preemption), so a signal
+# sent to the whole process group must not kill the loader's workers mid-batch.
+WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the main process owns preemption signals."""
+    for name in WORKER_IGNORED_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class StepLoader(DataLoader):
     """A DataLoader over a self-batching, self-sharding dataset (no sampler, no collation) that
     counts the batches it has handed out since its last ``iter()``: the stream's own accounting
@@ -79,7 +92,8 @@ class StepLoader(DataLoader):
     def __init__(self, dataset: IterableDataset, num_workers: int = 0,
                  prefetch_factor: int = 2) -> None:
         super().__init__(dataset, batch_size=None, num_workers=num_workers,
-                         prefetch_factor=prefetch_factor if num_workers > 0 else None)
+                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                         worker_init_fn=ignore_preemption_signals if num_workers > 0 else None)
         self.handed_out = 0
 
     def __iter__(self) -> Iterator[Any]:

@@ -170,11 +170,8 @@ class MixtureDataModule(StepDataModule):
                 f"MixtureSwitch: a switch at step {step} is outside the run "
                 f"(0 < step < max_steps={max_steps})"
             )
-        if self.fork_step is not None and step < self.fork_step:
-            raise MidtrainError(
-                f"MixtureSwitch: a switch at step {step} is before the fork point "
-                f"{self.fork_step}; a fork can only change the schedule from there on"
-            )
+        # a fork's switches before the fork point must equal the checkpoint's past:
+        # load_state_dict compares the schedule up to the fork step
         check_weights(weights, self.store.domain_names, where)
         self._check_domains(weights, where)
         self._switches[owner] = Phase(step, dict(weights))

@@ -153,9 +153,10 @@ def run_stage(stage: Stage, inputs: dict[str, Any] | None, stale: bool = False) 
     elif done.is_file():
         return "done already"
     args = ["fit", *stage.args]
-    last = run_checkpoints(stage.directory) / LAST
-    if last.is_file():
-        args += ["--ckpt_path", str(last)]  # interrupted: continue where it stopped
+    if any(run_checkpoints(stage.directory).glob("*.ckpt")):
+        # interrupted: continue from its newest loadable checkpoint (last.ckpt, or a
+        # switch/fork-point checkpoint saved before the first last.ckpt)
+        args += ["--ckpt_path", "last"]
         what = "resumed"
     else:
         if stage.fork is not None:
