@@ -273,11 +273,11 @@ def test_import_refuses_another_tokenizer(tmp_path: Path, builtin_store: Path) -
 
     directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
     data = MixtureDataModule(str(builtin_store), seq_len=32)
-    CausalLM(init_from=f"hf:{directory}").check_data(data)  # the same tokenizer passes
+    CausalLM(init_from=f"hf:{directory}").connect(data)  # the same tokenizer passes
     other = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
     other.save(str(directory / "tokenizer.json"))
     with pytest.raises(MidtrainError, match="tokenized with another tokenizer"):
-        CausalLM(init_from=f"hf:{directory}").check_data(data)
+        CausalLM(init_from=f"hf:{directory}").connect(data)
 
 
 def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Path) -> None:
