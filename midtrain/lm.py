@@ -14,8 +14,15 @@ from torchmetrics.aggregation import SumMetric
 
 from midtrain.checkpoint import load_weights
 from midtrain.errors import MidtrainError
+from midtrain.loss import chunked_cross_entropy
 from midtrain.model import GPT, ModelConfig
-from midtrain.optim import Schedule, lr_scheduler, param_groups, warmup_steps
+from midtrain.optim import (
+    Schedule,
+    fused_adamw_supported,
+    lr_scheduler,
+    param_groups,
+    warmup_steps,
+)
 from midtrain.trainer import require_max_steps
 
 
@@ -35,9 +42,14 @@ class CausalLM(L.LightningModule):
         init_from: a checkpoint whose weights (only) initialise the model: fresh optimizer
             and schedule, for SFT and branches.
         activation_checkpointing: recompute each block's activations in backward (memory).
-        compile: ``torch.compile`` each transformer block.
+        compile: ``torch.compile`` the model: the whole trunk (embedding, blocks, final norm)
+            on one device or under DDP, each transformer block under FSDP2.
         document_masking: in packed pretraining blocks, attend only within each document
             (split at EOS) with positions restarting per document; off by default, as Pythia.
+        loss_chunk_size: compute the cross-entropy this many tokens at a time from the final
+            features and the lm_head weight, never building the full logits
+            (``midtrain.loss``); 0 builds the full fp32 logits. Under FSDP2 the full logits are
+            always built.
 
     Under Lightning's ``ModelParallelStrategy`` the model is built on the meta device, sharded
     per block with FSDP2 and then initialised shard by shard (``midtrain.parallel``); under
@@ -51,7 +63,7 @@ class CausalLM(L.LightningModule):
                  decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, init_from: str | None = None,
                  activation_checkpointing: bool = False, compile: bool = False,
-                 document_masking: bool = False) -> None:
+                 document_masking: bool = False, loss_chunk_size: int = 1024) -> None:
         super().__init__()
         overrides = dict(model_config or {})
         if vocab_size is not None:  # linked from the data; an explicit model_config wins
@@ -64,6 +76,8 @@ class CausalLM(L.LightningModule):
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
         if lr_schedule not in ("cosine", "wsd", "constant"):
             raise MidtrainError(f"model.lr_schedule: unknown {lr_schedule!r}; use cosine, wsd or constant")
+        if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
+            raise MidtrainError(f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}")
         if init_from is not None and not Path(init_from).exists():
             raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
         self.save_hyperparameters()
@@ -89,12 +103,15 @@ class CausalLM(L.LightningModule):
         if self.hparams.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
         if self.hparams.compile:
-            parallel.apply_compile(model)
+            parallel.apply_compile(model, per_block=mesh is not None)
         if mesh is not None:
             parallel.apply_fsdp(model, mesh)
             parallel.materialize(model, strategy.root_device)
         if self.hparams.init_from:
             self._load_init_weights(model, sharded=mesh is not None)
+        # An FSDP2-sharded lm_head is gathered only inside the root module's forward: the
+        # chunked loss, which reads the head weight outside it, stays off there.
+        self._chunked_loss = bool(self.hparams.get("loss_chunk_size", 0)) and mesh is None
         self.model = model
 
     def _load_init_weights(self, model: GPT, sharded: bool) -> None:
@@ -153,7 +170,7 @@ class CausalLM(L.LightningModule):
         opt = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-            fused=True if self.device.type == "cuda" else None,  # one kernel for all params
+            fused=fused_adamw_supported(self.model),  # one kernel for all params
         )
         max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
         sched = lr_scheduler(
@@ -177,6 +194,11 @@ class CausalLM(L.LightningModule):
         return torch.cumsum(ends, dim=1) - ends  # an EOS still belongs to the document it ends
 
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_chunked_loss", False):
+            features = self.model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
+            losses = chunked_cross_entropy(features, self.model.lm_head.weight, batch["targets"],
+                                           batch["loss_mask"], self.hparams.loss_chunk_size)
+            return losses, batch["loss_mask"].to(losses.dtype)
         logits = self.model(batch["input_ids"], doc_ids=self._doc_ids(batch))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                              reduction="none").view_as(batch["targets"])
