@@ -35,22 +35,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, x.shape[0], chunk_size):
             end = min(start + chunk_size, x.shape[0])
             x_c, t_c, m_c = x[start:end], targets[start:end], mask[start:end]
+            # One chunk-sized buffer, reused in place: logits -> exp -> softmax -> gradient.
             logits = (x_c @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, t_c.unsqueeze(1)).squeeze(1)
+            row_max = logits.amax(1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            sum_exp = probs.sum(1, keepdim=True)
+            lse = (row_max + sum_exp.log()).squeeze(1)
             losses[start:end] = (lse - target_logit) * m_c
-            if not (want_x or want_w):
-                continue
-            # d(sum_t m_t * ce_t)/d logits = m_t * (softmax - onehot), built in place
-            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad_logits.scatter_add_(1, t_c.unsqueeze(1),
-                                     torch.full_like(target_logit, -1.0).unsqueeze(1))
-            grad_logits.mul_(m_c.unsqueeze(1))
-            grad_logits = grad_logits.to(compute_dtype)
-            if want_x:
-                grad_x[start:end] = grad_logits @ w
-            if want_w:
-                grad_w.addmm_(grad_logits.T.float(), x_c.float())  # fp32 accumulation
+            if want_x or want_w:
+                # d(sum_t m_t * ce_t)/d logits = m_t * (softmax - onehot)
+                grad_logits = probs.div_(sum_exp)
+                grad_logits.scatter_add_(1, t_c.unsqueeze(1),
+                                         torch.full_like(target_logit, -1.0).unsqueeze(1))
+                grad_logits = grad_logits.mul_(m_c.unsqueeze(1)).to(compute_dtype)
+                if want_x:
+                    grad_x[start:end] = grad_logits @ w
+                if want_w:
+                    grad_w.addmm_(grad_logits.T.float(), x_c.float())  # fp32 accumulation
+                del grad_logits
+            del logits, probs  # before the next chunk's buffer is allocated
         ctx.save_for_backward(grad_x, grad_w, mask)
         ctx.dtypes = (features.dtype, weight.dtype)
         return losses
