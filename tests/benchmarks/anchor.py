@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES),
                         help="which shapes (default: all)")
+    parser.add_argument("--steps", type=int, help="override every shape's steps (and "
+                        "--warmup): a shorter run on a busy machine")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--modes", nargs="*", default=["eager", "compiled"])
     args = parser.parse_args()
     version = subprocess.run([args.litgpt_python, "-c",
                               "import importlib.metadata as m; print(m.version('litgpt'))"],
@@ -147,9 +151,12 @@ def main() -> None:
         root = Path(tmp)
         docs, store, eos_id = build_data(root)
         for name in args.shapes:
-            shape = SHAPES[name]
+            shape = dict(SHAPES[name])
+            if args.steps:
+                shape.update(steps=args.steps, warmup=args.warmup or shape["warmup"])
             shape_out = results["shapes"][name] = {"shape": shape}
-            for mode, compile in (("eager", False), ("compiled", True)):
+            for mode in args.modes:
+                compile = mode == "compiled"
                 lit, mid = [], []
                 for i in range(args.repeats):  # interleaved
                     lit.append(run_litgpt(args.litgpt_python, docs, store, eos_id, shape,
@@ -159,11 +166,18 @@ def main() -> None:
                 shape_out[mode] = {"litgpt_tokens_per_s": lit, "midtrain_tokens_per_s": mid,
                                    "ratio": ratio}
                 rows.append((f"{name}, {mode}", ratio, lit, mid))
+            if "eager" in shape_out and "compiled" in shape_out:
+                for side in ("litgpt", "midtrain"):
+                    key = f"{side}_tokens_per_s"
+                    gain = (statistics.median(shape_out["compiled"][key])
+                            / statistics.median(shape_out["eager"][key]))
+                    shape_out[f"{side}_compiled_over_eager"] = gain
+                    rows.append((f"{name}, {side} compiled / eager", gain, [], []))
     print(f"\nLitGPT {version} anchor on {results['machine']['cpus']} CPUs "
           f"({results['machine']['cpu']}); tokens/s per run, ratio of medians")
-    print(f"{'shape, mode':<52} {'midtrain/LitGPT':>15}  {'LitGPT':<20} {'midtrain':<20}")
+    print(f"{'shape, mode':<60} {'ratio':>7}  {'LitGPT':<20} {'midtrain':<20}")
     for name, ratio, lit, mid in rows:
-        print(f"{name:<52} {ratio:>15.3f}  {' / '.join(f'{x:,.0f}' for x in lit):<20} "
+        print(f"{name:<60} {ratio:>7.3f}  {' / '.join(f'{x:,.0f}' for x in lit):<20} "
               f"{' / '.join(f'{x:,.0f}' for x in mid):<20}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwritten {args.out}")
