@@ -162,6 +162,8 @@ def main() -> None:
                     lit.append(run_litgpt(args.litgpt_python, docs, store, eos_id, shape,
                                           compile, root / f"lit-{mode}-{i}"))
                     mid.append(run_midtrain(store, shape, compile, root / f"mid-{mode}-{i}"))
+                    print(f"{name}, {mode}, run {i}: LitGPT {lit[-1]:,.0f} tokens/s, "
+                          f"midtrain {mid[-1]:,.0f} tokens/s", flush=True)
                 ratio = statistics.median(mid) / statistics.median(lit)
                 shape_out[mode] = {"litgpt_tokens_per_s": lit, "midtrain_tokens_per_s": mid,
                                    "ratio": ratio}
