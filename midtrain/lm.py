@@ -17,9 +17,16 @@ from torchmetrics.aggregation import SumMetric
 from midtrain.checkpoint import load_weights
 from midtrain.data.contract import DataContract, require_contract, require_max_steps
 from midtrain.errors import MidtrainError
+from midtrain.loss import chunked_cross_entropy
 from midtrain.metrics import DomainSums, add_per_domain, is_logging_step
 from midtrain.model import GPT, ModelConfig
-from midtrain.optim import check_schedule, lr_scheduler, param_groups, warmup_steps
+from midtrain.optim import (
+    check_schedule,
+    fused_adamw_supported,
+    lr_scheduler,
+    param_groups,
+    warmup_steps,
+)
 
 
 class CausalLM(L.LightningModule):
@@ -41,9 +48,14 @@ class CausalLM(L.LightningModule):
             Hugging Face GPTNeoX/Llama model, whose config also gives the shape (``arch`` is
             then unused; ``model_config`` may only agree with it, or change ``block_size``).
         activation_checkpointing: recompute each block's activations in backward (memory).
-        compile: ``torch.compile`` each transformer block.
+        compile: ``torch.compile`` the model: the whole trunk (embedding, blocks, final norm)
+            on one device or under DDP, each transformer block under FSDP2.
         document_masking: in packed pretraining blocks, attend only within each document
             (split at EOS) with positions restarting per document; off by default, as Pythia.
+        loss_chunk_size: compute the cross-entropy this many tokens at a time from the final
+            features and the lm_head weight, never building the full logits
+            (``midtrain.loss``); 0 builds the full fp32 logits. Under FSDP2 the full logits are
+            always built.
 
     Under Lightning's ``ModelParallelStrategy`` the model is built on the meta device, sharded
     per block with FSDP2 and then initialised shard by shard (``midtrain.parallel``); under
@@ -57,7 +69,7 @@ class CausalLM(L.LightningModule):
                  decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, init_from: str | None = None,
                  activation_checkpointing: bool = False, compile: bool = False,
-                 document_masking: bool = False) -> None:
+                 document_masking: bool = False, loss_chunk_size: int = 1024) -> None:
         super().__init__()
         overrides = dict(model_config or {})
         if vocab_size is not None:  # linked from the data; an explicit model_config wins
@@ -75,6 +87,8 @@ class CausalLM(L.LightningModule):
         if lr <= 0:
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
         check_schedule(lr_schedule)
+        if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
+            raise MidtrainError(f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}")
         if (init_from is not None and not init_from.startswith("hf:")
                 and not Path(init_from).exists()):
             raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
@@ -98,6 +112,8 @@ class CausalLM(L.LightningModule):
         # the model's training FLOPs per micro-batch, for the shape last seen
         self._flops_shape: tuple[int, int] | None = None
         self._flops_per_batch: float | None = None
+        # the chunked loss reads lm_head's weight outside the model's forward (set in configure_model)
+        self._chunked_loss = False
 
     # -- construction ---------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -115,12 +131,15 @@ class CausalLM(L.LightningModule):
         if self.hparams.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
         if self.hparams.compile:
-            parallel.apply_compile(model)
+            parallel.apply_compile(model, per_block=mesh is not None)
         if mesh is not None:
             parallel.apply_fsdp(model, mesh)
             parallel.materialize(model, strategy.root_device)
         if self.hparams.init_from:
             self._load_init_weights(model, sharded=mesh is not None)
+        # An FSDP2-sharded lm_head is gathered only inside the root module's forward: the
+        # chunked loss, which reads the head weight outside it, stays off there.
+        self._chunked_loss = bool(self.hparams.get("loss_chunk_size", 0)) and mesh is None
         self.model = model
 
     def _load_init_weights(self, model: GPT, sharded: bool) -> None:
@@ -199,7 +218,7 @@ class CausalLM(L.LightningModule):
         opt = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-            fused=True if self.device.type == "cuda" else None,  # one kernel for all params
+            fused=fused_adamw_supported(self.model),  # one kernel for all params
         )
         max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
         sched = lr_scheduler(
@@ -223,6 +242,11 @@ class CausalLM(L.LightningModule):
         return torch.cumsum(ends, dim=1) - ends  # an EOS still belongs to the document it ends
 
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_chunked_loss", False):
+            features = self.model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
+            losses = chunked_cross_entropy(features, self.model.lm_head.weight, batch["targets"],
+                                           batch["loss_mask"], self.hparams.loss_chunk_size)
+            return losses, batch["loss_mask"].to(losses.dtype)
         logits = self.model(batch["input_ids"], doc_ids=self._doc_ids(batch))
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                              reduction="none").view_as(batch["targets"])

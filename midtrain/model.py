@@ -328,11 +328,16 @@ class GPT(nn.Module):
             p.copy_(self.initial_value(name, p.shape).to(p.dtype))
 
     def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, padded_vocab_size) logits.
+        """(B, T) token ids -> (B, T, padded_vocab_size) logits (see ``features``)."""
+        return self.lm_head(self.features(idx, doc_ids))
+
+    def features(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, n_embd) final-norm outputs, the lm_head's input.
 
         ``doc_ids`` (B, T), optional, marks packed documents: attention stays within a
         document and rotary positions restart at each one, so a packed row computes exactly
-        what its documents would alone.
+        what its documents would alone. A loss can take these with ``lm_head.weight`` and never
+        build the full logits (``midtrain.loss``).
         """
         seq_len = idx.size(1)
         if seq_len > self.config.block_size:
@@ -355,7 +360,7 @@ class GPT(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        return self.lm_head(self.norm_f(x))
+        return self.norm_f(x)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
         """One empty key/value cache per block for ``forward_cached``, room for max_len tokens."""

@@ -25,10 +25,17 @@ def apply_activation_checkpointing(model: GPT) -> None:
         block.forward = checkpointed
 
 
-def apply_compile(model: GPT) -> None:
-    """Compile each block in place (``nn.Module.compile`` keeps parameter names)."""
-    for block in model.blocks:
-        block.compile()
+def apply_compile(model: GPT, per_block: bool = False) -> None:
+    """``torch.compile`` in place, keeping parameter names (and so checkpoints) unchanged.
+
+    Whole trunk (``GPT.features``: embedding, blocks, final norm, one graph) by default; each
+    block on its own with ``per_block`` (FSDP2, whose per-block hooks split the graph anyway).
+    The loss stays outside the graph: ``midtrain.loss`` never builds the full logits."""
+    if per_block:
+        for block in model.blocks:
+            block.compile()
+        return
+    model.features = torch.compile(model.features)
 
 
 def apply_fsdp(model: GPT, mesh: torch.distributed.device_mesh.DeviceMesh,

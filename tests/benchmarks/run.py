@@ -103,7 +103,8 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
 
     from midtrain import CausalLM, MixtureDataModule
     from midtrain.callbacks import Throughput
-    from midtrain.optim import param_groups
+    from midtrain.loss import chunked_cross_entropy
+    from midtrain.optim import fused_adamw_supported, param_groups
     from midtrain.trainer import Trainer
 
     shape = {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 256}
@@ -142,13 +143,16 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
         lm = CausalLM(arch="tiny", model_config=shape, vocab_size=dm.vocab_size)
         lm.configure_model()
         model = lm.model
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95))
+        # the same optimizer and loss as fit: the ratio is the trainer's overhead alone
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95),
+                                fused=fused_adamw_supported(model))
         for i, batch in enumerate(stream):  # the same batches, built on the fly as fit does
             if i == warmup:
                 t0 = time.perf_counter()
-            logits = model(batch["input_ids"])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
-                                                     batch["targets"].flatten())
+            losses = chunked_cross_entropy(model.features(batch["input_ids"]),
+                                           model.lm_head.weight, batch["targets"],
+                                           batch["loss_mask"], lm.hparams.loss_chunk_size)
+            loss = losses.sum() / batch["loss_mask"].sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -266,6 +270,38 @@ def bench_loader(root: Path) -> dict:
     return out
 
 
+LOSS_MEMORY = r"""
+import resource, sys, torch
+from midtrain.loss import chunked_cross_entropy, cross_entropy
+chunk, seq, dim, vocab = (int(a) for a in sys.argv[1:5])
+torch.manual_seed(0)
+x = torch.randn(seq, dim, requires_grad=True)
+w = (torch.randn(vocab, dim) * 0.02).requires_grad_()
+w.grad = torch.zeros_like(w); x.grad = torch.zeros_like(x)  # in both paths: not the logits'
+t, m = torch.randint(0, vocab, (seq,)), torch.ones(seq)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+losses = chunked_cross_entropy(x, w, t, m, chunk) if chunk else cross_entropy(x, w, t, m)
+(losses.sum() / seq).backward()
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_loss_memory(seq: int = 2048, dim: int = 512, vocab: int = 50304) -> dict:
+    """Peak RSS added by the loss's forward and backward for one sequence (pythia-70m width,
+    vocab 50,304, seq 2048), each in a fresh process: the full fp32 logits vs chunks."""
+    out: dict = {"shape": {"seq": seq, "dim": dim, "vocab": vocab},
+                 "full_logits_mb": seq * vocab * 4 / 2**20}
+    for name, chunk in (("plain", 0), ("chunked_1024", 1024), ("chunked_256", 256)):
+        proc = subprocess.run([sys.executable, "-c", LOSS_MEMORY, str(chunk), str(seq),
+                               str(dim), str(vocab)],
+                              capture_output=True, text=True, check=True, cwd=REPO)
+        before, after = (int(v) for v in proc.stdout.split())
+        out[f"{name}_peak_rss_mb"] = (after - before) / 1024
+    out["ratio"] = out["chunked_1024_peak_rss_mb"] / out["plain_peak_rss_mb"]
+    out["goal"] = "chunked well below the full logits"
+    return out
+
+
 GPU_MFU = r"""
 import sys, time
 import lightning as L
@@ -341,6 +377,7 @@ def main() -> None:
                    "prepare": bench_prepare(Path(tmp)),
                    "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
                    "loader": bench_loader(Path(tmp) / "loader"),
+                   "loss_memory": bench_loss_memory(),
                    "gpu": bench_gpu(store)}
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -361,6 +398,11 @@ def main() -> None:
         ("loader: peak RSS 2 GB store - 20 MB store (MB)", f"{ld['rss_difference_mb']:+.0f}",
          f"{ld['2GB']['sequences_per_s']:,.0f} vs {ld['20MB']['sequences_per_s']:,.0f} seq/s",
          ld["goal"]),
+        ("loss: peak RSS chunked (1024) / full logits (V 50,304, seq 2048)",
+         f"{results['loss_memory']['ratio']:.3f}",
+         f"{results['loss_memory']['chunked_1024_peak_rss_mb']:,.0f} / "
+         f"{results['loss_memory']['plain_peak_rss_mb']:,.0f} MB",
+         results["loss_memory"]["goal"]),
         ("gpu: MFU pythia-160m / 410m (bf16, FSDP2, compile)",
          "-" if "skipped" in results["gpu"] else " / ".join(
              f"{results['gpu'][a].get('mfu', float('nan')):.2f}"
