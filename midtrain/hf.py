@@ -25,13 +25,11 @@ from typing import Any
 
 import torch
 
+from midtrain.data.hub import HF_PREFIX, resolve, tokenizer_file
 from midtrain.errors import MidtrainError
 from midtrain.model import GPT, ModelConfig
 
-HF_PREFIX = "hf:"
 MAX_SHARD_SIZE = "5GB"  # safetensors shards above this size, as transformers' save_pretrained
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 
 
 def _require(module: str) -> Any:
@@ -241,45 +239,6 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
 
 # -- locating and reading an HF model ---------------------------------------------------------
 
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``hf:<dir or hub id>[@revision]`` -> (dir or id, revision)."""
-    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
-    name, _, revision = body.partition("@")
-    if not name:
-        raise MidtrainError(f"{spec!r}: give hf:<local dir or hub id>[@revision]")
-    return name, revision or None
-
-
-def resolve(spec: str, what: str = "init_from",
-            patterns: tuple[str, ...] = ("config.json", "generation_config.json", "tokenizer*",
-                                         "special_tokens_map.json", *_WEIGHT_FILES,
-                                         "model-*.safetensors", "pytorch_model-*.bin")) -> Path:
-    """A local directory holding the model: the directory itself, or the hub snapshot of the id
-    at the revision (downloaded once into the HF cache; HF_HUB_OFFLINE uses the cache only)."""
-    name, revision = parse_spec(spec)
-    if Path(name).is_dir():
-        if revision is not None:
-            raise MidtrainError(f"{what}: {name} is a local directory; @{revision} applies "
-                                "only to hub ids")
-        return Path(name)
-    if name.startswith((".", "/")) or name.count("/") > 1:
-        raise MidtrainError(f"{what}: directory not found: {name}")
-    hub = _require("huggingface_hub")
-    from huggingface_hub import errors
-
-    try:
-        return Path(hub.snapshot_download(name, revision=revision, allow_patterns=list(patterns)))
-    except errors.RevisionNotFoundError:
-        raise MidtrainError(f"{what}: revision {revision!r} does not exist for {name}; see the "
-                            "repository's branches (Pythia: step0 ... step143000)") from None
-    except errors.RepositoryNotFoundError:
-        raise MidtrainError(f"{what}: no hub repository {name!r} (or it is private)") from None
-    except Exception as e:  # offline, network, auth: one line either way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MidtrainError(f"{what}: could not fetch {name}"
-                            f"{'@' + revision if revision else ''} from the hub ({first})") from None
-
-
 def read_config(directory: Path, where: str) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
@@ -385,16 +344,6 @@ def load_into(model: GPT, init_from: str, sharded: bool) -> None:
     state = load(init_from, where)[1] if dist.get_rank() == 0 else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
                                                                 broadcast_from_rank0=True))
-
-
-def tokenizer_file(spec: str, where: str = "tokenizer") -> Path:
-    """The ``tokenizer.json`` of an HF model ``hf:<dir or id>[@rev]`` (or a plain dir/id)."""
-    directory = resolve(spec, where, patterns=("tokenizer*", "special_tokens_map.json",
-                                               "config.json"))
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        raise MidtrainError(f"{where}: {directory} has no tokenizer.json (a fast tokenizer)")
-    return path
 
 
 # -- checkpoints of this trainer ----------------------------------------------------------------

@@ -28,8 +28,8 @@ def load_tokenizer(path: str | None = None, hub: str | None = None) -> Tokenizer
     if hub is not None:
         if hub.startswith("hf:") or "@" in hub or Path(hub).is_dir():
             # a model directory or hub id, optionally @revision: the tokenizer a released
-            # model was trained with (midtrain.hf resolves it the way init_from does)
-            from midtrain.hf import HF_PREFIX, tokenizer_file
+            # model was trained with (resolved the way model.init_from resolves hf:)
+            from midtrain.data.hub import HF_PREFIX, tokenizer_file
 
             spec = hub if hub.startswith(HF_PREFIX) else HF_PREFIX + hub
             return Tokenizer.from_file(str(tokenizer_file(spec, "tokenizer.hub")))
