@@ -168,29 +168,36 @@ def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int) ->
     return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
 
 
+# Where our parameters live in each HF architecture (Llama's q/k/v are split from attn.qkv
+# separately): the root module, embedding, per-layer norms and linears, final norm, head.
+_LAYOUTS: dict[str, dict[str, Any]] = {
+    "gpt_neox": {
+        "root": "gpt_neox", "embed": "gpt_neox.embed_in.weight",
+        "norms": {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"},
+        "linears": {"attn.qkv": "attention.query_key_value", "attn.proj": "attention.dense",
+                    "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"},
+        "final": "gpt_neox.final_layer_norm", "head": "embed_out.weight",
+    },
+    "llama": {
+        "root": "model", "embed": "model.embed_tokens.weight",
+        "norms": {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"},
+        "linears": {"attn.proj": "self_attn.o_proj", "mlp.fc_1": "mlp.gate_proj",
+                    "mlp.fc_2": "mlp.up_proj", "mlp.proj": "mlp.down_proj"},
+        "final": "model.norm", "head": "lm_head.weight",
+    },
+}
+
+
 def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
     """Our parameter name -> the HF one (everything except Llama's split qkv)."""
     names: dict[str, str] = {}
     suffixes = ("weight", "bias") if config.bias or arch == "gpt_neox" else ("weight",)
     norm_suffixes = ("weight", "bias") if config.norm == "layernorm" else ("weight",)
-    if arch == "gpt_neox":
-        root, names["embed.weight"] = "gpt_neox", "gpt_neox.embed_in.weight"
-        per_layer = {"norm_1": ("input_layernorm", norm_suffixes),
-                     "norm_2": ("post_attention_layernorm", norm_suffixes),
-                     "attn.qkv": ("attention.query_key_value", suffixes),
-                     "attn.proj": ("attention.dense", suffixes),
-                     "mlp.fc": ("mlp.dense_h_to_4h", suffixes),
-                     "mlp.proj": ("mlp.dense_4h_to_h", suffixes)}
-        final, head = "gpt_neox.final_layer_norm", "embed_out.weight"
-    else:
-        root, names["embed.weight"] = "model", "model.embed_tokens.weight"
-        per_layer = {"norm_1": ("input_layernorm", norm_suffixes),
-                     "norm_2": ("post_attention_layernorm", norm_suffixes),
-                     "attn.proj": ("self_attn.o_proj", suffixes),
-                     "mlp.fc_1": ("mlp.gate_proj", suffixes),
-                     "mlp.fc_2": ("mlp.up_proj", suffixes),
-                     "mlp.proj": ("mlp.down_proj", suffixes)}
-        final, head = "model.norm", "lm_head.weight"
+    layout = _LAYOUTS[arch]
+    root, final, head = layout["root"], layout["final"], layout["head"]
+    names["embed.weight"] = layout["embed"]
+    per_layer = {**{ours: (theirs, norm_suffixes) for ours, theirs in layout["norms"].items()},
+                 **{ours: (theirs, suffixes) for ours, theirs in layout["linears"].items()}}
     for i in range(config.n_layer):
         for ours, (theirs, sfx) in per_layer.items():
             for s in sfx:

@@ -103,17 +103,21 @@ class Split:
         return np.asarray(self.tokens[self.doc_offsets[i] : self.doc_offsets[i + 1] - 1])
 
 
+def _read_json(path: Path, missing: str) -> dict[str, Any]:
+    """A store's JSON index or manifest; ``missing`` is the one-line error when it is absent."""
+    if not path.is_file():
+        raise MidtrainError(missing)
+    return json.loads(path.read_text())
+
+
 class DomainStore:
     """A prepared domain: manifest plus memory-mapped train/val splits."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
-        if not manifest_path.is_file():
-            raise MidtrainError(
-                f"{manifest_path}: no prepared domain here; run `midtrain prepare` first"
-            )
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        self.manifest: dict[str, Any] = _read_json(
+            manifest_path, f"{manifest_path}: no prepared domain here; run `midtrain prepare` first")
         self.name: str = self.manifest["name"]
         self.dtype = np.dtype(self.manifest["dtype"])
         check_sizes(self.path, self.manifest)
@@ -153,12 +157,9 @@ class Store:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         index_path = self.root / "store.json"
-        if not index_path.is_file():
-            raise MidtrainError(
-                f"{self.root}: not a token store (no store.json); "
-                "run `midtrain prepare --config <yaml>` to build it"
-            )
-        self.index: dict[str, Any] = json.loads(index_path.read_text())
+        self.index: dict[str, Any] = _read_json(
+            index_path, f"{self.root}: not a token store (no store.json); "
+                        "run `midtrain prepare --config <yaml>` to build it")
         if self.index.get("format_version") != FORMAT_VERSION:
             raise MidtrainError(
                 f"{index_path}: store format {self.index.get('format_version')} is not "
