@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from midtrain.data.loader import ValidationBlocks
+from midtrain.data.sft import ValidationExamples
 from midtrain.data.store import Store
 from tests.test_distributed import FSDP2, free_port
 from tests.test_training import scalars
@@ -87,3 +88,20 @@ def test_validation_blocks_shard_exactly(builtin_store: Path) -> None:
     np.testing.assert_array_equal(np.stack(rows[0]), tokens[0::2])
     np.testing.assert_array_equal(np.stack(rows[1]), tokens[1::2])
     assert shares[1][-1]["loss_mask"][-1].sum() == 0  # the padding row counts nothing
+
+
+def test_sft_validation_examples_shard_exactly(builtin_store: Path) -> None:
+    """SFT's validation examples follow the same rule: disjoint shares of the same first
+    examples, equal rows on every rank, padding rows with zero loss mask."""
+    split = Store(str(builtin_store)).domain("math").val
+    pad = Store(str(builtin_store)).eos_id
+
+    def masked_tokens(batches: list[dict]) -> float:
+        return float(sum(b["loss_mask"].sum() for b in batches))
+
+    whole = list(ValidationExamples(split, 64, 3, pad, 7))
+    shares = [list(ValidationExamples(split, 64, 3, pad, 7, rank, 2)) for rank in range(2)]
+    assert [len(s) for s in shares] == [2, 2]  # 4 rows each (one of rank 1's is padding)
+    assert [sum(len(b["input_ids"]) for b in s) for s in shares] == [4, 4]
+    assert masked_tokens(shares[0]) + masked_tokens(shares[1]) == masked_tokens(whole)
+    assert shares[1][-1]["loss_mask"][-1].sum() == 0

@@ -134,6 +134,15 @@ class MixtureStream(StepStream):
         self._phases_seen = n
 
 
+def rank_share(n: int, rank: int, world_size: int) -> tuple[np.ndarray, int]:
+    """Rank r's items of a validation set of n (r, r + world_size, ...), padded with item 0 to
+    the same count on every rank, and how many are real: sharded models run the same
+    collectives on every rank, and padding rows (loss mask zero) count nothing."""
+    mine = np.arange(rank, n, world_size)
+    rows = -(-n // world_size)
+    return np.concatenate([mine, np.zeros(rows - len(mine), dtype=mine.dtype)]), len(mine)
+
+
 class ValidationBlocks(IterableDataset):
     """Consecutive blocks of one validation split, identical across runs; this rank's share.
 
@@ -157,9 +166,7 @@ class ValidationBlocks(IterableDataset):
         return -(-self.rows // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        mine = np.arange(self.rank, self.num_blocks, self.world_size)
-        real = len(mine)
-        mine = np.concatenate([mine, np.zeros(self.rows - real, dtype=mine.dtype)])
+        mine, real = rank_share(self.num_blocks, self.rank, self.world_size)
         for lo in range(0, self.rows, self.batch_size):
             blocks = mine[lo : lo + self.batch_size]
             tokens = np.empty((len(blocks), self.seq_len + 1), dtype=np.int64)

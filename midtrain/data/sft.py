@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import IterableDataset
 
 from midtrain.data.contract import StepDataModule
-from midtrain.data.loader import StepStream, ValidationBlocks
+from midtrain.data.loader import StepStream, ValidationBlocks, rank_share
 from midtrain.data.mixture import domain_key, permute
 from midtrain.data.store import Split, Store
 from midtrain.errors import MidtrainError
@@ -126,14 +126,16 @@ class SFTStream(StepStream):
 
 
 class ValidationExamples(IterableDataset):
-    """The first ``max_examples`` validation examples, one per row, this rank's share."""
+    """The first ``max_examples`` validation examples, one per row, this rank's share: the
+    same examples for any world size, and the same number of rows on every rank (a short share
+    is padded with rows whose loss mask is zero, as ``ValidationBlocks``)."""
 
     def __init__(self, split: Split, max_length: int, batch_size: int, pad_id: int,
                  max_examples: int | None, rank: int = 0, world_size: int = 1) -> None:
         self.split, self.max_tokens, self.batch_size, self.pad_id = (
             split, max_length + 1, batch_size, pad_id)
         n = split.num_docs if max_examples is None else min(split.num_docs, max_examples)
-        self.mine = np.arange(rank, n, world_size)
+        self.mine, self.real = rank_share(n, rank, world_size)
 
     def __len__(self) -> int:
         return -(-len(self.mine) // self.batch_size)
@@ -142,7 +144,9 @@ class ValidationExamples(IterableDataset):
         for lo in range(0, len(self.mine), self.batch_size):
             rows = [build_row(self.split, np.array([e]), self.max_tokens)
                     for e in self.mine[lo : lo + self.batch_size]]
-            yield collate_rows(rows, self.pad_id, 0, packed=False)
+            batch = collate_rows(rows, self.pad_id, 0, packed=False)
+            batch["loss_mask"][max(self.real - lo, 0):] = 0.0  # padding rows count nothing
+            yield batch
 
 
 class SFTDataModule(StepDataModule):
