@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from midtrain.data.datamodule import MixtureDataModule
-from midtrain.data.loader import MixtureStream
 from midtrain.data.mixture import MixtureSchedule, Phase, largest_remainder, permute
+from midtrain.data.streams import MixtureStream
 from midtrain.errors import MidtrainError
 
 

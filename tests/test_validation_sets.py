@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from midtrain.data.loader import ValidationBlocks
 from midtrain.data.sft import ValidationExamples
 from midtrain.data.store import Store
+from midtrain.data.streams import ValidationBlocks
 from tests.test_distributed import FSDP2, free_port
 from tests.test_training import scalars
 

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import IterableDataset
 
 from midtrain.data.contract import StepDataModule, require_max_steps
-from midtrain.data.loader import MixtureStream, ValidationBlocks
 from midtrain.data.mixture import (
     MixtureSchedule,
     Phase,
@@ -21,6 +20,7 @@ from midtrain.data.mixture import (
     plan_rows,
 )
 from midtrain.data.store import Store
+from midtrain.data.streams import MixtureStream, ValidationBlocks
 from midtrain.errors import MidtrainError
 
 MAX_PHASES = 64

@@ -25,9 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import IterableDataset
 
 from midtrain.data.contract import StepDataModule
-from midtrain.data.loader import StepStream, ValidationBlocks, rank_share
 from midtrain.data.mixture import domain_key, permute
 from midtrain.data.store import Split, Store
+from midtrain.data.streams import StepStream, ValidationBlocks, rank_share
 from midtrain.errors import MidtrainError
 
 PAD_DOC = -1  # doc id of padding positions: they attend only to each other

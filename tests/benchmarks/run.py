@@ -24,7 +24,7 @@ PHASES = [(0, {"prose": 1.0}), (6000, {"prose": 0.8, "code": 0.2}),
 FIRST_BATCH = r"""
 import sys, time
 t_import = time.perf_counter()
-from midtrain.data.loader import MixtureStream
+from midtrain.data.streams import MixtureStream
 from midtrain.data.mixture import MixtureSchedule, Phase
 from midtrain.data.store import Store
 from torch.utils.data import DataLoader
@@ -68,9 +68,9 @@ def bench_sampler(store: Path, steps: int = 300) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from midtrain.data.loader import MixtureStream
     from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
     from midtrain.data.store import Store
+    from midtrain.data.streams import MixtureStream
 
     s = Store(store)
     domains = ["prose", "code", "math"]
@@ -135,7 +135,7 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
     def plain() -> float:
         dm = MixtureDataModule(str(store), seq_len=seq, micro_batch_size=micro)
         sched = dm.schedule(micro)
-        from midtrain.data.loader import MixtureStream
+        from midtrain.data.streams import MixtureStream
 
         stream = MixtureStream([dm.store.domain(d).train for d in sched.domains], sched, seq,
                                micro, 1, 0, 1, 0, steps)
@@ -206,7 +206,7 @@ def bench_prepare(root: Path) -> dict:
 LOADER = r"""
 import resource, sys, time
 from torch.utils.data import DataLoader
-from midtrain.data.loader import MixtureStream
+from midtrain.data.streams import MixtureStream
 from midtrain.data.mixture import MixtureSchedule, Phase
 from midtrain.data.store import Store
 s = Store(sys.argv[1])
