@@ -169,22 +169,19 @@ def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int) ->
 
 
 # Where our parameters live in each HF architecture (Llama's q/k/v are split from attn.qkv
-# separately): the root module, embedding, per-layer norms and linears, final norm, head.
+# separately): the root module, embedding, per-layer linears, final norm and head. The two
+# per-layer norms have the same names in both.
+_NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
 _LAYOUTS: dict[str, dict[str, Any]] = {
-    "gpt_neox": {
-        "root": "gpt_neox", "embed": "gpt_neox.embed_in.weight",
-        "norms": {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"},
-        "linears": {"attn.qkv": "attention.query_key_value", "attn.proj": "attention.dense",
-                    "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"},
-        "final": "gpt_neox.final_layer_norm", "head": "embed_out.weight",
-    },
-    "llama": {
-        "root": "model", "embed": "model.embed_tokens.weight",
-        "norms": {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"},
-        "linears": {"attn.proj": "self_attn.o_proj", "mlp.fc_1": "mlp.gate_proj",
-                    "mlp.fc_2": "mlp.up_proj", "mlp.proj": "mlp.down_proj"},
-        "final": "model.norm", "head": "lm_head.weight",
-    },
+    "gpt_neox": dict(root="gpt_neox", embed="gpt_neox.embed_in.weight",
+                     final="gpt_neox.final_layer_norm", head="embed_out.weight",
+                     linears={"attn.qkv": "attention.query_key_value",
+                              "attn.proj": "attention.dense", "mlp.fc": "mlp.dense_h_to_4h",
+                              "mlp.proj": "mlp.dense_4h_to_h"}),
+    "llama": dict(root="model", embed="model.embed_tokens.weight", final="model.norm",
+                  head="lm_head.weight",
+                  linears={"attn.proj": "self_attn.o_proj", "mlp.fc_1": "mlp.gate_proj",
+                           "mlp.fc_2": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}),
 }
 
 
@@ -196,7 +193,7 @@ def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
     layout = _LAYOUTS[arch]
     root, final, head = layout["root"], layout["final"], layout["head"]
     names["embed.weight"] = layout["embed"]
-    per_layer = {**{ours: (theirs, norm_suffixes) for ours, theirs in layout["norms"].items()},
+    per_layer = {**{ours: (theirs, norm_suffixes) for ours, theirs in _NORMS.items()},
                  **{ours: (theirs, suffixes) for ours, theirs in layout["linears"].items()}}
     for i in range(config.n_layer):
         for ours, (theirs, sfx) in per_layer.items():

@@ -112,17 +112,25 @@ class StepLoader(DataLoader):
 class StepDataModule(L.LightningDataModule):
     """Shared machinery of midtrain's data modules (both implement ``DataContract``).
 
-    Subclasses set ``store`` (its ``vocab_size`` and ``eos_id`` are the contract's),
-    ``num_workers``/``prefetch_factor``, and implement ``train_stream()``,
+    Subclasses set ``store`` (its ``vocab_size`` and ``eos_id`` are the contract's), pass the
+    loader settings to ``__init__``, and implement ``train_stream()``,
     ``val_datasets()`` and ``fingerprint()``.
     """
 
     store: Any
-    num_workers: int
-    prefetch_factor: int
 
-    def __init__(self) -> None:
+    def __init__(self, micro_batch_size: int, seed: int, num_workers: int,
+                 prefetch_factor: int) -> None:
+        """The loader settings both data modules share (checked here, once)."""
         super().__init__()
+        if micro_batch_size <= 0:
+            raise MidtrainError(f"data.micro_batch_size: must be positive, got {micro_batch_size}")
+        if num_workers < 0:
+            raise MidtrainError(f"data.num_workers: must be >= 0, got {num_workers}")
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
         self.train_loader: StepLoader | None = None  # the loader of the running fit
 
     @property

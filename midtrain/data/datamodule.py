@@ -56,19 +56,11 @@ class MixtureDataModule(StepDataModule):
                  prefetch_factor: int = 2, val_sets: list[str] | None = None,
                  val_max_blocks: int | None = 64, val_batch_size: int | None = None,
                  max_repeat: float | None = 10.0) -> None:
-        super().__init__()
+        super().__init__(micro_batch_size, seed, num_workers, prefetch_factor)
         self.store = Store(store)
         if seq_len <= 0:
             raise MidtrainError(f"data.seq_len: must be positive, got {seq_len}")
-        if micro_batch_size <= 0:
-            raise MidtrainError(f"data.micro_batch_size: must be positive, got {micro_batch_size}")
-        if num_workers < 0:
-            raise MidtrainError(f"data.num_workers: must be >= 0, got {num_workers}")
         self.seq_len = seq_len
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
         self.val_max_blocks = val_max_blocks
         self.val_batch_size = val_batch_size or micro_batch_size
         names = self.store.domain_names

@@ -172,7 +172,7 @@ class SFTDataModule(StepDataModule):
                  num_workers: int = 0, prefetch_factor: int = 2,
                  val_max_examples: int | None = 256,
                  general_val_max_blocks: int | None = 64) -> None:
-        super().__init__()
+        super().__init__(micro_batch_size, seed, num_workers, prefetch_factor)
         self.store = Store(store)
         self.general = Store(general_store) if general_store else self.store
         if self.general.tokenizer_hash != self.store.tokenizer_hash:
@@ -183,8 +183,8 @@ class SFTDataModule(StepDataModule):
         split = self.store.domain(target).train
         if split.num_docs == 0:
             raise MidtrainError(f"data.target: domain {target!r} has no training examples")
-        if max_length <= 0 or micro_batch_size <= 0:
-            raise MidtrainError("data.max_length and data.micro_batch_size must be positive")
+        if max_length <= 0:
+            raise MidtrainError(f"data.max_length: must be positive, got {max_length}")
         self.target = target
         self.general_val_sets = list(general_val_sets or [])
         for name in self.general_val_sets:
@@ -198,10 +198,6 @@ class SFTDataModule(StepDataModule):
                 raise MidtrainError("data.general_val_sets: the target is evaluated already")
         self.max_length = max_length
         self.packing = packing
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
         self.val_max_examples = val_max_examples
         self.general_val_max_blocks = general_val_max_blocks
         lengths = np.diff(np.asarray(split.doc_offsets))
