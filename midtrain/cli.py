@@ -279,7 +279,7 @@ def trainer_main(argv: Sequence[str]) -> None:
     )
     from midtrain.callbacks import MixtureLogging, MixtureSwitch, ModelCheckpoint, Throughput
     from midtrain.checkpoint import read_metadata
-    from midtrain.data.contract import require_max_steps
+    from midtrain.data.contract import StepDataModule, require_max_steps
     from midtrain.data.datamodule import MixtureDataModule
     from midtrain.lm import CausalLM
     from midtrain.paths import run_checkpoints
@@ -407,12 +407,12 @@ def trainer_main(argv: Sequence[str]) -> None:
         def _check_val_limits(self) -> None:
             """A validation set is the same blocks for any world size: its size comes from the
             data module, never from Lightning's per-process batch limits."""
-            if not hasattr(self.datamodule, "val_set_names"):
+            if not isinstance(self.datamodule, StepDataModule):
                 return
             for key in ("limit_val_batches", "limit_test_batches"):
                 value = getattr(self.trainer, key)
                 if value not in (0, 1.0) or (value == 1 and isinstance(value, int)):
-                    sizes = ("data.val_max_blocks" if hasattr(self.datamodule, "val_max_blocks")
+                    sizes = ("data.val_max_blocks" if isinstance(self.datamodule, MixtureDataModule)
                              else "data.val_max_examples and data.general_val_max_blocks")
                     raise MidtrainError(
                         f"trainer.{key}: {value} counts batches per process, so the evaluated "
@@ -426,7 +426,7 @@ def trainer_main(argv: Sequence[str]) -> None:
                 if self.config["fit"].get("ckpt_path"):
                     raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
                 step = fault.check_checkpoint(fork, "fork")["global_step"]
-                if hasattr(self.datamodule, "fork_step"):
+                if isinstance(self.datamodule, StepDataModule):
                     self.datamodule.fork_step = step
                 set_run_argument(self, "fit", "ckpt_path", fork)
             self._check_run_dir(fresh=not self.config["fit"].get("ckpt_path"))

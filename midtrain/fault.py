@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.checkpoint import is_distributed, read_metadata
+from midtrain.data.contract import StepDataModule
 from midtrain.errors import MidtrainError
 from midtrain.paths import LAST, checkpoint_dir
 
@@ -432,25 +433,19 @@ PAST_KEYS = ("data.store", "data.seq_len", "data.max_length", "data.packing", "d
 def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
     """Everything that shapes a run's data stream and optimisation, by config key."""
     record: dict[str, Any] = {}
-    if datamodule is not None:
-        fingerprint = datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else {}
-        store = getattr(datamodule, "store", None)
-        if "store" in fingerprint:
-            record["data.store"] = fingerprint["store"]
-        elif hasattr(store, "fingerprint"):
-            record["data.store"] = store.fingerprint()
-        for key in ("seq_len", "max_length", "packing", "seed"):
-            if hasattr(datamodule, key):
-                record[f"data.{key}"] = getattr(datamodule, key)
-        micro = getattr(datamodule, "micro_batch_size", None)
-        if micro is not None:
-            record.update({
-                "data.global_batch_size":
-                    micro * trainer.accumulate_grad_batches * trainer.world_size,
-                "data.micro_batch_size": micro,
-                "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
-                "world size": trainer.world_size,
-            })
+    if isinstance(datamodule, StepDataModule):
+        # what the data module says its stream depends on (store, seq_len or max_length and
+        # packing, seed); the mixture schedule is compared by its own load_state_dict
+        for key, value in datamodule.fingerprint().items():
+            if key != "phases":
+                record[f"data.{key}"] = value
+        micro = datamodule.micro_batch_size
+        record.update({
+            "data.global_batch_size": micro * trainer.accumulate_grad_batches * trainer.world_size,
+            "data.micro_batch_size": micro,
+            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "world size": trainer.world_size,
+        })
     config = getattr(model, "config", None)
     if config is not None:
         from dataclasses import asdict

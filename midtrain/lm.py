@@ -15,7 +15,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics.aggregation import SumMetric
 
 from midtrain.checkpoint import load_weights
-from midtrain.data.contract import DataContract, require_contract, require_max_steps
+from midtrain.data.contract import (
+    DataContract,
+    StepDataModule,
+    require_contract,
+    require_max_steps,
+)
 from midtrain.errors import MidtrainError
 from midtrain.loss import chunked_cross_entropy
 from midtrain.metrics import DomainSums, add_per_domain, is_logging_step
@@ -459,7 +464,8 @@ class CausalLM(L.LightningModule):
         trainer = self._attached_trainer()
         if trainer is None or trainer.state.fn != "fit" or "run" not in saved:
             return
-        fork = getattr(trainer.datamodule, "fork_step", None) is not None
+        dm = trainer.datamodule
+        fork = isinstance(dm, StepDataModule) and dm.fork_step is not None
         now = run_record(self, trainer.datamodule, trainer)
         diffs = resume_differences(saved["run"], now, fork)
         if diffs:

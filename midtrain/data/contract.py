@@ -132,6 +132,8 @@ class StepDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.train_loader: StepLoader | None = None  # the loader of the running fit
+        # the optimizer step a `midtrain fit --fork` starts from (None: a new run or a resume)
+        self.fork_step: int | None = None
 
     @property
     def vocab_size(self) -> int:

@@ -72,7 +72,6 @@ class MixtureDataModule(StepDataModule):
         self.max_repeat = max_repeat
         self._switches: dict[Any, Phase] = {}  # registered by add_switch, keyed by owner
         self.runtime_phases: list[Phase] = []  # from change_weights(); part of checkpoint state
-        self.fork_step: int | None = None  # set by `midtrain fit --fork`
         self._resolved_for: tuple | None = None
         self._table: torch.Tensor | None = None  # phases shared with loader workers
         self._table_len: torch.Tensor | None = None
