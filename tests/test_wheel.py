@@ -53,8 +53,11 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                            check=True, capture_output=True, text=True).stdout.strip()
     outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (Path(inner) / "_outer_env.pth").write_text("\n".join(sorted(outer)) + "\n")
+    # --ignore-installed: where midtrain is installed in this environment too (tox), pip would
+    # see that copy through the .pth and skip the wheel
     subprocess.run([sys.executable, "-m", "pip", "--python", str(_python(venv)), "install",
-                    "--no-deps", "--no-index", "-q", str(wheel)], check=True, capture_output=True)
+                    "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
+                   check=True, capture_output=True)
     return venv
 
 
