@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Root may write into a read-only directory, so tests of that refusal only mean something for
+# other users (CI here runs as root: they skip with this reason).
+needs_non_root = pytest.mark.skipif(os.geteuid() == 0,
+                                    reason="root writes into read-only directories")
+
+
+@contextlib.contextmanager
+def read_only_directory(path: Path) -> Iterator[Path]:
+    """A new directory at ``path`` that cannot be written to, for the length of the block."""
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
 
 SHARED = Path(os.environ.get("MIDTRAIN_SHARED_DATA",
                              Path(__file__).resolve().parents[2] / "shared" / "data"))

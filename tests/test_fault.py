@@ -21,6 +21,7 @@ from midtrain import fault
 from midtrain.callbacks import MixtureSwitch
 from midtrain.cli import main
 from midtrain.data import contract
+from tests.conftest import needs_non_root, read_only_directory
 from tests.helpers import RecordDomains
 from tests.test_bad_input import Run, error_line, run_bad
 from tests.test_bad_input import run as run  # noqa: F401  (the fixture: a finished 2-step run)
@@ -368,18 +369,13 @@ def test_bad_resume_is_one_line_and_touches_nothing(
     assert expected.replace("{tmp}", str(tmp_path)) in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+@needs_non_root
 def test_read_only_run_dir(run: Run, builtin_store: Path, tmp_path: Path,
                            capsys: pytest.CaptureFixture) -> None:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
+    with read_only_directory(tmp_path / "ro") as ro:
         line = run_bad(capsys, ["fit", "--config", str(run.config), "--trainer.default_root_dir",
                                 str(ro / "run")], [run.dir, tmp_path])
         assert f"{ro} is not writable" in line
-    finally:
-        ro.chmod(0o755)
 
 
 def test_last_or_new_starts_fresh_loudly_then_resumes(run: Run, tmp_path: Path,

@@ -4,7 +4,6 @@ store byte-for-byte unchanged. The pattern of tests/test_bad_input.py."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 
 from midtrain.cli import main
+from tests.conftest import needs_non_root, read_only_directory
 from tests.test_bad_input import run_bad, write_jsonl, write_yaml
 
 
@@ -110,21 +110,16 @@ def test_prepare_bad_data(change: Callable[[Path], dict[str, Any]], expected: st
     assert expected.replace("{tmp}", str(tmp_path)).replace("{store}", str(store)) in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@needs_non_root
 def test_prepare_read_only_output(store: Path, builtin_store: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
+    with read_only_directory(tmp_path / "locked") as locked:
         config = write_yaml(tmp_path / "p.yaml", {
             "output": str(locked / "store"),
             "tokenizer": {"path": str(builtin_store / "tokenizer.json")},
             "domains": {"docs": {"source": {"path": str(store.parent / "docs.jsonl")}}}})
         line = run_bad(capsys, ["prepare", "--config", str(config)], [locked, store.parent])
         assert f"output: {locked} is not writable" in line
-    finally:
-        locked.chmod(0o755)
 
 
 def test_fit_refuses_an_odd_length_tokens_file(store: Path, tmp_path: Path,
