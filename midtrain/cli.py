@@ -325,23 +325,17 @@ def trainer_main(argv: Sequence[str]) -> None:
                                         "optimizer steps (midtrain's schedules are in steps)")
                 trainer.max_steps = -1  # Lightning's "no limit"; evaluation does not use it
             self._plan_resume(cfg)
-            if trainer.logger in (None, True) and self.subcommand != "fit":
-                # evaluation gets its own subdirectory: the run's config, hparams and events
-                # stay as training left them
-                from jsonargparse import Namespace
-
-                trainer.logger = Namespace(
-                    class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                    init_args=Namespace(save_dir=root, name="", version=self.subcommand),
-                )
             if trainer.logger in (None, True):
                 # One fixed directory per run: TensorBoard events, config.yaml and checkpoints
                 # live together, and `--ckpt_path last` finds the run's own last checkpoint.
+                # Evaluation gets its own subdirectory: the run's config, hparams and events
+                # stay as training left them.
                 from jsonargparse import Namespace
 
+                version = "" if self.subcommand == "fit" else self.subcommand
                 trainer.logger = Namespace(
                     class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                    init_args=Namespace(save_dir=root, name="", version=""),
+                    init_args=Namespace(save_dir=root, name="", version=version),
                 )
             logger = trainer.logger
             if (self.subcommand == "fit" and self._resume_step is not None
@@ -356,6 +350,7 @@ def trainer_main(argv: Sequence[str]) -> None:
             self._resume_error: str | None = None
             self._resume_lines: list[str] = []
             self._resume_step: int | None = None
+            self._metadata: dict[str, dict[str, Any]] = {}  # per checkpoint path, read once
             ckpt = cfg.get("ckpt_path")
             dirpath = cfg.get("checkpoint", {}).get("dirpath") if "checkpoint" in cfg else None
             directory = Path(dirpath) if dirpath else run_checkpoints(cfg.trainer.default_root_dir)
@@ -378,7 +373,14 @@ def trainer_main(argv: Sequence[str]) -> None:
             if ckpt and Path(str(ckpt)).exists():
                 meta, _ = fault.loadable(Path(str(ckpt)))
                 if meta is not None:
+                    self._metadata[str(ckpt)] = meta
                     self._resume_step = int(meta["global_step"])
+
+        def _checkpoint_metadata(self, path: str, what: str) -> dict[str, Any]:
+            """A checkpoint's metadata (read once per path), or a one-line error naming it."""
+            if str(path) not in self._metadata:
+                self._metadata[str(path)] = fault.check_checkpoint(path, what)
+            return self._metadata[str(path)]
 
         def _check(self) -> None:
             if self.datamodule is not None:  # the data contract, checked before any write
@@ -389,7 +391,7 @@ def trainer_main(argv: Sequence[str]) -> None:
             ckpt = str(cfg.get("ckpt_path") or "")  # a missing file would fail after logging
             if (ckpt and ckpt not in ("last", "best", "hpc") and not ckpt.startswith("registry")
                     and "://" not in ckpt):
-                fault.check_checkpoint(ckpt, "ckpt_path")  # missing, truncated, not one
+                self._checkpoint_metadata(ckpt, "ckpt_path")  # missing, truncated, not one
             self._check_val_limits()
             if self.subcommand in ("validate", "test") and self.trainer.is_global_zero:
                 print(f"midtrain {self.subcommand}: {self._evaluated_weights(ckpt, cfg)}")
@@ -399,7 +401,8 @@ def trainer_main(argv: Sequence[str]) -> None:
             what, path = ("checkpoint", ckpt) if ckpt else (
                 "model.init_from (weights only)", str(cfg.model.init_from))
             if os.path.exists(path):
-                step = read_metadata(path).get("global_step")
+                step = (self._checkpoint_metadata(path, "ckpt_path") if ckpt
+                        else read_metadata(path)).get("global_step")
                 if step is not None:
                     return f"evaluating {what} {path} (trained {step} steps)"
             return f"evaluating {what} {path}"
@@ -425,7 +428,7 @@ def trainer_main(argv: Sequence[str]) -> None:
             if fork:
                 if self.config["fit"].get("ckpt_path"):
                     raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
-                step = fault.check_checkpoint(fork, "fork")["global_step"]
+                step = self._checkpoint_metadata(fork, "fork")["global_step"]
                 if isinstance(self.datamodule, StepDataModule):
                     self.datamodule.fork_step = step
                 set_run_argument(self, "fit", "ckpt_path", fork)
@@ -472,7 +475,7 @@ def trainer_main(argv: Sequence[str]) -> None:
             ckpt = self.config_init["fit"].get("ckpt_path")
             if not ckpt or not os.path.exists(ckpt):
                 return
-            meta = read_metadata(ckpt)
+            meta = self._checkpoint_metadata(ckpt, "ckpt_path")
             saved = meta.get("midtrain", {}).get("run")
             if saved is not None:
                 now = fault.run_record(self.model, self.datamodule, self.trainer)
