@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--litgpt-python", required=True)
     parser.add_argument("--out", default="bench-anchor.json")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES),
                         help="which shapes (default: all)")
     parser.add_argument("--steps", type=int, help="override every shape's steps (and "
