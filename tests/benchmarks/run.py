@@ -303,7 +303,7 @@ def bench_loss_memory(seq: int = 2048, dim: int = 512, vocab: int = 50304) -> di
 
 
 GPU_MFU = r"""
-import sys, time
+import sys, time, warnings
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
@@ -323,25 +323,54 @@ class Clock(L.Callback):
         torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t0
 
+class SyncCounter(L.Callback):
+    # Host syncs inside non-logging steps (batch start to batch end: forward, backward,
+    # clipping, optimizer step and every callback), counted by torch's CUDA sync debug mode,
+    # which warns at each synchronizing call. Goal: 0.
+    def __init__(self):
+        self.syncs = self.steps = 0
+        self.counting = False
+        shown = warnings.showwarning
+        def count(message, *args, **kwargs):
+            if self.counting and "synchroniz" in str(message):
+                self.syncs += 1
+            else:
+                shown(message, *args, **kwargs)
+        warnings.showwarning = count
+        warnings.simplefilter("always")
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        self.counting = step >= warmup and not pl_module.is_logging_step(step)
+        if self.counting:
+            torch.cuda.set_sync_debug_mode("warn")
+    def on_train_batch_end(self, trainer, *_):
+        if self.counting:
+            torch.cuda.set_sync_debug_mode("default")
+            self.steps += 1
+        self.counting = False
+
 dm = MixtureDataModule(store, seq_len=2048, micro_batch_size=8, num_workers=4)
 lm = CausalLM(arch=arch, model_config={"vocab_size": 50304}, compile=True, warmup=0)
-clock = Clock()
+clock, syncs = Clock(), SyncCounter()
 trainer = Trainer(accelerator="gpu", devices=devices, precision="bf16-mixed", max_steps=steps,
                   strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock])
+                  limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock, syncs],
+                  log_every_n_steps=10)
 trainer.fit(lm, dm)
 if trainer.is_global_zero:
     tokens = (steps - warmup) * 8 * 2048 * devices
     flops = lm.flops_per_batch / (8 * 2048) * tokens
     peak = get_available_flops(torch.device("cuda"), torch.bfloat16) * devices
+    print("syncs", syncs.syncs, syncs.steps)
     print("mfu", flops / clock.seconds / peak, tokens / clock.seconds, torch.cuda.get_device_name())
 """
 
 
 def bench_gpu(store: Path) -> dict:
     """MFU of pythia-160m and pythia-410m, bf16-mixed, FSDP2 over every visible GPU, compiled,
-    seq 2048 (goal: >= 50% on an H100). Needs CUDA; the store's vocabulary must fit 50,304.
+    seq 2048 (goal: >= 50% on an H100), and the CUDA host syncs counted in the non-logging steps
+    (goal: 0). Needs CUDA; the store's vocabulary must fit 50,304.
     Written without a GPU at hand: unverified until it runs on one."""
     import torch
 
@@ -353,12 +382,15 @@ def bench_gpu(store: Path) -> dict:
         proc = subprocess.run([sys.executable, "-c", GPU_MFU, arch, str(store)],
                               capture_output=True, text=True, cwd=REPO)
         line = [x for x in proc.stdout.splitlines() if x.startswith("mfu")]
+        syncs = [x.split()[1:] for x in proc.stdout.splitlines() if x.startswith("syncs")]
         if proc.returncode != 0 or not line:
             out[arch] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
             continue
         _, mfu, tokens_per_s, *device = line[-1].split()
         out[arch] = {"mfu": float(mfu), "tokens_per_s": float(tokens_per_s),
-                     "device": " ".join(device)}
+                     "device": " ".join(device),
+                     "host_syncs_in_non_logging_steps": int(syncs[-1][0]) if syncs else None,
+                     "non_logging_steps": int(syncs[-1][1]) if syncs else None}
     return out
 
 
@@ -408,6 +440,10 @@ def main() -> None:
              f"{results['gpu'][a].get('mfu', float('nan')):.2f}"
              for a in ("pythia-160m", "pythia-410m")),
          "", results["gpu"].get("skipped", results["gpu"].get("goal", ""))),
+        ("gpu: CUDA host syncs in non-logging steps (160m / 410m)",
+         "-" if "skipped" in results["gpu"] else " / ".join(
+             str(results["gpu"][a].get("host_syncs_in_non_logging_steps"))
+             for a in ("pythia-160m", "pythia-410m")), "torch sync debug mode", "0"),
     ]
     rows += prepare_bench.rows(results["prepare_parallel"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
