@@ -395,6 +395,7 @@ def bench_gpu(store: Path) -> dict:
 
 
 def main() -> None:
+    from tests.benchmarks import breakdown
     from tests.benchmarks import prepare as prepare_bench
 
     parser = argparse.ArgumentParser()
@@ -410,6 +411,7 @@ def main() -> None:
                    "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
                    "loader": bench_loader(Path(tmp) / "loader"),
                    "loss_memory": bench_loss_memory(),
+                   "step_breakdown": breakdown.bench_breakdown(),
                    "gpu": bench_gpu(store)}
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -446,6 +448,7 @@ def main() -> None:
              for a in ("pythia-160m", "pythia-410m")), "torch sync debug mode", "0"),
     ]
     rows += prepare_bench.rows(results["prepare_parallel"])
+    rows += breakdown.rows(results["step_breakdown"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
         print(f"{name:<52} {fig:>12}  {detail:<22} {goal}")
