@@ -32,11 +32,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if want_x else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        # One chunk-sized buffer for the whole call, reused in place by every chunk: logits ->
+        # exp -> softmax -> gradient. A fresh one per chunk would be a new large allocation
+        # each time (on CPU, glibc maps and zero-fills every block over 32 MB anew).
+        rows = min(chunk_size, x.shape[0])
+        buf = torch.empty(rows, w.shape[0], dtype=compute_dtype, device=x.device)
+        buf32 = buf if compute_dtype == torch.float32 else torch.empty(
+            rows, w.shape[0], dtype=torch.float32, device=x.device)
         for start in range(0, x.shape[0], chunk_size):
             end = min(start + chunk_size, x.shape[0])
             x_c, t_c, m_c = x[start:end], targets[start:end], mask[start:end]
-            # One chunk-sized buffer, reused in place: logits -> exp -> softmax -> gradient.
-            logits = (x_c @ w.T).float()
+            logits = torch.mm(x_c, w.T, out=buf[: end - start])
+            if buf32 is not buf:
+                logits = buf32[: end - start].copy_(logits)
             target_logit = logits.gather(1, t_c.unsqueeze(1)).squeeze(1)
             row_max = logits.amax(1, keepdim=True)
             probs = logits.sub_(row_max).exp_()
@@ -48,13 +56,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_logits = probs.div_(sum_exp)
                 grad_logits.scatter_add_(1, t_c.unsqueeze(1),
                                          torch.full_like(target_logit, -1.0).unsqueeze(1))
-                grad_logits = grad_logits.mul_(m_c.unsqueeze(1)).to(compute_dtype)
+                grad_logits = grad_logits.mul_(m_c.unsqueeze(1))
+                if buf32 is not buf:
+                    grad_logits = buf[: end - start].copy_(grad_logits)
                 if want_x:
-                    grad_x[start:end] = grad_logits @ w
+                    torch.mm(grad_logits, w, out=grad_x[start:end])
                 if want_w:
                     grad_w.addmm_(grad_logits.T.float(), x_c.float())  # fp32 accumulation
                 del grad_logits
-            del logits, probs  # before the next chunk's buffer is allocated
+            del logits, probs
         ctx.save_for_backward(grad_x, grad_w, mask)
         ctx.dtypes = (features.dtype, weight.dtype)
         return losses
