@@ -203,7 +203,19 @@ def bench_prepare(root: Path) -> dict:
             "note": "prepare includes loading the jsonl with datasets, rendering and writing"}
 
 
-LOADER = r"""
+# A subprocess's own peak RSS. Not ru_maxrss: on Linux a child started by fork + exec inherits
+# its parent's high-water mark there, so every figure would start at the benchmark's own size.
+PEAK_RSS = r"""
+import resource
+def peak_rss_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+
+LOADER = PEAK_RSS + r"""
 import resource, sys, time
 from torch.utils.data import DataLoader
 from midtrain.data.streams import MixtureStream
@@ -216,8 +228,8 @@ t0 = time.perf_counter(); n = 0
 for batch in DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2):
     n += batch["input_ids"].shape[0]
 rate = n / (time.perf_counter() - t0)
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+self_kb = peak_rss_kb()
+child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # workers: fork, no exec
 print(rate, self_kb, child_kb)
 """
 
@@ -270,8 +282,8 @@ def bench_loader(root: Path) -> dict:
     return out
 
 
-LOSS_MEMORY = r"""
-import resource, sys, torch
+LOSS_MEMORY = PEAK_RSS + r"""
+import sys, torch
 from midtrain.loss import chunked_cross_entropy, cross_entropy
 chunk, seq, dim, vocab = (int(a) for a in sys.argv[1:5])
 torch.manual_seed(0)
@@ -279,10 +291,10 @@ x = torch.randn(seq, dim, requires_grad=True)
 w = (torch.randn(vocab, dim) * 0.02).requires_grad_()
 w.grad = torch.zeros_like(w); x.grad = torch.zeros_like(x)  # in both paths: not the logits'
 t, m = torch.randint(0, vocab, (seq,)), torch.ones(seq)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kb()
 losses = chunked_cross_entropy(x, w, t, m, chunk) if chunk else cross_entropy(x, w, t, m)
 (losses.sum() / seq).backward()
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, peak_rss_kb())
 """
 
 
