@@ -135,6 +135,18 @@ def bench_breakdown() -> dict:
             "compiled_trunk_and_loss_over_eager": modes["eager"] / modes["compiled trunk + loss"]}
 
 
+def in_fresh_process() -> dict:
+    """``bench_breakdown`` in its own process: no thread setting or heap left by other
+    benchmarks."""
+    import subprocess
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.breakdown", "--json"],
+                          capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    return json.loads(proc.stdout)
+
+
 def rows(r: dict) -> list[tuple[str, str, str, str]]:
     """Lines for the table of tests/benchmarks/run.py."""
     parts = ", ".join(f"{k.split(' ')[0]} {v:.0f}" for k, v in r["parts_ms"].items())
@@ -149,6 +161,9 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
 
 def main() -> None:
     result = bench_breakdown()
+    if "--json" in sys.argv[1:]:
+        print(json.dumps(result))
+        return
     for name, fig, detail, goal in rows(result):
         print(f"{name:<52} {fig:>12}  {detail} ({goal})")
     json.dump(result, sys.stdout, indent=2)

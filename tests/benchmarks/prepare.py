@@ -19,7 +19,6 @@ import filecmp
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -84,53 +83,47 @@ def bench_prepare_parallel(root: Path, repeats: int = 5) -> dict:
     tok_path = root / "tokenizer.json"
     tok.save(str(tok_path))
 
-    def cpu() -> float:  # this process and its reaped children (the prepare workers)
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-            resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def run(num_proc: int, i: int) -> tuple[float, float, int, Path]:
+    def run(num_proc: int, i: int) -> tuple[float, int, Path]:
         out = root / f"store-{num_proc}-{i}"
         sources._OPENED.clear()  # open the source as a fresh `midtrain prepare` would
-        t0, c0 = time.perf_counter(), cpu()
+        t0 = time.perf_counter()
         prepare(PrepareConfig(output=str(out), num_proc=num_proc, batch_size=BATCH,
                               domains={"code": DomainConfig(source={"path": str(src)})},
                               tokenizer=TokenizerConfig(path=str(tok_path))))
-        seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+        seconds = time.perf_counter() - t0
         splits = json.loads((out / "code" / "manifest.json").read_text())["splits"]
-        return seconds, cpu_seconds, sum(s["tokens"] for s in splits.values()), out
+        return seconds, sum(s["tokens"] for s in splits.values()), out
 
     run(1, -1)  # warm-up: datasets converts the jsonl to its Arrow cache once, on first use
     rows = []
     load = [os.getloadavg()[0]]
     for i in range(repeats):  # interleaved, so drift hits every variant alike
-        t0, c0 = time.perf_counter(), cpu()
+        t0 = time.perf_counter()
         encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
         n = sum(len(e.ids) + 1 for e in encoded)
-        bare, bare_cpu = n / (time.perf_counter() - t0), n / (cpu() - c0)
-        s1, c1, n1, out1 = run(1, i)
-        s2, c2, n2, out2 = run(2, i)
-        rows.append((bare, n1 / s1, n2 / s2, _same_tree(out1, out2), bare_cpu, n1 / c1,
-                     n2 / c2, machine_ceiling(texts, tok)))
+        bare = n / (time.perf_counter() - t0)
+        s1, n1, out1 = run(1, i)
+        s2, n2, out2 = run(2, i)
+        rows.append({"encode_batch": bare, "prepare_1proc": n1 / s1, "prepare_2proc": n2 / s2,
+                     "machine_2proc_encode_speedup": machine_ceiling(texts, tok),
+                     "byte_identical": _same_tree(out1, out2)})
         load.append(os.getloadavg()[0])
-    med = [statistics.median(r[k] for r in rows) for k in range(8)]
-    bare, one, two, _, bare_cpu, one_cpu, two_cpu, ceiling = med
-    # ratios of each repeat's adjacent runs first, then their median: each pair saw the
-    # same moment of the machine
-    ratio_1 = statistics.median(r[1] / r[0] for r in rows)
-    speedup = statistics.median(r[2] / r[1] for r in rows)
-    return {"encode_batch_tokens_per_s": bare, "prepare_1proc_tokens_per_s": one,
-            "prepare_2proc_tokens_per_s": two, "ratio_1proc_vs_encode_batch": ratio_1,
-            "speedup_2proc": speedup, "byte_identical": all(r[3] for r in rows),
-            "machine_2proc_encode_speedup": ceiling,
-            "speedup_2proc_of_machine": speedup / ceiling,
-            "per_repeat": [{"encode_batch": r[0], "prepare_1proc": r[1], "prepare_2proc": r[2],
-                            "machine_2proc_encode_speedup": r[7]} for r in rows],
-            # per CPU-second (robust to other load on the machine): the work each variant does
-            "encode_batch_tokens_per_cpu_s": bare_cpu, "prepare_1proc_tokens_per_cpu_s": one_cpu,
-            "prepare_2proc_tokens_per_cpu_s": two_cpu,
-            "cpu_ratio_1proc_vs_encode_batch": one_cpu / bare_cpu,
-            "cpu_ratio_2proc_vs_1proc": two_cpu / one_cpu,
+
+    def median(f):  # type: ignore[no-untyped-def]
+        # of each repeat's own figure: the runs of one repeat saw the same moment of the machine
+        return statistics.median(f(r) for r in rows)
+
+    speedup = median(lambda r: r["prepare_2proc"] / r["prepare_1proc"])
+    return {"encode_batch_tokens_per_s": median(lambda r: r["encode_batch"]),
+            "prepare_1proc_tokens_per_s": median(lambda r: r["prepare_1proc"]),
+            "prepare_2proc_tokens_per_s": median(lambda r: r["prepare_2proc"]),
+            "ratio_1proc_vs_encode_batch": median(lambda r: r["prepare_1proc"]
+                                                  / r["encode_batch"]),
+            "speedup_2proc": speedup,
+            "machine_2proc_encode_speedup": median(lambda r: r["machine_2proc_encode_speedup"]),
+            "speedup_2proc_of_machine": median(lambda r: r["prepare_2proc"] / r["prepare_1proc"]
+                                               / r["machine_2proc_encode_speedup"]),
+            "byte_identical": all(r["byte_identical"] for r in rows), "per_repeat": rows,
             "tokens": n1, "documents": len(texts), "batch_size": BATCH, "cpus": os.cpu_count(),
             "load_average_1min": load, "c4_per_core": bench_c4_per_core(root / "c4"),
             "goal": "1 proc >= 0.9 x encode_batch; 2 procs >= 1.7 x 1 proc on 2 cores"}
@@ -179,16 +172,11 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
         ("data prep: prepare 2 procs / 1 proc (speed-up)", f"{r['speedup_2proc']:.2f}",
          f"byte-identical: {r['byte_identical']}", ">= 1.7 on 2 cores"),
         ("data prep: bare encode_batch 2 procs / 1 (machine)",
-         f"{r['machine_2proc_encode_speedup']:.2f}", "the ceiling for the row above",
+         f"{r['machine_2proc_encode_speedup']:.2f}",
+         f"ceiling; load avg <= {max(r['load_average_1min']):.1f}",
          "2.0 on 2 idle cores"),
         ("data prep: prepare 2 procs / machine's 2-proc ceiling",
          f"{r['speedup_2proc_of_machine']:.2f}", "how much of it prepare gets", "~1.0"),
-        ("data prep: same per CPU-second: 1 proc / encode_batch",
-         f"{r['cpu_ratio_1proc_vs_encode_batch']:.3f}",
-         f"{r['prepare_1proc_tokens_per_cpu_s']:,.0f} / {r['encode_batch_tokens_per_cpu_s']:,.0f}",
-         "work, not wall time"),
-        ("data prep: same per CPU-second: 2 procs / 1 proc", f"{r['cpu_ratio_2proc_vs_1proc']:.3f}",
-         f"load avg {max(r['load_average_1min']):.1f}", "~1.0: no extra work"),
         ("data prep: C4 sample, 1 proc, tokens/s (per core)",
          "-" if "skipped" in r["c4_per_core"] else f"{r['c4_per_core']['tokens_per_s']:,.0f}",
          r["c4_per_core"].get("skipped", "") or

@@ -64,10 +64,19 @@ def bench_resume(store: Path, repeats: int = 5) -> dict:
 
 
 def bench_sampler(store: Path, steps: int = 300) -> dict:
-    import numpy as np
     import torch
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core; restored below (the benchmarks after it use all)
+    try:
+        return _bench_sampler(store, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_sampler(store: Path, steps: int) -> dict:
+    import numpy as np
+
     from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
     from midtrain.data.store import Store
     from midtrain.data.streams import MixtureStream
@@ -167,40 +176,6 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
     base = statistics.median(r[1] for r in runs)
     return {"fit_tokens_per_s": fit, "plain_tokens_per_s": base, "ratio": fit / base,
             "goal": ">= 0.97"}
-
-
-def bench_prepare(root: Path) -> dict:
-    """`midtrain prepare` tokens/s vs the tokenizers batch encode of the same texts."""
-    from tokenizers import Tokenizer
-
-    from midtrain.data.builtin import python_stdlib
-    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
-
-    texts = [r["text"] for r in python_stdlib(max_docs=400)]
-    src = root / "code.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tok_path = root / "store" / "tokenizer.json"
-    tok = Tokenizer.from_file(str(tok_path))
-    results = []
-    for i in range(2):
-        t0 = time.perf_counter()
-        encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
-        plain = sum(len(e.ids) for e in encoded) / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out = prepare(PrepareConfig(output=str(root / f"prep{i}"),
-                                    domains={"code": DomainConfig(source={"path": str(src)},
-                                                                  val_fraction=0.0)},
-                                    tokenizer=TokenizerConfig(path=str(tok_path))))
-        seconds = time.perf_counter() - t0
-        import json as _json
-
-        n = _json.loads((out / "code" / "manifest.json").read_text())["splits"]["train"]["tokens"]
-        results.append((n / seconds, plain))
-    prep = statistics.median(r[0] for r in results)
-    base = statistics.median(r[1] for r in results)
-    return {"prepare_tokens_per_s": prep, "encode_batch_tokens_per_s": base,
-            "ratio": prep / base, "goal": ">= 0.9",
-            "note": "prepare includes loading the jsonl with datasets, rendering and writing"}
 
 
 # A subprocess's own peak RSS. Not ru_maxrss: on Linux a child started by fork + exec inherits
@@ -419,11 +394,10 @@ def main() -> None:
                                "python": platform.python_version()},
                    "resume": bench_resume(store), "sampler": bench_sampler(store),
                    "training": bench_training_overhead(store),
-                   "prepare": bench_prepare(Path(tmp)),
                    "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
                    "loader": bench_loader(Path(tmp) / "loader"),
                    "loss_memory": bench_loss_memory(),
-                   "step_breakdown": breakdown.bench_breakdown(),
+                   "step_breakdown": breakdown.in_fresh_process(),
                    "gpu": bench_gpu(store)}
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -435,12 +409,10 @@ def main() -> None:
         ("sampler: sequences/s (micro-batches with tokens)", f"{s['batch_sequences_per_s']:,.0f}",
          "", s["goal"]),
     ]
-    t, p, ld = results["training"], results["prepare"], results["loader"]
+    t, ld = results["training"], results["loader"]
     rows += [
         ("training: midtrain fit tokens/s / plain PyTorch loop", f"{t['ratio']:.3f}",
          f"{t['fit_tokens_per_s']:,.0f} / {t['plain_tokens_per_s']:,.0f}", t["goal"]),
-        ("data prep: prepare tokens/s / tokenizers encode_batch", f"{p['ratio']:.3f}",
-         f"{p['prepare_tokens_per_s']:,.0f} / {p['encode_batch_tokens_per_s']:,.0f}", p["goal"]),
         ("loader: peak RSS 2 GB store - 20 MB store (MB)", f"{ld['rss_difference_mb']:+.0f}",
          f"{ld['2GB']['sequences_per_s']:,.0f} vs {ld['20MB']['sequences_per_s']:,.0f} seq/s",
          ld["goal"]),
