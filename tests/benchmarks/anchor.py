@@ -150,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         docs, store, eos_id = build_data(root)
-        for name in args.shapes:
+        for k, name in enumerate(args.shapes):
             shape = dict(SHAPES[name])
             if args.steps:
                 shape.update(steps=args.steps, warmup=args.warmup or shape["warmup"])
@@ -160,8 +160,9 @@ def main() -> None:
                 lit, mid = [], []
                 for i in range(args.repeats):  # interleaved
                     lit.append(run_litgpt(args.litgpt_python, docs, store, eos_id, shape,
-                                          compile, root / f"lit-{mode}-{i}"))
-                    mid.append(run_midtrain(store, shape, compile, root / f"mid-{mode}-{i}"))
+                                          compile, root / f"lit-{k}-{mode}-{i}"))
+                    # a run directory of its own: midtrain refuses a fresh fit into another's
+                    mid.append(run_midtrain(store, shape, compile, root / f"mid-{k}-{mode}-{i}"))
                     print(f"{name}, {mode}, run {i}: LitGPT {lit[-1]:,.0f} tokens/s, "
                           f"midtrain {mid[-1]:,.0f} tokens/s", flush=True)
                 ratio = statistics.median(mid) / statistics.median(lit)
