@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from tests.benchmarks import print_figures
+
 SHAPE = dict(n_layer=4, n_embd=256, n_head=4, seq_len=256, batch=16, vocab=8192)
 
 
@@ -164,10 +166,7 @@ def main() -> None:
     if "--json" in sys.argv[1:]:
         print(json.dumps(result))
         return
-    for name, fig, detail, goal in rows(result):
-        print(f"{name:<52} {fig:>12}  {detail} ({goal})")
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    print_figures(rows(result), result)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.benchmarks import print_figures
 
 # One process per core is the unit measured: the tokenizer's own thread pool stays off.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -188,10 +189,7 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = bench_prepare_parallel(Path(tmp))
-    for name, fig, detail, goal in rows(result):
-        print(f"{name:<52} {fig:>12}  {detail:<28} {goal}")
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    print_figures(rows(result), result)
 
 
 if __name__ == "__main__":
