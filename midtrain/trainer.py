@@ -12,9 +12,12 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
+
+from midtrain.host import keep_freed_memory
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -59,6 +62,8 @@ class Trainer(pl.Trainer):
       beyond ``max_steps`` validates once, at the end of the run (with one info line);
     - the training progress bar shows optimizer steps of the whole run (also after a resume).
 
+    On the CPU it also keeps freed host memory in the process (``midtrain.host``).
+
     ``validate`` and ``test`` print one results table, one column per validation set.
     """
 
@@ -91,6 +96,9 @@ class Trainer(pl.Trainer):
                          limit_predict_batches=limit_predict_batches,
                          val_check_interval=val_check_interval,
                          overfit_batches=overfit_batches, **kwargs)
+        if isinstance(self.accelerator, CPUAccelerator):
+            # on the CPU, each step reuses the previous step's freed blocks (midtrain.host)
+            keep_freed_memory()
 
     def validate(self, *args: Any, verbose: bool = True, **kwargs: Any) -> list[dict[str, float]]:
         results = super().validate(*args, verbose=False, **kwargs)
