@@ -3,12 +3,16 @@ shape on the same documents and tokenizer, eager vs eager and compiled vs compil
 interleaved (LitGPT, midtrain, LitGPT, midtrain, ...) so machine noise hits both alike.
 Figures, not assertions.
 
+Tokens/s of a run is the tokens of one step over the median duration of the steps after
+``warmup`` (each from the end of one optimizer step to the end of the next), the same on both
+sides.
+
     python -m tests.benchmarks.anchor --litgpt-python PATH [--out bench-anchor.json]
 
 LitGPT runs with ``--litgpt-python`` (an environment with litgpt and without midtrain: their
 jsonargparse pins conflict); midtrain runs with this interpreter. Both sides are timed the same
-way: wall clock between the end of optimizer step ``warmup`` and the end of the last step
-(an optimizer step post-hook), so data loading, logging and clipping are all inside the window.
+way, by an optimizer step post-hook, so data loading, logging and clipping are all inside a
+step's time.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ register_optimizer_step_post_hook(
 from midtrain.cli import main
 s = json.loads(sys.argv[1])
 main(sys.argv[2:])
-seconds = step_times[s["steps"] - 1] - step_times[s["warmup"] - 1]
-print("tokens_per_s", (s["steps"] - s["warmup"]) * s["micro_batch_size"] * s["seq_len"] / seconds)
+# the durations of optimizer steps warmup + 1 .. steps (end of one step to the end of the next)
+w, n = s["warmup"], s["steps"]
+print("step_seconds", json.dumps([b - a for a, b in zip(step_times[w - 1:n - 1], step_times[w:n])]))
 """
 
 
@@ -98,24 +103,31 @@ def run_midtrain(store: Path, shape: dict, compile: bool, out: Path) -> float:
             "--trainer.precision", "32-true", "--trainer.gradient_clip_val", "1.0",
             "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false"]
-    return _run([sys.executable, "-c", MIDTRAIN_SIDE, json.dumps(s), *args])
+    return _run([sys.executable, "-c", MIDTRAIN_SIDE, json.dumps(s), *args], s)
 
 
 def run_litgpt(python: str, docs: Path, store: Path, eos_id: int, shape: dict, compile: bool,
                out: Path) -> float:
     s = dict(shape, compile=compile)
     return _run([python, str(LITGPT_SIDE), str(docs), str(store), str(eos_id), str(out),
-                 json.dumps(s)])
+                 json.dumps(s)], s)
 
 
-def _run(cmd: list[str]) -> float:
+def _run(cmd: list[str], shape: dict) -> float:
+    """Tokens/s of one run: the tokens of a step over the median step time after warmup. A
+    median, not the window's mean: on a shared machine a few steps slowed by a neighbour's
+    burst would otherwise decide the figure."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("tokens_per_s")]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("step_seconds")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{cmd[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return float(lines[-1].split()[1])
+    seconds = json.loads(lines[-1].split(maxsplit=1)[1])
+    if len(seconds) != shape["steps"] - shape["warmup"]:
+        raise RuntimeError(f"{cmd[0]} ran {len(seconds)} timed steps, not "
+                           f"{shape['steps'] - shape['warmup']}:\n{proc.stderr[-4000:]}")
+    return shape["micro_batch_size"] * shape["seq_len"] / statistics.median(seconds)
 
 
 def cpu_model() -> str:

@@ -5,7 +5,7 @@ behind the compile figures of `tox -e bench-anchor`. Part of `tox -e bench`; alo
     python -m tests.benchmarks.breakdown
 
 A plain loop over midtrain's own pieces (``GPT.features``, ``chunked_cross_entropy``, clipping,
-fused AdamW), timed part by part; the step's matmul FLOPs against this machine's own sgemm
+fused AdamW, freed host memory kept as ``midtrain.host`` does), timed part by part; the step's matmul FLOPs against this machine's own sgemm
 rate; then eager vs the compiled trunk vs trunk and loss compiled together, interleaved.
 Figures, not assertions.
 """
@@ -162,6 +162,9 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
 
 
 def main() -> None:
+    from midtrain.host import keep_freed_memory
+
+    keep_freed_memory()  # as midtrain's Trainer does on the CPU: the step measured is fit's
     result = bench_breakdown()
     if "--json" in sys.argv[1:]:
         print(json.dumps(result))

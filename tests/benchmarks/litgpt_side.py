@@ -6,7 +6,8 @@ jsonargparse pins conflict), so it imports nothing from midtrain.
 
     python litgpt_side.py DOCS.jsonl TOKENIZER_DIR EOS_ID OUT_DIR SHAPE_JSON
 
-Prints one line: ``tokens_per_s <float>`` over optimizer steps warmup..steps (steady state).
+Prints one line: ``step_seconds <json list>``, the durations of optimizer steps warmup + 1 ..
+steps (steady state).
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def main() -> None:
                    "init_args": {"lr": 3e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}},
         devices=1, logger_name="csv", seed=1234,
     )
-    w = s["warmup"]
-    seconds = step_times[steps - 1] - step_times[w - 1]
-    print("tokens_per_s", (steps - w) * micro * s["seq_len"] / seconds, flush=True)
+    w = s["warmup"]  # the durations of optimizer steps w + 1 .. steps
+    print("step_seconds", json.dumps([b - a for a, b in zip(step_times[w - 1:steps - 1],
+                                                            step_times[w:steps], strict=True)]),
+          flush=True)
 
 
 if __name__ == "__main__":
