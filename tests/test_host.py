@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="glibc's malloc only")
 
-# Build a CPU Trainer, then allocate, fill and free a 64 MB tensor a few times (as every step
-# does with its activations) and count the minor page faults of the later rounds.
+# Build a CPU Trainer, then allocate, fill and free a 64 MB tensor over and over (as every step
+# does with its activations) and count the minor page faults of the rounds after the first ten.
 PROBE = r"""
 import json, resource, torch
 from midtrain.host import allocator_chosen_by_user
@@ -26,7 +26,8 @@ Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(16 * 2**20)  # the first round may fault: the heap grows once
+for _ in range(10):  # the first rounds fault: the heap grows until the pattern fits in it
+    torch.ones(16 * 2**20).sum()
 before = faults()
 for _ in range(5):
     torch.ones(16 * 2**20).sum()

@@ -41,18 +41,21 @@ SHAPES = {
 }
 
 MIDTRAIN_SIDE = r"""
-import json, sys, time
+import json, resource, sys, time
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-step_times = []
-register_optimizer_step_post_hook(
-    lambda *_: step_times.append(time.perf_counter()))
+step_times, step_faults = [], []
+register_optimizer_step_post_hook(lambda *_: (
+    step_times.append(time.perf_counter()),
+    step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)))
 from midtrain.cli import main
 s = json.loads(sys.argv[1])
 main(sys.argv[2:])
-# the durations of optimizer steps warmup + 1 .. steps (end of one step to the end of the next)
+# optimizer steps warmup + 1 .. steps: durations, and minor page faults taken in each
 w, n = s["warmup"], s["steps"]
 print("step_seconds", json.dumps([b - a for a, b in zip(step_times[w - 1:n - 1], step_times[w:n])]))
+print("step_faults", json.dumps([b - a for a, b in zip(step_faults[w - 1:n - 1], step_faults[w:n])]))
+print("peak_rss_kb", [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")][0])
 """
 
 
@@ -85,7 +88,8 @@ def build_data(root: Path) -> tuple[Path, Path, int]:
     return docs, Path(store), eos_id
 
 
-def run_midtrain(store: Path, shape: dict, compile: bool, out: Path) -> float:
+def run_midtrain(store: Path, shape: dict, compile: bool, out: Path,
+                 env: dict[str, str] | None = None) -> dict[str, float]:
     s = dict(shape)
     args = ["fit", "--seed_everything", "1234",
             "--model.arch", "pythia-70m",
@@ -103,31 +107,36 @@ def run_midtrain(store: Path, shape: dict, compile: bool, out: Path) -> float:
             "--trainer.precision", "32-true", "--trainer.gradient_clip_val", "1.0",
             "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false"]
-    return _run([sys.executable, "-c", MIDTRAIN_SIDE, json.dumps(s), *args], s)
+    return _run([sys.executable, "-c", MIDTRAIN_SIDE, json.dumps(s), *args], s, env)
 
 
 def run_litgpt(python: str, docs: Path, store: Path, eos_id: int, shape: dict, compile: bool,
-               out: Path) -> float:
+               out: Path) -> dict[str, float]:
     s = dict(shape, compile=compile)
     return _run([python, str(LITGPT_SIDE), str(docs), str(store), str(eos_id), str(out),
                  json.dumps(s)], s)
 
 
-def _run(cmd: list[str], shape: dict) -> float:
-    """Tokens/s of one run: the tokens of a step over the median step time after warmup. A
-    median, not the window's mean: on a shared machine a few steps slowed by a neighbour's
-    burst would otherwise decide the figure."""
+def _run(cmd: list[str], shape: dict, env: dict[str, str] | None = None) -> dict[str, float]:
+    """One run's ``tokens_per_s``: the tokens of a step over the median step time after warmup
+    (a median, not the window's mean: on a shared machine a few steps slowed by a neighbour's
+    burst would otherwise decide the figure); its median ``minor_faults_per_step``; and the
+    process's ``peak_rss_mb``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("step_seconds")]
-    if proc.returncode != 0 or not lines:
+    found = {line.split(maxsplit=1)[0]: json.loads(line.split(maxsplit=1)[1])
+             for line in proc.stdout.splitlines()
+             if line.startswith(("step_seconds ", "step_faults ", "peak_rss_kb "))}
+    if proc.returncode != 0 or len(found) != 3:
         raise RuntimeError(f"{cmd[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    seconds = json.loads(lines[-1].split(maxsplit=1)[1])
-    if len(seconds) != shape["steps"] - shape["warmup"]:
-        raise RuntimeError(f"{cmd[0]} ran {len(seconds)} timed steps, not "
+    if len(found["step_seconds"]) != shape["steps"] - shape["warmup"]:
+        raise RuntimeError(f"{cmd[0]} ran {len(found['step_seconds'])} timed steps, not "
                            f"{shape['steps'] - shape['warmup']}:\n{proc.stderr[-4000:]}")
-    return shape["micro_batch_size"] * shape["seq_len"] / statistics.median(seconds)
+    return {"tokens_per_s": shape["micro_batch_size"] * shape["seq_len"]
+            / statistics.median(found["step_seconds"]),
+            "minor_faults_per_step": statistics.median(found["step_faults"]),
+            "peak_rss_mb": found["peak_rss_kb"] / 1024}
 
 
 def cpu_model() -> str:
@@ -170,30 +179,46 @@ def main() -> None:
             for mode in args.modes:
                 compile = mode == "compiled"
                 lit, mid = [], []
+                faults: dict[str, list[float]] = {"litgpt": [], "midtrain": []}
+                rss: dict[str, list[float]] = {"litgpt": [], "midtrain": []}
                 for i in range(args.repeats):  # interleaved
-                    lit.append(run_litgpt(args.litgpt_python, docs, store, eos_id, shape,
-                                          compile, root / f"lit-{k}-{mode}-{i}"))
+                    run = run_litgpt(args.litgpt_python, docs, store, eos_id, shape, compile,
+                                     root / f"lit-{k}-{mode}-{i}")
+                    lit.append(run["tokens_per_s"])
+                    faults["litgpt"].append(run["minor_faults_per_step"])
+                    rss["litgpt"].append(run["peak_rss_mb"])
                     # a run directory of its own: midtrain refuses a fresh fit into another's
-                    mid.append(run_midtrain(store, shape, compile, root / f"mid-{k}-{mode}-{i}"))
-                    print(f"{name}, {mode}, run {i}: LitGPT {lit[-1]:,.0f} tokens/s, "
-                          f"midtrain {mid[-1]:,.0f} tokens/s", flush=True)
+                    run = run_midtrain(store, shape, compile, root / f"mid-{k}-{mode}-{i}")
+                    mid.append(run["tokens_per_s"])
+                    faults["midtrain"].append(run["minor_faults_per_step"])
+                    rss["midtrain"].append(run["peak_rss_mb"])
+                    print(f"{name}, {mode}, run {i}: LitGPT {lit[-1]:,.0f} tokens/s "
+                          f"({faults['litgpt'][-1]:,.0f} page faults/step), midtrain "
+                          f"{mid[-1]:,.0f} tokens/s ({faults['midtrain'][-1]:,.0f}); peak RSS "
+                          f"{rss['litgpt'][-1]:,.0f} / {rss['midtrain'][-1]:,.0f} MB", flush=True)
                 ratio = statistics.median(mid) / statistics.median(lit)
                 shape_out[mode] = {"litgpt_tokens_per_s": lit, "midtrain_tokens_per_s": mid,
-                                   "ratio": ratio}
-                rows.append((f"{name}, {mode}", ratio, lit, mid))
+                                   "ratio": ratio,
+                                   **{f"{side}_minor_faults_per_step": f
+                                      for side, f in faults.items()},
+                                   **{f"{side}_peak_rss_mb": r for side, r in rss.items()}}
+                rows.append((f"{name}, {mode}", ratio, lit, mid,
+                             f"{statistics.median(faults['litgpt']):,.0f} / "
+                             f"{statistics.median(faults['midtrain']):,.0f}"))
             if "eager" in shape_out and "compiled" in shape_out:
                 for side in ("litgpt", "midtrain"):
                     key = f"{side}_tokens_per_s"
                     gain = (statistics.median(shape_out["compiled"][key])
                             / statistics.median(shape_out["eager"][key]))
                     shape_out[f"{side}_compiled_over_eager"] = gain
-                    rows.append((f"{name}, {side} compiled / eager", gain, [], []))
+                    rows.append((f"{name}, {side} compiled / eager", gain, [], [], ""))
     print(f"\nLitGPT {version} anchor on {results['machine']['cpus']} CPUs "
           f"({results['machine']['cpu']}); tokens/s per run, ratio of medians")
-    print(f"{'shape, mode':<60} {'ratio':>7}  {'LitGPT':<20} {'midtrain':<20}")
-    for name, ratio, lit, mid in rows:
+    print(f"{'shape, mode':<60} {'ratio':>7}  {'LitGPT':<20} {'midtrain':<20} "
+          "page faults/step (LitGPT / midtrain)")
+    for name, ratio, lit, mid, faults_row in rows:
         print(f"{name:<60} {ratio:>7.3f}  {' / '.join(f'{x:,.0f}' for x in lit):<20} "
-              f"{' / '.join(f'{x:,.0f}' for x in mid):<20}")
+              f"{' / '.join(f'{x:,.0f}' for x in mid):<20} {faults_row}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwritten {args.out}")
 

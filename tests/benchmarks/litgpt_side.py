@@ -6,13 +6,15 @@ jsonargparse pins conflict), so it imports nothing from midtrain.
 
     python litgpt_side.py DOCS.jsonl TOKENIZER_DIR EOS_ID OUT_DIR SHAPE_JSON
 
-Prints one line: ``step_seconds <json list>``, the durations of optimizer steps warmup + 1 ..
-steps (steady state).
+Prints three lines: ``step_seconds <json list>`` and ``step_faults <json list>``, the durations
+of optimizer steps warmup + 1 .. steps (steady state) and the minor page faults taken in each;
+``peak_rss_kb <int>``, the process's peak resident memory.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,8 +66,10 @@ def main() -> None:
     docs, tokenizer_dir, eos_id, out_dir, shape = sys.argv[1:6]
     s = json.loads(shape)
     step_times: list[float] = []
-    register_optimizer_step_post_hook(
-        lambda *_: step_times.append(time.perf_counter()))
+    step_faults: list[int] = []
+    register_optimizer_step_post_hook(lambda *_: (
+        step_times.append(time.perf_counter()),
+        step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)))
     config = Config(name="anchor", block_size=s["seq_len"], vocab_size=s["vocab_size"],
                     padded_vocab_size=s["vocab_size"], n_layer=s["n_layer"], n_embd=s["n_embd"],
                     n_head=s["n_head"], rotary_percentage=0.25, parallel_residual=True,
@@ -92,10 +96,12 @@ def main() -> None:
                    "init_args": {"lr": 3e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}},
         devices=1, logger_name="csv", seed=1234,
     )
-    w = s["warmup"]  # the durations of optimizer steps w + 1 .. steps
-    print("step_seconds", json.dumps([b - a for a, b in zip(step_times[w - 1:steps - 1],
-                                                            step_times[w:steps], strict=True)]),
-          flush=True)
+    w = s["warmup"]  # optimizer steps w + 1 .. steps: durations, and minor page faults in each
+    for name, marks in (("step_seconds", step_times), ("step_faults", step_faults)):
+        print(name, json.dumps([b - a for a, b in zip(marks[w - 1:steps - 1], marks[w:steps],
+                                                      strict=True)]), flush=True)
+    with open("/proc/self/status") as status:
+        print("peak_rss_kb", next(int(x.split()[1]) for x in status if x.startswith("VmHWM")))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,30 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
             "goal": ">= 0.97"}
 
 
+def bench_host_memory(root: Path, repeats: int = 2) -> dict:
+    """`midtrain fit` at the LitGPT anchor's issue shape with freed host memory kept in the
+    process (the default on the CPU, ``midtrain.host``) ÷ with glibc's defaults
+    (``MIDTRAIN_KEEP_FREED_MEMORY=0``): tokens/s (median step) and minor page faults per step,
+    interleaved runs."""
+    from tests.benchmarks import anchor
+
+    _, store, _ = anchor.build_data(root)
+    shape = next(v for k, v in anchor.SHAPES.items() if k.startswith("issue"))
+    runs: dict[str, list[dict[str, float]]] = {"kept": [], "glibc_default": []}
+    for i in range(repeats):
+        for name, env in (("glibc_default", {"MIDTRAIN_KEEP_FREED_MEMORY": "0"}), ("kept", {})):
+            runs[name].append(anchor.run_midtrain(store, shape, False, root / f"{name}-{i}",
+                                                  env=env))
+    out: dict = {"shape": shape, "runs": runs, "goal": "figure"}
+    for name, r in runs.items():
+        out[f"{name}_tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in r)
+        out[f"{name}_minor_faults_per_step"] = statistics.median(
+            x["minor_faults_per_step"] for x in r)
+        out[f"{name}_peak_rss_mb"] = statistics.median(x["peak_rss_mb"] for x in r)
+    out["ratio"] = out["kept_tokens_per_s"] / out["glibc_default_tokens_per_s"]
+    return out
+
+
 # A subprocess's own peak RSS. Not ru_maxrss: on Linux a child started by fork + exec inherits
 # its parent's high-water mark there, so every figure would start at the benchmark's own size.
 PEAK_RSS = r"""
@@ -394,6 +418,7 @@ def main() -> None:
                                "python": platform.python_version()},
                    "resume": bench_resume(store), "sampler": bench_sampler(store),
                    "training": bench_training_overhead(store),
+                   "host_memory": bench_host_memory(Path(tmp) / "host"),
                    "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
                    "loader": bench_loader(Path(tmp) / "loader"),
                    "loss_memory": bench_loss_memory(),
@@ -413,6 +438,15 @@ def main() -> None:
     rows += [
         ("training: midtrain fit tokens/s / plain PyTorch loop", f"{t['ratio']:.3f}",
          f"{t['fit_tokens_per_s']:,.0f} / {t['plain_tokens_per_s']:,.0f}", t["goal"]),
+        ("host memory: fit, freed memory kept / glibc default",
+         f"{results['host_memory']['ratio']:.3f}",
+         f"{results['host_memory']['kept_minor_faults_per_step']:,.0f} / "
+         f"{results['host_memory']['glibc_default_minor_faults_per_step']:,.0f} faults/step",
+         results["host_memory"]["goal"]),
+        ("host memory: fit peak RSS, kept / glibc default (MB)",
+         f"{results['host_memory']['kept_peak_rss_mb'] / results['host_memory']['glibc_default_peak_rss_mb']:.3f}",
+         f"{results['host_memory']['kept_peak_rss_mb']:,.0f} / "
+         f"{results['host_memory']['glibc_default_peak_rss_mb']:,.0f} MB", "figure"),
         ("loader: peak RSS 2 GB store - 20 MB store (MB)", f"{ld['rss_difference_mb']:+.0f}",
          f"{ld['2GB']['sequences_per_s']:,.0f} vs {ld['20MB']['sequences_per_s']:,.0f} seq/s",
          ld["goal"]),
