@@ -214,10 +214,10 @@ def main() -> None:
                     rows.append((f"{name}, {side} compiled / eager", gain, [], [], ""))
     print(f"\nLitGPT {version} anchor on {results['machine']['cpus']} CPUs "
           f"({results['machine']['cpu']}); tokens/s per run, ratio of medians")
-    print(f"{'shape, mode':<60} {'ratio':>7}  {'LitGPT':<20} {'midtrain':<20} "
+    print(f"{'shape, mode':<66} {'ratio':>7}  {'LitGPT':<20} {'midtrain':<20} "
           "page faults/step (LitGPT / midtrain)")
     for name, ratio, lit, mid, faults_row in rows:
-        print(f"{name:<60} {ratio:>7.3f}  {' / '.join(f'{x:,.0f}' for x in lit):<20} "
+        print(f"{name:<66} {ratio:>7.3f}  {' / '.join(f'{x:,.0f}' for x in lit):<20} "
               f"{' / '.join(f'{x:,.0f}' for x in mid):<20} {faults_row}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwritten {args.out}")
