@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 # -- the CLI and checkpoint contents -------------------------------------------------------------
@@ -41,6 +42,22 @@ class KeepConfigOnResume:
 
     def _parse_ckpt_path(self) -> None:
         return None
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def publish_callback_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Put values into ``trainer.callback_metrics`` (what callbacks and
+    ``ModelCheckpoint(monitor=...)`` read) without ``LightningModule.log``.
+
+    ``log`` runs every value through Lightning's result collection, about 0.8 ms per key on
+    the CPU: with ten keys and a log every step that was 7% of a small model's step. Lightning
+    has no public setter; the property returns its logger connector's own dict, which keeps
+    what is written there until the next ``fit``/``validate`` resets it."""
+    callback_metrics = trainer.callback_metrics
+    for k, v in metrics.items():
+        callback_metrics[k] = torch.tensor(v)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

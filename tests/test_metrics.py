@@ -198,3 +198,56 @@ def test_a_new_lr_schedule_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(MidtrainError, match="unknown 'cubic'; use one of cosine, wsd, "
                                             "constant, linear"):
         CausalLM(arch="tiny", vocab_size=512, lr_schedule="cubic")
+
+
+class RecordCallbackMetrics(pl.Callback):
+    """What a user's callback sees: ``trainer.callback_metrics`` and the progress bar's
+    metrics at the start of every step (after the previous step logged)."""
+
+    last: RecordCallbackMetrics | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+        self.progress_bar: dict[str, Any] = {}
+        RecordCallbackMetrics.last = self
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self.seen[trainer.global_step] = dict(trainer.callback_metrics)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen[trainer.global_step] = dict(trainer.callback_metrics)
+        self.progress_bar = dict(trainer.progress_bar_metrics)
+
+
+def test_callbacks_and_checkpoints_see_the_logged_training_metrics(
+        tmp_path: Path, builtin_store: Path) -> None:
+    """The values written to TensorBoard on a logging step are in ``trainer.callback_metrics``
+    (as host tensors) until the next logging step, a checkpoint can monitor a per-domain loss,
+    and train/loss reaches the progress bar."""
+    cfg = fit_config(tmp_path, builtin_store, "cb", max_steps=6, log_every_n_steps=2,
+                     limit_val_batches=0, enable_progress_bar=True)
+    assert main(["fit", "--config", str(cfg), "--data.init_args.weights",
+                 "{prose: 0.5, code: 0.5}", "--checkpoint.monitor", "train/loss/code",
+                 "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "1",
+                 "--trainer.callbacks+=tests.test_metrics.RecordCallbackMetrics"]) == 0
+    recorder = RecordCallbackMetrics.last
+    assert recorder is not None
+    tags = scalars(tmp_path / "cb")
+    logged = dict(tags["train/loss/code"])
+    assert sorted(logged) == [0, 1, 3, 5]  # every 2nd, and the phase start
+    for step in range(1, 7):  # the values of the last logging step before it
+        seen = recorder.seen[step]
+        last = max(s for s in logged if s < step)
+        for tag in ("train/loss", "train/loss/code", "train/tokens/prose", "train/grad_norm",
+                    "train/lr"):
+            assert tag in seen, (step, tag)
+            assert seen[tag].device.type == "cpu"
+            assert float(seen[tag]) == pytest.approx(dict(tags[tag])[last], rel=1e-6)
+    assert "train/loss" not in recorder.seen[0]  # nothing before the first logging step
+    assert float(recorder.progress_bar["train/loss"]) == pytest.approx(
+        tags["train/loss"][-1][1], rel=1e-6)
+    best = list((tmp_path / "cb" / "checkpoints").glob("epoch=*.ckpt"))
+    assert len(best) == 1
+    assert torch.load(best[0], map_location="cpu", weights_only=False)["callbacks"]

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from midtrain._lightning import publish_callback_metrics
 from midtrain.errors import MidtrainError
 from midtrain.evaluation.local import LocalTask
 
@@ -90,8 +91,7 @@ class DownstreamEval(Callback):
             metrics.update(self._run_harness(model, tokenizer, eos_id))
         step = trainer.global_step
         self.results[step] = metrics
-        for k, v in metrics.items():
-            trainer.callback_metrics[k] = torch.tensor(v)
+        publish_callback_metrics(trainer, metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         return metrics
