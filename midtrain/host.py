@@ -5,8 +5,10 @@ fresh ``mmap`` and gives it back to the kernel when freed. A training step alloc
 the same activations, logits chunks and gradients at every step, so on the CPU each step
 page-faults and zero-fills them all over again: a 12-step pythia-70m-like fit took 1.3 M minor
 page faults and ~10% of its CPU time in the kernel. With mmap and heap trimming off, a freed
-block stays in the heap and the next step reuses it (0.55 M faults, most of them start-up);
-peak RSS is the same, since the step's working set is the peak either way.
+block stays in the heap and the next step reuses it (0.55 M faults, most of them start-up).
+Peak RSS moves little (within 2% in ``tox -e bench``), since the step's working set is the peak
+either way; but a freed block between live ones can be left unused, so a workload of varied
+large sizes can fragment the heap (docs/performance.md).
 
 The CPU tuning guides of PyTorch get this with jemalloc or tcmalloc through ``LD_PRELOAD``;
 here it is glibc's own knobs (``mallopt``), so no library to install. Nothing is changed when

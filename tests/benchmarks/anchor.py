@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.benchmarks.run import PEAK_RSS
+
 REPO = Path(__file__).resolve().parents[2]
 LITGPT_SIDE = Path(__file__).with_name("litgpt_side.py")
 
@@ -40,7 +42,7 @@ SHAPES = {
                                                       vocab_size=8192, steps=12, warmup=4),
 }
 
-MIDTRAIN_SIDE = r"""
+MIDTRAIN_SIDE = PEAK_RSS + r"""
 import json, resource, sys, time
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -55,7 +57,7 @@ main(sys.argv[2:])
 w, n = s["warmup"], s["steps"]
 print("step_seconds", json.dumps([b - a for a, b in zip(step_times[w - 1:n - 1], step_times[w:n])]))
 print("step_faults", json.dumps([b - a for a, b in zip(step_faults[w - 1:n - 1], step_faults[w:n])]))
-print("peak_rss_kb", [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")][0])
+print("peak_rss_kb", peak_rss_kb())
 """
 
 

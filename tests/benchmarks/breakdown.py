@@ -5,8 +5,9 @@ behind the compile figures of `tox -e bench-anchor`. Part of `tox -e bench`; alo
     python -m tests.benchmarks.breakdown
 
 A plain loop over midtrain's own pieces (``GPT.features``, ``chunked_cross_entropy``, clipping,
-fused AdamW, freed host memory kept as ``midtrain.host`` does), timed part by part; the step's matmul FLOPs against this machine's own sgemm
-rate; then eager vs the compiled trunk vs trunk and loss compiled together, interleaved.
+fused AdamW, freed host memory kept as ``midtrain.host`` does), timed part by part; the step's
+matmul FLOPs against this machine's own sgemm rate; then eager vs the compiled trunk vs trunk
+and loss compiled together, interleaved.
 Figures, not assertions.
 """
 
