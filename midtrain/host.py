@@ -23,6 +23,8 @@ import ctypes
 import os
 import platform
 
+from midtrain.errors import MidtrainError
+
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -36,8 +38,12 @@ _applied = False
 
 def allocator_chosen_by_user() -> str | None:
     """What says the user already tuned or replaced malloc (an environment variable), or None."""
-    if os.environ.get("MIDTRAIN_KEEP_FREED_MEMORY", "").strip() in ("0", "false", "no", "off"):
+    keep = os.environ.get("MIDTRAIN_KEEP_FREED_MEMORY", "").strip().lower()
+    if keep in ("0", "false", "no", "off"):
         return "MIDTRAIN_KEEP_FREED_MEMORY"
+    if keep not in ("", "1", "true", "yes", "on"):
+        raise MidtrainError(f"MIDTRAIN_KEEP_FREED_MEMORY={keep!r}: use 0 to keep glibc's "
+                            "malloc defaults on the CPU, or 1 (the default) to keep freed memory")
     for name in _CHOSEN_ALLOCATOR_ENV:
         if name in os.environ:
             return name
@@ -50,13 +56,13 @@ def allocator_chosen_by_user() -> str | None:
 
 def keep_freed_memory() -> bool:
     """Turn off glibc's mmap for large blocks and its heap trimming, for this process (and the
-    processes it forks from now on). Idempotent; returns whether the setting is in effect."""
+    processes it forks from now on). Idempotent; returns whether the setting is in effect.
+    Raises ``MidtrainError`` for a ``MIDTRAIN_KEEP_FREED_MEMORY`` that is neither on nor off."""
     global _applied
+    chosen = allocator_chosen_by_user()  # first: a wrong MIDTRAIN_KEEP_FREED_MEMORY is refused
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if allocator_chosen_by_user() is not None:
+    if chosen is not None or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -63,3 +63,19 @@ def test_an_allocator_the_user_chose_is_left_alone(env):
     name = next(iter(env))
     result = probe(**env)
     assert result["applied"] is False and result["chosen"] == name
+
+
+
+def test_a_wrong_value_is_named_in_one_line(tmp_path, builtin_store, monkeypatch, capsys):
+    """`midtrain fit` with MIDTRAIN_KEEP_FREED_MEMORY=maybe stops before training, naming it
+    in one line, and writes no run directory."""
+    from midtrain.cli import main
+    from tests.test_training import fit_config
+
+    monkeypatch.setenv("MIDTRAIN_KEEP_FREED_MEMORY", "maybe")
+    assert main(["fit", "--config", str(fit_config(tmp_path, builtin_store, "run"))]) != 0
+    errors = [x for x in capsys.readouterr().err.splitlines() if "MIDTRAIN_KEEP" in x]
+    assert errors == ["midtrain fit: error: MIDTRAIN_KEEP_FREED_MEMORY='maybe': use 0 to keep "
+                      "glibc's malloc defaults on the CPU, or 1 (the default) to keep freed "
+                      "memory"]
+    assert not (tmp_path / "run").exists()
