@@ -9,7 +9,7 @@ __all__ = ["GPT", "PRESETS", "CausalLM", "MixtureDataModule", "ModelConfig", "SF
 
 # Public names resolve lazily, so `midtrain --help` or `midtrain.data.builtin` do not import torch.
 _LAZY = {
-    "CausalLM": "midtrain.lm",
+    "CausalLM": "midtrain.train.module",
     "MixtureDataModule": "midtrain.data.datamodule",
     "SFTDataModule": "midtrain.data.sft",
     "GPT": "midtrain.model",
@@ -20,8 +20,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from midtrain.data.datamodule import MixtureDataModule
     from midtrain.data.sft import SFTDataModule
-    from midtrain.lm import CausalLM
-    from midtrain.model import GPT, PRESETS, ModelConfig
+    from midtrain.model.config import PRESETS, ModelConfig
+    from midtrain.model.gpt import GPT
+    from midtrain.train.module import CausalLM
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from midtrain.cli import main
-from midtrain.paths import packaged_configs
+from midtrain.configs import packaged_configs
 
 SHIPPED = sorted(p.relative_to(packaged_configs()).as_posix()
                  for p in packaged_configs().rglob("*.yaml"))

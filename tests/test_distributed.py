@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from midtrain.checkpoint import consolidate
+from midtrain.checkpoint.files import consolidate
 from tests.test_training import scalars
 
 REPO = Path(__file__).resolve().parents[1]

@@ -143,7 +143,7 @@ def test_bad_experiment_configs(tmp_path: Path, study: Path) -> None:
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({**cfg, "output": str(tmp_path / "o"), **change}))
         with pytest.raises(MidtrainError, match=re.escape(message)):
-            from midtrain.cli import experiment_main
+            from midtrain.cli.tools import experiment_main
 
             experiment_main(["--config", str(bad)])
         assert not (tmp_path / "o").exists()
@@ -186,10 +186,10 @@ def test_dry_run_shows_realized_shares(capsys: pytest.CaptureFixture) -> None:
 def test_proximity_is_against_the_real_pretraining_mixture(tmp_path: Path,
                                                            builtin_store: Path) -> None:
     from midtrain.data.store import Store
-    from midtrain.similarity import blend, similarity, token_counts
     from midtrain.study import ExperimentConfig, PretrainConfig, SFTConfig, plan_study
     from midtrain.study.plan import realized_mixture
     from midtrain.study.report import proximity
+    from midtrain.study.similarity import blend, similarity, token_counts
 
     pre = write_pretrain(tmp_path / "pre.yaml", builtin_store, {"prose": 0.5, "math": 0.5})
     cfg = ExperimentConfig(
@@ -253,7 +253,7 @@ def test_report_has_a_column_per_eval_tag(tmp_path: Path) -> None:
 
 
 def test_changed_config_is_refused_naming_the_keys(study: Path) -> None:
-    from midtrain.cli import experiment_main
+    from midtrain.cli.tools import experiment_main
     from midtrain.study import plan_study
     from midtrain.study.config import ExperimentConfig, PretrainConfig, SFTConfig
     from midtrain.study.run import check_stages

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import torch
 
-from midtrain import fault
-from midtrain.callbacks import MixtureSwitch
+from midtrain.checkpoint.atomic import TEMP_MARK, AtomicCheckpointIO, remove_stale_temps
+from midtrain.checkpoint.resume import resume_checkpoint
 from midtrain.cli import main
 from midtrain.data import contract
+from midtrain.train.callbacks.mixture import MixtureSwitch
+from midtrain.train.callbacks.preemption import EXIT_PREEMPTED
 from tests.conftest import needs_non_root, read_only_directory
 from tests.helpers import RecordDomains
 from tests.test_bad_input import Run, error_line, run_bad
@@ -41,7 +43,7 @@ def assert_equal_weights(a: Path, b: Path) -> None:
 
 def no_temps(*dirs: Path) -> None:
     for d in dirs:
-        assert not [p for p in d.rglob("*") if fault.TEMP_MARK in p.name], d
+        assert not [p for p in d.rglob("*") if TEMP_MARK in p.name], d
 
 
 # -- preemption signals ------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def test_signal_checkpoints_the_step_and_resumes_bitwise(
     (os.killpg if group else os.kill)(proc.pid, number)  # a second signal changes nothing
     _, err = proc.communicate(timeout=300)
     err = err.decode()
-    assert proc.returncode == fault.EXIT_PREEMPTED, err[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     line = next(ln for ln in err.splitlines() if "preempted by" in ln)
     step = int(line.split("after optimizer step ")[1].split(":")[0])
     assert after <= step < MAX_STEPS and f"preempted by {sig}" in line
@@ -125,7 +127,7 @@ def test_atomic_save_ignores_tmpdir_and_never_leaves_a_partial_file(
     other_fs.mkdir(exist_ok=True)
     monkeypatch.setenv("TMPDIR", str(other_fs))
     try:
-        io = fault.AtomicCheckpointIO()
+        io = AtomicCheckpointIO()
         path = tmp_path / "checkpoints" / "last.ckpt"
         io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
         good = path.read_bytes()
@@ -142,9 +144,9 @@ def test_atomic_save_ignores_tmpdir_and_never_leaves_a_partial_file(
         assert [p for p in other_fs.iterdir() if not p.name.startswith("pymp-")] == []  # nothing staged in TMPDIR
         no_temps(tmp_path)
         # a temp file a SIGKILL left behind is removed at the next start
-        (path.parent / f".last.ckpt{fault.TEMP_MARK}123").write_bytes(b"partial")
-        assert [p.name for p in fault.remove_stale_temps(path.parent)] == [
-            f".last.ckpt{fault.TEMP_MARK}123"]
+        (path.parent / f".last.ckpt{TEMP_MARK}123").write_bytes(b"partial")
+        assert [p.name for p in remove_stale_temps(path.parent)] == [
+            f".last.ckpt{TEMP_MARK}123"]
         no_temps(tmp_path)
     finally:
         shutil.rmtree(other_fs, ignore_errors=True)
@@ -160,10 +162,10 @@ def test_resume_picks_the_newest_loadable_checkpoint(run: Run, tmp_path: Path) -
     torch.save(ckpt, d / "epoch=0-step=1.ckpt")
     (d / "last.ckpt").write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated
     lines: list[str] = []
-    assert fault.resume_checkpoint(d, lines.append) == d / "switch-step=1.ckpt"
+    assert resume_checkpoint(d, lines.append) == d / "switch-step=1.ckpt"
     assert "skipping" in lines[0] and "last.ckpt" in lines[0] and "not loadable" in lines[0]
     assert "resuming from" in lines[1] and "switch-step=1.ckpt (optimizer step 2)" in lines[1]
-    assert fault.resume_checkpoint(tmp_path / "none", lines.append) is None
+    assert resume_checkpoint(tmp_path / "none", lines.append) is None
 
 
 # -- divergence guard --------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_skip_mode_stops_after_max_skips_in_a_row(tmp_path: Path, builtin_store:
 def test_validation_reports_nan_as_nan(run: Run, tmp_path: Path, builtin_store: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     from midtrain import CausalLM, MixtureDataModule
-    from midtrain.trainer import Trainer
+    from midtrain.train.trainer import Trainer
 
     dm = MixtureDataModule(str(builtin_store), seq_len=32, micro_batch_size=2, val_max_blocks=2)
     model = CausalLM(arch="tiny", model_config={"n_layer": 1, "n_embd": 32, "n_head": 2,

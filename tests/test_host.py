@@ -1,4 +1,4 @@
-"""midtrain.host: on the CPU the Trainer keeps freed blocks in the process, so a step's large
+"""midtrain.train.host: on the CPU the Trainer keeps freed blocks in the process, so a step's large
 tensors reuse the previous step's memory instead of page-faulting fresh pages in."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PROBE = r"""
 import json, resource, torch
 from midtrain.host import allocator_chosen_by_user
 from midtrain.trainer import Trainer
-from midtrain import host
+from midtrain.train import host
 Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False)
 def faults():

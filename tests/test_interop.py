@@ -13,11 +13,12 @@ import yaml
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from midtrain import hf  # noqa: E402
+from midtrain.checkpoint.load import load_checkpoint, load_model  # noqa: E402
 from midtrain.cli import main  # noqa: E402
 from midtrain.errors import MidtrainError  # noqa: E402
-from midtrain.generation import Sampling, generate_ids  # noqa: E402
-from midtrain.model import GPT  # noqa: E402
+from midtrain.model import hf  # noqa: E402
+from midtrain.model.generation import Sampling, generate_ids  # noqa: E402
+from midtrain.model.gpt import GPT  # noqa: E402
 
 ARCHS = {
     "pythia": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
@@ -86,7 +87,7 @@ def exported(ckpt: Path) -> Path:
 
 def test_export_matches_transformers(run: Path, builtin_store: Path) -> None:
     out = exported(run)
-    config, state, _ = hf.load_checkpoint(run)
+    config, state, _ = load_checkpoint(run)
     ours = GPT(config)
     ours.load_state_dict(state)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -118,7 +119,7 @@ def test_mapping_variants_round_trip(arch: str, overrides: dict, tmp_path: Path)
     survive GPT -> transformers -> GPT with the same logits."""
     from huggingface_hub import save_torch_state_dict
 
-    from midtrain.model import ModelConfig
+    from midtrain.model.config import ModelConfig
 
     config = ModelConfig.from_name(arch, **overrides)
     torch.manual_seed(0)
@@ -148,7 +149,7 @@ def test_mapping_variants_round_trip(arch: str, overrides: dict, tmp_path: Path)
 ])
 def test_export_refuses_what_transformers_cannot_express(arch: str, overrides: dict,
                                                          message: str) -> None:
-    from midtrain.model import ModelConfig
+    from midtrain.model.config import ModelConfig
 
     with pytest.raises(MidtrainError, match=message):
         hf.hf_architecture(ModelConfig.from_name(arch, **overrides))
@@ -163,7 +164,7 @@ def test_export_bf16_sharded(run: Path, tmp_path: Path) -> None:
     assert len(set(index["weight_map"].values())) > 1
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
-    _, state, _ = hf.load_checkpoint(run)
+    _, state, _ = load_checkpoint(run)
     assert torch.equal(model.get_input_embeddings().weight, state["embed.weight"].bfloat16())
 
 
@@ -232,7 +233,7 @@ def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
 
 @pytest.mark.parametrize("kind", list(ARCHS))
 def test_import_matches_transformers(kind: str, tmp_path: Path, builtin_store: Path) -> None:
-    from midtrain.lm import CausalLM
+    from midtrain.train.module import CausalLM
 
     directory = random_hf_model(kind, tmp_path / kind, builtin_store)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
@@ -249,7 +250,7 @@ def test_import_matches_transformers(kind: str, tmp_path: Path, builtin_store: P
 
 
 def test_import_refuses_bad_input(tmp_path: Path, builtin_store: Path) -> None:
-    from midtrain.lm import CausalLM
+    from midtrain.train.module import CausalLM
 
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
@@ -269,7 +270,7 @@ def test_import_refuses_another_tokenizer(tmp_path: Path, builtin_store: Path) -
     from tokenizers import Tokenizer, models
 
     from midtrain.data.datamodule import MixtureDataModule
-    from midtrain.lm import CausalLM
+    from midtrain.train.module import CausalLM
 
     directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
     data = MixtureDataModule(str(builtin_store), seq_len=32)
@@ -307,7 +308,7 @@ def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Pa
 # -- generation -------------------------------------------------------------------------------
 
 def test_generation_cache_matches_full_and_transformers(run: Path) -> None:
-    model, tok, eos = hf.load_model(str(run))
+    model, tok, eos = load_model(str(run))
     prompts = [tok.encode(p).ids for p in ("def add(a, b):", "Question: 3 + 4 =", "The")]
     sampling = Sampling(max_new_tokens=15)
     cached = generate_ids(model, prompts, sampling)
@@ -332,12 +333,12 @@ def test_generate_command_and_method(run: Path, builtin_store: Path,
                  "Question:", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def add(a, b):") and "---\nQuestion:" in out
-    from midtrain.lm import CausalLM
+    from midtrain.train.module import CausalLM
 
     lm = CausalLM.load_from_checkpoint(run)
     text = lm.generate("def add(a, b):", max_new_tokens=8,
                        tokenizer=builtin_store / "tokenizer.json")
-    model, tok, eos = hf.load_model(str(run))
+    model, tok, eos = load_model(str(run))
     expected = tok.decode(generate_ids(model, [tok.encode("def add(a, b):").ids],
                                        Sampling(max_new_tokens=8, stop_ids=[eos]))[0])
     assert text == expected
@@ -499,7 +500,7 @@ def test_downstream_eval_callback_logs_tags(tmp_path: Path, builtin_store: Path)
 
 
 def test_downstream_eval_refuses_bad_tasks(tmp_path: Path) -> None:
-    from midtrain.callbacks import DownstreamEval
+    from midtrain.evaluation.callback import DownstreamEval
 
     with pytest.raises(MidtrainError, match="file not found"):
         DownstreamEval(tasks=[{"name": "x", "path": str(tmp_path / "no.jsonl"),
@@ -510,7 +511,7 @@ def test_downstream_eval_refuses_bad_tasks(tmp_path: Path) -> None:
 
 
 def test_paper_from_pythia_config_parses(capsys: pytest.CaptureFixture[str]) -> None:
-    from midtrain.paths import resolve_config
+    from midtrain.configs import resolve_config
 
     path = resolve_config("configs/midtrain/paper-from-pythia.yaml")
     with pytest.raises(SystemExit) as e:
@@ -556,7 +557,7 @@ def test_fsdp2_import_and_distributed_export(tmp_path: Path, builtin_store: Path
     assert (sharded / "meta.pt").is_file()
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(sharded), "--out", str(out)]) == 0
-    config, state, _ = hf.load_checkpoint(sharded)
+    config, state, _ = load_checkpoint(sharded)
     ours = GPT(config)
     ours.load_state_dict(state)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -1,4 +1,4 @@
-"""Chunked cross-entropy (``midtrain.loss``) against the plain full-logits loss, and the
+"""Chunked cross-entropy (``midtrain.model.loss``) against the plain full-logits loss, and the
 CausalLM paths that use it (chunked, plain, compiled)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from midtrain import CausalLM
-from midtrain.loss import chunked_cross_entropy, cross_entropy
+from midtrain.model.loss import chunked_cross_entropy, cross_entropy
 
 
 def _inputs(n_tokens: int = 37, dim: int = 24, vocab: int = 103, seed: int = 0):
@@ -128,7 +128,7 @@ def test_bad_loss_chunk_size_is_refused() -> None:
 
 
 def test_fused_adamw_on_cpu() -> None:
-    from midtrain.optim import fused_adamw_supported
+    from midtrain.train.optim import fused_adamw_supported
 
     assert fused_adamw_supported(_lm().model) is True
 

@@ -16,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from midtrain import CausalLM
 from midtrain.cli import main
 from midtrain.errors import MidtrainError
-from midtrain.optim import SCHEDULES, lr_at
-from midtrain.trainer import Trainer
+from midtrain.train.optim import SCHEDULES, lr_at
+from midtrain.train.trainer import Trainer
 from tests.test_training import fit_config, scalars
 
 SWITCH = ["--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",

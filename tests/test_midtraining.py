@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from midtrain import CausalLM, MixtureDataModule
-from midtrain.callbacks import MixtureSwitch, ModelCheckpoint
 from midtrain.cli import main
 from midtrain.data.mixture import largest_remainder
 from midtrain.errors import MidtrainError
-from midtrain.trainer import Trainer
+from midtrain.train.callbacks.checkpoints import ModelCheckpoint
+from midtrain.train.callbacks.mixture import MixtureSwitch
+from midtrain.train.trainer import Trainer
 from tests.helpers import ChangeWeightsAt, RecordDomains
 from tests.test_training import fit_config, scalars, weights
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from midtrain.model import GPT, PRESETS, ModelConfig, apply_rope, build_rope_cache
+from midtrain.model.config import PRESETS, ModelConfig
+from midtrain.model.gpt import GPT, apply_rope, build_rope_cache
 
 PYTHIA_COUNTS = {
     "pythia-70m": 70_426_624,

@@ -9,7 +9,7 @@ import pytest
 
 from midtrain.cli import main
 from midtrain.data.store import Store
-from midtrain.similarity import (
+from midtrain.study.similarity import (
     blend,
     proximity_advantage,
     similarity,

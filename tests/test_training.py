@@ -11,7 +11,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from midtrain.cli import main
-from midtrain.optim import lr_at
+from midtrain.train.optim import lr_at
 
 
 def fit_config(tmp_path: Path, store: Path, run: str, **trainer: object) -> Path:
@@ -195,7 +195,8 @@ def test_throughput_is_logged(tmp_path: Path, builtin_store: Path) -> None:
     tokens = tags["train/device/items_per_sec"][-1][1]
     assert tokens == pytest.approx(sequences * 32, rel=1e-3)  # seq_len 32
     flops = tags["train/device/flops_per_sec"][-1][1]
-    from midtrain.model import GPT, ModelConfig
+    from midtrain.model.config import ModelConfig
+    from midtrain.model.gpt import GPT
 
     model = GPT(ModelConfig.from_name("tiny", n_layer=2, n_embd=64, n_head=4, block_size=64,
                                       vocab_size=512))

@@ -73,7 +73,7 @@ def require_max_steps(trainer: L.Trainer | None, why: str) -> int:
 
 
 # Signals a cluster sends to stop a job (Slurm's pre-timeout SIGUSR1, SIGTERM; SIGUSR2 for
-# other schedulers): the main process saves and exits (midtrain.fault.Preemption), so a signal
+# other schedulers): the main process saves and exits (midtrain.train.callbacks.preemption.Preemption), so a signal
 # sent to the whole process group must not kill the loader's workers mid-batch.
 WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 

@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from midtrain._lightning import publish_callback_metrics
 from midtrain.errors import MidtrainError
 from midtrain.evaluation.local import LocalTask
+from midtrain.train._lightning import publish_callback_metrics
 
 
 class DownstreamEval(Callback):

@@ -24,8 +24,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from midtrain.evaluation.scoring import continuation_logprobs
-from midtrain.generation import Sampling, generate_ids
-from midtrain.model import GPT
+from midtrain.model.generation import Sampling, generate_ids
+from midtrain.model.gpt import GPT
 
 
 @register_model("midtrain")
@@ -44,7 +44,7 @@ class MidtrainLM(TemplateLM):
                  eos_id: int | None = None, **unused: Any) -> None:
         super().__init__()
         if model is None:
-            from midtrain.hf import load_model
+            from midtrain.checkpoint.load import load_model
 
             if checkpoint is None:
                 from midtrain.errors import MidtrainError

@@ -23,8 +23,8 @@ from typing import Any
 
 from midtrain.errors import MidtrainError
 from midtrain.evaluation.scoring import continuation_logprobs
-from midtrain.generation import Sampling, generate_ids
-from midtrain.model import GPT
+from midtrain.model.generation import Sampling, generate_ids
+from midtrain.model.gpt import GPT
 
 KINDS = ("multiple_choice", "exact_match")
 

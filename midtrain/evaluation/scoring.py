@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from midtrain.model import GPT
+from midtrain.model.gpt import GPT
 
 
 @torch.no_grad()

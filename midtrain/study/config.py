@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from midtrain.configs import resolve_config
 from midtrain.errors import MidtrainError
-from midtrain.paths import resolve_config
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from midtrain.checkpoint.layout import LAST, run_checkpoints, step_checkpoint
 from midtrain.data.mixture import MixtureSchedule, Phase, format_plan, plan_rows
-from midtrain.paths import LAST, run_checkpoints, step_checkpoint
 from midtrain.study.config import (
     ExperimentConfig,
     FitSettings,

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from midtrain.checkpoint.layout import CONFIG
 from midtrain.errors import MidtrainError
-from midtrain.paths import CONFIG
 from midtrain.study.plan import Stage, Study, realized_mixture
 from midtrain.study.stats import welch_t_test
 
@@ -123,7 +123,7 @@ def proximity(study: Study, targets: Mapping[str, np.ndarray]) -> dict[tuple[str
     global batch (the plan's shares), each domain sampled from the pretraining store. The
     baseline's M is P: 0 by construction."""
     from midtrain.data.store import Store
-    from midtrain.similarity import proximity_advantage, token_counts
+    from midtrain.study.similarity import proximity_advantage, token_counts
 
     plans = study.mixture_rows()
     pretraining = realized_mixture(plans["baseline"], 0)
@@ -140,7 +140,7 @@ def proximity(study: Study, targets: Mapping[str, np.ndarray]) -> dict[tuple[str
 def sft_target_counts(study: Study) -> dict[str, np.ndarray]:
     """Token counts of every SFT target, from the store its (first) SFT run resolved."""
     from midtrain.data.store import Store
-    from midtrain.similarity import token_counts
+    from midtrain.study.similarity import token_counts
 
     out: dict[str, np.ndarray] = {}
     for s in study.stages:

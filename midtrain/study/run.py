@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from midtrain.checkpoint.layout import LAST, run_checkpoints
+from midtrain.configs import load_yaml_file, packaged_configs
 from midtrain.errors import MidtrainError
-from midtrain.paths import LAST, packaged_configs, run_checkpoints
 from midtrain.study.plan import Stage
-from midtrain.yaml_input import load_yaml_file
 
 DONE = "done.json"  # a finished stage: its fingerprint and metadata
 STARTED = "fingerprint.json"  # a started stage: the fingerprint it was started with

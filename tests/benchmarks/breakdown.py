@@ -5,7 +5,7 @@ behind the compile figures of `tox -e bench-anchor`. Part of `tox -e bench`; alo
     python -m tests.benchmarks.breakdown
 
 A plain loop over midtrain's own pieces (``GPT.features``, ``chunked_cross_entropy``, clipping,
-fused AdamW, freed host memory kept as ``midtrain.host`` does), timed part by part; the step's
+fused AdamW, freed host memory kept as ``midtrain.train.host`` does), timed part by part; the step's
 matmul FLOPs against this machine's own sgemm rate; then eager vs the compiled trunk vs trunk
 and loss compiled together, interleaved.
 Figures, not assertions.
@@ -26,7 +26,8 @@ SHAPE = dict(n_layer=4, n_embd=256, n_head=4, seq_len=256, batch=16, vocab=8192)
 
 
 def _model():  # type: ignore[no-untyped-def]
-    from midtrain.model import GPT, ModelConfig
+    from midtrain.model.config import ModelConfig
+    from midtrain.model.gpt import GPT
 
     torch.manual_seed(0)
     s = SHAPE
@@ -42,7 +43,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def step_parts(steps: int = 20, warmup: int = 5) -> dict[str, float]:
     """Median milliseconds of each part of an eager step."""
-    from midtrain.loss import chunked_cross_entropy
+    from midtrain.model.loss import chunked_cross_entropy
 
     model, (inp, tgt, mask) = _model(), _batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
@@ -92,7 +93,7 @@ def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
 def compile_modes(steps: int = 10, warmup: int = 3, rounds: int = 3) -> dict[str, float]:
     """Median step milliseconds of eager, the compiled trunk (what ``model.compile`` does) and
     trunk + chunked loss compiled as one function; rounds interleaved."""
-    from midtrain.loss import chunked_cross_entropy
+    from midtrain.model.loss import chunked_cross_entropy
 
     inp, tgt, mask = _batch()
     setups = {}
@@ -163,7 +164,7 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
 
 
 def main() -> None:
-    from midtrain.host import keep_freed_memory
+    from midtrain.train.host import keep_freed_memory
 
     keep_freed_memory()  # as midtrain's Trainer does on the CPU: the step measured is fit's
     result = bench_breakdown()

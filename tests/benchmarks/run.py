@@ -111,10 +111,10 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
     import torch
 
     from midtrain import CausalLM, MixtureDataModule
-    from midtrain.callbacks import Throughput
-    from midtrain.loss import chunked_cross_entropy
-    from midtrain.optim import fused_adamw_supported, param_groups
-    from midtrain.trainer import Trainer
+    from midtrain.model.loss import chunked_cross_entropy
+    from midtrain.train.callbacks.throughput import Throughput
+    from midtrain.train.optim import fused_adamw_supported, param_groups
+    from midtrain.train.trainer import Trainer
 
     shape = {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 256}
     micro, seq = 8, 256
@@ -180,7 +180,7 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
 
 def bench_host_memory(root: Path, repeats: int = 2) -> dict:
     """`midtrain fit` at the LitGPT anchor's issue shape with freed host memory kept in the
-    process (the default on the CPU, ``midtrain.host``) ÷ with glibc's defaults
+    process (the default on the CPU, ``midtrain.train.host``) ÷ with glibc's defaults
     (``MIDTRAIN_KEEP_FREED_MEMORY=0``): tokens/s (median step) and minor page faults per step,
     interleaved runs."""
     from tests.benchmarks import anchor

@@ -10,26 +10,21 @@ Two architectures map one to one onto ``GPT``:
   separate q/k/v projections are cut from / stacked into the fused one, head by head.
 
 Any other option is refused with one line naming it: nothing is exported or imported approximately.
-Needs the ``hf`` extra (``pip install midtrain[hf]``: transformers, safetensors).
-"""
+Needs the ``hf`` extra (``pip install midtrain[hf]``: transformers, safetensors)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from midtrain.data.hub import HF_PREFIX, resolve, tokenizer_file
+from midtrain.data.hub import resolve
 from midtrain.errors import MidtrainError
-from midtrain.model import GPT, ModelConfig
-
-MAX_SHARD_SIZE = "5GB"  # safetensors shards above this size, as transformers' save_pretrained
+from midtrain.model.config import ModelConfig
+from midtrain.model.gpt import GPT
 
 
 def _require(module: str) -> Any:
@@ -42,8 +37,6 @@ def _require(module: str) -> Any:
             f"{module} is not installed; Hugging Face interop needs `pip install midtrain[hf]`"
         ) from None
 
-
-# -- config mapping --------------------------------------------------------------------------
 
 def hf_architecture(config: ModelConfig) -> str:
     """``gpt_neox`` or ``llama``, or a one-line error naming the option neither can express."""
@@ -155,8 +148,6 @@ def from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-# -- weight mapping ---------------------------------------------------------------------------
-
 def _qkv_split(w: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Our fused per-head [q_h|k_h|v_h] rows -> separate q, k, v (Llama's projections)."""
     shaped = w.reshape(n_head, 3, -1, *w.shape[1:])
@@ -172,6 +163,8 @@ def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int) ->
 # separately): the root module, embedding, per-layer linears, final norm and head. The two
 # per-layer norms have the same names in both.
 _NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
+
+
 _LAYOUTS: dict[str, dict[str, Any]] = {
     "gpt_neox": dict(root="gpt_neox", embed="gpt_neox.embed_in.weight",
                      final="gpt_neox.final_layer_norm", head="embed_out.weight",
@@ -240,8 +233,6 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
                 out[f"blocks.{i}.attn.qkv.{s}"] = _qkv_fuse(q, k, v, config.n_head)
     return out
 
-
-# -- locating and reading an HF model ---------------------------------------------------------
 
 def read_config(directory: Path, where: str) -> dict[str, Any]:
     path = directory / "config.json"
@@ -348,174 +339,3 @@ def load_into(model: GPT, init_from: str, sharded: bool) -> None:
     state = load(init_from, where)[1] if dist.get_rank() == 0 else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
                                                                 broadcast_from_rank0=True))
-
-
-# -- checkpoints of this trainer ----------------------------------------------------------------
-
-def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
-    """The ModelConfig a CausalLM with these hyperparameters builds."""
-    init_from = hparams.get("init_from") or ""
-    overrides = dict(hparams.get("model_config") or {})
-    full = {f.name for f in fields(ModelConfig)} <= set(overrides)
-    if init_from.startswith(HF_PREFIX) and full:
-        return ModelConfig(**overrides)  # resolved at construction (see CausalLM)
-    if hparams.get("vocab_size") is not None:
-        overrides.setdefault("vocab_size", hparams["vocab_size"])
-    try:
-        return ModelConfig.from_name(hparams.get("arch", "pythia-70m"), **overrides)
-    except ValueError as e:
-        raise MidtrainError(f"{where}: {e}") from None
-
-
-def load_checkpoint(path: str | Path, where: str = "--ckpt") -> tuple[
-        ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir."""
-    from midtrain.checkpoint import load_weights, read_metadata
-
-    path = Path(path)
-    if not path.exists():
-        raise MidtrainError(f"{where}: checkpoint not found: {path}")
-    try:
-        meta = read_metadata(path)
-    except MidtrainError:
-        raise
-    except Exception:
-        raise MidtrainError(f"{where}: {path} is not a checkpoint (cannot be read by "
-                            "torch.load)") from None
-    if not isinstance(meta, dict) or "hyper_parameters" not in meta:
-        raise MidtrainError(f"{where}: {path} is not a midtrain checkpoint (no hyper_parameters)")
-    config = checkpoint_config(meta["hyper_parameters"], where)
-    state = load_weights(path)
-    return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
-
-
-def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    """The tokenizer a checkpoint's run trained with, and its EOS token: the store named in
-    the run's config.yaml (next to ``checkpoints/``), else the HF model it was imported from."""
-    import yaml
-
-    from midtrain.paths import CHECKPOINTS, CONFIG
-
-    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
-    config_path = run_dir / CONFIG
-    if config_path.is_file():
-        data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
-        store = (data.get("init_args") or data).get("store")
-        if store and (Path(store) / "tokenizer.json").is_file():
-            index = json.loads((Path(store) / "store.json").read_text())
-            return Path(store) / "tokenizer.json", index.get("eos")
-    init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
-    if init_from.startswith(HF_PREFIX):
-        return tokenizer_file(init_from), None
-    raise MidtrainError(f"--tokenizer: cannot find the run's tokenizer for {ckpt} (no "
-                        f"{config_path} naming a store); give --tokenizer <tokenizer.json, "
-                        "store dir or hf:model>")
-
-
-def tokenizer_source(given: str) -> tuple[Path, str | None]:
-    """--tokenizer: a tokenizer.json, a store directory or an HF model -> (file, eos token)."""
-    p = Path(given)
-    if p.is_file():
-        return p, None
-    if (p / "store.json").is_file():
-        return p / "tokenizer.json", json.loads((p / "store.json").read_text()).get("eos")
-    if given.startswith(HF_PREFIX) or (p / "tokenizer.json").is_file():
-        return tokenizer_file(given if given.startswith(HF_PREFIX) else HF_PREFIX + given), None
-    raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")
-
-
-def _eos_token(tok: Any, eos: str | None, where: str) -> str:
-    from midtrain.data.tokenizer import DEFAULT_EOS
-
-    for candidate in (eos, DEFAULT_EOS, "</s>", "<eos>"):
-        if candidate and tok.token_to_id(candidate) is not None:
-            return candidate
-    raise MidtrainError(f"{where}: the tokenizer has no end-of-text token; give one with --eos")
-
-
-def check_tokenizer(tok: Any, config: ModelConfig, where: str) -> None:
-    size = tok.get_vocab_size(with_added_tokens=True)
-    if size > config.padded_vocab_size:
-        raise MidtrainError(f"{where}: the tokenizer has {size} tokens but the model's vocabulary "
-                            f"is {config.padded_vocab_size}; use the tokenizer it was trained with")
-
-
-# -- export -----------------------------------------------------------------------------------
-
-def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
-           tokenizer: str | None = None, eos: str | None = None,
-           max_shard_size: str | int = MAX_SHARD_SIZE) -> Path:
-    """Write ``out`` as a transformers model directory (config, safetensors, generation config,
-    tokenizer). Built in a temporary directory next to ``out`` and renamed: never half-written."""
-    from tokenizers import Tokenizer
-
-    transformers = _require("transformers")
-    hub = _require("huggingface_hub")
-    out = Path(out)
-    if out.exists():
-        raise MidtrainError(f"--out: {out} exists; choose a new directory")
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
-              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise MidtrainError(f"--dtype: {dtype!r} is not one of float32, bf16, fp16")
-    config, state, meta = load_checkpoint(ckpt)
-    hf_architecture(config)  # refuse before any work
-    tok_path, run_eos = (tokenizer_source(tokenizer) if tokenizer
-                         else run_tokenizer(Path(ckpt), meta))
-    tok = Tokenizer.from_file(str(tok_path))
-    check_tokenizer(tok, config, "--tokenizer")
-    eos_token = _eos_token(tok, eos or run_eos, "--eos")
-    eos_id = tok.token_to_id(eos_token)
-    hf_state = {k: v.to(dtypes[dtype]) for k, v in to_hf_state_dict(state, config).items()}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        hf_config = to_hf_config(config, bos_id=eos_id, eos_id=eos_id)
-        hf_config.dtype = str(dtypes[dtype]).removeprefix("torch.")
-        hf_config.save_pretrained(tmp)
-        hub.save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size)
-        transformers.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id,
-                                      pad_token_id=eos_id).save_pretrained(tmp)
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token=eos_token, eos_token=eos_token,
-            unk_token=None, pad_token=None, model_max_length=config.block_size)
-        fast.save_pretrained(tmp)
-        (tmp / "midtrain.json").write_text(json.dumps(
-            {"source": str(ckpt), "global_step": meta.get("global_step"),
-             "model_config": asdict(config)}, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-# -- any model, ready to run ---------------------------------------------------------------------
-
-def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
-               dtype: str | None = None, where: str = "--ckpt") -> tuple[GPT, Any, int | None]:
-    """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
-    dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
-    unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
-    from tokenizers import Tokenizer
-
-    if source.startswith(HF_PREFIX):
-        config, state = load(source, where)
-        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (
-            tokenizer_file(source), None)
-    else:
-        config, state, meta = load_checkpoint(source, where)
-        tok_path, eos = (tokenizer_source(tokenizer) if tokenizer
-                         else run_tokenizer(Path(source), meta))
-    tok = Tokenizer.from_file(str(tok_path))
-    check_tokenizer(tok, config, "--tokenizer")
-    eos_token = _eos_token(tok, eos, "--tokenizer")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.reset_buffers()
-    model.load_state_dict(state)
-    if dtype is not None:
-        model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[dtype])
-    return model.eval(), tok, tok.token_to_id(eos_token)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from midtrain.errors import MidtrainError
-from midtrain.model import GPT
+from midtrain.model.gpt import GPT
 
 
 @dataclass

@@ -38,7 +38,7 @@ class KeepConfigOnResume:
     LightningCLI 2.6 (``_parse_ckpt_path``) loads a checkpoint's hyperparameters over the
     command line's, so ``--ckpt_path x --model.lr 0.01`` silently trains with the checkpoint's lr
     (and a file that is not a checkpoint gives a traceback). midtrain compares the two instead and
-    refuses differences in one line (``midtrain.fault.resume_differences``)."""
+    refuses differences in one line (``midtrain.checkpoint.resume.resume_differences``)."""
 
     def _parse_ckpt_path(self) -> None:
         return None

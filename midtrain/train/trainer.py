@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
-from midtrain.host import keep_freed_memory
+from midtrain.train.host import keep_freed_memory
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -62,7 +62,7 @@ class Trainer(pl.Trainer):
       beyond ``max_steps`` validates once, at the end of the run (with one info line);
     - the training progress bar shows optimizer steps of the whole run (also after a resume).
 
-    On the CPU it also keeps freed host memory in the process (``midtrain.host``).
+    On the CPU it also keeps freed host memory in the process (``midtrain.train.host``).
 
     ``validate`` and ``test`` print one results table, one column per validation set.
     """
@@ -97,7 +97,7 @@ class Trainer(pl.Trainer):
                          val_check_interval=val_check_interval,
                          overfit_batches=overfit_batches, **kwargs)
         if isinstance(self.accelerator, CPUAccelerator):
-            # on the CPU, each step reuses the previous step's freed blocks (midtrain.host)
+            # on the CPU, each step reuses the previous step's freed blocks (midtrain.train.host)
             keep_freed_memory()
 
     def validate(self, *args: Any, verbose: bool = True, **kwargs: Any) -> list[dict[str, float]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from midtrain.model import GPT
+from midtrain.model.gpt import GPT
 
 
 def apply_activation_checkpointing(model: GPT) -> None:
@@ -30,7 +30,7 @@ def apply_compile(model: GPT, per_block: bool = False) -> None:
 
     Whole trunk (``GPT.features``: embedding, blocks, final norm, one graph) by default; each
     block on its own with ``per_block`` (FSDP2, whose per-block hooks split the graph anyway).
-    The loss stays outside the graph: ``midtrain.loss`` never builds the full logits."""
+    The loss stays outside the graph: ``midtrain.model.loss`` never builds the full logits."""
     if per_block:
         for block in model.blocks:
             block.compile()

@@ -1,69 +1,16 @@
-"""Names on disk, in one place: a run directory's layout, checkpoint file names, and the
-ready-made configs shipped inside the package.
-
-A run directory (``trainer.default_root_dir``) holds::
-
-    config.yaml  hparams.yaml  events.out.tfevents.*     written by LightningCLI / TensorBoard
-    checkpoints/last.ckpt                                 the newest state (``--ckpt_path last``)
-    checkpoints/epoch=0-step=<N>.ckpt                     periodic (ModelCheckpoint)
-    checkpoints/switch-step=<N>.ckpt                      before a MixtureSwitch at step N
-    checkpoints/step=<N>.ckpt                             fork points (CheckpointAtSteps)
-    validate/ test/ predict/                              evaluation logs, one per command
-"""
+"""``midtrain configs list | show | copy``: the shipped configs, by name."""
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
+    pass
+from collections.abc import Sequence
 
-CHECKPOINTS = "checkpoints"
-LAST = "last.ckpt"
-CONFIG = "config.yaml"
-
-
-def switch_checkpoint(step: int) -> str:
-    """The state right before the mixture switch at optimizer step ``step``."""
-    return f"switch-step={step}.ckpt"
-
-
-def step_checkpoint(step: int) -> str:
-    """A fork point: the state right before optimizer step ``step``."""
-    return f"step={step}.ckpt"
-
-
-def run_checkpoints(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def checkpoint_dir(trainer: pl.Trainer) -> Path:
-    """Where a trainer's checkpoints go: its checkpoint callback's directory, or the default."""
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and getattr(ckpt, "dirpath", None):
-        return Path(ckpt.dirpath)
-    return run_checkpoints(trainer.default_root_dir)
-
-
-# -- ready-made configs -------------------------------------------------------------------------
-
-def packaged_configs() -> Path:
-    """The configs shipped with the package (``configs/`` in a checkout links here)."""
-    return Path(str(resources.files("midtrain") / "configs"))
-
-
-def resolve_config(path: str | Path) -> Path:
-    """A config path as given, or, when no such file exists, the shipped config of that name:
-    ``configs/pretrain/demo.yaml`` and ``pretrain/demo.yaml`` both work from any directory."""
-    given = Path(path)
-    if given.exists():
-        return given
-    parts = given.parts
-    relative = Path(*parts[1:]) if parts and parts[0] == "configs" else given
-    shipped = packaged_configs() / relative
-    return shipped if not given.is_absolute() and shipped.is_file() else given
+from midtrain.configs import packaged_configs
+from midtrain.errors import MidtrainError
 
 
 def _shipped(name: str | Path) -> Path:
@@ -135,3 +82,32 @@ def copy_configs(name: str, dest: str) -> list[Path]:
         to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, to)
     return [to for _, to in pairs]
+
+
+CONFIGS_USAGE = """usage: midtrain configs list                 the ready-made configs, by name
+       midtrain configs show <name>          print one
+       midtrain configs copy <name> <dest>   copy a config (or a kind, e.g. pretrain, or all)
+                                             out of the package, to edit it
+
+A name is a path inside the shipped configs (pretrain/demo.yaml, configs/pretrain/demo.yaml).
+Any --config takes such a name directly when no local file of that name exists."""
+
+
+def configs_main(args: Sequence[str]) -> None:
+    from midtrain.cli.configs import copy_configs, list_configs, show_config
+
+    action, rest = (args[0], list(args[1:])) if args else ("", [])
+    if action in ("-h", "--help", ""):
+        print(CONFIGS_USAGE)
+        if not action:
+            raise MidtrainError("configs: give an action: list, show or copy")
+    elif action == "list" and not rest:
+        print(list_configs())
+    elif action == "show" and len(rest) == 1:
+        print(show_config(rest[0]), end="")
+    elif action == "copy" and len(rest) == 2:
+        for written in copy_configs(rest[0], rest[1]):  # dest as typed: a trailing / = folder
+            print(f"written {written}")
+    else:
+        raise MidtrainError(f"configs: unknown or incomplete action {' '.join(args)!r}; "
+                            f"see midtrain configs --help")

@@ -1,0 +1,134 @@
+"""A trained model, ready to run, from a checkpoint of this trainer (file or distributed
+directory) or an HF model: its ``ModelConfig`` from the checkpoint's hyperparameters, its
+weights, and the tokenizer its run trained with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from midtrain.data.hub import HF_PREFIX, tokenizer_file
+from midtrain.errors import MidtrainError
+from midtrain.model.config import ModelConfig
+from midtrain.model.gpt import GPT
+from midtrain.model.hf import load
+
+
+def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
+    """The ModelConfig a CausalLM with these hyperparameters builds."""
+    init_from = hparams.get("init_from") or ""
+    overrides = dict(hparams.get("model_config") or {})
+    full = {f.name for f in fields(ModelConfig)} <= set(overrides)
+    if init_from.startswith(HF_PREFIX) and full:
+        return ModelConfig(**overrides)  # resolved at construction (see CausalLM)
+    if hparams.get("vocab_size") is not None:
+        overrides.setdefault("vocab_size", hparams["vocab_size"])
+    try:
+        return ModelConfig.from_name(hparams.get("arch", "pythia-70m"), **overrides)
+    except ValueError as e:
+        raise MidtrainError(f"{where}: {e}") from None
+
+
+def load_checkpoint(path: str | Path, where: str = "--ckpt") -> tuple[
+        ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir."""
+    from midtrain.checkpoint.files import load_weights, read_metadata
+
+    path = Path(path)
+    if not path.exists():
+        raise MidtrainError(f"{where}: checkpoint not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except MidtrainError:
+        raise
+    except Exception:
+        raise MidtrainError(f"{where}: {path} is not a checkpoint (cannot be read by "
+                            "torch.load)") from None
+    if not isinstance(meta, dict) or "hyper_parameters" not in meta:
+        raise MidtrainError(f"{where}: {path} is not a midtrain checkpoint (no hyper_parameters)")
+    config = checkpoint_config(meta["hyper_parameters"], where)
+    state = load_weights(path)
+    return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
+
+
+def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
+    """The tokenizer a checkpoint's run trained with, and its EOS token: the store named in
+    the run's config.yaml (next to ``checkpoints/``), else the HF model it was imported from."""
+    import yaml
+
+    from midtrain.checkpoint.layout import CHECKPOINTS, CONFIG
+
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
+    config_path = run_dir / CONFIG
+    if config_path.is_file():
+        data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
+        store = (data.get("init_args") or data).get("store")
+        if store and (Path(store) / "tokenizer.json").is_file():
+            index = json.loads((Path(store) / "store.json").read_text())
+            return Path(store) / "tokenizer.json", index.get("eos")
+    init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
+    if init_from.startswith(HF_PREFIX):
+        return tokenizer_file(init_from), None
+    raise MidtrainError(f"--tokenizer: cannot find the run's tokenizer for {ckpt} (no "
+                        f"{config_path} naming a store); give --tokenizer <tokenizer.json, "
+                        "store dir or hf:model>")
+
+
+def tokenizer_source(given: str) -> tuple[Path, str | None]:
+    """--tokenizer: a tokenizer.json, a store directory or an HF model -> (file, eos token)."""
+    p = Path(given)
+    if p.is_file():
+        return p, None
+    if (p / "store.json").is_file():
+        return p / "tokenizer.json", json.loads((p / "store.json").read_text()).get("eos")
+    if given.startswith(HF_PREFIX) or (p / "tokenizer.json").is_file():
+        return tokenizer_file(given if given.startswith(HF_PREFIX) else HF_PREFIX + given), None
+    raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")
+
+
+def _eos_token(tok: Any, eos: str | None, where: str) -> str:
+    from midtrain.data.tokenizer import DEFAULT_EOS
+
+    for candidate in (eos, DEFAULT_EOS, "</s>", "<eos>"):
+        if candidate and tok.token_to_id(candidate) is not None:
+            return candidate
+    raise MidtrainError(f"{where}: the tokenizer has no end-of-text token; give one with --eos")
+
+
+def check_tokenizer(tok: Any, config: ModelConfig, where: str) -> None:
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > config.padded_vocab_size:
+        raise MidtrainError(f"{where}: the tokenizer has {size} tokens but the model's vocabulary "
+                            f"is {config.padded_vocab_size}; use the tokenizer it was trained with")
+
+
+def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
+               dtype: str | None = None, where: str = "--ckpt") -> tuple[GPT, Any, int | None]:
+    """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
+    dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
+    unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
+    from tokenizers import Tokenizer
+
+    if source.startswith(HF_PREFIX):
+        config, state = load(source, where)
+        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (
+            tokenizer_file(source), None)
+    else:
+        config, state, meta = load_checkpoint(source, where)
+        tok_path, eos = (tokenizer_source(tokenizer) if tokenizer
+                         else run_tokenizer(Path(source), meta))
+    tok = Tokenizer.from_file(str(tok_path))
+    check_tokenizer(tok, config, "--tokenizer")
+    eos_token = _eos_token(tok, eos, "--tokenizer")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    model.load_state_dict(state)
+    if dtype is not None:
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[dtype])
+    return model.eval(), tok, tok.token_to_id(eos_token)

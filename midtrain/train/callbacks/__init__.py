@@ -1,0 +1,12 @@
+"""Training callbacks, one module each. They stay thin: the data module owns the schedule,
+the model owns its metrics, ``midtrain.checkpoint`` owns checkpoint files; a callback decides
+when, and asks them."""
+
+from midtrain.train.callbacks.checkpoints import CheckpointAtSteps, ModelCheckpoint
+from midtrain.train.callbacks.divergence import DivergenceGuard
+from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
+from midtrain.train.callbacks.preemption import Preemption
+from midtrain.train.callbacks.throughput import Throughput
+
+__all__ = ["CheckpointAtSteps", "DivergenceGuard", "MixtureLogging", "MixtureSwitch",
+           "ModelCheckpoint", "Preemption", "Throughput"]

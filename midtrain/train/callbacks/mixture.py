@@ -1,0 +1,94 @@
+"""The mixture callbacks: ``MixtureSwitch`` (a new mixture from an optimizer step on) and
+``MixtureLogging`` (``mixture/weight/<domain>``). The data module owns the schedule; these
+register with it and read it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from midtrain.checkpoint.layout import checkpoint_dir, switch_checkpoint
+from midtrain.data.contract import require_contract, require_max_steps
+from midtrain.errors import MidtrainError
+from midtrain.train.metrics import is_logging_step
+
+
+class MixtureSwitch(Callback):
+    """Switch the data mixture at an optimizer step.
+
+    The first batch of optimizer step ``step`` (or ``round(fraction * max_steps)``) is drawn
+    from ``weights`` — exactly, for any num_workers, prefetch_factor, gradient accumulation and
+    world size, because the switch registers with the data module (``add_switch``) in ``setup``,
+    before training starts, and the data module folds it into its schedule (a switch applied
+    from a hook would reach the model late: the loader runs ahead).
+
+    At the switch it logs the event and, with ``save_checkpoint``, writes
+    ``switch-step=<N>.ckpt`` next to the run's checkpoints: the state right before step N, which
+    ``midtrain fit --fork`` branches from. Use several callbacks for several phases.
+    """
+
+    def __init__(self, weights: dict[str, float], step: int | None = None,
+                 fraction: float | None = None, save_checkpoint: bool = True) -> None:
+        if (step is None) == (fraction is None):
+            raise MidtrainError("MixtureSwitch: give exactly one of `step` or `fraction`")
+        if fraction is not None and not 0 < fraction < 1:
+            raise MidtrainError(f"MixtureSwitch.fraction: must be in (0, 1), got {fraction}")
+        self.weights = dict(weights)
+        self.step = step
+        self.fraction = fraction
+        self.save_checkpoint = save_checkpoint
+
+    def resolve_step(self, max_steps: int) -> int:
+        if self.step is not None:
+            return int(self.step)
+        return int(round(self.fraction * max_steps))  # type: ignore[operator]
+
+    def register(self, datamodule: Any, max_steps: int) -> None:
+        """Register this switch with the data module that owns the schedule (idempotent)."""
+        if not hasattr(datamodule, "add_switch"):
+            raise MidtrainError(
+                f"MixtureSwitch: the data module {type(datamodule).__name__} has no mixture "
+                "schedule (add_switch); use it with midtrain.MixtureDataModule"
+            )
+        datamodule.add_switch(self.resolve_step(max_steps), self.weights, max_steps, owner=self)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            max_steps = require_max_steps(trainer, "MixtureSwitch steps are optimizer steps")
+            self.register(trainer.datamodule, max_steps)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        step = self.resolve_step(trainer.max_steps)
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if not stepped or trainer.global_step != step:
+            return
+        rank_zero_info(f"mixture switch before step {step}: {self.weights}")
+        if self.save_checkpoint:
+            trainer.save_checkpoint(checkpoint_dir(trainer) / switch_checkpoint(step))
+
+
+class MixtureLogging(Callback):
+    """Logs ``mixture/weight/<domain>`` (the schedule's normalised weight, from the data
+    module's ``weights_at``) for every domain with weight in some phase, on logging steps and
+    always on both sides of a phase start, so the curve steps exactly at the switch whatever
+    ``log_every_n_steps`` is. A weight of 0 here is the schedule, not a stale measurement.
+    The ``midtrain`` command adds it by default."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.datamodule is None:
+            return
+        data = require_contract(trainer.datamodule)
+        step = trainer.global_step - 1  # the optimizer step just taken
+        starts = data.phase_starts()
+        if not is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps, starts):
+            return
+        used = {d for s in starts for d, w in data.weights_at(s).items() if w > 0}
+        weights = {f"mixture/weight/{d}": w for d, w in data.weights_at(step).items()
+                   if d in used}
+        for logger in trainer.loggers:
+            logger.log_metrics(weights, step=step)
