@@ -13,5 +13,13 @@ from midtrain.train.callbacks import (
     Throughput,
 )
 
-__all__ = ["CheckpointAtSteps", "DivergenceGuard", "DownstreamEval", "MixtureLogging",
-           "MixtureSwitch", "ModelCheckpoint", "Preemption", "Throughput"]
+__all__ = [
+    "CheckpointAtSteps",
+    "DivergenceGuard",
+    "DownstreamEval",
+    "MixtureLogging",
+    "MixtureSwitch",
+    "ModelCheckpoint",
+    "Preemption",
+    "Throughput",
+]

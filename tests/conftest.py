@@ -16,8 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Root may write into a read-only directory, so tests of that refusal only mean something for
 # other users (CI here runs as root: they skip with this reason).
-needs_non_root = pytest.mark.skipif(os.geteuid() == 0,
-                                    reason="root writes into read-only directories")
+needs_non_root = pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into read-only directories"
+)
 
 
 @contextlib.contextmanager
@@ -31,8 +32,9 @@ def read_only_directory(path: Path) -> Iterator[Path]:
         path.chmod(0o755)
 
 
-SHARED = Path(os.environ.get("MIDTRAIN_SHARED_DATA",
-                             Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(
+    os.environ.get("MIDTRAIN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"real sample data not found at {SHARED} (set MIDTRAIN_SHARED_DATA)"
 )
@@ -50,26 +52,39 @@ def prepare_store(output: Path, domains: dict, vocab_size: int = 1024) -> Path:
     config = PrepareConfig(
         output=str(output),
         domains={name: DomainConfig(**d) for name, d in domains.items()},
-        tokenizer=TokenizerConfig(train=TrainTokenizerConfig(vocab_size=vocab_size, sample_docs=300)),
+        tokenizer=TokenizerConfig(
+            train=TrainTokenizerConfig(vocab_size=vocab_size, sample_docs=300)
+        ),
     )
     return prepare(config)
 
 
 SHARED_DOMAINS = {
     "c4": {"source": {"path": str(SHARED / "general/c4_demo.jsonl")}, "val_fraction": 0.1},
-    "code": {"source": {"path": str(SHARED / "code/cpython311_stdlib.jsonl")}, "max_docs": 120,
-             "val_fraction": 0.1},
-    "gsm8k": {"source": {"path": str(SHARED / "math/gsm8k_train.jsonl")}, "max_docs": 1500,
-              "prompt": "Question: {question}\nAnswer: ", "response": "{answer}",
-              "val_fraction": 0.1},
+    "code": {
+        "source": {"path": str(SHARED / "code/cpython311_stdlib.jsonl")},
+        "max_docs": 120,
+        "val_fraction": 0.1,
+    },
+    "gsm8k": {
+        "source": {"path": str(SHARED / "math/gsm8k_train.jsonl")},
+        "max_docs": 1500,
+        "prompt": "Question: {question}\nAnswer: ",
+        "response": "{answer}",
+        "val_fraction": 0.1,
+    },
 }
 
 BUILTIN_DOMAINS = {
     "prose": {"source": {"builtin": "python-docs"}, "max_docs": 150, "val_fraction": 0.1},
     "code": {"source": {"builtin": "python-stdlib"}, "max_docs": 60, "val_fraction": 0.1},
-    "math": {"source": {"builtin": "arithmetic", "num_problems": 1500},
-             "prompt": "Question: {question}\nAnswer: ", "response": "{answer}",
-             "mask_prompt": False, "val_fraction": 0.1},
+    "math": {
+        "source": {"builtin": "arithmetic", "num_problems": 1500},
+        "prompt": "Question: {question}\nAnswer: ",
+        "response": "{answer}",
+        "mask_prompt": False,
+        "val_fraction": 0.1,
+    },
 }
 
 

@@ -17,8 +17,9 @@ class RecordDomains(pl.Callback):
         self.path = path
         self.rows: list[tuple[int, list[int]]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.rows.append((trainer.global_step, batch["domain"].tolist()))
         if self.path:
             with Path(self.path).open("a") as f:
@@ -42,8 +43,14 @@ class ChangeWeightsAt(pl.Callback):
         self.step, self.weights, self.record_to = step, weights, record_to
         self.effective: int | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if trainer.global_step == self.step and self.effective is None:
             self.effective = trainer.datamodule.change_weights(self.weights)
             if self.record_to:
@@ -57,8 +64,9 @@ class SaveBatches(pl.Callback):
         self.path = path
         self.batches: list[dict] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batches.append({k: v.detach().cpu().clone() for k, v in batch.items()})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -75,4 +83,6 @@ class NaNGradientAt(pl.Callback):
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step in self.steps:
-            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float(
+                "nan"
+            )

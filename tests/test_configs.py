@@ -20,12 +20,14 @@ STACKS = [
     ("pretrain/cpu.yaml", "cpt/cpu-math.yaml", (367, {"math": 1.0})),
     ("pretrain/paper.yaml", None, None),
     ("pretrain/paper.yaml", "midtrain/paper-code.yaml", (6000, {"c4": 0.8, "starcoder": 0.2})),
-    ("pretrain/paper.yaml", "midtrain/paper-code-70m.yaml",
-     (10000, {"c4": 0.8, "starcoder": 0.2})),
+    ("pretrain/paper.yaml", "midtrain/paper-code-70m.yaml", (10000, {"c4": 0.8, "starcoder": 0.2})),
     ("pretrain/paper.yaml", "midtrain/paper-math.yaml", (20000, {"c4": 0.88, "math": 0.12})),
     ("pretrain/paper.yaml", "midtrain/paper-flan.yaml", (40000, {"c4": 0.95, "flan": 0.05})),
-    ("pretrain/paper.yaml", "midtrain/paper-knowledge_qa.yaml",
-     (40000, {"c4": 0.8, "knowledge_qa": 0.2})),
+    (
+        "pretrain/paper.yaml",
+        "midtrain/paper-knowledge_qa.yaml",
+        (40000, {"c4": 0.8, "knowledge_qa": 0.2}),
+    ),
     ("pretrain/paper.yaml", "midtrain/paper-dclm.yaml", (40000, {"c4": 0.8, "dclm": 0.2})),
     ("pretrain/paper.yaml", "cpt/paper-code.yaml", (40000, {"starcoder": 1.0})),
     ("pretrain/paper.yaml", "cpt/paper-math.yaml", (56000, {"math": 1.0})),
@@ -34,10 +36,12 @@ STACKS = [
 ]
 
 
-@pytest.mark.parametrize("base,overlay,switch", STACKS,
-                         ids=[f"{b}+{o}" if o else b for b, o, _ in STACKS])
-def test_config_parses(base: str, overlay: str | None, switch: tuple | None,
-                       capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "base,overlay,switch", STACKS, ids=[f"{b}+{o}" if o else b for b, o, _ in STACKS]
+)
+def test_config_parses(
+    base: str, overlay: str | None, switch: tuple | None, capsys: pytest.CaptureFixture
+) -> None:
     args = ["fit", "--config", str(CONFIGS / base)]
     if overlay:
         args += ["--config", str(CONFIGS / overlay)]

@@ -10,8 +10,9 @@ import yaml
 from midtrain.cli import main
 from midtrain.configs import packaged_configs
 
-SHIPPED = sorted(p.relative_to(packaged_configs()).as_posix()
-                 for p in packaged_configs().rglob("*.yaml"))
+SHIPPED = sorted(
+    p.relative_to(packaged_configs()).as_posix() for p in packaged_configs().rglob("*.yaml")
+)
 
 
 def _print_config(args: list[str], capsys: pytest.CaptureFixture) -> dict:
@@ -22,28 +23,37 @@ def _print_config(args: list[str], capsys: pytest.CaptureFixture) -> dict:
 
 
 @pytest.mark.parametrize("name", ["configs/pretrain/demo.yaml", "pretrain/demo.yaml"])
-def test_fit_config_by_name_from_any_directory(name: str, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_fit_config_by_name_from_any_directory(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = _print_config(["fit", "--config", name], capsys)
     assert cfg["trainer"]["max_steps"] == 300 and cfg["data"]["init_args"]["store"] == "data/demo"
-    stacked = _print_config(["validate", "--config=configs/pretrain/cpu.yaml",
-                             "-c", "midtrain/cpu-code.yaml"], capsys)
+    stacked = _print_config(
+        ["validate", "--config=configs/pretrain/cpu.yaml", "-c", "midtrain/cpu-code.yaml"], capsys
+    )
     assert stacked["trainer"]["callbacks"][0]["init_args"]["step"] == 40
 
 
-def test_tool_config_by_name_and_local_file_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_tool_config_by_name_and_local_file_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
-    assert _print_config(["prepare", "--config", "configs/prepare/demo.yaml"],
-                         capsys)["output"] == "data/demo"
+    assert (
+        _print_config(["prepare", "--config", "configs/prepare/demo.yaml"], capsys)["output"]
+        == "data/demo"
+    )
     local = tmp_path / "configs" / "prepare" / "demo.yaml"
     local.parent.mkdir(parents=True)
-    local.write_text((packaged_configs() / "prepare/demo.yaml").read_text()
-                     .replace("output: data/demo", "output: data/mine"))
-    assert _print_config(["prepare", "--config", "configs/prepare/demo.yaml"],
-                         capsys)["output"] == "data/mine"
+    local.write_text(
+        (packaged_configs() / "prepare/demo.yaml")
+        .read_text()
+        .replace("output: data/demo", "output: data/mine")
+    )
+    assert (
+        _print_config(["prepare", "--config", "configs/prepare/demo.yaml"], capsys)["output"]
+        == "data/mine"
+    )
 
 
 def test_configs_list_show_copy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -57,12 +67,12 @@ def test_configs_list_show_copy(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["configs", "copy", "pretrain/demo.yaml", f"{tmp_path}/into/"]) == 0
     assert main(["configs", "copy", "strategy", str(tmp_path / "strategies")]) == 0
     assert (tmp_path / "mine.yaml").read_text() == (tmp_path / "into" / "demo.yaml").read_text()
-    assert sorted(p.name for p in (tmp_path / "strategies").iterdir()) == ["ddp.yaml",
-                                                                           "fsdp2.yaml"]
+    assert sorted(p.name for p in (tmp_path / "strategies").iterdir()) == ["ddp.yaml", "fsdp2.yaml"]
 
 
-def test_configs_bad_input_is_one_line_and_writes_nothing(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_configs_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     (tmp_path / "strategies").mkdir()
     (tmp_path / "strategies" / "ddp.yaml").write_text("mine\n")
     capsys.readouterr()
@@ -72,8 +82,12 @@ def test_configs_bad_input_is_one_line_and_writes_nothing(tmp_path: Path,
     assert sorted(p.name for p in (tmp_path / "strategies").iterdir()) == ["ddp.yaml"]
     assert (tmp_path / "strategies" / "ddp.yaml").read_text() == "mine\n"  # untouched
 
-    for args in (["configs", "show", "pretrain/nope.yaml"], ["configs", "copy", "../x", "y"],
-                 ["configs", "frobnicate"], ["configs"]):
+    for args in (
+        ["configs", "show", "pretrain/nope.yaml"],
+        ["configs", "copy", "../x", "y"],
+        ["configs", "frobnicate"],
+        ["configs"],
+    ):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("midtrain configs: error:"), err

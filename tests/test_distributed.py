@@ -19,8 +19,10 @@ from tests.test_training import scalars
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
-FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+FSDP2 = {
+    "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+}
 
 
 def free_port() -> int:
@@ -29,19 +31,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fit(tmp_path: Path, store: Path, run: str, devices: int, strategy: object = None,
-        max_steps: int = 6, *extra: str) -> Path:
+def fit(
+    tmp_path: Path,
+    store: Path,
+    run: str,
+    devices: int,
+    strategy: object = None,
+    max_steps: int = 6,
+    *extra: str,
+) -> Path:
     cfg = {
         "seed_everything": 0,
-        "model": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
-                                                    "block_size": 64}, "lr": 3e-3, "warmup": 2},
-        "data": {"class_path": "midtrain.MixtureDataModule",
-                 "init_args": {"store": str(store), "seq_len": 32,
-                               "micro_batch_size": GLOBAL_BATCH // devices}},
-        "trainer": {"accelerator": "cpu", "devices": devices, "max_steps": max_steps,
-                    "log_every_n_steps": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False},
+        "model": {
+            "arch": "tiny",
+            "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
+            "lr": 3e-3,
+            "warmup": 2,
+        },
+        "data": {
+            "class_path": "midtrain.MixtureDataModule",
+            "init_args": {
+                "store": str(store),
+                "seq_len": 32,
+                "micro_batch_size": GLOBAL_BATCH // devices,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(tmp_path / run),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "checkpoint": {"every_n_train_steps": 2, "save_top_k": -1},
     }
     if strategy is not None:
@@ -49,9 +74,14 @@ def fit(tmp_path: Path, store: Path, run: str, devices: int, strategy: object = 
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "midtrain", "fit", "--config", str(path),
-                           *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "midtrain", "fit", "--config", str(path), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / run
 
@@ -88,13 +118,14 @@ def test_fsdp2_and_ddp_on_two_processes_match_one(tmp_path: Path, builtin_store:
         assert torch.allclose(a[k], b[k], rtol=0, atol=5e-4), k
 
 
-def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path,
-                                                       builtin_store: Path) -> None:
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path, builtin_store: Path) -> None:
     two = fit(tmp_path, builtin_store, "two", 2, FSDP2)
     step2 = two / "checkpoints" / "epoch=0-step=2.ckpt"
     assert (step2 / "meta.pt").is_file()
-    one_proc = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1}}
+    one_proc = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
+    }
     resumed = fit(tmp_path, builtin_store, "resumed", 1, one_proc, 6, "--ckpt_path", str(step2))
     got, reference = losses(resumed), losses(two)
     assert sorted(got) == [2, 3, 4, 5]

@@ -60,7 +60,7 @@ SHELL = {"bash", "sh", "shell", "console"}
 # the command sets the key itself (a page's own quick-try values win).
 OVERRIDES: dict[str, dict[str, str]] = {
     "fit": {
-        "trainer.max_steps": "4",               # the demo's 300 steps: 4
+        "trainer.max_steps": "4",  # the demo's 300 steps: 4
         "trainer.num_sanity_val_steps": "0",
         "trainer.enable_progress_bar": "false",
     },
@@ -79,8 +79,10 @@ SLOW_PAGES = {"README.md", "docs/index.md"}
 NEEDS_HUB_OR_GPU = [
     (r"\bhf:(?![./~])", "a hub model (hf:<id>; a local directory hf:/path or hf:./path is fine)"),
     (r"--\S*\bhub[ =]", "a hub tokenizer"),
-    (r"configs/\S*paper\S*\.yaml(?!.*--(print_config|dry_run|help))",
-     "the paper configs (hub data, GPUs); only --print_config/--dry_run of them run here"),
+    (
+        r"configs/\S*paper\S*\.yaml(?!.*--(print_config|dry_run|help))",
+        "the paper configs (hub data, GPUs); only --print_config/--dry_run of them run here",
+    ),
     (r"accelerator[ =](gpu|cuda)\b", "a GPU"),
     (r"^(srun|sbatch|torchrun)\b", "a cluster launcher"),
 ]
@@ -89,15 +91,18 @@ NEEDS_SHARED = re.compile(r"\.\./shared|configs/\S*local\S*\.yaml")
 # Commands that need an optional extra: the page is skipped (with the reason) where the extra's
 # packages are not installed; the tox env `interop` installs them and runs those pages.
 NEEDS_EXTRA = [
-    (re.compile(r"\bmidtrain (export|generate|lm-eval)\b|\blm_eval\b|\btransformers\b"),
-     ("transformers", "safetensors", "lm_eval"), "midtrain[eval]"),
+    (
+        re.compile(r"\bmidtrain (export|generate|lm-eval)\b|\blm_eval\b|\btransformers\b"),
+        ("transformers", "safetensors", "lm_eval"),
+        "midtrain[eval]",
+    ),
 ]
 
 
 @dataclass
 class Command:
-    line: int       # 1-based line in the page
-    text: str       # the command as a user types it (continuations joined)
+    line: int  # 1-based line in the page
+    text: str  # the command as a user types it (continuations joined)
 
     @property
     def slow(self) -> bool:
@@ -106,7 +111,7 @@ class Command:
 
 @dataclass
 class Block:
-    line: int       # line of the opening fence
+    line: int  # line of the opening fence
     lang: str
     body: list[str]
 
@@ -196,6 +201,7 @@ def page_steps(page: Path) -> list[tuple[str, Command | tuple[int, str, str]]]:
 
 # -- one command line -> what bash runs ----------------------------------------------------------
 
+
 def split_operators(text: str) -> list[tuple[str, str]]:
     """[(segment, operator after it)] for ;, &&, ||, | outside quotes."""
     parts, start, i, quote = [], 0, 0, None
@@ -206,7 +212,7 @@ def split_operators(text: str) -> list[tuple[str, str]]:
         elif ch in "'\"":
             quote = ch
         elif text.startswith(("&&", "||"), i):
-            parts.append((text[start:i], text[i:i + 2]))
+            parts.append((text[start:i], text[i : i + 2]))
             start, i = i + 2, i + 2
             continue
         elif ch in ";|":
@@ -239,8 +245,9 @@ def _tox() -> configparser.ConfigParser:
 def check_pip(words: list[str]) -> None:
     """`pip install ...`: what it would install exists here (not run)."""
     assert words[1] == "install", f"only `pip install` is understood here: {words}"
-    pins = dict(re.findall(r"^\s*(?:deps\s*=\s*)?([\w-]+)==([\w.+]+)\s*$",
-                           _tox()["testenv"]["deps"], re.M))
+    pins = dict(
+        re.findall(r"^\s*(?:deps\s*=\s*)?([\w-]+)==([\w.+]+)\s*$", _tox()["testenv"]["deps"], re.M)
+    )
     for word in words[2:]:
         if word.startswith("-"):
             continue
@@ -267,7 +274,8 @@ def check_tensorboard(words: list[str], sandbox: Path) -> None:
     logdir = words[words.index("--logdir") + 1] if "--logdir" in words else None
     assert logdir, "tensorboard without --logdir"
     assert list((sandbox / logdir).rglob("events.out.tfevents.*")), (
-        f"tensorboard --logdir {logdir}: no events file there after the page's earlier commands")
+        f"tensorboard --logdir {logdir}: no events file there after the page's earlier commands"
+    )
 
 
 def _segment(segment: str, sandbox: Path) -> str:
@@ -277,8 +285,9 @@ def _segment(segment: str, sandbox: Path) -> str:
         words = words[1:]
     program = words[0] if words else ""
     if program == "midtrain" and len(words) > 1:
-        extra = [f"--{k}={v}" for k, v in OVERRIDES.get(words[1], {}).items()
-                 if not _sets(words, k)]
+        extra = [
+            f"--{k}={v}" for k, v in OVERRIDES.get(words[1], {}).items() if not _sets(words, k)
+        ]
         return " ".join([segment.rstrip(), *map(shlex.quote, extra)])
     if program in ("pip", "pip3"):
         check_pip(words)
@@ -298,6 +307,7 @@ def to_bash(text: str, sandbox: Path) -> str:
 
 # -- the checks ---------------------------------------------------------------------------------
 
+
 def _id(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -305,16 +315,22 @@ def _id(page: Path) -> str:
 @pytest.mark.parametrize("page", PAGES, ids=_id)
 def test_blocks_follow_the_rule(page: Path) -> None:
     """Every fence names its language; executed commands need neither the hub nor a GPU."""
-    problems = [f"{_id(page)}:{b.line}: a bare ``` fence: write ```bash (run by the docs test) "
-                f"or ```text (shown only)" for b in blocks(page) if not b.lang]
+    problems = [
+        f"{_id(page)}:{b.line}: a bare ``` fence: write ```bash (run by the docs test) "
+        f"or ```text (shown only)"
+        for b in blocks(page)
+        if not b.lang
+    ]
     for kind, step in page_steps(page):
         if kind != "run":
             continue
         for pattern, what in NEEDS_HUB_OR_GPU:
             if re.search(pattern, step.text):
-                problems.append(f"{_id(page)}:{step.line}: `{step.text}` needs {what}: put it in "
-                                f"a ```text block with a note (executed blocks must run on CPU, "
-                                f"offline)")
+                problems.append(
+                    f"{_id(page)}:{step.line}: `{step.text}` needs {what}: put it in "
+                    f"a ```text block with a note (executed blocks must run on CPU, "
+                    f"offline)"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -324,13 +340,18 @@ def test_help_in_the_docs_is_the_real_one(capsys: pytest.CaptureFixture) -> None
 
     main(["--help"])
     real = capsys.readouterr().out.strip()
-    shown = [(page, b) for page in PAGES for b in blocks(page)
-             if b.lang == "text" and b.body and b.body[0].startswith("usage: midtrain <command>")]
+    shown = [
+        (page, b)
+        for page in PAGES
+        for b in blocks(page)
+        if b.lang == "text" and b.body and b.body[0].startswith("usage: midtrain <command>")
+    ]
     assert shown, "no page shows `midtrain --help` (install.md should)"
     for page, block in shown:
         assert "\n".join(block.body).strip() == real, (
             f"{_id(page)}:{block.line}: the `midtrain --help` shown differs from the real one:\n"
-            f"{real}")
+            f"{real}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -357,8 +378,14 @@ def _env() -> dict[str, str]:
 
 
 def _run(sandbox: Path, script: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], cwd=sandbox, env=_env(), timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=sandbox,
+        env=_env(),
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
 
 
 def run_page(page: Path, tmp_path: Path, demo_store: Path, include_slow: bool) -> None:
@@ -402,8 +429,9 @@ def run_page(page: Path, tmp_path: Path, demo_store: Path, include_slow: bool) -
 
 
 def _has_slow(page: Path) -> bool:
-    return _id(page) in SLOW_PAGES or any(kind == "run" and step.slow
-                                          for kind, step in page_steps(page))
+    return _id(page) in SLOW_PAGES or any(
+        kind == "run" and step.slow for kind, step in page_steps(page)
+    )
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _id(p) not in SLOW_PAGES], ids=_id)
@@ -419,33 +447,45 @@ def test_page_commands_slow(page: Path, tmp_path: Path, demo_store: Path) -> Non
 
 def test_slow_pages_only_repeat_other_pages() -> None:
     """A page kept out of the fast test has no command that the fast test does not run."""
+
     def texts(page: Path) -> set[str]:  # each command and each part of a compound one
-        return {seg.strip() for kind, s in page_steps(page) if kind == "run" and not s.slow
-                for seg, _ in split_operators(s.text)}
+        return {
+            seg.strip()
+            for kind, s in page_steps(page)
+            if kind == "run" and not s.slow
+            for seg, _ in split_operators(s.text)
+        }
 
     fast = set().union(*(texts(p) for p in PAGES if _id(p) not in SLOW_PAGES))
     for page in PAGES:
         if _id(page) in SLOW_PAGES:
             assert texts(page) <= fast, (
                 f"{_id(page)}: {sorted(texts(page) - fast)} run only in the slow test; run them "
-                f"on another page too, or take {_id(page)} out of SLOW_PAGES")
+                f"on another page too, or take {_id(page)} out of SLOW_PAGES"
+            )
 
 
 # -- the parser itself ---------------------------------------------------------------------------
 
+
 def test_parser_reads_blocks_commands_and_operators(tmp_path: Path) -> None:
     page = tmp_path / "p.md"
-    page.write_text("x\n```bash\nmidtrain fit --config a.yaml \\\n    --trainer.max_steps 9  # c\n"
-                    "\n```\n```text\nmidtrain fit: error: shown only\n```\n```console\n"
-                    "$ midtrain --help\nusage: ...\n```\n```yaml\n# b.yaml\nk: 1\n```\n")
+    page.write_text(
+        "x\n```bash\nmidtrain fit --config a.yaml \\\n    --trainer.max_steps 9  # c\n"
+        "\n```\n```text\nmidtrain fit: error: shown only\n```\n```console\n"
+        "$ midtrain --help\nusage: ...\n```\n```yaml\n# b.yaml\nk: 1\n```\n"
+    )
     steps = page_steps(page)
     assert [(k, s.line, s.text) if k == "run" else (k, s[0], s[1]) for k, s in steps] == [
         ("run", 3, "midtrain fit --config a.yaml --trainer.max_steps 9"),
         ("run", 11, "midtrain --help"),
         ("write", 14, "b.yaml"),
     ]
-    bash = to_bash("python -c 'import a; b' 2>/dev/null || pip install -e '.[test]' && "
-                   "midtrain fit --trainer.max_steps 9", tmp_path)
+    bash = to_bash(
+        "python -c 'import a; b' 2>/dev/null || pip install -e '.[test]' && "
+        "midtrain fit --trainer.max_steps 9",
+        tmp_path,
+    )
     assert bash.startswith("python -c 'import a; b' 2>/dev/null || true && midtrain fit")
     assert "--trainer.max_steps=4" not in bash and "--trainer.num_sanity_val_steps=0" in bash
     with pytest.raises(AssertionError, match="nope"):

@@ -18,20 +18,40 @@ from midtrain.study.report import last_scalar
 from midtrain.study.stats import _betainc, welch_t_test
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODEL = {"arch": "tiny", "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2,
-                                          "block_size": 64}}
-QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-         "enable_model_summary": False, "num_sanity_val_steps": 0, "log_every_n_steps": 1}
+MODEL = {
+    "arch": "tiny",
+    "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
+}
+QUIET = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+}
 
 
 def write_pretrain(path: Path, store: Path, weights: dict[str, float]) -> Path:
     """A tiny pretraining fit config on the built-in store."""
-    path.write_text(yaml.safe_dump({
-        "seed_everything": 0, "model": {**MODEL, "lr": 3e-3},
-        "data": {"class_path": "midtrain.MixtureDataModule",
-                 "init_args": {"store": str(store), "weights": weights,
-                               "seq_len": 32, "micro_batch_size": 4}},
-        "trainer": {**QUIET, "max_steps": 8, "limit_val_batches": 0}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "model": {**MODEL, "lr": 3e-3},
+                "data": {
+                    "class_path": "midtrain.MixtureDataModule",
+                    "init_args": {
+                        "store": str(store),
+                        "weights": weights,
+                        "seq_len": 32,
+                        "micro_batch_size": 4,
+                    },
+                },
+                "trainer": {**QUIET, "max_steps": 8, "limit_val_batches": 0},
+            }
+        )
+    )
     return path
 
 
@@ -59,29 +79,62 @@ def test_welch_t_test() -> None:
 def study(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Path:
     root = tmp_path_factory.mktemp("study")
     src = root / "qa.jsonl"
-    src.write_text("".join(json.dumps({"q": f"{i} plus {i}?", "a": f"{2 * i}."}) + "\n"
-                           for i in range(80)))
-    sft_store = prepare(PrepareConfig(
-        output=str(root / "sft-store"),
-        domains={"qa": DomainConfig(source={"path": str(src)}, prompt="Q: {q}\nA: ",
-                                    response="{a}", val_fraction=0.2)},
-        tokenizer=TokenizerConfig(path=str(builtin_store / "tokenizer.json"))))
+    src.write_text(
+        "".join(json.dumps({"q": f"{i} plus {i}?", "a": f"{2 * i}."}) + "\n" for i in range(80))
+    )
+    sft_store = prepare(
+        PrepareConfig(
+            output=str(root / "sft-store"),
+            domains={
+                "qa": DomainConfig(
+                    source={"path": str(src)},
+                    prompt="Q: {q}\nA: ",
+                    response="{a}",
+                    val_fraction=0.2,
+                )
+            },
+            tokenizer=TokenizerConfig(path=str(builtin_store / "tokenizer.json")),
+        )
+    )
     write_pretrain(root / "pre.yaml", builtin_store, {"prose": 1.0})
-    (root / "sft.yaml").write_text(yaml.safe_dump({
-        "model": {**MODEL, "warmup": 0},
-        "data": {"class_path": "midtrain.SFTDataModule",
-                 "init_args": {"store": str(sft_store), "target": "qa",
-                               "general_store": str(builtin_store), "max_length": 32,
-                               "micro_batch_size": 4, "val_max_examples": 8,
-                               "general_val_max_blocks": 8}},
-        "trainer": {**QUIET, "max_steps": 3, "val_check_interval": 3}}))
-    (root / "study.yaml").write_text(yaml.safe_dump({
-        "output": str(root / "out"), "general": "prose",
-        "pretrain": {"config": [str(root / "pre.yaml")]},
-        "branches": {"mid": {"grid": {"domain": "code", "start": [4], "weight": [0.5]}}},
-        "sft": {"config": [str(root / "sft.yaml")], "targets": {"qa": {"target": "qa"}},
-                "lrs": [1e-3], "seeds": [0, 1]},
-        "similarity_docs": 20, "similarity_top_k": 200}))
+    (root / "sft.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {**MODEL, "warmup": 0},
+                "data": {
+                    "class_path": "midtrain.SFTDataModule",
+                    "init_args": {
+                        "store": str(sft_store),
+                        "target": "qa",
+                        "general_store": str(builtin_store),
+                        "max_length": 32,
+                        "micro_batch_size": 4,
+                        "val_max_examples": 8,
+                        "general_val_max_blocks": 8,
+                    },
+                },
+                "trainer": {**QUIET, "max_steps": 3, "val_check_interval": 3},
+            }
+        )
+    )
+    (root / "study.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "output": str(root / "out"),
+                "general": "prose",
+                "pretrain": {"config": [str(root / "pre.yaml")]},
+                "branches": {"mid": {"grid": {"domain": "code", "start": [4], "weight": [0.5]}}},
+                "sft": {
+                    "config": [str(root / "sft.yaml")],
+                    "targets": {"qa": {"target": "qa"}},
+                    "lrs": [1e-3],
+                    "seeds": [0, 1],
+                },
+                "similarity_docs": 20,
+                "similarity_top_k": 200,
+            }
+        )
+    )
     assert main(["experiment", "--config", str(root / "study.yaml")]) == 0
     return root
 
@@ -90,7 +143,11 @@ def test_micro_study_table_equals_the_runs_logs(study: Path) -> None:
     out = study / "out"
     rows = list(__import__("csv").DictReader((out / "results.csv").open()))
     assert {(r["branch"], r["seed"]) for r in rows} == {
-        ("baseline", "0"), ("baseline", "1"), ("mid-s4-w0.5", "0"), ("mid-s4-w0.5", "1")}
+        ("baseline", "0"),
+        ("baseline", "1"),
+        ("mid-s4-w0.5", "0"),
+        ("mid-s4-w0.5", "1"),
+    }
     for r in rows:
         run = Path(r["run"])
         assert float(r["in_domain_loss"]) == pytest.approx(last_scalar(run, "val/qa/loss"))
@@ -103,7 +160,8 @@ def test_micro_study_table_equals_the_runs_logs(study: Path) -> None:
     base = float(summary["baseline"]["in_domain_mean"])
     mid = float(summary["mid-s4-w0.5"]["in_domain_mean"])
     assert float(summary["mid-s4-w0.5"]["in_domain_rel_improvement"]) == pytest.approx(
-        (base - mid) / base)
+        (base - mid) / base
+    )
     assert "proximity_advantage" in summary["mid-s4-w0.5"]
     table = (out / "results.md").read_text()
     assert "| qa | baseline |" in table and "| qa | mid-s4-w0.5 |" in table
@@ -114,8 +172,9 @@ def test_micro_study_table_equals_the_runs_logs(study: Path) -> None:
     assert "--fork" in (out / "pretrain" / "mid-s4-w0.5" / "stage.log").read_text()
 
 
-def test_rerun_skips_finished_and_resumes_interrupted(study: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_rerun_skips_finished_and_resumes_interrupted(
+    study: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = study / "out"
     redo = out / "sft" / "baseline" / "qa" / "lr0.001-seed1"
     (redo / "done.json").unlink()  # as if killed after its last checkpoint
@@ -131,10 +190,14 @@ def test_bad_experiment_configs(tmp_path: Path, study: Path) -> None:
     cfg = yaml.safe_load((study / "study.yaml").read_text())
     cases = [
         ({"branches": {"x": {"grid": {"domain": "code", "start": [4]}}}}, "branches.x.grid"),
-        ({"branches": {"x": {"grid": {"domain": "code", "start": [4], "weight": [1.5]}}}},
-         "is not in (0, 1]"),
-        ({"branches": {"baseline": {"switch": {"step": 2, "weights": {"code": 1}}}}},
-         "the baseline is the pretraining run"),
+        (
+            {"branches": {"x": {"grid": {"domain": "code", "start": [4], "weight": [1.5]}}}},
+            "is not in (0, 1]",
+        ),
+        (
+            {"branches": {"baseline": {"switch": {"step": 2, "weights": {"code": 1}}}}},
+            "the baseline is the pretraining run",
+        ),
         ({"sft": {**cfg["sft"], "targets": {}}}, "name at least one SFT target"),
         ({"pretrain": {"config": [str(tmp_path / "missing.yaml")]}}, "config file not found"),
         ({"bogus": 1}, "bogus"),
@@ -150,8 +213,7 @@ def test_bad_experiment_configs(tmp_path: Path, study: Path) -> None:
 
 
 def test_paper_study_parses_and_plans_without_running(capsys: pytest.CaptureFixture) -> None:
-    assert main(["experiment", "--config", str(CONFIGS / "study" / "paper.yaml"),
-                 "--dry_run"]) == 0
+    assert main(["experiment", "--config", str(CONFIGS / "study" / "paper.yaml"), "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "pretrain baseline" in out and "tokens per domain per phase" in out
     assert "starcoder" in out and "6000-61035" in out
@@ -161,10 +223,15 @@ def test_grid_scales_the_pretraining_mixture(tmp_path: Path) -> None:
     from midtrain.study import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
 
     cfg = ExperimentConfig(
-        output=str(tmp_path / "o"), general="c4", pretrain=PretrainConfig(config=[]),
+        output=str(tmp_path / "o"),
+        general="c4",
+        pretrain=PretrainConfig(config=[]),
         sft=SFTConfig(config=[], targets={"t": {"target": "t"}}, lrs=[1e-3]),
-        branches={"mid": {"grid": {"domain": "code", "start": [10], "weight": [0.2, 1.0]}},
-                  "cpt": {"switch": {"step": 20, "weights": {"code": 1}}}})
+        branches={
+            "mid": {"grid": {"domain": "code", "start": [10], "weight": [0.2, 1.0]}},
+            "cpt": {"switch": {"step": 20, "weights": {"code": 1}}},
+        },
+    )
     b = expand_branches(cfg, {"c4": 1, "books": 3})
     assert b["mid-s10-w0.2"]["weights"] == {"c4": 0.2, "books": 0.6, "code": 0.2}
     assert b["mid-s10-w1"]["weights"] == {"code": 1.0}
@@ -183,8 +250,9 @@ def test_dry_run_shows_realized_shares(capsys: pytest.CaptureFixture) -> None:
     assert "global batch 16" in out
 
 
-def test_proximity_is_against_the_real_pretraining_mixture(tmp_path: Path,
-                                                           builtin_store: Path) -> None:
+def test_proximity_is_against_the_real_pretraining_mixture(
+    tmp_path: Path, builtin_store: Path
+) -> None:
     from midtrain.data.store import Store
     from midtrain.study import ExperimentConfig, PretrainConfig, SFTConfig, plan_study
     from midtrain.study.plan import realized_mixture
@@ -193,10 +261,14 @@ def test_proximity_is_against_the_real_pretraining_mixture(tmp_path: Path,
 
     pre = write_pretrain(tmp_path / "pre.yaml", builtin_store, {"prose": 0.5, "math": 0.5})
     cfg = ExperimentConfig(
-        output=str(tmp_path / "o"), general="prose", pretrain=PretrainConfig(config=[str(pre)]),
+        output=str(tmp_path / "o"),
+        general="prose",
+        pretrain=PretrainConfig(config=[str(pre)]),
         sft=SFTConfig(config=[str(pre)], targets={"t": {"target": "code"}}, lrs=[1e-3]),
         branches={"mid": {"grid": {"domain": "code", "start": [4], "weight": [0.5]}}},
-        similarity_docs=20, similarity_top_k=200)
+        similarity_docs=20,
+        similarity_top_k=200,
+    )
     study = plan_study(cfg)
     rows = study.mixture_rows()
     base, mix = {"prose": 0.5, "math": 0.5}, {"prose": 0.25, "math": 0.25, "code": 0.5}
@@ -225,8 +297,12 @@ def test_report_has_a_column_per_eval_tag(tmp_path: Path) -> None:
     from midtrain.study.report import collect, summarize, write_report
 
     stages = []
-    for branch, seed, acc in [("baseline", 0, 0.25), ("baseline", 1, 0.35), ("mid", 0, 0.5),
-                              ("mid", 1, 0.6)]:
+    for branch, seed, acc in [
+        ("baseline", 0, 0.25),
+        ("baseline", 1, 0.35),
+        ("mid", 0, 0.5),
+        ("mid", 1, 0.6),
+    ]:
         run = tmp_path / branch / str(seed)
         w = SummaryWriter(str(run))
         for step in (1, 2):
@@ -234,20 +310,28 @@ def test_report_has_a_column_per_eval_tag(tmp_path: Path) -> None:
             w.add_scalar("val/prose/loss", 3.0 + seed, step)
             w.add_scalar("eval/arc_easy/acc", acc * step / 2, step)  # the last value is acc
         w.close()
-        stages.append(Stage(f"sft {branch} {seed}", "sft", [], run,
-                            meta={"branch": branch, "target": "qa", "lr": 1e-3, "seed": seed,
-                                  "domain": "qa"}))
+        stages.append(
+            Stage(
+                f"sft {branch} {seed}",
+                "sft",
+                [],
+                run,
+                meta={"branch": branch, "target": "qa", "lr": 1e-3, "seed": seed, "domain": "qa"},
+            )
+        )
     rows = collect(stages, "prose")
     assert [r["eval/arc_easy/acc"] for r in rows] == pytest.approx([0.25, 0.35, 0.5, 0.6])
     assert [r["in_domain_loss"] for r in rows] == pytest.approx([2.5, 3.5, 2.5, 3.5])
     table = write_report(tmp_path, "prose", rows, summarize(rows))
     results = list(__import__("csv").DictReader((tmp_path / "results.csv").open()))
     assert float(results[2]["eval/arc_easy/acc"]) == pytest.approx(0.5)
-    summary = {s["branch"]: s for s in __import__("csv").DictReader(
-        (tmp_path / "summary.csv").open())}
+    summary = {
+        s["branch"]: s for s in __import__("csv").DictReader((tmp_path / "summary.csv").open())
+    }
     assert float(summary["mid"]["eval/arc_easy/acc_mean"]) == pytest.approx(0.55)
-    assert float(summary["mid"]["eval/arc_easy/acc_std"]) == pytest.approx(np.std([0.5, 0.6],
-                                                                                  ddof=1))
+    assert float(summary["mid"]["eval/arc_easy/acc_std"]) == pytest.approx(
+        np.std([0.5, 0.6], ddof=1)
+    )
     assert table.splitlines()[4].endswith("| eval/arc_easy/acc |")
     assert "| 0.5500 ± 0.0707 |" in table
 
@@ -260,21 +344,32 @@ def test_changed_config_is_refused_naming_the_keys(study: Path) -> None:
 
     out = study / "out"
     done = {p: p.read_text() for p in out.rglob("done.json")}
-    for name, key, stage in [("sft.yaml", "trainer.max_steps", "sft baseline qa lr=0.001 seed=0"),
-                             ("pre.yaml", "model.lr", "pretrain baseline")]:
+    for name, key, stage in [
+        ("sft.yaml", "trainer.max_steps", "sft baseline qa lr=0.001 seed=0"),
+        ("pre.yaml", "model.lr", "pretrain baseline"),
+    ]:
         path = study / name
         original = path.read_text()
         changed = yaml.safe_load(original)
         changed[key.split(".")[0]][key.split(".")[1]] = 4 if key == "trainer.max_steps" else 1e-3
         path.write_text(yaml.safe_dump(changed))
         try:
-            with pytest.raises(MidtrainError, match=re.escape(
-                    f"stage '{stage}' in {out}") + r".*" + re.escape(f"(changed: {path}: {key});")):
+            with pytest.raises(
+                MidtrainError,
+                match=re.escape(f"stage '{stage}' in {out}")
+                + r".*"
+                + re.escape(f"(changed: {path}: {key});"),
+            ):
                 experiment_main(["--config", str(study / "study.yaml")])
             if name == "pre.yaml":  # every stage starts from the baseline: all are stale
                 raw = yaml.safe_load((study / "study.yaml").read_text())
-                cfg = ExperimentConfig(**{**raw, "pretrain": PretrainConfig(**raw["pretrain"]),
-                                          "sft": SFTConfig(**raw["sft"])})
+                cfg = ExperimentConfig(
+                    **{
+                        **raw,
+                        "pretrain": PretrainConfig(**raw["pretrain"]),
+                        "sft": SFTConfig(**raw["sft"]),
+                    }
+                )
                 _, stale = check_stages(plan_study(cfg).stages, rerun_changed=True)
                 assert len(stale) == 6
         finally:

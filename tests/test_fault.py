@@ -48,6 +48,7 @@ def no_temps(*dirs: Path) -> None:
 
 # -- preemption signals ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Any:
     """Uninterrupted reference runs, one per (num_workers, accumulation), made on demand."""
@@ -56,29 +57,75 @@ def references(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) ->
 
     def get(num_workers: int, accumulation: int) -> Path:
         if (num_workers, accumulation) not in made:
-            cfg = config(root, builtin_store, f"ref-{num_workers}-{accumulation}", num_workers,
-                         accumulation, 1, 0.0)
+            cfg = config(
+                root,
+                builtin_store,
+                f"ref-{num_workers}-{accumulation}",
+                num_workers,
+                accumulation,
+                1,
+                0.0,
+            )
             finish(midtrain("fit", "--config", str(cfg)))
             made[num_workers, accumulation] = root / f"ref-{num_workers}-{accumulation}"
         return made[num_workers, accumulation]
+
     return get
 
 
-@pytest.mark.parametrize("sig,group,num_workers,accumulation,after", [
-    pytest.param("SIGTERM", True, 2, 2, 6, id="SIGTERM-group-workers2-acc2-after-switch"),
-    pytest.param("SIGUSR1", False, 0, 1, 3, id="SIGUSR1-main-workers0-before-switch"),
-    pytest.param("SIGTERM", False, 0, 1, 6, id="SIGTERM-main-workers0-after-switch",
-                 marks=pytest.mark.slow),
-    pytest.param("SIGTERM", True, 2, 1, 3, id="SIGTERM-group-workers2-before-switch",
-                 marks=pytest.mark.slow),
-    pytest.param("SIGUSR1", True, 2, 2, 6, id="SIGUSR1-group-workers2-after-switch",
-                 marks=pytest.mark.slow),
-    pytest.param("SIGTERM", False, 2, 2, 3, id="SIGTERM-main-workers2-acc2-before",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "sig,group,num_workers,accumulation,after",
+    [
+        pytest.param("SIGTERM", True, 2, 2, 6, id="SIGTERM-group-workers2-acc2-after-switch"),
+        pytest.param("SIGUSR1", False, 0, 1, 3, id="SIGUSR1-main-workers0-before-switch"),
+        pytest.param(
+            "SIGTERM",
+            False,
+            0,
+            1,
+            6,
+            id="SIGTERM-main-workers0-after-switch",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "SIGTERM",
+            True,
+            2,
+            1,
+            3,
+            id="SIGTERM-group-workers2-before-switch",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "SIGUSR1",
+            True,
+            2,
+            2,
+            6,
+            id="SIGUSR1-group-workers2-after-switch",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "SIGTERM",
+            False,
+            2,
+            2,
+            3,
+            id="SIGTERM-main-workers2-acc2-before",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_signal_checkpoints_the_step_and_resumes_bitwise(
-        tmp_path: Path, builtin_store: Path, references: Any, sig: str, group: bool,
-        num_workers: int, accumulation: int, after: int) -> None:
+    tmp_path: Path,
+    builtin_store: Path,
+    references: Any,
+    sig: str,
+    group: bool,
+    num_workers: int,
+    accumulation: int,
+    after: int,
+) -> None:
     ref = references(num_workers, accumulation)
     cfg = config(tmp_path, builtin_store, "run", num_workers, accumulation, 1, 0.3)
     ckpts = tmp_path / "run" / "checkpoints"
@@ -121,8 +168,10 @@ def test_workers_ignore_preemption_signals() -> None:
 
 # -- atomic checkpoints ------------------------------------------------------------------------
 
+
 def test_atomic_save_ignores_tmpdir_and_never_leaves_a_partial_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     other_fs = Path("/dev/shm") / f"midtrain-test-{os.getpid()}"
     other_fs.mkdir(exist_ok=True)
     monkeypatch.setenv("TMPDIR", str(other_fs))
@@ -137,16 +186,16 @@ def test_atomic_save_ignores_tmpdir_and_never_leaves_a_partial_file(
                 raise RuntimeError("disk full")  # a save that dies half-way
 
         with pytest.raises(RuntimeError, match="disk full"):
-            io.save_checkpoint({"global_step": 2, "w": torch.ones(1000), "x": Unpicklable()},
-                               path)
+            io.save_checkpoint({"global_step": 2, "w": torch.ones(1000), "x": Unpicklable()}, path)
         assert path.read_bytes() == good  # the previous checkpoint is intact
         # nothing of ours staged in TMPDIR (a killed worker pool leaves multiprocessing's pymp-*)
-        assert [p for p in other_fs.iterdir() if not p.name.startswith("pymp-")] == []  # nothing staged in TMPDIR
+        assert [
+            p for p in other_fs.iterdir() if not p.name.startswith("pymp-")
+        ] == []  # nothing staged in TMPDIR
         no_temps(tmp_path)
         # a temp file a SIGKILL left behind is removed at the next start
         (path.parent / f".last.ckpt{TEMP_MARK}123").write_bytes(b"partial")
-        assert [p.name for p in remove_stale_temps(path.parent)] == [
-            f".last.ckpt{TEMP_MARK}123"]
+        assert [p.name for p in remove_stale_temps(path.parent)] == [f".last.ckpt{TEMP_MARK}123"]
         no_temps(tmp_path)
     finally:
         shutil.rmtree(other_fs, ignore_errors=True)
@@ -170,6 +219,7 @@ def test_resume_picks_the_newest_loadable_checkpoint(run: Run, tmp_path: Path) -
 
 # -- divergence guard --------------------------------------------------------------------------
 
+
 def nan_init(tmp_path: Path, run_dir: Path) -> Path:
     state = weights(run_dir / "checkpoints" / "last.ckpt")
     state = {k: v.clone() for k, v in state.items()}
@@ -185,15 +235,32 @@ def finite(ckpt: Path) -> bool:
 
 @pytest.mark.parametrize("case", ["lr-1e6", "nan-init-weights"])
 def test_divergence_stops_with_one_line_and_keeps_a_finite_last(
-        case: str, run: Run, tmp_path: Path, builtin_store: Path,
-        capsys: pytest.CaptureFixture) -> None:
+    case: str, run: Run, tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "div", max_steps=8, limit_val_batches=0)
-    extra = (["--model.lr", "1e6"] if case == "lr-1e6"
-             else ["--model.init_from", str(nan_init(tmp_path, run.dir)), "--model.model_config",
-                   "{n_layer: 1, n_embd: 32, n_head: 2, block_size: 64}"])
+    extra = (
+        ["--model.lr", "1e6"]
+        if case == "lr-1e6"
+        else [
+            "--model.init_from",
+            str(nan_init(tmp_path, run.dir)),
+            "--model.model_config",
+            "{n_layer: 1, n_embd: 32, n_head: 2, block_size: 64}",
+        ]
+    )
     capsys.readouterr()
-    rc = main(["fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "1",
-               "--trainer.log_every_n_steps", "4", *extra])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--trainer.log_every_n_steps",
+            "4",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 3, err
     line = error_line(err, "fit")
@@ -211,9 +278,23 @@ def test_divergence_stops_with_one_line_and_keeps_a_finite_last(
 def test_skip_mode_skips_counts_and_continues(tmp_path: Path, builtin_store: Path) -> None:
     cfg = fit_config(tmp_path, builtin_store, "skip", max_steps=6, limit_val_batches=0)
     hook = ["--trainer.callbacks+=tests.helpers.NaNGradientAt", "--trainer.callbacks.steps=[2]"]
-    assert main(["fit", "--config", str(cfg), "--divergence.on_nonfinite", "skip",
-                 "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1",
-                 *hook]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--divergence.on_nonfinite",
+                "skip",
+                "--checkpoint.every_n_train_steps",
+                "1",
+                "--checkpoint.save_top_k",
+                "-1",
+                *hook,
+            ]
+        )
+        == 0
+    )
     ckpts = tmp_path / "skip" / "checkpoints"
     assert finite(ckpts / "last.ckpt")
     # step 2 was skipped: the weights after it equal the weights before it
@@ -222,29 +303,49 @@ def test_skip_mode_skips_counts_and_continues(tmp_path: Path, builtin_store: Pat
     assert skipped[1] == 0 and skipped[2] == 1 and skipped[5] == 1
 
 
-def test_skip_mode_stops_after_max_skips_in_a_row(tmp_path: Path, builtin_store: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_skip_mode_stops_after_max_skips_in_a_row(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "skips", max_steps=8, limit_val_batches=0)
     capsys.readouterr()
-    rc = main(["fit", "--config", str(cfg), "--divergence.on_nonfinite", "skip",
-               "--divergence.max_skips", "3", "--trainer.callbacks+=tests.helpers.NaNGradientAt",
-               "--trainer.callbacks.steps=[2, 3, 4, 5]"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            "--divergence.on_nonfinite",
+            "skip",
+            "--divergence.max_skips",
+            "3",
+            "--trainer.callbacks+=tests.helpers.NaNGradientAt",
+            "--trainer.callbacks.steps=[2, 3, 4, 5]",
+        ]
+    )
     assert rc == 3
     line = error_line(capsys.readouterr().err, "fit")
     assert "3 optimizer steps in a row had a non-finite gradient norm" in line
 
 
-def test_validation_reports_nan_as_nan(run: Run, tmp_path: Path, builtin_store: Path,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_validation_reports_nan_as_nan(
+    run: Run, tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     from midtrain import CausalLM, MixtureDataModule
     from midtrain.train.trainer import Trainer
 
     dm = MixtureDataModule(str(builtin_store), seq_len=32, micro_batch_size=2, val_max_blocks=2)
-    model = CausalLM(arch="tiny", model_config={"n_layer": 1, "n_embd": 32, "n_head": 2,
-                                                "block_size": 64},
-                     vocab_size=dm.vocab_size, init_from=str(nan_init(tmp_path, run.dir)))
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=str(tmp_path))
+    model = CausalLM(
+        arch="tiny",
+        model_config={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
+        vocab_size=dm.vocab_size,
+        init_from=str(nan_init(tmp_path, run.dir)),
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     metrics = trainer.validate(model, dm, verbose=False)
     values = {k: v for m in metrics for k, v in m.items() if k.startswith("val/")}
     assert values and all(math.isnan(v) for v in values.values()), values
@@ -252,53 +353,109 @@ def test_validation_reports_nan_as_nan(run: Run, tmp_path: Path, builtin_store: 
 
 # -- forks after a switch ----------------------------------------------------------------------
 
+
 def test_fork_after_a_switch_reproduces_and_branches(builtin_store: Path, tmp_path: Path) -> None:
     parent_rec = RecordDomains()
-    train(builtin_store, tmp_path / "parent", [parent_rec, MixtureSwitch({"code": 1.0}, step=3)],
-          max_steps=8)
+    train(
+        builtin_store,
+        tmp_path / "parent",
+        [parent_rec, MixtureSwitch({"code": 1.0}, step=3)],
+        max_steps=8,
+    )
     after = str(tmp_path / "parent" / "checkpoints" / "epoch=0-step=4.ckpt")  # after the switch
     # the run's own config from a checkpoint after its switch: the rest of the run, bit for bit
-    train(builtin_store, tmp_path / "same", [MixtureSwitch({"code": 1.0}, step=3)],
-          max_steps=8, ckpt_path=after, fork_step=4)
-    assert_equal_weights(tmp_path / "parent" / "checkpoints" / "last.ckpt",
-                         tmp_path / "same" / "checkpoints" / "last.ckpt")
+    train(
+        builtin_store,
+        tmp_path / "same",
+        [MixtureSwitch({"code": 1.0}, step=3)],
+        max_steps=8,
+        ckpt_path=after,
+        fork_step=4,
+    )
+    assert_equal_weights(
+        tmp_path / "parent" / "checkpoints" / "last.ckpt",
+        tmp_path / "same" / "checkpoints" / "last.ckpt",
+    )
     # a new, later switch: the same batches up to step 6, then the new mixture
     rec = RecordDomains()
-    train(builtin_store, tmp_path / "branch", [rec, MixtureSwitch({"code": 1.0}, step=3),
-                                               MixtureSwitch({"math": 1.0}, step=6)],
-          max_steps=8, ckpt_path=after, fork_step=4)
+    train(
+        builtin_store,
+        tmp_path / "branch",
+        [rec, MixtureSwitch({"code": 1.0}, step=3), MixtureSwitch({"math": 1.0}, step=6)],
+        max_steps=8,
+        ckpt_path=after,
+        fork_step=4,
+    )
     assert [r for r in rec.rows if r[0] < 6] == [r for r in parent_rec.rows if 4 <= r[0] < 6]
     assert all(set(d) == {2} for s, d in rec.rows if s >= 6)
     # a branch of the branch: its past (both switches) is kept, a third switch added at 7
     rec2 = RecordDomains()
-    train(builtin_store, tmp_path / "twig",
-          [rec2, MixtureSwitch({"code": 1.0}, step=3), MixtureSwitch({"math": 1.0}, step=6),
-           MixtureSwitch({"prose": 1.0}, step=7)],
-          max_steps=8, ckpt_path=str(tmp_path / "branch" / "checkpoints" / "epoch=0-step=6.ckpt"),
-          fork_step=6)
+    train(
+        builtin_store,
+        tmp_path / "twig",
+        [
+            rec2,
+            MixtureSwitch({"code": 1.0}, step=3),
+            MixtureSwitch({"math": 1.0}, step=6),
+            MixtureSwitch({"prose": 1.0}, step=7),
+        ],
+        max_steps=8,
+        ckpt_path=str(tmp_path / "branch" / "checkpoints" / "epoch=0-step=6.ckpt"),
+        fork_step=6,
+    )
     assert [r for r in rec2.rows if r[0] < 7] == [r for r in rec.rows if r[0] == 6]
     assert all(set(d) == {0} for s, d in rec2.rows if s >= 7)
 
 
 def test_fork_after_a_switch_from_the_command_line(builtin_store: Path, tmp_path: Path) -> None:
-    switch = ["--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
-              "--trainer.callbacks.weights={code: 1}", "--trainer.callbacks.step=2"]
+    switch = [
+        "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
+        "--trainer.callbacks.weights={code: 1}",
+        "--trainer.callbacks.step=2",
+    ]
     parent = fit_config(tmp_path, builtin_store, "p", max_steps=6, limit_val_batches=0)
-    assert main(["fit", "--config", str(parent), *switch,
-                 "--checkpoint.every_n_train_steps", "4", "--checkpoint.save_top_k", "-1"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(parent),
+                *switch,
+                "--checkpoint.every_n_train_steps",
+                "4",
+                "--checkpoint.save_top_k",
+                "-1",
+            ]
+        )
+        == 0
+    )
     point = tmp_path / "p" / "checkpoints" / "epoch=0-step=4.ckpt"
     child = fit_config(tmp_path, builtin_store, "c", max_steps=6, limit_val_batches=0)
     assert main(["fit", "--config", str(child), *switch, "--fork", str(point)]) == 0
-    assert_equal_weights(tmp_path / "p" / "checkpoints" / "last.ckpt",
-                         tmp_path / "c" / "checkpoints" / "last.ckpt")
+    assert_equal_weights(
+        tmp_path / "p" / "checkpoints" / "last.ckpt", tmp_path / "c" / "checkpoints" / "last.ckpt"
+    )
 
 
 # -- TensorBoard on resume ---------------------------------------------------------------------
 
+
 def test_resume_purges_replayed_tensorboard_steps(tmp_path: Path, builtin_store: Path) -> None:
     cfg = fit_config(tmp_path, builtin_store, "tb", max_steps=6, limit_val_batches=0)
-    assert main(["fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "2",
-                 "--checkpoint.save_top_k", "-1"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--checkpoint.every_n_train_steps",
+                "2",
+                "--checkpoint.save_top_k",
+                "-1",
+            ]
+        )
+        == 0
+    )
     # as after a kill at step 5: continue the same run dir from its step-2 checkpoint
     step2 = tmp_path / "tb" / "checkpoints" / "epoch=0-step=2.ckpt"
     assert main(["fit", "--config", str(cfg), "--ckpt_path", str(step2)]) == 0
@@ -307,6 +464,7 @@ def test_resume_purges_replayed_tensorboard_steps(tmp_path: Path, builtin_store:
 
 
 # -- strict resume and one-line errors ---------------------------------------------------------
+
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,58 +490,114 @@ def _a_file(tmp: Path, run_dir: Path) -> str:
 
 RESUME_CASES = [
     # id, extra arguments ({last}: the run's last.ckpt; {tmp}), expected text
-    ("micro-batch", ["--ckpt_path", "last", "--data.init_args.micro_batch_size", "1"],
-     "data.global_batch_size 2 -> 1; resume with"),
+    (
+        "micro-batch",
+        ["--ckpt_path", "last", "--data.init_args.micro_batch_size", "1"],
+        "data.global_batch_size 2 -> 1; resume with",
+    ),
     ("lr", ["--ckpt_path", "last", "--model.lr", "0.01"], "model.lr 0.0003 -> 0.01"),
-    ("model-shape", ["--ckpt_path", "last", "--model.model_config",
-                     "{n_layer: 2, n_embd: 32, n_head: 2, block_size: 64}"],
-     "model.shape.n_layer 1 -> 2"),
-    ("max-steps", ["--ckpt_path", "last", "--trainer.max_steps", "4"],
-     "trainer.max_steps 2 -> 4; resume with the checkpoint's settings, or start a new run from "
-     "it with --fork"),
-    ("fork-changes-the-past", ["--fork", "{last}", "--data.init_args.seq_len", "16",
-                               "--trainer.default_root_dir", "{tmp}/fork"],
-     "data.seq_len 32 -> 16; a fork may change"),
+    (
+        "model-shape",
+        [
+            "--ckpt_path",
+            "last",
+            "--model.model_config",
+            "{n_layer: 2, n_embd: 32, n_head: 2, block_size: 64}",
+        ],
+        "model.shape.n_layer 1 -> 2",
+    ),
+    (
+        "max-steps",
+        ["--ckpt_path", "last", "--trainer.max_steps", "4"],
+        "trainer.max_steps 2 -> 4; resume with the checkpoint's settings, or start a new run from "
+        "it with --fork",
+    ),
+    (
+        "fork-changes-the-past",
+        [
+            "--fork",
+            "{last}",
+            "--data.init_args.seq_len",
+            "16",
+            "--trainer.default_root_dir",
+            "{tmp}/fork",
+        ],
+        "data.seq_len 32 -> 16; a fork may change",
+    ),
     ("fork-into-a-used-dir", ["--fork", "{last}"], "already holds another run's checkpoints"),
     ("fresh-fit-into-a-used-dir", [], "already holds another run's checkpoints (epoch=0-step="),
-    ("last-without-checkpoint", ["--ckpt_path", "last", "--trainer.default_root_dir",
-                                 "{tmp}/new"], "ckpt_path: last: no checkpoint in {tmp}/new"),
+    (
+        "last-without-checkpoint",
+        ["--ckpt_path", "last", "--trainer.default_root_dir", "{tmp}/new"],
+        "ckpt_path: last: no checkpoint in {tmp}/new",
+    ),
     ("ckpt-text-file", ["--ckpt_path", _text_file], "notes.txt is not a readable checkpoint"),
     ("ckpt-truncated", ["--ckpt_path", _truncated], "cut.ckpt is not a readable checkpoint"),
-    ("fork-truncated", ["--fork", _truncated, "--trainer.default_root_dir", "{tmp}/f"],
-     "fork: {tmp}/cut.ckpt is not a readable checkpoint"),
-    ("root-dir-is-a-file", ["--trainer.default_root_dir", _a_file],
-     "trainer.default_root_dir: {tmp}/afile is a file"),
+    (
+        "fork-truncated",
+        ["--fork", _truncated, "--trainer.default_root_dir", "{tmp}/f"],
+        "fork: {tmp}/cut.ckpt is not a readable checkpoint",
+    ),
+    (
+        "root-dir-is-a-file",
+        ["--trainer.default_root_dir", _a_file],
+        "trainer.default_root_dir: {tmp}/afile is a file",
+    ),
     ("max-steps-null", ["--trainer.max_steps", "null"], "trainer.max_steps"),
 ]
 
 
-@pytest.mark.parametrize(("extra", "expected"), [c[1:] for c in RESUME_CASES],
-                         ids=[c[0] for c in RESUME_CASES])
+@pytest.mark.parametrize(
+    ("extra", "expected"), [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES]
+)
 def test_bad_resume_is_one_line_and_touches_nothing(
-        extra: list[Any], expected: str, run: Run, builtin_store: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
+    extra: list[Any],
+    expected: str,
+    run: Run,
+    builtin_store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     last = run.dir / "checkpoints" / "last.ckpt"
-    args = [a(tmp_path, run.dir) if callable(a) else
-            a.replace("{last}", str(last)).replace("{tmp}", str(tmp_path)) for a in extra]
-    line = run_bad(capsys, ["fit", "--config", str(run.config), *args],
-                   [run.dir, builtin_store, tmp_path])
+    args = [
+        a(tmp_path, run.dir)
+        if callable(a)
+        else a.replace("{last}", str(last)).replace("{tmp}", str(tmp_path))
+        for a in extra
+    ]
+    line = run_bad(
+        capsys, ["fit", "--config", str(run.config), *args], [run.dir, builtin_store, tmp_path]
+    )
     assert expected.replace("{tmp}", str(tmp_path)) in line
 
 
 @needs_non_root
-def test_read_only_run_dir(run: Run, builtin_store: Path, tmp_path: Path,
-                           capsys: pytest.CaptureFixture) -> None:
+def test_read_only_run_dir(
+    run: Run, builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with read_only_directory(tmp_path / "ro") as ro:
-        line = run_bad(capsys, ["fit", "--config", str(run.config), "--trainer.default_root_dir",
-                                str(ro / "run")], [run.dir, tmp_path])
+        line = run_bad(
+            capsys,
+            ["fit", "--config", str(run.config), "--trainer.default_root_dir", str(ro / "run")],
+            [run.dir, tmp_path],
+        )
         assert f"{ro} is not writable" in line
 
 
-def test_last_or_new_starts_fresh_loudly_then_resumes(run: Run, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    args = ["fit", "--config", str(run.config), "--ckpt_path", "last_or_new",
-            "--trainer.default_root_dir", str(tmp_path / "req"), "--trainer.max_steps", "2"]
+def test_last_or_new_starts_fresh_loudly_then_resumes(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "fit",
+        "--config",
+        str(run.config),
+        "--ckpt_path",
+        "last_or_new",
+        "--trainer.default_root_dir",
+        str(tmp_path / "req"),
+        "--trainer.max_steps",
+        "2",
+    ]
     capsys.readouterr()
     assert main(args) == 0
     assert "NO CHECKPOINT in" in capsys.readouterr().err
@@ -393,10 +607,12 @@ def test_last_or_new_starts_fresh_loudly_then_resumes(run: Run, tmp_path: Path,
 
 # -- randomized kill matrix (slow) -------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(20))
-def test_random_sigkill_resumes_bitwise(trial: int, tmp_path: Path, builtin_store: Path,
-                                        references: Any) -> None:
+def test_random_sigkill_resumes_bitwise(
+    trial: int, tmp_path: Path, builtin_store: Path, references: Any
+) -> None:
     rng = random.Random(trial)
     num_workers = rng.choice([0, 2])
     ref = references(num_workers, 2)
@@ -406,8 +622,14 @@ def test_random_sigkill_resumes_bitwise(trial: int, tmp_path: Path, builtin_stor
         cfg = config(tmp_path, builtin_store, "run", num_workers, 2, 1, rng.choice([0.0, 0.05]))
         env = {**os.environ, "TMPDIR": str(other_fs)}
         args = [sys.executable, "-m", "midtrain", "fit", "--config", str(cfg)]
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         ckpts = tmp_path / "run" / "checkpoints"
         deadline = time.monotonic() + 300
         while not ckpts.is_dir() and proc.poll() is None and time.monotonic() < deadline:
@@ -415,8 +637,13 @@ def test_random_sigkill_resumes_bitwise(trial: int, tmp_path: Path, builtin_stor
         time.sleep(rng.uniform(0, 4))  # anywhere in the run, often inside a checkpoint write
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        resume = subprocess.run([*args, "--ckpt_path", "last_or_new"], cwd=REPO, env=env,
-                                capture_output=True, timeout=600)
+        resume = subprocess.run(
+            [*args, "--ckpt_path", "last_or_new"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            timeout=600,
+        )
         assert resume.returncode == 0, resume.stderr.decode()[-3000:]
         assert_equal_weights(ref / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
         no_temps(ckpts)

@@ -16,8 +16,14 @@ from midtrain.cli import main
 from tests.test_training import fit_config, scalars
 
 REPO = Path(__file__).resolve().parents[1]
-NOISE = ["not resumable", "litlogger", "LeafSpec", "exists and is not empty", "GPU available",
-         "TPU available"]
+NOISE = [
+    "not resumable",
+    "litlogger",
+    "LeafSpec",
+    "exists and is not empty",
+    "GPU available",
+    "TPU available",
+]
 
 
 def error_lines(err: str) -> list[str]:
@@ -26,12 +32,18 @@ def error_lines(err: str) -> list[str]:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "midtrain", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "midtrain", *args],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
 
 
 def test_validate_and_test_require_weights_and_name_them(
-        tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "v", max_steps=2, limit_val_batches=0)
     for command in ("validate", "test"):
         assert main([command, "--config", str(cfg)]) == 2
@@ -51,13 +63,15 @@ def test_validate_and_test_require_weights_and_name_them(
     assert all(len(v) == 3 for v in rows.values())
     assert main(["test", "--config", str(cfg), "--model.init_from", str(ckpt)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == (f"midtrain test: evaluating model.init_from (weights only) {ckpt} "
-                      "(trained 2 steps)")
+    assert out[0] == (
+        f"midtrain test: evaluating model.init_from (weights only) {ckpt} (trained 2 steps)"
+    )
     assert out[1].split() == ["prose", "code", "math"] and out[2].startswith("test/loss")
 
 
-def test_limit_val_batches_is_refused_for_named_sets(tmp_path: Path, builtin_store: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_limit_val_batches_is_refused_for_named_sets(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "l", max_steps=2, limit_val_batches=2)
     assert main(["fit", "--config", str(cfg)]) == 2
     err = error_lines(capsys.readouterr().err)
@@ -66,22 +80,34 @@ def test_limit_val_batches_is_refused_for_named_sets(tmp_path: Path, builtin_sto
     assert not (tmp_path / "l").exists()
 
 
-def test_quiet_resume_progress_in_steps_and_late_validation(tmp_path: Path,
-                                                            builtin_store: Path) -> None:
+def test_quiet_resume_progress_in_steps_and_late_validation(
+    tmp_path: Path, builtin_store: Path
+) -> None:
     """A quick try with val_check_interval beyond the run validates at the end; a resumed run
     prints no false warning and its progress bar shows steps of the whole run."""
-    cfg = fit_config(tmp_path, builtin_store, "q", max_steps=6, val_check_interval=100,
-                     enable_progress_bar=True)
-    first = run("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "3",
-                "--checkpoint.save_top_k", "-1")
+    cfg = fit_config(
+        tmp_path, builtin_store, "q", max_steps=6, val_check_interval=100, enable_progress_bar=True
+    )
+    first = run(
+        "fit",
+        "--config",
+        str(cfg),
+        "--checkpoint.every_n_train_steps",
+        "3",
+        "--checkpoint.save_top_k",
+        "-1",
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     output = first.stdout + first.stderr
-    assert ("trainer.val_check_interval: 100 steps is beyond the run's 6; validating at the end "
-            "of the run") in output
+    assert (
+        "trainer.val_check_interval: 100 steps is beyond the run's 6; validating at the end "
+        "of the run"
+    ) in output
     assert [s for s, _ in scalars(tmp_path / "q")["val/prose/loss"]] == [5]
     step3 = tmp_path / "q" / "checkpoints" / "epoch=0-step=3.ckpt"
-    resumed = run("fit", "--config", str(cfg), "--ckpt_path", str(step3),
-                  "--trainer.limit_val_batches", "0")
+    resumed = run(
+        "fit", "--config", str(cfg), "--ckpt_path", str(step3), "--trainer.limit_val_batches", "0"
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     output = resumed.stdout + resumed.stderr
     for noise in NOISE:
@@ -91,8 +117,9 @@ def test_quiet_resume_progress_in_steps_and_late_validation(tmp_path: Path,
     assert re.search(r"\b3/6\b", bars[0]) and re.search(r"\b6/6\b", bars[-1])
 
 
-def test_yaml_errors_name_file_and_line(tmp_path: Path, builtin_store: Path,
-                                        capsys: pytest.CaptureFixture) -> None:
+def test_yaml_errors_name_file_and_line(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "y", max_steps=2)
     text = cfg.read_text()
     broken = tmp_path / "broken.yaml"
@@ -105,25 +132,32 @@ def test_yaml_errors_name_file_and_line(tmp_path: Path, builtin_store: Path,
     assert len(err) == 1 and f"{broken}:{line + 1}:" in err[0] and "YAML syntax error" in err[0]
     assert main(["fit", "--config", str(duplicated)]) == 2
     err = error_lines(capsys.readouterr().err)
-    assert err == [f"midtrain fit: error: {duplicated}:{line + 1}: key 'lr' is given twice "
-                   f"(first at line {line}); a YAML mapping takes each key once: remove one"]
+    assert err == [
+        f"midtrain fit: error: {duplicated}:{line + 1}: key 'lr' is given twice "
+        f"(first at line {line}); a YAML mapping takes each key once: remove one"
+    ]
     assert not (tmp_path / "y").exists()
 
 
 def test_duplicated_keys_refused_in_nested_files_values_and_tool_configs(
-        tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "d", max_steps=2)
     weights = "{prose: 1, code: 1, prose: 2}"  # a domain given twice
     assert main(["fit", "--config", str(cfg), "--data.weights", weights]) == 2
     assert "key 'prose' is given twice" in capsys.readouterr().err
     prepare = tmp_path / "prepare.yaml"
-    prepare.write_text(yaml.safe_dump({"output": str(tmp_path / "store")}) +
-                       "domains:\n  a: {source: {builtin: arithmetic}}\n"
-                       "  a: {source: {builtin: python-docs}}\n")
+    prepare.write_text(
+        yaml.safe_dump({"output": str(tmp_path / "store")})
+        + "domains:\n  a: {source: {builtin: arithmetic}}\n"
+        "  a: {source: {builtin: python-docs}}\n"
+    )
     assert main(["prepare", "--config", str(prepare)]) == 2
     err = error_lines(capsys.readouterr().err)
-    assert err == [f"midtrain prepare: error: {prepare}:4: key 'a' is given twice (first at "
-                   "line 3); a YAML mapping takes each key once: remove one"]
+    assert err == [
+        f"midtrain prepare: error: {prepare}:4: key 'a' is given twice (first at "
+        "line 3); a YAML mapping takes each key once: remove one"
+    ]
     assert not (tmp_path / "store").exists()
     # a nested file given for a key, read by jsonargparse itself
     trainer = tmp_path / "trainer.txt"
@@ -133,8 +167,9 @@ def test_duplicated_keys_refused_in_nested_files_values_and_tool_configs(
 
 
 @pytest.mark.parametrize("value", ["{prose:1}", "{prose:1,code:2}", "prose:1"])
-def test_command_line_dict_slips_are_one_line(tmp_path: Path, builtin_store: Path,
-                                              capsys: pytest.CaptureFixture, value: str) -> None:
+def test_command_line_dict_slips_are_one_line(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture, value: str
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "c", max_steps=2)
     assert main(["fit", "--config", str(cfg), "--data.weights", value]) == 2
     err = error_lines(capsys.readouterr().err)

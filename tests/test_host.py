@@ -12,8 +12,8 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="glibc's malloc only")
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
 
 # Build a CPU Trainer, then allocate, fill and free a 64 MB tensor over and over (as every step
 # does with its activations) and count the minor page faults of the rounds after the first ten.
@@ -37,11 +37,15 @@ print(json.dumps({"faults_per_round": (faults() - before) / 5, "applied": host._
 
 
 def probe(**env: str) -> dict:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith("MALLOC_") and k not in ("MIDTRAIN_KEEP_FREED_MEMORY",
-                                                        "GLIBC_TUNABLES", "LD_PRELOAD")}
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         env=base | env, check=True).stdout
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_")
+        and k not in ("MIDTRAIN_KEEP_FREED_MEMORY", "GLIBC_TUNABLES", "LD_PRELOAD")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=base | env, check=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -56,14 +60,18 @@ def test_cpu_trainer_reuses_freed_blocks_instead_of_faulting_them_in():
 
 
 # (a preload that does not exist only warns: the allocator is recognised by its name)
-@pytest.mark.parametrize("env", [{"MALLOC_ARENA_MAX": "2"},
-                                 {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"},
-                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MALLOC_ARENA_MAX": "2"},
+        {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"},
+    ],
+)
 def test_an_allocator_the_user_chose_is_left_alone(env):
     name = next(iter(env))
     result = probe(**env)
     assert result["applied"] is False and result["chosen"] == name
-
 
 
 def test_a_wrong_value_is_named_in_one_line(tmp_path, builtin_store, monkeypatch, capsys):
@@ -75,7 +83,9 @@ def test_a_wrong_value_is_named_in_one_line(tmp_path, builtin_store, monkeypatch
     monkeypatch.setenv("MIDTRAIN_KEEP_FREED_MEMORY", "maybe")
     assert main(["fit", "--config", str(fit_config(tmp_path, builtin_store, "run"))]) != 0
     errors = [x for x in capsys.readouterr().err.splitlines() if "MIDTRAIN_KEEP" in x]
-    assert errors == ["midtrain fit: error: MIDTRAIN_KEEP_FREED_MEMORY='maybe': use 0 to keep "
-                      "glibc's malloc defaults on the CPU, or 1 (the default) to keep freed "
-                      "memory"]
+    assert errors == [
+        "midtrain fit: error: MIDTRAIN_KEEP_FREED_MEMORY='maybe': use 0 to keep "
+        "glibc's malloc defaults on the CPU, or 1 (the default) to keep freed "
+        "memory"
+    ]
     assert not (tmp_path / "run").exists()

@@ -21,25 +21,43 @@ from midtrain.model.generation import Sampling, generate_ids  # noqa: E402
 from midtrain.model.gpt import GPT  # noqa: E402
 
 ARCHS = {
-    "pythia": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
-                                                "block_size": 64}},
-    "llama": {"arch": "llama-tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
-                                                     "block_size": 64, "bias": True}},
+    "pythia": {
+        "arch": "tiny",
+        "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
+    },
+    "llama": {
+        "arch": "llama-tiny",
+        "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64, "bias": True},
+    },
 }
 
 
-def fit_config(tmp: Path, store: Path, run: str, model: dict, steps: int = 2,
-               **extra: object) -> Path:
+def fit_config(
+    tmp: Path, store: Path, run: str, model: dict, steps: int = 2, **extra: object
+) -> Path:
     cfg = {
         "seed_everything": 0,
         "model": {**model, "lr": 3e-3, "warmup": 1},
-        "data": {"class_path": "midtrain.MixtureDataModule",
-                 "init_args": {"store": str(store), "seq_len": 32, "micro_batch_size": 4,
-                               "val_max_blocks": 2}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps,
-                    "log_every_n_steps": 1, "default_root_dir": str(tmp / run),
-                    "enable_progress_bar": False, "num_sanity_val_steps": 0,
-                    "limit_val_batches": 0, "enable_model_summary": False},
+        "data": {
+            "class_path": "midtrain.MixtureDataModule",
+            "init_args": {
+                "store": str(store),
+                "seq_len": 32,
+                "micro_batch_size": 4,
+                "val_max_blocks": 2,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": steps,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(tmp / run),
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "enable_model_summary": False,
+        },
         **extra,
     }
     path = tmp / f"{run}.yaml"
@@ -60,13 +78,16 @@ def perturbed(ckpt: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
-def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-        builtin_store: Path) -> Path:
+def run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, builtin_store: Path
+) -> Path:
     """A real 2-step run of a pythia- or llama-shaped model; returns a perturbed checkpoint
     inside the run's checkpoints/ (so the run's config.yaml names the store)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    assert main(["fit", "--config", str(fit_config(tmp, builtin_store, "run",
-                                                   ARCHS[request.param]))]) == 0
+    assert (
+        main(["fit", "--config", str(fit_config(tmp, builtin_store, "run", ARCHS[request.param]))])
+        == 0
+    )
     return perturbed(tmp / "run" / "checkpoints" / "last.ckpt")
 
 
@@ -84,6 +105,7 @@ def exported(ckpt: Path) -> Path:
 
 
 # -- export -----------------------------------------------------------------------------------
+
 
 def test_export_matches_transformers(run: Path, builtin_store: Path) -> None:
     out = exported(run)
@@ -105,15 +127,20 @@ def test_export_matches_transformers(run: Path, builtin_store: Path) -> None:
     from tokenizers import Tokenizer
 
     text = "def f(x):\n    return x + 1  # Question: 12 + 30?"
-    assert tok(text)["input_ids"] == Tokenizer.from_file(
-        str(builtin_store / "tokenizer.json")).encode(text).ids
+    assert (
+        tok(text)["input_ids"]
+        == Tokenizer.from_file(str(builtin_store / "tokenizer.json")).encode(text).ids
+    )
     assert not list(out.parent.glob(".hf.*"))  # no temporary directory left behind
 
 
-@pytest.mark.parametrize(("arch", "overrides"), [
-    ("tiny", {"parallel_residual": False, "tie_embeddings": True, "rotary_pct": 0.5}),
-    ("llama-tiny", {"tie_embeddings": True, "bias": True, "norm_eps": 1e-5}),
-])
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("tiny", {"parallel_residual": False, "tie_embeddings": True, "rotary_pct": 0.5}),
+        ("llama-tiny", {"tie_embeddings": True, "bias": True, "norm_eps": 1e-5}),
+    ],
+)
 def test_mapping_variants_round_trip(arch: str, overrides: dict, tmp_path: Path) -> None:
     """Options beyond the presets (tied embeddings, sequential residual, rotary share, biases)
     survive GPT -> transformers -> GPT with the same logits."""
@@ -140,15 +167,19 @@ def test_mapping_variants_round_trip(arch: str, overrides: dict, tmp_path: Path)
         assert torch.equal(back(idx), expected)
 
 
-@pytest.mark.parametrize(("arch", "overrides", "message"), [
-    ("tiny", {"bias": False}, "bias=False with a GELU MLP"),
-    ("tiny", {"norm": "rmsnorm"}, "norm='rmsnorm' with a GELU MLP"),
-    ("llama-tiny", {"norm": "layernorm"}, "norm='layernorm' with a SwiGLU MLP"),
-    ("llama-tiny", {"parallel_residual": True}, "parallel_residual=True"),
-    ("llama-tiny", {"rotary_pct": 0.5}, "rotary_pct=0.5"),
-])
-def test_export_refuses_what_transformers_cannot_express(arch: str, overrides: dict,
-                                                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "overrides", "message"),
+    [
+        ("tiny", {"bias": False}, "bias=False with a GELU MLP"),
+        ("tiny", {"norm": "rmsnorm"}, "norm='rmsnorm' with a GELU MLP"),
+        ("llama-tiny", {"norm": "layernorm"}, "norm='layernorm' with a SwiGLU MLP"),
+        ("llama-tiny", {"parallel_residual": True}, "parallel_residual=True"),
+        ("llama-tiny", {"rotary_pct": 0.5}, "rotary_pct=0.5"),
+    ],
+)
+def test_export_refuses_what_transformers_cannot_express(
+    arch: str, overrides: dict, message: str
+) -> None:
     from midtrain.model.config import ModelConfig
 
     with pytest.raises(MidtrainError, match=message):
@@ -158,8 +189,22 @@ def test_export_refuses_what_transformers_cannot_express(arch: str, overrides: d
 def test_export_bf16_sharded(run: Path, tmp_path: Path) -> None:
     one_arch(run, "llama")
     out = tmp_path / "bf16"
-    assert main(["export", "--ckpt", str(run), "--out", str(out), "--dtype", "bf16",
-                 "--max_shard_size", "20KB"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--ckpt",
+                str(run),
+                "--out",
+                str(out),
+                "--dtype",
+                "bf16",
+                "--max_shard_size",
+                "20KB",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -168,8 +213,9 @@ def test_export_bf16_sharded(run: Path, tmp_path: Path) -> None:
     assert torch.equal(model.get_input_embeddings().weight, state["embed.weight"].bfloat16())
 
 
-def test_export_refuses_bad_input(run: Path, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_refuses_bad_input(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def fails(*args: str) -> str:
         capsys.readouterr()
         assert main(["export", *args]) == 2
@@ -184,8 +230,11 @@ def test_export_refuses_bad_input(run: Path, tmp_path: Path,
     assert "not found" in fails("--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(out))
     # an option transformers cannot express (a GELU MLP with RMSNorm)
     state = torch.load(run, map_location="cpu", weights_only=True)
-    state["hyper_parameters"]["model_config"] = {**state["hyper_parameters"]["model_config"],
-                                                 "norm": "rmsnorm", "mlp": "gelu"}
+    state["hyper_parameters"]["model_config"] = {
+        **state["hyper_parameters"]["model_config"],
+        "norm": "rmsnorm",
+        "mlp": "gelu",
+    }
     odd = run.with_name("odd.ckpt")
     torch.save(state, odd)
     assert "norm='rmsnorm'" in fails("--ckpt", str(odd), "--out", str(out))
@@ -194,8 +243,9 @@ def test_export_refuses_bad_input(run: Path, tmp_path: Path,
 
     big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(600)}, unk_token="w0"))
     big.save(str(tmp_path / "big.json"))
-    assert "600 tokens" in fails("--ckpt", str(run), "--out", str(out), "--tokenizer",
-                                 str(tmp_path / "big.json"))
+    assert "600 tokens" in fails(
+        "--ckpt", str(run), "--out", str(out), "--tokenizer", str(tmp_path / "big.json")
+    )
     existing = tmp_path / "existing"
     existing.mkdir()
     assert "exists" in fails("--ckpt", str(run), "--out", str(existing))
@@ -204,21 +254,38 @@ def test_export_refuses_bad_input(run: Path, tmp_path: Path,
 
 # -- import -----------------------------------------------------------------------------------
 
+
 def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
     """A random transformers model (non-trivial biases and norms) saved with save_pretrained,
     with the store's tokenizer: what a released checkpoint looks like, offline."""
     torch.manual_seed(0)
     if kind == "pythia":
         config = transformers.GPTNeoXConfig(
-            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=256, max_position_embeddings=64, use_parallel_residual=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "partial_rotary_factor": 0.25}, hidden_act="gelu")
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+            use_parallel_residual=True,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+            },
+            hidden_act="gelu",
+        )
     else:
         config = transformers.LlamaConfig(
-            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, intermediate_size=172, max_position_embeddings=64,
-            tie_word_embeddings=False)
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=172,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     eos = json.loads((store / "store.json").read_text())["eos_id"]
     config.bos_token_id = config.eos_token_id = eos  # as Pythia: <|endoftext|> is both
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -226,8 +293,9 @@ def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(directory)
-    transformers.PreTrainedTokenizerFast(tokenizer_file=str(store / "tokenizer.json"),
-                                         eos_token="<|endoftext|>").save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(store / "tokenizer.json"), eos_token="<|endoftext|>"
+    ).save_pretrained(directory)
     return directory
 
 
@@ -290,8 +358,18 @@ def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Pa
     directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
     batch_file = tmp_path / "batch.pt"
     cfg = fit_config(tmp_path, builtin_store, "cont", {"init_from": f"hf:{directory}"}, steps=1)
-    assert main(["fit", "--config", str(cfg), "--trainer.callbacks+=tests.helpers.SaveBatches",
-                 f"--trainer.callbacks.path={batch_file}"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--trainer.callbacks+=tests.helpers.SaveBatches",
+                f"--trainer.callbacks.path={batch_file}",
+            ]
+        )
+        == 0
+    )
     batch = torch.load(batch_file, weights_only=True)[0]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     with torch.no_grad():
@@ -307,6 +385,7 @@ def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Pa
 
 # -- generation -------------------------------------------------------------------------------
 
+
 def test_generation_cache_matches_full_and_transformers(run: Path) -> None:
     model, tok, eos = load_model(str(run))
     prompts = [tok.encode(p).ids for p in ("def add(a, b):", "Question: 3 + 4 =", "The")]
@@ -315,35 +394,59 @@ def test_generation_cache_matches_full_and_transformers(run: Path) -> None:
     assert cached == generate_ids(model, prompts, sampling, use_cache=False)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported(run)).eval()
     for prompt, ours in zip(prompts, cached, strict=True):
-        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False,
-                              eos_token_id=None, pad_token_id=eos)
-        assert out[0, len(prompt):].tolist() == ours
+        out = theirs.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=15,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=eos,
+        )
+        assert out[0, len(prompt) :].tolist() == ours
     # sampling: reproducible with a seed, and top_k=1 is greedy
     sampled = Sampling(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
     assert generate_ids(model, prompts, sampled) == generate_ids(model, prompts, sampled)
-    assert generate_ids(model, prompts, Sampling(max_new_tokens=10, temperature=1.0, top_k=1,
-                                                 seed=1)) == [c[:10] for c in cached]
+    assert generate_ids(
+        model, prompts, Sampling(max_new_tokens=10, temperature=1.0, top_k=1, seed=1)
+    ) == [c[:10] for c in cached]
 
 
-def test_generate_command_and_method(run: Path, builtin_store: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_command_and_method(
+    run: Path, builtin_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     one_arch(run)
     capsys.readouterr()
-    assert main(["generate", "--ckpt", str(run), "--prompt", "def add(a, b):", "--prompt",
-                 "Question:", "--max_new_tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run),
+                "--prompt",
+                "def add(a, b):",
+                "--prompt",
+                "Question:",
+                "--max_new_tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("def add(a, b):") and "---\nQuestion:" in out
     from midtrain.train.module import CausalLM
 
     lm = CausalLM.load_from_checkpoint(run)
-    text = lm.generate("def add(a, b):", max_new_tokens=8,
-                       tokenizer=builtin_store / "tokenizer.json")
+    text = lm.generate(
+        "def add(a, b):", max_new_tokens=8, tokenizer=builtin_store / "tokenizer.json"
+    )
     model, tok, eos = load_model(str(run))
-    expected = tok.decode(generate_ids(model, [tok.encode("def add(a, b):").ids],
-                                       Sampling(max_new_tokens=8, stop_ids=[eos]))[0])
+    expected = tok.decode(
+        generate_ids(
+            model, [tok.encode("def add(a, b):").ids], Sampling(max_new_tokens=8, stop_ids=[eos])
+        )[0]
+    )
     assert text == expected
-    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--max_new_tokens",
-                 "100"]) == 2
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--max_new_tokens", "100"]) == 2
 
 
 # -- lm-evaluation-harness ----------------------------------------------------------------------
@@ -386,8 +489,14 @@ def write_tasks(directory: Path) -> Path:
         right = str(a + b)
         choices = [right, str(a + b + 1), str(a * b + 3)]
         order = sorted(range(3), key=lambda i: (i * 5 + a) % 3)
-        rows.append({"question": f"{a} + {b} =", "answer": right,
-                     "choices": [choices[i] for i in order], "label": order.index(0)})
+        rows.append(
+            {
+                "question": f"{a} + {b} =",
+                "answer": right,
+                "choices": [choices[i] for i in order],
+                "label": order.index(0),
+            }
+        )
     data = directory / "arith.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (directory / "mc.yaml").write_text(MC_TASK.format(data=data))
@@ -408,13 +517,22 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     manager = TaskManager(include_path=str(tmp_path / "tasks"))
     ours = MidtrainLM(checkpoint=str(run), batch_size=4)
     results = {}
-    for name, model, args in (("midtrain", ours, None),
-                              ("hf", "hf", f"pretrained={exported(run)},dtype=float32")):
-        out = lm_eval.simple_evaluate(model=model, model_args=args,
-                                      tasks=["mt_arith_mc", "mt_arith_gen"],
-                                      task_manager=manager, batch_size=4, device="cpu")
-        results[name] = {t: {k: v for k, v in r.items() if "stderr" not in k and k != "alias"}
-                         for t, r in out["results"].items()}
+    for name, model, args in (
+        ("midtrain", ours, None),
+        ("hf", "hf", f"pretrained={exported(run)},dtype=float32"),
+    ):
+        out = lm_eval.simple_evaluate(
+            model=model,
+            model_args=args,
+            tasks=["mt_arith_mc", "mt_arith_gen"],
+            task_manager=manager,
+            batch_size=4,
+            device="cpu",
+        )
+        results[name] = {
+            t: {k: v for k, v in r.items() if "stderr" not in k and k != "alias"}
+            for t, r in out["results"].items()
+        }
     assert results["midtrain"] == results["hf"]
     assert set(results["midtrain"]["mt_arith_mc"]) >= {"acc,none", "acc_norm,none"}
 
@@ -422,8 +540,12 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     from lm_eval.models.huggingface import HFLM
 
     theirs = HFLM(pretrained=str(exported(run)), dtype="float32", batch_size=4, device="cpu")
-    requests = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate(
-        [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")])]
+    requests = [
+        Instance("loglikelihood", {}, (ctx, cont), i)
+        for i, (ctx, cont) in enumerate(
+            [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")]
+        )
+    ]
     got, want = ours.loglikelihood(requests), theirs.loglikelihood(requests)
     for (a, ga), (b, gb) in zip(got, want, strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
@@ -435,42 +557,102 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     assert got[0][0] == pytest.approx(direct, abs=1e-5)
     rolling = [Instance("loglikelihood_rolling", {}, ("def f(x):\n    return x * 2\n",), 0)]
     assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
-        theirs.loglikelihood_rolling(rolling)[0], abs=1e-4)
+        theirs.loglikelihood_rolling(rolling)[0], abs=1e-4
+    )
 
 
 def test_lm_eval_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one_arch(run)
     pytest.importorskip("lm_eval")
     write_tasks(tmp_path / "tasks")
-    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args",
-                 f"checkpoint={run},batch_size=4", "--tasks", "mt_arith_mc",
-                 "--include_path", str(tmp_path / "tasks"), "--output_path",
-                 str(tmp_path / "results")]) == 0
+    assert (
+        main(
+            [
+                "lm-eval",
+                "run",
+                "--model",
+                "midtrain",
+                "--model_args",
+                f"checkpoint={run},batch_size=4",
+                "--tasks",
+                "mt_arith_mc",
+                "--include_path",
+                str(tmp_path / "tasks"),
+                "--output_path",
+                str(tmp_path / "results"),
+            ]
+        )
+        == 0
+    )
     files = list((tmp_path / "results").rglob("results_*.json"))
     assert files and "mt_arith_mc" in json.loads(files[0].read_text())["results"]
     # an unknown task, a path that is not a checkpoint: one line each, exit 2
     capsys.readouterr()
-    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args", f"checkpoint={run}",
-                 "--tasks", "no_such_task_xyz", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "lm-eval",
+                "run",
+                "--model",
+                "midtrain",
+                "--model_args",
+                f"checkpoint={run}",
+                "--tasks",
+                "no_such_task_xyz",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "Tasks not found: no_such_task_xyz" in capsys.readouterr().err
-    assert main(["lm-eval", "run", "--model", "midtrain", "--model_args",
-                 f"checkpoint={tmp_path / 'nope.ckpt'}", "--tasks", "mt_arith_mc",
-                 "--include_path", str(tmp_path / "tasks"), "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "lm-eval",
+                "run",
+                "--model",
+                "midtrain",
+                "--model_args",
+                f"checkpoint={tmp_path / 'nope.ckpt'}",
+                "--tasks",
+                "mt_arith_mc",
+                "--include_path",
+                str(tmp_path / "tasks"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "checkpoint not found" in capsys.readouterr().err.splitlines()[-1]
 
 
 # -- in-loop downstream evaluation --------------------------------------------------------------
 
+
 def test_downstream_eval_callback_logs_tags(tmp_path: Path, builtin_store: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = write_tasks(tmp_path / "tasks")
-    tasks = [{"name": "arith", "path": str(data), "kind": "multiple_choice",
-              "context": "Question: {question}\nAnswer:", "choices": "choices",
-              "answer": "label"},
-             {"name": "arith_gen", "path": str(data), "kind": "exact_match",
-              "context": "Question: {question}\nAnswer:", "answer": "answer",
-              "max_new_tokens": 4}]
+    tasks = [
+        {
+            "name": "arith",
+            "path": str(data),
+            "kind": "multiple_choice",
+            "context": "Question: {question}\nAnswer:",
+            "choices": "choices",
+            "answer": "label",
+        },
+        {
+            "name": "arith_gen",
+            "path": str(data),
+            "kind": "exact_match",
+            "context": "Question: {question}\nAnswer:",
+            "answer": "answer",
+            "max_new_tokens": 4,
+        },
+    ]
     cfg = fit_config(tmp_path, builtin_store, "ds", ARCHS["pythia"], steps=5)
     config = yaml.safe_load(cfg.read_text())
     config["trainer"]["log_every_n_steps"] = 50  # eval tags do not depend on it
@@ -485,8 +667,9 @@ def test_downstream_eval_callback_logs_tags(tmp_path: Path, builtin_store: Path)
         expected.append("eval/mt_arith_mc/acc")
     except ImportError:
         pass
-    config["trainer"]["callbacks"] = [{"class_path": "midtrain.callbacks.DownstreamEval",
-                                       "init_args": init_args}]
+    config["trainer"]["callbacks"] = [
+        {"class_path": "midtrain.callbacks.DownstreamEval", "init_args": init_args}
+    ]
     cfg.write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(cfg)]) == 0
     ea = EventAccumulator(str(tmp_path / "ds"))
@@ -503,8 +686,17 @@ def test_downstream_eval_refuses_bad_tasks(tmp_path: Path) -> None:
     from midtrain.evaluation.callback import DownstreamEval
 
     with pytest.raises(MidtrainError, match="file not found"):
-        DownstreamEval(tasks=[{"name": "x", "path": str(tmp_path / "no.jsonl"),
-                               "kind": "exact_match", "context": "{q}", "answer": "a"}])
+        DownstreamEval(
+            tasks=[
+                {
+                    "name": "x",
+                    "path": str(tmp_path / "no.jsonl"),
+                    "kind": "exact_match",
+                    "context": "{q}",
+                    "answer": "a",
+                }
+            ]
+        )
     pytest.importorskip("lm_eval")
     with pytest.raises(MidtrainError, match="no lm-eval task 'no_such_task_xyz'"):
         DownstreamEval(tasks=["no_such_task_xyz"])
@@ -527,18 +719,26 @@ def test_prepare_takes_tokenizer_from_hf_model(tmp_path: Path, builtin_store: Pa
     directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(20)))
-    store = prepare(PrepareConfig(output=str(tmp_path / "store"),
-                                  domains={"d": DomainConfig(source={"path": str(docs)})},
-                                  tokenizer=TokenizerConfig(hub=f"hf:{directory}")))
+    store = prepare(
+        PrepareConfig(
+            output=str(tmp_path / "store"),
+            domains={"d": DomainConfig(source={"path": str(docs)})},
+            tokenizer=TokenizerConfig(hub=f"hf:{directory}"),
+        )
+    )
     from tokenizers import Tokenizer
 
     text = "Question: 12 + 30 =\ndef f(x): return x"
     ids = Tokenizer.from_file(str(Path(store) / "tokenizer.json")).encode(text).ids
     assert ids == Tokenizer.from_file(str(builtin_store / "tokenizer.json")).encode(text).ids
     with pytest.raises(MidtrainError, match="applies only to hub ids"):
-        prepare(PrepareConfig(output=str(tmp_path / "store2"),
-                              domains={"d": DomainConfig(source={"path": str(docs)})},
-                              tokenizer=TokenizerConfig(hub=f"hf:{directory}@main")))
+        prepare(
+            PrepareConfig(
+                output=str(tmp_path / "store2"),
+                domains={"d": DomainConfig(source={"path": str(docs)})},
+                tokenizer=TokenizerConfig(hub=f"hf:{directory}@main"),
+            )
+        )
     assert not (tmp_path / "store2").exists()
 
 

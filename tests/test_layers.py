@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "midtrain"
-RANK = {"errors": 0, "configs": 1, "data": 1, "model": 2, "checkpoint": 3, "train": 4,
-        "evaluation": 5, "study": 5, "cli": 6}
+RANK = {
+    "errors": 0,
+    "configs": 1,
+    "data": 1,
+    "model": 2,
+    "checkpoint": 3,
+    "train": 4,
+    "evaluation": 5,
+    "study": 5,
+    "cli": 6,
+}
 FACADES = {"__init__", "__main__", "callbacks", "lm"}
 
 
@@ -34,8 +43,9 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
                 names = [f"midtrain.{a.name}" for a in node.names]
             found += [(node.lineno, n) for n in names if n.split(".")[0] == "midtrain"]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names
-                      if a.name.split(".")[0] == "midtrain"]
+            found += [
+                (node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "midtrain"
+            ]
     return sorted(found)
 
 
@@ -60,8 +70,10 @@ def violations(path: Path, own: str) -> list[str]:
         elif other not in RANK:
             found.append(f"{path.name}:{lineno} imports {module}, which is in no layer")
         elif other != own and RANK[other] >= RANK[own]:
-            found.append(f"{path.name}:{lineno}: {own} (layer {RANK[own]}) imports {module} "
-                         f"({other}, layer {RANK[other]})")
+            found.append(
+                f"{path.name}:{lineno}: {own} (layer {RANK[own]}) imports {module} "
+                f"({other}, layer {RANK[other]})"
+            )
     return found
 
 
@@ -74,10 +86,12 @@ def test_imports_point_down(path: Path) -> None:
 
 def test_the_rule_catches_upward_and_sideways_imports(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("from midtrain.errors import MidtrainError\n"
-                   "def f():\n    from midtrain.cli.fit import say\n"
-                   "from midtrain import train\n"
-                   "import midtrain.study.plan\n")
+    bad.write_text(
+        "from midtrain.errors import MidtrainError\n"
+        "def f():\n    from midtrain.cli.fit import say\n"
+        "from midtrain import train\n"
+        "import midtrain.study.plan\n"
+    )
     found = violations(bad, "train")
     assert [line.split(":")[1].split()[0] for line in found] == ["3", "5"]
     assert "midtrain.cli.fit" in found[0] and "midtrain.study.plan" in found[1]

@@ -30,17 +30,27 @@ def _loss_and_grads(fn, features, weight, targets, mask, reduce):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk_size", [1, 16, 50, 1000])  # 1000 > N: a single chunk
-@pytest.mark.parametrize("reduce", [
-    lambda losses, mask: losses.sum() / mask.sum().clamp_min(1),  # CausalLM's training loss
-    lambda losses, mask: losses.sum() * 3.0 / 8,  # gradient accumulation scales it
-], ids=["mean", "scaled-sum"])
+@pytest.mark.parametrize(
+    "reduce",
+    [
+        lambda losses, mask: losses.sum() / mask.sum().clamp_min(1),  # CausalLM's training loss
+        lambda losses, mask: losses.sum() * 3.0 / 8,  # gradient accumulation scales it
+    ],
+    ids=["mean", "scaled-sum"],
+)
 def test_chunked_equals_plain_loss_and_grads(dtype, chunk_size, reduce) -> None:
-    features, weight, targets, mask = (t.to(dtype) if t.is_floating_point() else t
-                                       for t in _inputs())
+    features, weight, targets, mask = (
+        t.to(dtype) if t.is_floating_point() else t for t in _inputs()
+    )
     plain = _loss_and_grads(cross_entropy, features, weight, targets, mask, reduce)
     chunked = _loss_and_grads(
         lambda *a: chunked_cross_entropy(*a, chunk_size=chunk_size),
-        features, weight, targets, mask, reduce)
+        features,
+        weight,
+        targets,
+        mask,
+        reduce,
+    )
     assert chunked[0].dtype == torch.float32  # the loss is fp32 whatever the inputs
     for a, b in zip(plain, chunked, strict=True):
         assert a.shape == b.shape
@@ -52,8 +62,9 @@ def test_chunked_equals_plain_loss_and_grads(dtype, chunk_size, reduce) -> None:
 def test_tied_weight_gets_both_gradients() -> None:
     """With tied embeddings the head weight is the embedding: its gradient is the sum of the
     lookup's and the head's, as with the plain loss."""
-    features, weight, targets, mask = (t.float() if t.is_floating_point() else t
-                                       for t in _inputs(dim=16, vocab=50))
+    features, weight, targets, mask = (
+        t.float() if t.is_floating_point() else t for t in _inputs(dim=16, vocab=50)
+    )
     idx = targets.roll(1, 1)
     grads = []
     for fn in (cross_entropy, lambda *a: chunked_cross_entropy(*a, chunk_size=7)):
@@ -70,8 +81,7 @@ def test_no_grad_and_bad_chunk_size() -> None:
     with torch.no_grad():
         out = chunked_cross_entropy(features.float(), weight.float(), targets, mask, 8)
     assert not out.requires_grad
-    assert torch.allclose(out, cross_entropy(features, weight, targets, mask).float(),
-                          atol=1e-6)
+    assert torch.allclose(out, cross_entropy(features, weight, targets, mask).float(), atol=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_cross_entropy(features, weight, targets, mask, 0)
 
@@ -79,14 +89,19 @@ def test_no_grad_and_bad_chunk_size() -> None:
 def test_bf16_autocast_runs_matmuls_in_bf16() -> None:
     """Under autocast the head matmul runs in bf16 as the plain lm_head would; the loss and
     softmax stay fp32. Same result as the plain path under the same autocast."""
-    features, weight, targets, mask = (t.float() if t.is_floating_point() else t
-                                       for t in _inputs())
+    features, weight, targets, mask = (t.float() if t.is_floating_point() else t for t in _inputs())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = _loss_and_grads(cross_entropy, features, weight, targets, mask,
-                                lambda losses, m: losses.sum() / m.sum())
-        chunked = _loss_and_grads(lambda *a: chunked_cross_entropy(*a, chunk_size=16),
-                                  features, weight, targets, mask,
-                                  lambda losses, m: losses.sum() / m.sum())
+        plain = _loss_and_grads(
+            cross_entropy, features, weight, targets, mask, lambda losses, m: losses.sum() / m.sum()
+        )
+        chunked = _loss_and_grads(
+            lambda *a: chunked_cross_entropy(*a, chunk_size=16),
+            features,
+            weight,
+            targets,
+            mask,
+            lambda losses, m: losses.sum() / m.sum(),
+        )
     assert chunked[1].dtype == chunked[2].dtype == torch.float32  # grads in the inputs' dtype
     for a, b in zip(plain, chunked, strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)

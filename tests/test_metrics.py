@@ -20,17 +20,28 @@ from midtrain.train.optim import SCHEDULES, lr_at
 from midtrain.train.trainer import Trainer
 from tests.test_training import fit_config, scalars
 
-SWITCH = ["--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
-          "--trainer.callbacks.weights={prose: 1}", "--trainer.callbacks.step=5"]
+SWITCH = [
+    "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
+    "--trainer.callbacks.weights={prose: 1}",
+    "--trainer.callbacks.step=5",
+]
 
 
-def test_per_domain_tags_only_where_the_domain_had_tokens(tmp_path: Path,
-                                                          builtin_store: Path) -> None:
+def test_per_domain_tags_only_where_the_domain_had_tokens(
+    tmp_path: Path, builtin_store: Path
+) -> None:
     """math is dropped to weight 0 at step 5: its loss and token curves end at step 4 (the
     step before the switch is always logged), in the uninterrupted run, a run resumed before
     the switch and a fork at the switch alike."""
-    args = ["--data.init_args.weights", "{prose: 0.5, math: 0.5}", *SWITCH,
-            "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]
+    args = [
+        "--data.init_args.weights",
+        "{prose: 0.5, math: 0.5}",
+        *SWITCH,
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--checkpoint.save_top_k",
+        "-1",
+    ]
     full = fit_config(tmp_path, builtin_store, "full", log_every_n_steps=3, limit_val_batches=0)
     assert main(["fit", "--config", str(full), *args]) == 0
     tags = scalars(tmp_path / "full")
@@ -46,17 +57,39 @@ def test_per_domain_tags_only_where_the_domain_had_tokens(tmp_path: Path,
     assert dict(tags["mixture/weight/math"])[5] == 0.0  # the schedule itself, 0 is a value
 
     ckpts = tmp_path / "full" / "checkpoints"
-    resumed = fit_config(tmp_path, builtin_store, "resumed", log_every_n_steps=3,
-                         limit_val_batches=0)
-    assert main(["fit", "--config", str(resumed), *args[:-4],
-                 "--ckpt_path", str(ckpts / "epoch=0-step=3.ckpt")]) == 0
+    resumed = fit_config(
+        tmp_path, builtin_store, "resumed", log_every_n_steps=3, limit_val_batches=0
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(resumed),
+                *args[:-4],
+                "--ckpt_path",
+                str(ckpts / "epoch=0-step=3.ckpt"),
+            ]
+        )
+        == 0
+    )
     fork = fit_config(tmp_path, builtin_store, "fork", log_every_n_steps=3, limit_val_batches=0)
-    assert main(["fit", "--config", str(fork), *args[:-4],
-                 "--fork", str(ckpts / "switch-step=5.ckpt")]) == 0
+    assert (
+        main(
+            ["fit", "--config", str(fork), *args[:-4], "--fork", str(ckpts / "switch-step=5.ckpt")]
+        )
+        == 0
+    )
     for run, start in (("resumed", 3), ("fork", 5)):
         other = scalars(tmp_path / run)
-        for tag in ("train/loss", "train/tokens", "train/loss/prose", "train/tokens/prose",
-                    "train/loss/math", "train/tokens/math"):
+        for tag in (
+            "train/loss",
+            "train/tokens",
+            "train/loss/prose",
+            "train/tokens/prose",
+            "train/loss/math",
+            "train/tokens/math",
+        ):
             want = [(s, v) for s, v in tags[tag] if s >= start]
             assert other.get(tag, []) == want, (run, tag)
 
@@ -84,12 +117,14 @@ class CountHostSyncs(pl.Callback, TorchDispatchMode):
 
     def _count(self, what: str) -> None:
         if self.step is not None:  # where: the innermost frames outside this file
-            stack = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}"
-                     for f in traceback.extract_stack()[:-2] if __file__ != f.filename]
+            stack = [
+                f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}"
+                for f in traceback.extract_stack()[:-2]
+                if __file__ != f.filename
+            ]
             self.counts.setdefault(self.step, []).append(f"{what} at {' < '.join(stack[-3:])}")
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
         if name in self.OPS and not (args and id(args[0]) in self._host_scalars):
             self._count(name)
@@ -99,22 +134,29 @@ class CountHostSyncs(pl.Callback, TorchDispatchMode):
         for name in self.METHODS:
             original = self._saved[name] = getattr(torch.Tensor, name)
 
-            def patched(tensor: torch.Tensor, *a: Any, _name: str = name,
-                        _original: Any = original, **k: Any) -> Any:
+            def patched(
+                tensor: torch.Tensor,
+                *a: Any,
+                _name: str = name,
+                _original: Any = original,
+                **k: Any,
+            ) -> Any:
                 self._count(_name)
                 return _original(tensor, *a, **k)
 
             setattr(torch.Tensor, name, patched)
         self.__enter__()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self.step = trainer.global_step
         # AdamW's step counters live on the host on every device (unless fused/capturable):
         # reading them is no device sync
-        self._host_scalars = {id(s["step"]) for opt in trainer.optimizers
-                              for s in opt.state.values() if "step" in s}
+        self._host_scalars = {
+            id(s["step"]) for opt in trainer.optimizers for s in opt.state.values() if "step" in s
+        }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = None
@@ -132,11 +174,30 @@ def test_no_host_syncs_in_non_logging_steps(tmp_path: Path, builtin_store: Path)
     """With the CLI's default callbacks (checkpoint, throughput, mixture logging), a mixture
     switch, accumulation and gradient clipping, steps that do not log transfer nothing from
     the device; logging steps do (so the counter demonstrably sees transfers)."""
-    cfg = fit_config(tmp_path, builtin_store, "sync", max_steps=12, log_every_n_steps=4,
-                     limit_val_batches=0, accumulate_grad_batches=2, gradient_clip_val=1.0)
-    assert main(["fit", "--config", str(cfg), "--data.init_args.weights",
-                 "{prose: 0.5, code: 0.5}", *SWITCH,
-                 "--trainer.callbacks+=tests.test_metrics.CountHostSyncs"]) == 0
+    cfg = fit_config(
+        tmp_path,
+        builtin_store,
+        "sync",
+        max_steps=12,
+        log_every_n_steps=4,
+        limit_val_batches=0,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--data.init_args.weights",
+                "{prose: 0.5, code: 0.5}",
+                *SWITCH,
+                "--trainer.callbacks+=tests.test_metrics.CountHostSyncs",
+            ]
+        )
+        == 0
+    )
     counter = CountHostSyncs.last
     assert counter is not None
     # logging steps: every 4th (3, 7, 11), the last (11), both sides of the phase starts 0, 5
@@ -149,23 +210,41 @@ def test_no_host_syncs_in_non_logging_steps(tmp_path: Path, builtin_store: Path)
 
 @pytest.mark.parametrize("num_workers,expected", [(0, 3), (2, 4)])
 def test_change_weights_step_comes_from_the_loaders_own_count(
-        builtin_store: Path, tmp_path: Path, num_workers: int, expected: int) -> None:
+    builtin_store: Path, tmp_path: Path, num_workers: int, expected: int
+) -> None:
     """Called after optimizer step 1 (accumulation 2): the loader has handed out micro-batches
     0-3 and, with 2 workers x prefetch 2, asked for 4-7 in advance, so the first micro-batch it
     cannot have produced is 4 (no workers: step 2, but step 2 has begun, so 3) or 8 (step 4)."""
     from midtrain import MixtureDataModule
     from tests.helpers import ChangeWeightsAt
 
-    dm = MixtureDataModule(str(builtin_store), weights={"prose": 1.0}, seq_len=16,
-                           micro_batch_size=2, num_workers=num_workers, prefetch_factor=2,
-                           val_max_blocks=2)
+    dm = MixtureDataModule(
+        str(builtin_store),
+        weights={"prose": 1.0},
+        seq_len=16,
+        micro_batch_size=2,
+        num_workers=num_workers,
+        prefetch_factor=2,
+        val_max_blocks=2,
+    )
     change = ChangeWeightsAt(step=2, weights={"math": 1.0})
-    model = CausalLM(arch="tiny", model_config={"n_layer": 1, "n_embd": 32, "n_head": 2,
-                                                "block_size": 64}, vocab_size=dm.vocab_size)
-    trainer = Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, callbacks=[change],
-                      default_root_dir=str(tmp_path))
+    model = CausalLM(
+        arch="tiny",
+        model_config={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
+        vocab_size=dm.vocab_size,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[change],
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(model, dm)
     assert change.effective == expected
     assert dm.weights_at(expected) == {"prose": 0.0, "code": 0.0, "math": 1.0}
@@ -179,24 +258,35 @@ class ForeignData(pl.LightningDataModule):
 
 def test_a_data_module_without_the_contract_is_named(tmp_path: Path) -> None:
     model = CausalLM(arch="tiny", vocab_size=512)
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False,
-                      default_root_dir=str(tmp_path), enable_progress_bar=False)
-    with pytest.raises(MidtrainError, match=r"ForeignData does not implement .*missing: "
-                                            r"eos_id, seq_len, domains, val_set_names"):
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+    )
+    with pytest.raises(
+        MidtrainError,
+        match=r"ForeignData does not implement .*missing: "
+        r"eos_id, seq_len, domains, val_set_names",
+    ):
         trainer.fit(model, datamodule=ForeignData())
 
 
 def test_a_new_lr_schedule_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
-    def linear(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
-               decay_fraction: float) -> float:
+    def linear(
+        step: int, lr: float, min_lr: float, warmup: int, max_steps: int, decay_fraction: float
+    ) -> float:
         return lr + (min_lr - lr) * (step - warmup) / (max_steps - warmup)
 
     monkeypatch.setitem(SCHEDULES, "linear", linear)
     CausalLM(arch="tiny", vocab_size=512, lr_schedule="linear")  # accepted by name
-    assert lr_at(60, lr=1.0, min_lr=0.0, warmup=10, max_steps=110,
-                 schedule="linear") == pytest.approx(0.5)
-    with pytest.raises(MidtrainError, match="unknown 'cubic'; use one of cosine, wsd, "
-                                            "constant, linear"):
+    assert lr_at(
+        60, lr=1.0, min_lr=0.0, warmup=10, max_steps=110, schedule="linear"
+    ) == pytest.approx(0.5)
+    with pytest.raises(
+        MidtrainError, match="unknown 'cubic'; use one of cosine, wsd, constant, linear"
+    ):
         CausalLM(arch="tiny", vocab_size=512, lr_schedule="cubic")
 
 
@@ -212,8 +302,9 @@ class RecordCallbackMetrics(pl.Callback):
         self.progress_bar: dict[str, Any] = {}
         RecordCallbackMetrics.last = self
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.seen[trainer.global_step] = dict(trainer.callback_metrics)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,16 +313,39 @@ class RecordCallbackMetrics(pl.Callback):
 
 
 def test_callbacks_and_checkpoints_see_the_logged_training_metrics(
-        tmp_path: Path, builtin_store: Path) -> None:
+    tmp_path: Path, builtin_store: Path
+) -> None:
     """The values written to TensorBoard on a logging step are in ``trainer.callback_metrics``
     (as host tensors) until the next logging step, a checkpoint can monitor a per-domain loss,
     and train/loss reaches the progress bar."""
-    cfg = fit_config(tmp_path, builtin_store, "cb", max_steps=6, log_every_n_steps=2,
-                     limit_val_batches=0, enable_progress_bar=True)
-    assert main(["fit", "--config", str(cfg), "--data.init_args.weights",
-                 "{prose: 0.5, code: 0.5}", "--checkpoint.monitor", "train/loss/code",
-                 "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "1",
-                 "--trainer.callbacks+=tests.test_metrics.RecordCallbackMetrics"]) == 0
+    cfg = fit_config(
+        tmp_path,
+        builtin_store,
+        "cb",
+        max_steps=6,
+        log_every_n_steps=2,
+        limit_val_batches=0,
+        enable_progress_bar=True,
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--data.init_args.weights",
+                "{prose: 0.5, code: 0.5}",
+                "--checkpoint.monitor",
+                "train/loss/code",
+                "--checkpoint.every_n_train_steps",
+                "2",
+                "--checkpoint.save_top_k",
+                "1",
+                "--trainer.callbacks+=tests.test_metrics.RecordCallbackMetrics",
+            ]
+        )
+        == 0
+    )
     recorder = RecordCallbackMetrics.last
     assert recorder is not None
     tags = scalars(tmp_path / "cb")
@@ -240,14 +354,20 @@ def test_callbacks_and_checkpoints_see_the_logged_training_metrics(
     for step in range(1, 7):  # the values of the last logging step before it
         seen = recorder.seen[step]
         last = max(s for s in logged if s < step)
-        for tag in ("train/loss", "train/loss/code", "train/tokens/prose", "train/grad_norm",
-                    "train/lr"):
+        for tag in (
+            "train/loss",
+            "train/loss/code",
+            "train/tokens/prose",
+            "train/grad_norm",
+            "train/lr",
+        ):
             assert tag in seen, (step, tag)
             assert seen[tag].device.type == "cpu"
             assert float(seen[tag]) == pytest.approx(dict(tags[tag])[last], rel=1e-6)
     assert "train/loss" not in recorder.seen[0]  # nothing before the first logging step
     assert float(recorder.progress_bar["train/loss"]) == pytest.approx(
-        tags["train/loss"][-1][1], rel=1e-6)
+        tags["train/loss"][-1][1], rel=1e-6
+    )
     best = list((tmp_path / "cb" / "checkpoints").glob("epoch=*.ckpt"))
     assert len(best) == 1
     assert torch.load(best[0], map_location="cpu", weights_only=False)["callbacks"]

@@ -22,22 +22,52 @@ DOMAINS = ["prose", "code", "math"]
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}
 
 
-def run(store: Path, root: Path, callbacks: list, max_steps: int = 8, accumulation: int = 1,
-        num_workers: int = 0, weights: dict | None = None, ckpt_path: str | None = None,
-        fork_step: int | None = None, **dm_kwargs) -> tuple[Trainer, MixtureDataModule]:
-    dm = MixtureDataModule(str(store), weights=weights or {"prose": 1.0}, seq_len=16,
-                           micro_batch_size=3, num_workers=num_workers, prefetch_factor=2,
-                           val_max_blocks=2, **dm_kwargs)
+def run(
+    store: Path,
+    root: Path,
+    callbacks: list,
+    max_steps: int = 8,
+    accumulation: int = 1,
+    num_workers: int = 0,
+    weights: dict | None = None,
+    ckpt_path: str | None = None,
+    fork_step: int | None = None,
+    **dm_kwargs,
+) -> tuple[Trainer, MixtureDataModule]:
+    dm = MixtureDataModule(
+        str(store),
+        weights=weights or {"prose": 1.0},
+        seq_len=16,
+        micro_batch_size=3,
+        num_workers=num_workers,
+        prefetch_factor=2,
+        val_max_blocks=2,
+        **dm_kwargs,
+    )
     dm.fork_step = fork_step
     torch.manual_seed(0)
     model = CausalLM(arch="tiny", model_config=TINY, vocab_size=dm.vocab_size, lr=1e-3, warmup=0)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps,
-                      accumulate_grad_batches=accumulation, default_root_dir=str(root),
-                      logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0,
-                      callbacks=[ModelCheckpoint(dirpath=str(root / "checkpoints"),
-                                                 save_last=True, save_top_k=-1,
-                                                 every_n_train_steps=2), *callbacks])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulation,
+        default_root_dir=str(root),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=str(root / "checkpoints"),
+                save_last=True,
+                save_top_k=-1,
+                every_n_train_steps=2,
+            ),
+            *callbacks,
+        ],
+    )
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return trainer, dm
 
@@ -55,11 +85,19 @@ def expected(weights: dict, batch: int) -> np.ndarray:
 
 
 def test_switch_is_exact_at_the_step_with_workers_and_accumulation(
-        builtin_store: Path, tmp_path: Path) -> None:
+    builtin_store: Path, tmp_path: Path
+) -> None:
     rec = RecordDomains()
     new = {"code": 0.7, "math": 0.3}
-    run(builtin_store, tmp_path, [rec, MixtureSwitch(new, step=3)], max_steps=6,
-        accumulation=2, num_workers=2, weights={"prose": 0.5, "code": 0.5})
+    run(
+        builtin_store,
+        tmp_path,
+        [rec, MixtureSwitch(new, step=3)],
+        max_steps=6,
+        accumulation=2,
+        num_workers=2,
+        weights={"prose": 0.5, "code": 0.5},
+    )
     counts = per_step_counts(rec.rows)
     assert sorted(counts) == list(range(6))
     for step, c in counts.items():  # global batch 3 x 2 = 6 sequences
@@ -71,12 +109,24 @@ def test_switch_is_exact_at_the_step_with_workers_and_accumulation(
 
 def test_fraction_switch_and_mixture_weight_curve(builtin_store: Path, tmp_path: Path) -> None:
     # log_every_n_steps=50 would miss step 7; the weight curve still steps exactly there
-    cfg = fit_config(tmp_path, builtin_store, "frac", max_steps=10, log_every_n_steps=50,
-                     limit_val_batches=0)
-    assert main(["fit", "--config", str(cfg), "--data.init_args.weights", "{prose: 1}",
-                 "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
-                 "--trainer.callbacks.weights={math: 1}",
-                 "--trainer.callbacks.fraction=0.7"]) == 0
+    cfg = fit_config(
+        tmp_path, builtin_store, "frac", max_steps=10, log_every_n_steps=50, limit_val_batches=0
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--data.init_args.weights",
+                "{prose: 1}",
+                "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
+                "--trainer.callbacks.weights={math: 1}",
+                "--trainer.callbacks.fraction=0.7",
+            ]
+        )
+        == 0
+    )
     tags = scalars(tmp_path / "frac")
     math_w = dict(tags["mixture/weight/math"])
     prose_w = dict(tags["mixture/weight/prose"])
@@ -86,12 +136,12 @@ def test_fraction_switch_and_mixture_weight_curve(builtin_store: Path, tmp_path:
 
 
 def test_runtime_change_takes_effect_at_returned_step_and_survives_resume(
-        builtin_store: Path, tmp_path: Path) -> None:
+    builtin_store: Path, tmp_path: Path
+) -> None:
     new = {"math": 1.0}
     rec = RecordDomains()
     change = ChangeWeightsAt(step=2, weights=new)
-    run(builtin_store, tmp_path / "a", [rec, change], max_steps=8, accumulation=2,
-        num_workers=2)
+    run(builtin_store, tmp_path / "a", [rec, change], max_steps=8, accumulation=2, num_workers=2)
     step = change.effective
     # ran ahead by 1 + 2 workers x prefetch 2 micro-batches: 5 micro-batches, 3 steps at acc 2
     assert step is not None and 3 <= step <= 6
@@ -101,8 +151,15 @@ def test_runtime_change_takes_effect_at_returned_step_and_survives_resume(
     # resume from the checkpoint after the change: the change is restored, not re-decided
     after = tmp_path / "a" / "checkpoints" / "epoch=0-step=6.ckpt"
     rec2 = RecordDomains()
-    run(builtin_store, tmp_path / "b", [rec2, ChangeWeightsAt(step=99, weights={"code": 1})],
-        max_steps=8, accumulation=2, num_workers=2, ckpt_path=str(after))
+    run(
+        builtin_store,
+        tmp_path / "b",
+        [rec2, ChangeWeightsAt(step=99, weights={"code": 1})],
+        max_steps=8,
+        accumulation=2,
+        num_workers=2,
+        ckpt_path=str(after),
+    )
     assert [r for r in rec.rows if r[0] >= 6] == rec2.rows
     a = weights(tmp_path / "a" / "checkpoints" / "last.ckpt")
     b = weights(tmp_path / "b" / "checkpoints" / "last.ckpt")
@@ -110,20 +167,33 @@ def test_runtime_change_takes_effect_at_returned_step_and_survives_resume(
 
 
 def test_fork_reproduces_its_parent_and_can_change_the_future(
-        builtin_store: Path, tmp_path: Path) -> None:
+    builtin_store: Path, tmp_path: Path
+) -> None:
     switch = {"code": 1.0}
     run(builtin_store, tmp_path / "parent", [MixtureSwitch(switch, step=4)], max_steps=8)
     point = str(tmp_path / "parent" / "checkpoints" / "switch-step=4.ckpt")
     # the parent's own schedule from its switch checkpoint: its remaining steps, bit for bit
-    run(builtin_store, tmp_path / "same", [MixtureSwitch(switch, step=4)], max_steps=8,
-        ckpt_path=point, fork_step=4)
+    run(
+        builtin_store,
+        tmp_path / "same",
+        [MixtureSwitch(switch, step=4)],
+        max_steps=8,
+        ckpt_path=point,
+        fork_step=4,
+    )
     parent = weights(tmp_path / "parent" / "checkpoints" / "last.ckpt")
     same = weights(tmp_path / "same" / "checkpoints" / "last.ckpt")
     assert all(torch.equal(parent[k], same[k]) for k in parent)
     # a branch: a different mixture from step 4 on
     rec = RecordDomains()
-    run(builtin_store, tmp_path / "branch", [rec, MixtureSwitch({"math": 1.0}, step=4)],
-        max_steps=8, ckpt_path=point, fork_step=4)
+    run(
+        builtin_store,
+        tmp_path / "branch",
+        [rec, MixtureSwitch({"math": 1.0}, step=4)],
+        max_steps=8,
+        ckpt_path=point,
+        fork_step=4,
+    )
     assert {s for s, _ in rec.rows} == set(range(4, 8))
     assert all(set(d) == {2} for _, d in rec.rows)  # all math
     branch = weights(tmp_path / "branch" / "checkpoints" / "last.ckpt")
@@ -131,24 +201,45 @@ def test_fork_reproduces_its_parent_and_can_change_the_future(
 
 
 def test_resume_with_another_schedule_is_refused_unless_forking(
-        builtin_store: Path, tmp_path: Path) -> None:
+    builtin_store: Path, tmp_path: Path
+) -> None:
     run(builtin_store, tmp_path / "a", [MixtureSwitch({"code": 1.0}, step=4)], max_steps=6)
     ckpt = str(tmp_path / "a" / "checkpoints" / "epoch=0-step=2.ckpt")
     with pytest.raises(MidtrainError, match="different mixture schedule.*--fork"):
-        run(builtin_store, tmp_path / "b", [MixtureSwitch({"math": 1.0}, step=4)],
-            max_steps=6, ckpt_path=ckpt)
+        run(
+            builtin_store,
+            tmp_path / "b",
+            [MixtureSwitch({"math": 1.0}, step=4)],
+            max_steps=6,
+            ckpt_path=ckpt,
+        )
     with pytest.raises(MidtrainError, match="before the fork point"):
-        run(builtin_store, tmp_path / "c", [MixtureSwitch({"math": 1.0}, step=1)],
-            max_steps=6, ckpt_path=ckpt, fork_step=2)
+        run(
+            builtin_store,
+            tmp_path / "c",
+            [MixtureSwitch({"math": 1.0}, step=1)],
+            max_steps=6,
+            ckpt_path=ckpt,
+            fork_step=2,
+        )
     with pytest.raises(MidtrainError, match="data.seed"):
-        run(builtin_store, tmp_path / "d", [MixtureSwitch({"code": 1.0}, step=4)],
-            max_steps=6, ckpt_path=ckpt, seed=1)
+        run(
+            builtin_store,
+            tmp_path / "d",
+            [MixtureSwitch({"code": 1.0}, step=4)],
+            max_steps=6,
+            ckpt_path=ckpt,
+            seed=1,
+        )
 
 
 def test_fork_from_the_command_line(builtin_store: Path, tmp_path: Path) -> None:
     parent = fit_config(tmp_path, builtin_store, "p", max_steps=6, limit_val_batches=0)
-    switch = ["--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
-              "--trainer.callbacks.weights={code: 1}", "--trainer.callbacks.step=3"]
+    switch = [
+        "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
+        "--trainer.callbacks.weights={code: 1}",
+        "--trainer.callbacks.step=3",
+    ]
     assert main(["fit", "--config", str(parent), *switch]) == 0
     point = tmp_path / "p" / "checkpoints" / "switch-step=3.ckpt"
     child = fit_config(tmp_path, builtin_store, "c", max_steps=6, limit_val_batches=0)
@@ -160,8 +251,9 @@ def test_fork_from_the_command_line(builtin_store: Path, tmp_path: Path) -> None
     assert min(tokens) == 3  # the branch logs from the fork step on
 
 
-def test_plan_is_printed_and_repetition_is_refused(builtin_store: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_plan_is_printed_and_repetition_is_refused(
+    builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run(builtin_store, tmp_path / "a", [MixtureSwitch({"code": 1.0}, step=2)], max_steps=3)
     out = capsys.readouterr().out
     assert "mixture plan" in out and "0-2" in out and "2-3" in out and "code" in out
@@ -171,23 +263,32 @@ def test_plan_is_printed_and_repetition_is_refused(builtin_store: Path, tmp_path
 
 def test_max_repeat_names_every_offending_domain(builtin_store: Path, tmp_path: Path) -> None:
     with pytest.raises(MidtrainError) as err:
-        run(builtin_store, tmp_path, [], max_steps=3, weights={"prose": 0.5, "code": 0.5},
-            max_repeat=0.0001)
+        run(
+            builtin_store,
+            tmp_path,
+            [],
+            max_steps=3,
+            weights={"prose": 0.5, "code": 0.5},
+            max_repeat=0.0001,
+        )
     message = str(err.value)
     assert message.startswith("data.max_repeat: domain 'prose' would be read ")
     assert ", domain 'code' would be read " in message and "lower their weights" in message
     assert "\n" not in message and not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("switch,match", [
-    (lambda: MixtureSwitch({"poetry": 1}, step=2), "unknown domain 'poetry'"),
-    (lambda: MixtureSwitch({"code": -1}, step=2), "weight must be a finite number >= 0"),
-    (lambda: MixtureSwitch({"code": 0}, step=2), "weights are all zero"),
-    (lambda: MixtureSwitch({"code": 1}, step=5), "outside the run"),
-    (lambda: MixtureSwitch({"code": 1}, step=9), "outside the run"),
-    (lambda: MixtureSwitch({"code": 1}, step=2, fraction=0.5), "exactly one of"),
-    (lambda: MixtureSwitch({"code": 1}, fraction=1.5), "fraction"),
-])
+@pytest.mark.parametrize(
+    "switch,match",
+    [
+        (lambda: MixtureSwitch({"poetry": 1}, step=2), "unknown domain 'poetry'"),
+        (lambda: MixtureSwitch({"code": -1}, step=2), "weight must be a finite number >= 0"),
+        (lambda: MixtureSwitch({"code": 0}, step=2), "weights are all zero"),
+        (lambda: MixtureSwitch({"code": 1}, step=5), "outside the run"),
+        (lambda: MixtureSwitch({"code": 1}, step=9), "outside the run"),
+        (lambda: MixtureSwitch({"code": 1}, step=2, fraction=0.5), "exactly one of"),
+        (lambda: MixtureSwitch({"code": 1}, fraction=1.5), "fraction"),
+    ],
+)
 def test_bad_schedules_are_refused(builtin_store: Path, tmp_path: Path, switch, match) -> None:
     with pytest.raises(MidtrainError, match=match):
         run(builtin_store, tmp_path, [switch()], max_steps=5)
@@ -195,8 +296,12 @@ def test_bad_schedules_are_refused(builtin_store: Path, tmp_path: Path, switch, 
 
 def test_two_switches_at_one_step_are_refused(builtin_store: Path, tmp_path: Path) -> None:
     with pytest.raises(MidtrainError, match="two switches at step 2"):
-        run(builtin_store, tmp_path, [MixtureSwitch({"code": 1}, step=2),
-                                      MixtureSwitch({"math": 1}, step=2)], max_steps=5)
+        run(
+            builtin_store,
+            tmp_path,
+            [MixtureSwitch({"code": 1}, step=2), MixtureSwitch({"math": 1}, step=2)],
+            max_steps=5,
+        )
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -208,8 +313,14 @@ def test_the_documented_adaptive_callback_runs(builtin_store: Path, tmp_path: Pa
     callback = namespace["MoreCodeWhenLossPlateaus"](patience=1)
     rec = RecordDomains()
     # prose and code both drawn, so train/loss/code exists from the first step
-    run(builtin_store, tmp_path, [callback, rec], max_steps=12, accumulation=4,
-        weights={"prose": 0.7, "code": 0.3})
+    run(
+        builtin_store,
+        tmp_path,
+        [callback, rec],
+        max_steps=12,
+        accumulation=4,
+        weights={"prose": 0.7, "code": 0.3},
+    )
     assert callback.done
     counts = per_step_counts(rec.rows)
     old, new = expected({"prose": 0.7, "code": 0.3}, 12), expected({"prose": 0.6, "code": 0.4}, 12)

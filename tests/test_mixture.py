@@ -15,8 +15,9 @@ from midtrain.data.streams import MixtureStream
 from midtrain.errors import MidtrainError
 
 
-@pytest.mark.parametrize("weights,total", [([0.6, 0.3, 0.1], 16), ([1, 1, 1], 4),
-                                           ([0.2, 0.8], 1024), ([5, 0, 1e-3], 7)])
+@pytest.mark.parametrize(
+    "weights,total", [([0.6, 0.3, 0.1], 16), ([1, 1, 1], 4), ([0.2, 0.8], 1024), ([5, 0, 1e-3], 7)]
+)
 def test_largest_remainder_is_exact_rounding(weights: list[float], total: int) -> None:
     w = np.asarray(weights, dtype=float)
     counts = largest_remainder(w, total, seed=0)
@@ -34,11 +35,21 @@ def test_permute_is_a_bijection(n: int) -> None:
         assert not np.array_equal(out, permute(np.arange(n), n, key=99))
 
 
-def _stream(dm: MixtureDataModule, accumulation: int, rank: int, world: int, start: int,
-            max_steps: int) -> MixtureStream:
+def _stream(
+    dm: MixtureDataModule, accumulation: int, rank: int, world: int, start: int, max_steps: int
+) -> MixtureStream:
     sched = dm.schedule(dm.micro_batch_size * accumulation * world)
-    return MixtureStream([dm.store.domain(n).train for n in sched.domains], sched, dm.seq_len,
-                         dm.micro_batch_size, accumulation, rank, world, start, max_steps)
+    return MixtureStream(
+        [dm.store.domain(n).train for n in sched.domains],
+        sched,
+        dm.seq_len,
+        dm.micro_batch_size,
+        accumulation,
+        rank,
+        world,
+        start,
+        max_steps,
+    )
 
 
 def test_every_global_batch_has_the_rounded_counts(builtin_store: Path) -> None:
@@ -60,8 +71,10 @@ def test_stream_is_identical_for_any_num_workers(builtin_store: Path) -> None:
     dm = MixtureDataModule(str(builtin_store), seq_len=32, micro_batch_size=4)
     stream = _stream(dm, 2, 0, 1, 0, 5)
     plain = [b["input_ids"] for b in DataLoader(stream, batch_size=None)]
-    workers = [b["input_ids"] for b in DataLoader(stream, batch_size=None, num_workers=2,
-                                                  prefetch_factor=3)]
+    workers = [
+        b["input_ids"]
+        for b in DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=3)
+    ]
     assert len(plain) == len(workers) == 10
     assert all(torch.equal(a, b) for a, b in zip(plain, workers, strict=True))
 
@@ -96,8 +109,9 @@ def test_each_epoch_of_a_domain_reads_every_block_once(builtin_store: Path) -> N
 
 
 def test_schedule_phases_and_closed_form_counts() -> None:
-    sched = MixtureSchedule(["a", "b"], [Phase(0, {"a": 1.0}), Phase(4, {"a": 1, "b": 1})],
-                            batch_size=6)
+    sched = MixtureSchedule(
+        ["a", "b"], [Phase(0, {"a": 1.0}), Phase(4, {"a": 1, "b": 1})], batch_size=6
+    )
     assert sched.weights_at(3) == {"a": 1.0, "b": 0.0}
     assert sched.weights_at(4) == {"a": 0.5, "b": 0.5}
     assert sched.draws_before(10).tolist() == [4 * 6 + 6 * 3, 6 * 3]

@@ -24,8 +24,10 @@ def _split_of(i: int, val_fraction: float, seed: int = 0) -> str:
 
 
 @needs_shared
-@pytest.mark.parametrize("domain,file,cap", [("c4", "general/c4_demo.jsonl", None),
-                                             ("code", "code/cpython311_stdlib.jsonl", 120)])
+@pytest.mark.parametrize(
+    "domain,file,cap",
+    [("c4", "general/c4_demo.jsonl", None), ("code", "code/cpython311_stdlib.jsonl", 120)],
+)
 def test_round_trip_and_counts(shared_store: Path, domain: str, file: str, cap: int | None) -> None:
     store = Store(shared_store)
     tok = Tokenizer.from_file(str(store.tokenizer_path))
@@ -67,8 +69,9 @@ def test_prompt_tokens_are_masked(shared_store: Path) -> None:
 
 def test_reuse_and_change_detection(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n"
-                           for i in range(60)))
+    src.write_text(
+        "".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(60))
+    )
     domains = {"a": {"source": {"path": str(src)}, "val_fraction": 0.1}}
     root = prepare_store(tmp_path / "store", domains, vocab_size=300)
     tokens = root / "a" / "train.tokens"
@@ -91,10 +94,14 @@ def test_reuse_and_change_detection(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_split_is_deterministic_and_eval_only(tmp_path: Path) -> None:
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(40)))
-    root = prepare_store(tmp_path / "s", {
-        "a": {"source": {"path": str(src)}, "val_fraction": 0.25},
-        "held_out": {"source": {"path": str(src)}, "val_fraction": 1.0},
-    }, vocab_size=300)
+    root = prepare_store(
+        tmp_path / "s",
+        {
+            "a": {"source": {"path": str(src)}, "val_fraction": 0.25},
+            "held_out": {"source": {"path": str(src)}, "val_fraction": 1.0},
+        },
+        vocab_size=300,
+    )
     store = Store(root)
     tok = Tokenizer.from_file(str(store.tokenizer_path))
     val = [tok.decode(store.domain("a").val.document(j).tolist()) for j in range(10)]
@@ -122,8 +129,14 @@ def test_failed_rebuild_leaves_store_untouched(tmp_path: Path) -> None:
     from midtrain.errors import MidtrainError
 
     with pytest.raises(MidtrainError, match="empty domain"):
-        prepare_store(tmp_path / "store", {"a": {"source": {"path": str(good)}, "max_docs": 5},
-                                           "b": {"source": {"path": str(empty)}}}, 300)
+        prepare_store(
+            tmp_path / "store",
+            {
+                "a": {"source": {"path": str(good)}, "max_docs": 5},
+                "b": {"source": {"path": str(empty)}},
+            },
+            300,
+        )
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == snapshot
     assert not any(p.name.startswith(".staging") for p in root.iterdir())
     shutil.rmtree(root)
@@ -136,18 +149,27 @@ def test_shared_domains_cover_the_sample(shared_store: Path) -> None:
 
 def test_streaming_source_with_token_cap_and_tokenizer_file(tmp_path: Path) -> None:
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"body": f"streamed document {i} " * 30}) + "\n"
-                           for i in range(200)))
-    first = prepare_store(tmp_path / "a", {"a": {"source": {"path": str(src)}, "text": "{body}"}},
-                          vocab_size=300)
+    src.write_text(
+        "".join(json.dumps({"body": f"streamed document {i} " * 30}) + "\n" for i in range(200))
+    )
+    first = prepare_store(
+        tmp_path / "a", {"a": {"source": {"path": str(src)}, "text": "{body}"}}, vocab_size=300
+    )
     from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
 
-    root = prepare(PrepareConfig(
-        output=str(tmp_path / "b"),
-        domains={"s": DomainConfig(source={"path": "json", "data_files": str(src),
-                                           "streaming": True}, text="{body}", max_tokens=2000)},
-        tokenizer=TokenizerConfig(path=str(first / "tokenizer.json")),
-    ))
+    root = prepare(
+        PrepareConfig(
+            output=str(tmp_path / "b"),
+            domains={
+                "s": DomainConfig(
+                    source={"path": "json", "data_files": str(src), "streaming": True},
+                    text="{body}",
+                    max_tokens=2000,
+                )
+            },
+            tokenizer=TokenizerConfig(path=str(first / "tokenizer.json")),
+        )
+    )
     store = Store(root)
     d = store.domain("s")
     total = d.train.num_tokens + d.val.num_tokens
@@ -168,15 +190,22 @@ def test_validation_share_is_exact() -> None:
 def test_chat_turns_mask_all_but_the_trained_roles(tmp_path: Path) -> None:
     src = tmp_path / "chat.jsonl"
     records = [
-        {"messages": [{"role": "user", "content": f"hello {i}"},
-                      {"role": "assistant", "content": f"hi there {i}"},
-                      {"role": "user", "content": "bye"},
-                      {"role": "assistant", "content": "goodbye"}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"hello {i}"},
+                {"role": "assistant", "content": f"hi there {i}"},
+                {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "goodbye"},
+            ]
+        }
         for i in range(20)
     ] + [{"messages": ["plain user turn", "plain assistant turn"]}]  # LIMA-style strings
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
-    root = prepare_store(tmp_path / "s", {"c": {"source": {"path": str(src)},
-                                                "chat": "messages", "val_fraction": 0.0}}, 300)
+    root = prepare_store(
+        tmp_path / "s",
+        {"c": {"source": {"path": str(src)}, "chat": "messages", "val_fraction": 0.0}},
+        300,
+    )
     store = Store(root)
     tok = Tokenizer.from_file(str(store.tokenizer_path))
     train = store.domain("c").train
@@ -184,8 +213,14 @@ def test_chat_turns_mask_all_but_the_trained_roles(tmp_path: Path) -> None:
         lo, hi = train.doc_offsets[j], train.doc_offsets[j + 1]
         ids, mask = np.asarray(train.tokens[lo:hi]), np.asarray(train.loss_mask[lo:hi])
         turns = rec["messages"]
-        texts = [(f"{t['role']}: {t['content']}\n" if isinstance(t, dict) else
-                  f"{'user' if k % 2 == 0 else 'assistant'}: {t}\n") for k, t in enumerate(turns)]
+        texts = [
+            (
+                f"{t['role']}: {t['content']}\n"
+                if isinstance(t, dict)
+                else f"{'user' if k % 2 == 0 else 'assistant'}: {t}\n"
+            )
+            for k, t in enumerate(turns)
+        ]
         assert tok.decode(ids[:-1].tolist()) == "".join(texts)
         trained = "".join(tok.decode(ids[:-1][mask[:-1] == 1].tolist()).split())
         assert trained == "".join("".join(t for t in texts if t.startswith("assistant")).split())

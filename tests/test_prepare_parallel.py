@@ -21,15 +21,25 @@ from tests.conftest import SHARED, needs_shared
 
 SHARED_CONFIG: dict[str, Any] = {
     "web": {"source": {"path": str(SHARED / "general/c4_demo.jsonl")}, "val_fraction": 0.1},
-    "code": {"source": {"path": str(SHARED / "code/cpython311_stdlib.jsonl")},
-             "max_tokens": 60_000},  # capped inside a batch of a later shard
-    "gsm8k": {"source": {"path": str(SHARED / "math/gsm8k_train.jsonl")}, "max_docs": 333,
-              "prompt": "Question: {question}\nAnswer: ", "response": "{answer}"},
+    "code": {
+        "source": {"path": str(SHARED / "code/cpython311_stdlib.jsonl")},
+        "max_tokens": 60_000,
+    },  # capped inside a batch of a later shard
+    "gsm8k": {
+        "source": {"path": str(SHARED / "math/gsm8k_train.jsonl")},
+        "max_docs": 333,
+        "prompt": "Question: {question}\nAnswer: ",
+        "response": "{answer}",
+    },
     "lines": {"source": {"path": "text", "data_files": [str(SHARED / "general/pg11.txt")]}},
 }
 BUILTIN_CONFIG: dict[str, Any] = {  # iterable (generator) sources: shards skip others' batches
-    "math": {"source": {"builtin": "arithmetic", "num_problems": 700},
-             "prompt": "Q: {question}\nA: ", "response": "{answer}", "val_fraction": 0.1},
+    "math": {
+        "source": {"builtin": "arithmetic", "num_problems": 700},
+        "prompt": "Q: {question}\nA: ",
+        "response": "{answer}",
+        "val_fraction": 0.1,
+    },
     "code": {"source": {"builtin": "python-stdlib", "max_docs": 40}, "max_tokens": 30_000},
 }
 
@@ -46,9 +56,16 @@ def assert_same_bytes(a: Path, b: Path) -> None:
 
 def _prepare(tmp: Path, domains: dict[str, Any], output: str, *extra: str) -> int:
     config = tmp / "prepare.yaml"
-    config.write_text(yaml.safe_dump({
-        "output": str(tmp / "one"), "batch_size": 37, "domains": domains,
-        "tokenizer": {"train": {"vocab_size": 400, "sample_docs": 100}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output": str(tmp / "one"),
+                "batch_size": 37,
+                "domains": domains,
+                "tokenizer": {"train": {"vocab_size": 400, "sample_docs": 100}},
+            }
+        )
+    )
     return main(["prepare", "--config", str(config), "--output", str(tmp / output), *extra])
 
 
@@ -82,16 +99,19 @@ def test_num_proc_and_shards_are_byte_identical_on_builtin_sources(tmp_path: Pat
     _parallel_builds_match(tmp_path, BUILTIN_CONFIG)
 
 
-def test_merge_refuses_an_incomplete_shard_set(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_merge_refuses_an_incomplete_shard_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     domains = {"math": BUILTIN_CONFIG["math"]}
     assert _prepare(tmp_path, domains, "nodes", "--tokenizer_only") == 0
     assert _prepare(tmp_path, domains, "nodes", "--shard", "1/2") == 0
     capsys.readouterr()
     assert _prepare(tmp_path, domains, "nodes", "--merge") == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("shard(s) 0 of 2 missing; run `midtrain prepare --config <yaml> "
-                        "--shard i/N` for every i in 0..N-1 first")
+    assert err.endswith(
+        "shard(s) 0 of 2 missing; run `midtrain prepare --config <yaml> "
+        "--shard i/N` for every i in 0..N-1 first"
+    )
     assert not (tmp_path / "nodes" / "store.json").exists()
 
 
@@ -99,9 +119,15 @@ def _small_store(tmp: Path, texts: list[str], **domain: Any) -> Path:
     src = tmp / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     config = tmp / "small.yaml"
-    config.write_text(yaml.safe_dump({
-        "output": str(tmp / "store"), "tokenizer": {"train": {"vocab_size": 300}},
-        "domains": {"d": {"source": {"path": str(src)}, "val_fraction": 0.0, **domain}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output": str(tmp / "store"),
+                "tokenizer": {"train": {"vocab_size": 300}},
+                "domains": {"d": {"source": {"path": str(src)}, "val_fraction": 0.0, **domain}},
+            }
+        )
+    )
     assert main(["prepare", "--config", str(config)]) == 0
     return tmp / "store"
 
@@ -116,8 +142,10 @@ def test_verify_detects_a_flipped_byte(tmp_path: Path, capsys: pytest.CaptureFix
     capsys.readouterr()
     assert main(["prepare", "--verify", str(root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"midtrain prepare: error: 1 of 1 domain(s) damaged; first: {tokens}: content "
-                   "differs from its manifest (sha256); re-run `midtrain prepare`")
+    assert err == (
+        f"midtrain prepare: error: 1 of 1 domain(s) damaged; first: {tokens}: content "
+        "differs from its manifest (sha256); re-run `midtrain prepare`"
+    )
 
 
 @pytest.mark.parametrize("cut", [1, 2], ids=["odd-length", "truncated"])
@@ -136,15 +164,19 @@ def test_store_is_checked_against_its_manifest_at_open(tmp_path: Path, cut: int)
     assert str(info.value).endswith("re-run `midtrain prepare`")
 
 
-def test_whitespace_only_documents_are_skipped_and_counted(tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_whitespace_only_documents_are_skipped_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     texts = ["first document", "", "   \n\t  ", "second document", "\n", "third"]
     root = _small_store(tmp_path, texts)
     out = capsys.readouterr().out
     d = Store(root).domain("d")
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     assert [tok.decode(d.train.document(j).tolist()) for j in range(d.train.num_docs)] == [
-        "first document", "second document", "third"]
+        "first document",
+        "second document",
+        "third",
+    ]
     assert d.manifest["skipped_empty"] == 3
     assert "skipped empty" in out and out.rstrip().endswith("3")
 
@@ -169,13 +201,26 @@ def test_text_files_drop_bom_and_crlf(tmp_path: Path) -> None:
     jsonl = tmp_path / "rec.jsonl"
     jsonl.write_text(json.dumps({"text": "kept\r\nas is"}) + "\n")
     config = tmp_path / "p.yaml"
-    config.write_text(yaml.safe_dump({
-        "output": str(tmp_path / "store"), "tokenizer": {"train": {"vocab_size": 300}},
-        "domains": {
-            "doc": {"source": {"path": "text", "data_files": [str(book)],
-                               "sample_by": "document"}, "val_fraction": 0.0},
-            "lines": {"source": {"path": str(book)}, "val_fraction": 0.0},
-            "json": {"source": {"path": str(jsonl)}, "val_fraction": 0.0}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output": str(tmp_path / "store"),
+                "tokenizer": {"train": {"vocab_size": 300}},
+                "domains": {
+                    "doc": {
+                        "source": {
+                            "path": "text",
+                            "data_files": [str(book)],
+                            "sample_by": "document",
+                        },
+                        "val_fraction": 0.0,
+                    },
+                    "lines": {"source": {"path": str(book)}, "val_fraction": 0.0},
+                    "json": {"source": {"path": str(jsonl)}, "val_fraction": 0.0},
+                },
+            }
+        )
+    )
     assert main(["prepare", "--config", str(config)]) == 0
     store = Store(tmp_path / "store")
     tok = Tokenizer.from_file(str(store.tokenizer_path))
@@ -217,9 +262,15 @@ def test_a_new_source_is_one_registered_class(tmp_path: Path) -> None:
     source = sources.register_source(CountingSource())
     try:
         config = tmp_path / "p.yaml"
-        config.write_text(yaml.safe_dump({
-            "output": str(tmp_path / "store"), "tokenizer": {"train": {"vocab_size": 300}},
-            "domains": {"n": {"source": {"count": 25}, "val_fraction": 0.2}}}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "output": str(tmp_path / "store"),
+                    "tokenizer": {"train": {"vocab_size": 300}},
+                    "domains": {"n": {"source": {"count": 25}, "val_fraction": 0.2}},
+                }
+            )
+        )
         assert main(["prepare", "--config", str(config)]) == 0
         d = Store(tmp_path / "store").domain("n")
         assert (d.train.num_docs, d.val.num_docs) == (20, 5)

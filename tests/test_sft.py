@@ -28,22 +28,43 @@ QA.append({"q": "Tell me a long story. " * 40, "a": "Once upon a time. " * 40}) 
 def sft_store(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Path:
     src = tmp_path_factory.mktemp("sft") / "qa.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in QA))
-    return prepare(PrepareConfig(
-        output=str(src.parent / "store"),
-        domains={"qa": DomainConfig(source={"path": str(src)}, prompt="Q: {q}\nA: ",
-                                    response="{a}", mask_prompt=True, val_fraction=0.1)},
-        tokenizer=TokenizerConfig(path=str(builtin_store / "tokenizer.json")),
-    ))
+    return prepare(
+        PrepareConfig(
+            output=str(src.parent / "store"),
+            domains={
+                "qa": DomainConfig(
+                    source={"path": str(src)},
+                    prompt="Q: {q}\nA: ",
+                    response="{a}",
+                    mask_prompt=True,
+                    val_fraction=0.1,
+                )
+            },
+            tokenizer=TokenizerConfig(path=str(builtin_store / "tokenizer.json")),
+        )
+    )
 
 
 def stream(dm: SFTDataModule, start: int = 0, steps: int = 4, accumulation: int = 1):
-    return SFTStream(dm.store.domain(dm.target).train, dm.target, dm.max_length, dm.packing,
-                     dm.seed, dm.store.eos_id, dm.micro_batch_size, accumulation, 0, 1,
-                     start, steps)
+    return SFTStream(
+        dm.store.domain(dm.target).train,
+        dm.target,
+        dm.max_length,
+        dm.packing,
+        dm.seed,
+        dm.store.eos_id,
+        dm.micro_batch_size,
+        accumulation,
+        0,
+        1,
+        start,
+        steps,
+    )
 
 
 def test_prompt_tokens_are_masked_and_loss_matches_hand_computation(
-        sft_store: Path, builtin_store: Path) -> None:
+    sft_store: Path, builtin_store: Path
+) -> None:
     dm = SFTDataModule(str(sft_store), "qa", max_length=64, micro_batch_size=1)
     batch = stream(dm).micro_batch(0)
     tok = Tokenizer.from_file(str(sft_store / "tokenizer.json"))
@@ -62,15 +83,17 @@ def test_prompt_tokens_are_masked_and_loss_matches_hand_computation(
     lm.configure_model()
     losses, m = lm._token_losses(batch)
     logits = lm.model(batch["input_ids"])[0]
-    by_hand = [F.cross_entropy(logits[t], batch["targets"][0, t]).item()
-               for t in range(logits.shape[0]) if mask[t] > 0]
+    by_hand = [
+        F.cross_entropy(logits[t], batch["targets"][0, t]).item()
+        for t in range(logits.shape[0])
+        if mask[t] > 0
+    ]
     assert (losses.sum() / m.sum()).item() == pytest.approx(np.mean(by_hand), rel=1e-5)
 
 
 def test_packing_keeps_examples_whole_and_apart(sft_store: Path) -> None:
     padded = SFTDataModule(str(sft_store), "qa", max_length=64, micro_batch_size=4)
-    packed = SFTDataModule(str(sft_store), "qa", max_length=64, micro_batch_size=4,
-                           packing=True)
+    packed = SFTDataModule(str(sft_store), "qa", max_length=64, micro_batch_size=4, packing=True)
     batch = stream(packed).micro_batch(0)
     docs, mask = batch["doc_ids"], batch["loss_mask"]
     assert docs.max() >= 1  # several examples per row
@@ -97,8 +120,9 @@ def test_packed_loss_equals_padded_loss_for_the_same_examples(sft_store: Path) -
     packed = s.micro_batch(0)
     from midtrain.data.sft import build_row, collate_rows
 
-    one_each = collate_rows([build_row(s.split, np.array([e]), 65) for e in row], s.pad_id, 0,
-                            packed=False)
+    one_each = collate_rows(
+        [build_row(s.split, np.array([e]), 65) for e in row], s.pad_id, 0, packed=False
+    )
     with torch.no_grad():
         lp, mp = lm._token_losses(packed)
         lo, mo = lm._token_losses(one_each)
@@ -120,20 +144,28 @@ def test_truncation_is_counted_and_order_resumes_exactly(sft_store: Path) -> Non
     assert sorted(first) == sorted(second) == list(range(n)) and first != second
 
 
-def test_sft_run_logs_in_domain_loss_and_forgetting(tmp_path: Path, builtin_store: Path,
-                                                     sft_store: Path) -> None:
+def test_sft_run_logs_in_domain_loss_and_forgetting(
+    tmp_path: Path, builtin_store: Path, sft_store: Path
+) -> None:
     pre = fit_config(tmp_path, builtin_store, "pre", max_steps=4, limit_val_batches=0)
     assert main(["fit", "--config", str(pre)]) == 0
     cfg = yaml.safe_load(pre.read_text())
-    cfg["data"] = {"class_path": "midtrain.SFTDataModule",
-                   "init_args": {"store": str(sft_store), "target": "qa",
-                                 "general_store": str(builtin_store),
-                                 "general_val_sets": ["prose"], "max_length": 48,
-                                 "micro_batch_size": 4, "packing": True,
-                                 "val_max_examples": 8, "general_val_max_blocks": 8}}
+    cfg["data"] = {
+        "class_path": "midtrain.SFTDataModule",
+        "init_args": {
+            "store": str(sft_store),
+            "target": "qa",
+            "general_store": str(builtin_store),
+            "general_val_sets": ["prose"],
+            "max_length": 48,
+            "micro_batch_size": 4,
+            "packing": True,
+            "val_max_examples": 8,
+            "general_val_max_blocks": 8,
+        },
+    }
     cfg["model"]["init_from"] = str(tmp_path / "pre" / "checkpoints" / "last.ckpt")
-    cfg["trainer"].update(default_root_dir=str(tmp_path / "sft"), max_steps=6,
-                          val_check_interval=3)
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "sft"), max_steps=6, val_check_interval=3)
     del cfg["trainer"]["limit_val_batches"]  # the set sizes above decide what is evaluated
     sft = tmp_path / "sft.yaml"
     sft.write_text(yaml.safe_dump(cfg))
@@ -148,15 +180,16 @@ def test_sft_bad_input(sft_store: Path, builtin_store: Path, tmp_path: Path) -> 
     with pytest.raises(MidtrainError, match="unknown domain 'nope'"):
         SFTDataModule(str(sft_store), "nope")
     with pytest.raises(MidtrainError, match="unknown domain 'poetry'"):
-        SFTDataModule(str(sft_store), "qa", general_store=str(builtin_store),
-                      general_val_sets=["poetry"])
+        SFTDataModule(
+            str(sft_store), "qa", general_store=str(builtin_store), general_val_sets=["poetry"]
+        )
     other = tmp_path / "o.jsonl"
-    other.write_text("".join(json.dumps({"text": f"other text {i} " * 20}) + "\n"
-                             for i in range(30)))
+    other.write_text(
+        "".join(json.dumps({"text": f"other text {i} " * 20}) + "\n" for i in range(30))
+    )
     from tests.conftest import prepare_store
 
     different = prepare_store(tmp_path / "other", {"x": {"source": {"path": str(other)}}}, 300)
     with pytest.raises(MidtrainError, match="another tokenizer"):
-        SFTDataModule(str(sft_store), "qa", general_store=str(different),
-                      general_val_sets=["x"])
+        SFTDataModule(str(sft_store), "qa", general_store=str(different), general_val_sets=["x"])
     assert Store(sft_store).domain("qa").train.loss_mask is not None

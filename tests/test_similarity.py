@@ -32,7 +32,9 @@ def test_formula_on_a_hand_example() -> None:
     p, q = np.array([0.5, 0.5, 0]), np.array([0.5, 0, 0.5])
     m = (p + q) / 2
     jsd = 0.5 * (0.5 * np.log2(0.5 / 0.5) + 0.5 * np.log2(0.5 / 0.25)) * 2
-    expected = 0.4 * (p @ q) / (np.linalg.norm(p) * np.linalg.norm(q)) + 0.3 * (1 / 3) + 0.3 / (1 + jsd)
+    expected = (
+        0.4 * (p @ q) / (np.linalg.norm(p) * np.linalg.norm(q)) + 0.3 * (1 / 3) + 0.3 / (1 + jsd)
+    )
     assert m.sum() == pytest.approx(1)
     assert similarity(a, b) == pytest.approx(expected)
     assert similarity(a, b) == pytest.approx(similarity(b, a))
@@ -47,28 +49,47 @@ def test_top_k_restricts_the_vocabulary() -> None:
 
 def test_mixtures_blend_toward_their_parts(builtin_store: Path) -> None:
     store = Store(builtin_store)
-    names, m = similarity_matrix(store, ["prose", "code", "math"], num_docs=40, top_k=300,
-                                 mixtures={"mix": {"prose": 0.8, "code": 0.2},
-                                           "pure": {"code": 1.0}})
+    names, m = similarity_matrix(
+        store,
+        ["prose", "code", "math"],
+        num_docs=40,
+        top_k=300,
+        mixtures={"mix": {"prose": 0.8, "code": 0.2}, "pure": {"code": 1.0}},
+    )
     i = {n: k for k, n in enumerate(names)}
     assert np.allclose(m, m.T) and np.allclose(np.diag(m), 1.0)
     assert m[i["pure"], i["code"]] == pytest.approx(1.0, abs=1e-6)
     # the mixture sits between prose and code as seen from code
     assert m[i["prose"], i["code"]] < m[i["mix"], i["code"]] < 1.0
     counts = {d: token_counts(store, d, 40) for d in ("prose", "code")}
-    advantage = proximity_advantage(counts, {"prose": 1.0}, {"prose": 0.8, "code": 0.2},
-                                    counts["code"], 300)
+    advantage = proximity_advantage(
+        counts, {"prose": 1.0}, {"prose": 0.8, "code": 0.2}, counts["code"], 300
+    )
     assert advantage > 0
-    assert advantage == pytest.approx(m[i["mix"], i["code"]] - m[i["prose"], i["code"]],
-                                      abs=1e-6)
+    assert advantage == pytest.approx(m[i["mix"], i["code"]] - m[i["prose"], i["code"]], abs=1e-6)
     c = {"x": np.array([1, 0]), "y": np.array([0, 3])}
     assert np.allclose(blend(c, {"x": 1, "y": 3}) / 1e12, [0.25, 0.75])
 
 
-def test_similarity_command_writes_csv_and_markdown(builtin_store: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    assert main(["similarity", "--store", str(builtin_store), "--domains", "[prose, math]",
-                 "--num_docs", "20", "--out", str(tmp_path)]) == 0
+def test_similarity_command_writes_csv_and_markdown(
+    builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(
+            [
+                "similarity",
+                "--store",
+                str(builtin_store),
+                "--domains",
+                "[prose, math]",
+                "--num_docs",
+                "20",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "| prose | 1.000 |" in capsys.readouterr().out
     rows = (tmp_path / "similarity.csv").read_text().splitlines()
     assert rows[0] == ",prose,math" and len(rows) == 3

@@ -17,14 +17,32 @@ from midtrain.train.optim import lr_at
 def fit_config(tmp_path: Path, store: Path, run: str, **trainer: object) -> Path:
     cfg = {
         "seed_everything": 0,
-        "model": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
-                                                    "block_size": 64}, "lr": 3e-3, "warmup": 2},
-        "data": {"class_path": "midtrain.MixtureDataModule",
-                 "init_args": {"store": str(store), "seq_len": 32, "micro_batch_size": 4,
-                               "val_max_blocks": 4}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 10, "log_every_n_steps": 1,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "num_sanity_val_steps": 0, "enable_model_summary": False, **trainer},
+        "model": {
+            "arch": "tiny",
+            "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
+            "lr": 3e-3,
+            "warmup": 2,
+        },
+        "data": {
+            "class_path": "midtrain.MixtureDataModule",
+            "init_args": {
+                "store": str(store),
+                "seq_len": 32,
+                "micro_batch_size": 4,
+                "val_max_blocks": 4,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 10,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(tmp_path / run),
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            **trainer,
+        },
     }
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -43,12 +61,30 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def test_fit_logs_tags_and_resume_is_exact(tmp_path: Path, builtin_store: Path) -> None:
     full = fit_config(tmp_path, builtin_store, "full", val_check_interval=5)
-    assert main(["fit", "--config", str(full), "--checkpoint.every_n_train_steps", "3",
-                 "--checkpoint.save_top_k", "-1"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(full),
+                "--checkpoint.every_n_train_steps",
+                "3",
+                "--checkpoint.save_top_k",
+                "-1",
+            ]
+        )
+        == 0
+    )
     tags = scalars(tmp_path / "full")
-    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens", "val/prose/loss",
-                "val/math/ppl", *(f"train/{k}/{d}" for k in ("loss", "tokens")
-                                  for d in ("prose", "code", "math"))]:
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens",
+        "val/prose/loss",
+        "val/math/ppl",
+        *(f"train/{k}/{d}" for k in ("loss", "tokens") for d in ("prose", "code", "math")),
+    ]:
         assert tag in tags, tag
     assert not any("dataloader_idx" in t for t in tags)
     assert [s for s, _ in tags["train/loss"]] == list(range(10))  # one point per optimizer step
@@ -64,8 +100,12 @@ def test_fit_logs_tags_and_resume_is_exact(tmp_path: Path, builtin_store: Path) 
     part = fit_config(tmp_path, builtin_store, "part", val_check_interval=5)
     assert main(["fit", "--config", str(part), "--ckpt_path", str(step6)]) == 0
     # the final step is checkpointed even when every_n_train_steps does not divide max_steps
-    assert torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt",
-                      weights_only=True)["global_step"] == 10
+    assert (
+        torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)[
+            "global_step"
+        ]
+        == 10
+    )
     resumed = weights(tmp_path / "part" / "checkpoints" / "last.ckpt")
     reference = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
     assert resumed.keys() == reference.keys()
@@ -77,16 +117,18 @@ def test_fit_logs_tags_and_resume_is_exact(tmp_path: Path, builtin_store: Path) 
 
 
 def test_gradient_accumulation_logs_once_per_step(tmp_path: Path, builtin_store: Path) -> None:
-    cfg = fit_config(tmp_path, builtin_store, "acc", max_steps=3, accumulate_grad_batches=2,
-                     limit_val_batches=0)
+    cfg = fit_config(
+        tmp_path, builtin_store, "acc", max_steps=3, accumulate_grad_batches=2, limit_val_batches=0
+    )
     assert main(["fit", "--config", str(cfg)]) == 0
     tags = scalars(tmp_path / "acc")
     assert [s for s, _ in tags["train/loss"]] == [0, 1, 2]
     assert tags["train/tokens"][-1][1] == 3 * 2 * 4 * 32
 
 
-def test_validate_reports_every_set(tmp_path: Path, builtin_store: Path,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_validate_reports_every_set(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "v", max_steps=2, limit_val_batches=0)
     assert main(["fit", "--config", str(cfg)]) == 0
     capsys.readouterr()
@@ -98,12 +140,23 @@ def test_validate_reports_every_set(tmp_path: Path, builtin_store: Path,
     assert out[header + 1].startswith("val/loss")
 
 
-def test_limit_val_batches_integer_stays_integer(tmp_path: Path, builtin_store: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_limit_val_batches_integer_stays_integer(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "p", limit_val_batches=1)
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(cfg), "--trainer.limit_train_batches", "3",
-              "--trainer.val_check_interval", "0.5", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--trainer.limit_train_batches",
+                "3",
+                "--trainer.val_check_interval",
+                "0.5",
+                "--print_config",
+            ]
+        )
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert printed["limit_val_batches"] == 1 and isinstance(printed["limit_val_batches"], int)
     assert printed["limit_train_batches"] == 3 and isinstance(printed["limit_train_batches"], int)
@@ -118,7 +171,8 @@ def test_lr_schedules() -> None:
     assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
     assert lr_at(50, schedule="wsd", decay_fraction=0.2, **kw) == 1.0
     assert lr_at(99, schedule="wsd", decay_fraction=0.2, **kw) == pytest.approx(
-        1.0 + (0.1 - 1.0) * (99 - 88) / 22)
+        1.0 + (0.1 - 1.0) * (99 - 88) / 22
+    )
     assert lr_at(80, schedule="constant", **kw) == 1.0
     assert all(math.isfinite(lr_at(s, schedule="cosine", **kw)) for s in range(200))
 
@@ -126,8 +180,20 @@ def test_lr_schedules() -> None:
 def test_loss_falls_on_real_text(tmp_path: Path, shared_store: Path) -> None:
     """A tiny Pythia-style model learns the C4 sample and CPython source (../shared/data)."""
     cfg = fit_config(tmp_path, shared_store, "real", max_steps=80, limit_val_batches=0)
-    assert main(["fit", "--config", str(cfg), "--data.init_args.weights",
-                 "{c4: 0.5, code: 0.5}", "--model.lr", "6e-3"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--data.init_args.weights",
+                "{c4: 0.5, code: 0.5}",
+                "--model.lr",
+                "6e-3",
+            ]
+        )
+        == 0
+    )
     tags = scalars(tmp_path / "real")
     loss = [v for _, v in tags["train/loss"]]
     assert loss[0] == pytest.approx(math.log(1024), abs=0.5)  # starts near uniform
@@ -144,8 +210,22 @@ def test_init_from_loads_weights_only(tmp_path: Path, builtin_store: Path) -> No
     parent = tmp_path / "base" / "checkpoints" / "last.ckpt"
     child = fit_config(tmp_path, builtin_store, "child", max_steps=2, limit_val_batches=0)
     # max_steps=0 would not train; 1 step from the parent's weights with a fresh optimizer
-    assert main(["fit", "--config", str(child), "--model.init_from", str(parent),
-                 "--model.warmup", "0", "--model.lr_schedule", "constant"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(child),
+                "--model.init_from",
+                str(parent),
+                "--model.warmup",
+                "0",
+                "--model.lr_schedule",
+                "constant",
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(tmp_path / "child" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2  # a fresh run: the parent's 3 steps are not counted
     tags = scalars(tmp_path / "child")
@@ -156,13 +236,24 @@ def test_init_from_loads_weights_only(tmp_path: Path, builtin_store: Path) -> No
 
 def test_callbacks_plug_in_from_the_command_line(tmp_path: Path, builtin_store: Path) -> None:
     cfg = fit_config(tmp_path, builtin_store, "cb", max_steps=2, limit_val_batches=0)
-    assert main(["fit", "--config", str(cfg), "--trainer.callbacks+=LearningRateMonitor",
-                 "--trainer.callbacks.logging_interval=step"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--trainer.callbacks+=LearningRateMonitor",
+                "--trainer.callbacks.logging_interval=step",
+            ]
+        )
+        == 0
+    )
     assert any(t.startswith("lr-AdamW") for t in scalars(tmp_path / "cb"))
 
 
-def test_test_and_predict_commands(tmp_path: Path, builtin_store: Path,
-                                   capsys: pytest.CaptureFixture) -> None:
+def test_test_and_predict_commands(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "tp", max_steps=2, limit_val_batches=0)
     assert main(["fit", "--config", str(cfg)]) == 0
     run_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "tp").iterdir() if p.is_file()}
@@ -171,8 +262,20 @@ def test_test_and_predict_commands(tmp_path: Path, builtin_store: Path,
     assert main(["test", "--config", str(cfg), "--ckpt_path", ckpt]) == 0
     table = capsys.readouterr().out.splitlines()
     assert any(line.startswith("test/loss") for line in table) and "math" in table[1]
-    assert main(["predict", "--config", str(cfg), "--ckpt_path", ckpt,
-                 "--trainer.limit_predict_batches", "1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                ckpt,
+                "--trainer.limit_predict_batches",
+                "1",
+            ]
+        )
+        == 0
+    )
     # evaluation leaves the training run's config, hparams and events as they were
     assert {p: p.stat().st_mtime_ns for p in run_files} == run_files
     assert (tmp_path / "tp" / "test").is_dir()
@@ -182,8 +285,10 @@ def test_refused_resume_writes_nothing(tmp_path: Path, builtin_store: Path) -> N
     cfg = fit_config(tmp_path, builtin_store, "r", max_steps=2, limit_val_batches=0)
     assert main(["fit", "--config", str(cfg)]) == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")}
-    assert main(["fit", "--config", str(cfg), "--ckpt_path", "last",
-                 "--data.init_args.seed", "5"]) == 2
+    assert (
+        main(["fit", "--config", str(cfg), "--ckpt_path", "last", "--data.init_args.seed", "5"])
+        == 2
+    )
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before
 
 
@@ -198,8 +303,9 @@ def test_throughput_is_logged(tmp_path: Path, builtin_store: Path) -> None:
     from midtrain.model.config import ModelConfig
     from midtrain.model.gpt import GPT
 
-    model = GPT(ModelConfig.from_name("tiny", n_layer=2, n_embd=64, n_head=4, block_size=64,
-                                      vocab_size=512))
+    model = GPT(
+        ModelConfig.from_name("tiny", n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=512)
+    )
     assert flops == pytest.approx(tokens * model.flops_per_token(32), rel=1e-3)
 
 
@@ -209,8 +315,9 @@ def test_document_masking_and_activation_checkpointing(builtin_store: Path) -> N
     torch.manual_seed(0)
     plain = CausalLM(arch="tiny", vocab_size=512)
     plain.configure_model()
-    masked = CausalLM(arch="tiny", vocab_size=512, document_masking=True,
-                      activation_checkpointing=True)
+    masked = CausalLM(
+        arch="tiny", vocab_size=512, document_masking=True, activation_checkpointing=True
+    )
     masked.configure_model()
     masked.model.load_state_dict(plain.model.state_dict())
     masked.eos_id = plain.eos_id = 0
@@ -219,8 +326,11 @@ def test_document_masking_and_activation_checkpointing(builtin_store: Path) -> N
     lm, _ = masked._token_losses(batch)
     lp, _ = plain._token_losses(batch)
     assert torch.allclose(lm[0, :4], lp[0, :4], atol=1e-5)  # the first document is the same
-    second = {"input_ids": x[:, 4:], "targets": batch["targets"][:, 4:],
-              "loss_mask": torch.ones(1, 4)}
+    second = {
+        "input_ids": x[:, 4:],
+        "targets": batch["targets"][:, 4:],
+        "loss_mask": torch.ones(1, 4),
+    }
     alone, _ = plain._token_losses(second)
     assert torch.allclose(lm[0, 4:], alone[0], atol=1e-5)  # the second sees only itself
     assert not torch.allclose(lp[0, 4:], alone[0], atol=1e-4)
@@ -236,12 +346,15 @@ def test_document_masking_and_activation_checkpointing(builtin_store: Path) -> N
         assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision,dtype", [("bf16-mixed", torch.float32),
-                                             ("bf16-true", torch.bfloat16)])
-def test_bf16_precisions(tmp_path: Path, builtin_store: Path, precision: str,
-                         dtype: torch.dtype) -> None:
-    cfg = fit_config(tmp_path, builtin_store, "bf", max_steps=3, limit_val_batches=0,
-                     precision=precision)
+@pytest.mark.parametrize(
+    "precision,dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)]
+)
+def test_bf16_precisions(
+    tmp_path: Path, builtin_store: Path, precision: str, dtype: torch.dtype
+) -> None:
+    cfg = fit_config(
+        tmp_path, builtin_store, "bf", max_steps=3, limit_val_batches=0, precision=precision
+    )
     assert main(["fit", "--config", str(cfg)]) == 0
     assert all(math.isfinite(v) for _, v in scalars(tmp_path / "bf")["train/loss"])
     state = weights(tmp_path / "bf" / "checkpoints" / "last.ckpt")

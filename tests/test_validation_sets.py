@@ -23,39 +23,74 @@ REPO = Path(__file__).resolve().parents[1]
 SETS = ("prose", "code", "math")
 
 
-def fit(tmp_path: Path, store: Path, run: str, devices: int, micro: int, accumulation: int,
-        strategy: object = "auto") -> dict[str, list[tuple[int, float]]]:
+def fit(
+    tmp_path: Path,
+    store: Path,
+    run: str,
+    devices: int,
+    micro: int,
+    accumulation: int,
+    strategy: object = "auto",
+) -> dict[str, list[tuple[int, float]]]:
     cfg = {
         "seed_everything": 0,
-        "model": {"arch": "tiny", "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4,
-                                                    "block_size": 64}, "lr": 3e-3, "warmup": 2},
-        "data": {"class_path": "midtrain.MixtureDataModule",
-                 "init_args": {"store": str(store), "seq_len": 32, "micro_batch_size": micro,
-                               # 5 blocks in batches of 2: two processes hold 3 and 2
-                               # (+1 padding row), else 2 and 1 batches: FSDP2 would hang
-                               "val_max_blocks": 5, "val_batch_size": 2}},
-        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy,
-                    "max_steps": 4, "accumulate_grad_batches": accumulation,
-                    "val_check_interval": 2, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False},
+        "model": {
+            "arch": "tiny",
+            "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
+            "lr": 3e-3,
+            "warmup": 2,
+        },
+        "data": {
+            "class_path": "midtrain.MixtureDataModule",
+            "init_args": {
+                "store": str(store),
+                "seq_len": 32,
+                "micro_batch_size": micro,
+                # 5 blocks in batches of 2: two processes hold 3 and 2
+                # (+1 padding row), else 2 and 1 batches: FSDP2 would hang
+                "val_max_blocks": 5,
+                "val_batch_size": 2,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": strategy,
+            "max_steps": 4,
+            "accumulate_grad_batches": accumulation,
+            "val_check_interval": 2,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(tmp_path / run),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "checkpoint": {"save_last": False},
     }
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "midtrain", "fit", "--config", str(path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "midtrain", "fit", "--config", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return scalars(tmp_path / run)
 
 
 def test_validation_is_the_same_for_any_world_size_and_accumulation(
-        tmp_path: Path, builtin_store: Path) -> None:
+    tmp_path: Path, builtin_store: Path
+) -> None:
     reference = fit(tmp_path, builtin_store, "one", 1, 8, 1)
-    runs = {"accumulation 2": fit(tmp_path, builtin_store, "acc", 1, 4, 2),
-            "ddp": fit(tmp_path, builtin_store, "ddp", 2, 4, 1, "ddp"),
-            "fsdp2": fit(tmp_path, builtin_store, "fsdp", 2, 4, 1, FSDP2)}
+    runs = {
+        "accumulation 2": fit(tmp_path, builtin_store, "acc", 1, 4, 2),
+        "ddp": fit(tmp_path, builtin_store, "ddp", 2, 4, 1, "ddp"),
+        "fsdp2": fit(tmp_path, builtin_store, "fsdp", 2, 4, 1, FSDP2),
+    }
     for name in SETS:
         expected = reference[f"val/{name}/loss"]
         # every 2 optimizer steps of 4: after steps 2 and 4 (logged at steps 1 and 3)

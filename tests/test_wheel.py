@@ -32,13 +32,28 @@ def _python(venv: Path) -> Path:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
-    shutil.copytree(ROOT / "midtrain", src / "midtrain",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "midtrain", src / "midtrain", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
-                    "-w", str(work / "dist"), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            *isolation,
+            "-q",
+            "-w",
+            str(work / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (built,) = (work / "dist").glob("midtrain-*.whl")
     return built
 
@@ -48,16 +63,33 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel installed and this environment's packages visible."""
     venv = tmp_path_factory.mktemp("venv") / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    inner = subprocess.run([str(_python(venv)), "-c",
-                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           check=True, capture_output=True, text=True).stdout.strip()
+    inner = subprocess.run(
+        [str(_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (Path(inner) / "_outer_env.pth").write_text("\n".join(sorted(outer)) + "\n")
     # --ignore-installed: where midtrain is installed in this environment too (tox), pip would
     # see that copy through the .pth and skip the wheel
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(_python(venv)), "install",
-                    "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(_python(venv)),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return venv
 
 
@@ -65,30 +97,46 @@ def _run(venv: Path, cwd: Path, *args: str, timeout: float = 600) -> subprocess.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{_python(venv).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    done = subprocess.run(
+        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (
+        f"{' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    )
     return done
 
 
 def test_wheel_ships_every_config(wheel: Path) -> None:
-    shipped = {p.relative_to(ROOT).as_posix()
-               for p in (ROOT / "midtrain" / "configs").rglob("*.yaml")}
+    shipped = {
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "midtrain" / "configs").rglob("*.yaml")
+    }
     with zipfile.ZipFile(wheel) as z:
         in_wheel = {n for n in z.namelist() if n.startswith("midtrain/configs/")}
     assert shipped and shipped == in_wheel
 
 
-def test_installed_midtrain_finds_its_configs_from_any_directory(venv: Path,
-                                                                 tmp_path: Path) -> None:
-    where = _run(venv, tmp_path, str(_python(venv)), "-c", "import midtrain; print(midtrain.__file__)")
-    assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # the wheel, not the checkout
+def test_installed_midtrain_finds_its_configs_from_any_directory(
+    venv: Path, tmp_path: Path
+) -> None:
+    where = _run(
+        venv, tmp_path, str(_python(venv)), "-c", "import midtrain; print(midtrain.__file__)"
+    )
+    assert Path(where.stdout.strip()).is_relative_to(venv), (
+        where.stdout
+    )  # the wheel, not the checkout
 
     listed = _run(venv, tmp_path, "midtrain", "configs", "list").stdout
     assert "pretrain/demo.yaml" in listed and "study/cpu.yaml" in listed
 
-    printed = _run(venv, tmp_path, "midtrain", "fit", "--config", "configs/pretrain/demo.yaml",
-                   "--print_config").stdout
+    printed = _run(
+        venv,
+        tmp_path,
+        "midtrain",
+        "fit",
+        "--config",
+        "configs/pretrain/demo.yaml",
+        "--print_config",
+    ).stdout
     assert yaml.safe_load(printed)["data"]["init_args"]["store"] == "data/demo"
 
     help_text = _run(venv, tmp_path, "midtrain", "demo", "--help").stdout

@@ -66,8 +66,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and then moves it: across filesystems (node-local /tmp, run dir on NFS) that move is a copy,
     and a kill during it leaves a truncated checkpoint in place of the good one."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):  # remote storage: fsspec's transaction is the right tool there
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:

@@ -25,9 +25,14 @@ from midtrain.model.hf import _require, hf_architecture, to_hf_config, to_hf_sta
 MAX_SHARD_SIZE = "5GB"  # safetensors shards above this size, as transformers' save_pretrained
 
 
-def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
-           tokenizer: str | None = None, eos: str | None = None,
-           max_shard_size: str | int = MAX_SHARD_SIZE) -> Path:
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    eos: str | None = None,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
+) -> Path:
     """Write ``out`` as a transformers model directory (config, safetensors, generation config,
     tokenizer). Built in a temporary directory next to ``out`` and renamed: never half-written."""
     from tokenizers import Tokenizer
@@ -37,14 +42,21 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
     out = Path(out)
     if out.exists():
         raise MidtrainError(f"--out: {out} exists; choose a new directory")
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
-              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    dtypes = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype not in dtypes:
         raise MidtrainError(f"--dtype: {dtype!r} is not one of float32, bf16, fp16")
     config, state, meta = load_checkpoint(ckpt)
     hf_architecture(config)  # refuse before any work
-    tok_path, run_eos = (tokenizer_source(tokenizer) if tokenizer
-                         else run_tokenizer(Path(ckpt), meta))
+    tok_path, run_eos = (
+        tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(ckpt), meta)
+    )
     tok = Tokenizer.from_file(str(tok_path))
     check_tokenizer(tok, config, "--tokenizer")
     eos_token = _eos_token(tok, eos or run_eos, "--eos")
@@ -58,15 +70,29 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "float32",
         hf_config.dtype = str(dtypes[dtype]).removeprefix("torch.")
         hf_config.save_pretrained(tmp)
         hub.save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size)
-        transformers.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id,
-                                      pad_token_id=eos_id).save_pretrained(tmp)
+        transformers.GenerationConfig(
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id
+        ).save_pretrained(tmp)
         fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token=eos_token, eos_token=eos_token,
-            unk_token=None, pad_token=None, model_max_length=config.block_size)
+            tokenizer_object=tok,
+            bos_token=eos_token,
+            eos_token=eos_token,
+            unk_token=None,
+            pad_token=None,
+            model_max_length=config.block_size,
+        )
         fast.save_pretrained(tmp)
-        (tmp / "midtrain.json").write_text(json.dumps(
-            {"source": str(ckpt), "global_step": meta.get("global_step"),
-             "model_config": asdict(config)}, indent=2) + "\n")
+        (tmp / "midtrain.json").write_text(
+            json.dumps(
+                {
+                    "source": str(ckpt),
+                    "global_step": meta.get("global_step"),
+                    "model_config": asdict(config),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

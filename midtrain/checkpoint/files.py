@@ -55,13 +55,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            state = torch.load(consolidate(path, Path(tmp) / "full.ckpt"), map_location="cpu",
-                               weights_only=True)
+            state = torch.load(
+                consolidate(path, Path(tmp) / "full.ckpt"), map_location="cpu", weights_only=True
+            )
     else:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = state.get("state_dict", state)
     if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     return state
 
 
@@ -93,6 +94,9 @@ def run_checkpoints_in(directory: Path) -> list[Path]:
     """Checkpoint files and distributed checkpoint directories in a checkpoint directory."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir()
-                  if not p.name.startswith(".")
-                  and ((p.is_file() and p.suffix == ".ckpt") or is_distributed(p)))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if not p.name.startswith(".")
+        and ((p.is_file() and p.suffix == ".ckpt") or is_distributed(p))
+    )

@@ -56,14 +56,19 @@ def check_run_dir(root: Path, checkpoints: Path, fresh: bool) -> None:
 
     for path in (root, checkpoints):
         if path.exists() and not path.is_dir():
-            raise MidtrainError(f"trainer.default_root_dir: {path} is a file, not a run "
-                                "directory; choose another path")
+            raise MidtrainError(
+                f"trainer.default_root_dir: {path} is a file, not a run "
+                "directory; choose another path"
+            )
     existing = next((p for p in (checkpoints, root, *root.parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise MidtrainError(f"trainer.default_root_dir: {existing} is not writable; "
-                            "fix its permissions or choose another run directory")
+        raise MidtrainError(
+            f"trainer.default_root_dir: {existing} is not writable; "
+            "fix its permissions or choose another run directory"
+        )
     if fresh and (found := run_checkpoints_in(checkpoints)):
         raise MidtrainError(
             f"trainer.default_root_dir: {checkpoints} already holds another "
             f"run's checkpoints ({found[0].name}, ...); continue it with --ckpt_path "
-            "last, or choose a new trainer.default_root_dir")
+            "last, or choose a new trainer.default_root_dir"
+        )

@@ -33,8 +33,9 @@ def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
         raise MidtrainError(f"{where}: {e}") from None
 
 
-def load_checkpoint(path: str | Path, where: str = "--ckpt") -> tuple[
-        ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, where: str = "--ckpt"
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir."""
     from midtrain.checkpoint.files import load_weights, read_metadata
 
@@ -46,8 +47,9 @@ def load_checkpoint(path: str | Path, where: str = "--ckpt") -> tuple[
     except MidtrainError:
         raise
     except Exception:
-        raise MidtrainError(f"{where}: {path} is not a checkpoint (cannot be read by "
-                            "torch.load)") from None
+        raise MidtrainError(
+            f"{where}: {path} is not a checkpoint (cannot be read by torch.load)"
+        ) from None
     if not isinstance(meta, dict) or "hyper_parameters" not in meta:
         raise MidtrainError(f"{where}: {path} is not a midtrain checkpoint (no hyper_parameters)")
     config = checkpoint_config(meta["hyper_parameters"], where)
@@ -73,9 +75,11 @@ def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
     init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
     if init_from.startswith(HF_PREFIX):
         return tokenizer_file(init_from), None
-    raise MidtrainError(f"--tokenizer: cannot find the run's tokenizer for {ckpt} (no "
-                        f"{config_path} naming a store); give --tokenizer <tokenizer.json, "
-                        "store dir or hf:model>")
+    raise MidtrainError(
+        f"--tokenizer: cannot find the run's tokenizer for {ckpt} (no "
+        f"{config_path} naming a store); give --tokenizer <tokenizer.json, "
+        "store dir or hf:model>"
+    )
 
 
 def tokenizer_source(given: str) -> tuple[Path, str | None]:
@@ -102,12 +106,19 @@ def _eos_token(tok: Any, eos: str | None, where: str) -> str:
 def check_tokenizer(tok: Any, config: ModelConfig, where: str) -> None:
     size = tok.get_vocab_size(with_added_tokens=True)
     if size > config.padded_vocab_size:
-        raise MidtrainError(f"{where}: the tokenizer has {size} tokens but the model's vocabulary "
-                            f"is {config.padded_vocab_size}; use the tokenizer it was trained with")
+        raise MidtrainError(
+            f"{where}: the tokenizer has {size} tokens but the model's vocabulary "
+            f"is {config.padded_vocab_size}; use the tokenizer it was trained with"
+        )
 
 
-def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
-               dtype: str | None = None, where: str = "--ckpt") -> tuple[GPT, Any, int | None]:
+def load_model(
+    source: str,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    where: str = "--ckpt",
+) -> tuple[GPT, Any, int | None]:
     """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
     dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
     unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
@@ -115,12 +126,12 @@ def load_model(source: str, tokenizer: str | None = None, device: str = "cpu",
 
     if source.startswith(HF_PREFIX):
         config, state = load(source, where)
-        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (
-            tokenizer_file(source), None)
+        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (tokenizer_file(source), None)
     else:
         config, state, meta = load_checkpoint(source, where)
-        tok_path, eos = (tokenizer_source(tokenizer) if tokenizer
-                         else run_tokenizer(Path(source), meta))
+        tok_path, eos = (
+            tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(source), meta)
+        )
     tok = Tokenizer.from_file(str(tok_path))
     check_tokenizer(tok, config, "--tokenizer")
     eos_token = _eos_token(tok, eos, "--tokenizer")

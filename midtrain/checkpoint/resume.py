@@ -30,8 +30,10 @@ def resume_checkpoint(directory: Path, say: Callable[[str], None]) -> Path | Non
     if not found:
         return None
     step, _, _, path = max(found)
-    say(f"midtrain: resuming from {path} (optimizer step {step}), the newest loadable checkpoint "
-        f"of {directory}")
+    say(
+        f"midtrain: resuming from {path} (optimizer step {step}), the newest loadable checkpoint "
+        f"of {directory}"
+    )
     return path
 
 
@@ -41,8 +43,16 @@ ELASTIC_KEYS = ("data.micro_batch_size", "trainer.accumulate_grad_batches", "wor
 
 
 # Keys that shape what happened before the checkpoint: a fork cannot change them either.
-PAST_KEYS = ("data.store", "data.seq_len", "data.max_length", "data.packing", "data.seed",
-             "data.global_batch_size", "model.shape", "model.decay_1d_params")
+PAST_KEYS = (
+    "data.store",
+    "data.seq_len",
+    "data.max_length",
+    "data.packing",
+    "data.seed",
+    "data.global_batch_size",
+    "model.shape",
+    "model.decay_1d_params",
+)
 
 
 def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
@@ -55,20 +65,32 @@ def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, An
             if key != "phases":
                 record[f"data.{key}"] = value
         micro = datamodule.micro_batch_size
-        record.update({
-            "data.global_batch_size": micro * trainer.accumulate_grad_batches * trainer.world_size,
-            "data.micro_batch_size": micro,
-            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "world size": trainer.world_size,
-        })
+        record.update(
+            {
+                "data.global_batch_size": micro
+                * trainer.accumulate_grad_batches
+                * trainer.world_size,
+                "data.micro_batch_size": micro,
+                "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "world size": trainer.world_size,
+            }
+        )
     config = getattr(model, "config", None)
     if config is not None:
         from dataclasses import asdict
 
         record["model.shape"] = asdict(config)
     hp = getattr(model, "hparams", {})
-    for key in ("lr", "min_lr", "warmup", "lr_schedule", "decay_fraction", "weight_decay",
-                "decay_1d_params", "eps"):
+    for key in (
+        "lr",
+        "min_lr",
+        "warmup",
+        "lr_schedule",
+        "decay_fraction",
+        "weight_decay",
+        "decay_1d_params",
+        "eps",
+    ):
         if key in hp:
             record[f"model.{key}"] = hp[key]
     if "betas" in hp:
@@ -84,8 +106,7 @@ def _show(key: str, saved: Any, now: Any) -> str:
     return f"{key} {saved!r} -> {now!r}"
 
 
-def resume_differences(saved: dict[str, Any], now: dict[str, Any],
-                       fork: bool) -> list[str]:
+def resume_differences(saved: dict[str, Any], now: dict[str, Any], fork: bool) -> list[str]:
     """Differences between a checkpoint's run record and this run's, as ``key old -> new``:
     all of them for a resume; for a fork only those that change the past."""
     keys = [k for k in now if k in saved and saved[k] != now[k] and k not in ELASTIC_KEYS]
@@ -94,19 +115,20 @@ def resume_differences(saved: dict[str, Any], now: dict[str, Any],
     return [_show(k, saved[k], now[k]) for k in keys]
 
 
-def refuse_differences(saved: dict[str, Any], now: dict[str, Any], fork: bool,
-                       where: str) -> None:
+def refuse_differences(saved: dict[str, Any], now: dict[str, Any], fork: bool, where: str) -> None:
     """Refuse, in one line, a checkpoint this run cannot continue exactly (a resume) or a fork
     that would change the past. The one resume comparison: the CLI calls it before anything
     is written, ``CausalLM.on_load_checkpoint`` for runs started from Python."""
     diffs = resume_differences(saved, now, fork)
     if not diffs:
         return
-    hint = ("a fork may change the optimizer settings, max_steps and the schedule from the fork "
-            "step on, not the past" if fork else
-            "resume with the checkpoint's settings, or start a new run from it with --fork")
-    raise MidtrainError(f"{where}: it was trained with another setup: {'; '.join(diffs)}; "
-                        f"{hint}")
+    hint = (
+        "a fork may change the optimizer settings, max_steps and the schedule from the fork "
+        "step on, not the past"
+        if fork
+        else "resume with the checkpoint's settings, or start a new run from it with --fork"
+    )
+    raise MidtrainError(f"{where}: it was trained with another setup: {'; '.join(diffs)}; {hint}")
 
 
 @dataclass
@@ -139,14 +161,18 @@ def plan_resume(ckpt_path: str | None, directory: Path, subcommand: str | None) 
         if found is not None:
             plan.ckpt_path = str(found)
         elif ckpt_path == "last":
-            plan.error = (f"ckpt_path: last: no checkpoint in {directory}; start without "
-                          "--ckpt_path, or use --ckpt_path last_or_new")
+            plan.error = (
+                f"ckpt_path: last: no checkpoint in {directory}; start without "
+                "--ckpt_path, or use --ckpt_path last_or_new"
+            )
         elif subcommand != "fit":
             plan.error = "ckpt_path: last_or_new is for fit only"
         else:
             plan.ckpt_path = None
-            plan.lines.append(f"midtrain: NO CHECKPOINT in {directory}: starting a new run "
-                              "(--ckpt_path last_or_new)")
+            plan.lines.append(
+                f"midtrain: NO CHECKPOINT in {directory}: starting a new run "
+                "(--ckpt_path last_or_new)"
+            )
     if plan.ckpt_path and Path(str(plan.ckpt_path)).exists():
         meta, _ = loadable(Path(str(plan.ckpt_path)))
         if meta is not None:
@@ -155,16 +181,27 @@ def plan_resume(ckpt_path: str | None, directory: Path, subcommand: str | None) 
     return plan
 
 
-def fork_optimizer_state(checkpoint: dict[str, Any], lr_now: float, lr: float,
-                         betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def fork_optimizer_state(
+    checkpoint: dict[str, Any],
+    lr_now: float,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
     """Rewrite a checkpoint's optimizer and LR-scheduler state for a fork, which continues the
     optimizer state with the new run's hyperparameters (the checkpoint's would otherwise win
     silently): ``lr_now`` is the new schedule's LR at the fork step, ``lr`` its peak."""
     for opt in checkpoint.get("optimizer_states", []):
         for i, group in enumerate(opt.get("param_groups", [])):
             # groups as midtrain.train.optim.param_groups makes them: decayed first, then not
-            group.update(lr=lr_now, initial_lr=lr, betas=tuple(betas), eps=eps,
-                         weight_decay=weight_decay if i == 0 else 0.0)
+            group.update(
+                lr=lr_now,
+                initial_lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay if i == 0 else 0.0,
+            )
     for sched in checkpoint.get("lr_schedulers", []):
         if "base_lrs" in sched:
             sched["base_lrs"] = [lr] * len(sched["base_lrs"])

@@ -24,8 +24,10 @@ def _shipped(name: str | Path) -> Path:
     target = root if str(name) in ("all", "configs", "configs/") else root / relative
     if Path(name).is_absolute() or ".." in parts or not target.exists():
         kinds = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir()))
-        raise MidtrainError(f"configs: no shipped config {str(name)!r}; see `midtrain configs "
-                            f"list` (kinds: {kinds}, or all)")
+        raise MidtrainError(
+            f"configs: no shipped config {str(name)!r}; see `midtrain configs "
+            f"list` (kinds: {kinds}, or all)"
+        )
     return target
 
 
@@ -76,8 +78,9 @@ def copy_configs(name: str, dest: str) -> list[Path]:
     existing = [str(to) for _, to in pairs if to.exists()]
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise MidtrainError(f"configs: {existing[0]} exists{more}; copy to a new place or "
-                            f"remove it first")
+        raise MidtrainError(
+            f"configs: {existing[0]} exists{more}; copy to a new place or remove it first"
+        )
     for src, to in pairs:
         to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, to)
@@ -109,5 +112,6 @@ def configs_main(args: Sequence[str]) -> None:
         for written in copy_configs(rest[0], rest[1]):  # dest as typed: a trailing / = folder
             print(f"written {written}")
     else:
-        raise MidtrainError(f"configs: unknown or incomplete action {' '.join(args)!r}; "
-                            f"see midtrain configs --help")
+        raise MidtrainError(
+            f"configs: unknown or incomplete action {' '.join(args)!r}; see midtrain configs --help"
+        )

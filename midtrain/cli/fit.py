@@ -49,6 +49,7 @@ def say(line: str) -> None:
 
 # -- pure pieces of the config hooks ------------------------------------------------------------
 
+
 def evaluation_defaults(cfg: Any, subcommand: str) -> None:
     """validate/test evaluate trained weights, on the whole validation sets."""
     if subcommand not in ("validate", "test"):
@@ -57,7 +58,8 @@ def evaluation_defaults(cfg: Any, subcommand: str) -> None:
         raise MidtrainError(
             f"ckpt_path: `midtrain {subcommand}` evaluates trained weights; give "
             "--ckpt_path <checkpoint> (or `last` of the run), or --model.init_from "
-            "<checkpoint>")
+            "<checkpoint>"
+        )
     # `limit_val_batches: 0` in a fit config turns periodic validation off; the command whose
     # whole job is evaluation evaluates the whole sets.
     key = "limit_val_batches" if subcommand == "validate" else "limit_test_batches"
@@ -70,8 +72,10 @@ def trainer_defaults(trainer: Any, subcommand: str) -> None:
     trainer.default_root_dir = trainer.default_root_dir or DEFAULT_ROOT
     if trainer.get("max_steps") is None:  # `--trainer.max_steps null`
         if subcommand == "fit":
-            raise MidtrainError("trainer.max_steps: null; set a positive number of optimizer "
-                                "steps (midtrain's schedules are in steps)")
+            raise MidtrainError(
+                "trainer.max_steps: null; set a positive number of optimizer "
+                "steps (midtrain's schedules are in steps)"
+            )
         trainer.max_steps = -1  # Lightning's "no limit"; evaluation does not use it
 
 
@@ -84,10 +88,15 @@ def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | N
     events a killed run wrote after its checkpoint (``purge_step``): no step shows twice."""
     if logger in (None, True):
         version = "" if subcommand == "fit" else subcommand
-        logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                           init_args=Namespace(save_dir=root, name="", version=version))
-    if (subcommand == "fit" and resume_step is not None
-            and getattr(logger, "class_path", "").endswith("TensorBoardLogger")):
+        logger = Namespace(
+            class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            init_args=Namespace(save_dir=root, name="", version=version),
+        )
+    if (
+        subcommand == "fit"
+        and resume_step is not None
+        and getattr(logger, "class_path", "").endswith("TensorBoardLogger")
+    ):
         logger.init_args.purge_step = resume_step
     return logger
 
@@ -100,21 +109,29 @@ def check_val_limits(trainer: Any, datamodule: Any) -> None:
     for key in ("limit_val_batches", "limit_test_batches"):
         value = getattr(trainer, key)
         if value not in (0, 1.0) or (value == 1 and isinstance(value, int)):
-            sizes = ("data.val_max_blocks" if isinstance(datamodule, MixtureDataModule)
-                     else "data.val_max_examples and data.general_val_max_blocks")
+            sizes = (
+                "data.val_max_blocks"
+                if isinstance(datamodule, MixtureDataModule)
+                else "data.val_max_examples and data.general_val_max_blocks"
+            )
             raise MidtrainError(
                 f"trainer.{key}: {value} counts batches per process, so the evaluated "
                 "sequences would change with the number of processes; set the size of each "
-                f"validation set with {sizes} ({key}: 0 turns it off)")
+                f"validation set with {sizes} ({key}: 0 turns it off)"
+            )
 
 
 def is_local_checkpoint(ckpt: str) -> bool:
     """A ``ckpt_path`` naming a file here (not Lightning's keywords or a remote URL)."""
-    return bool(ckpt) and ckpt not in ("last", "best", "hpc") and not (
-        ckpt.startswith("registry") or "://" in ckpt)
+    return (
+        bool(ckpt)
+        and ckpt not in ("last", "best", "hpc")
+        and not (ckpt.startswith("registry") or "://" in ckpt)
+    )
 
 
 # -- the CLI ------------------------------------------------------------------------------------
+
 
 class MidtrainCLI(KeepConfigOnResume, LightningCLI):
     """LightningCLI with midtrain's callbacks, defaults, ``--fork`` and checks."""
@@ -129,14 +146,18 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
         # A resumed run overwrites its own last.ckpt (never a stray last-v1.ckpt).
-        parser.set_defaults({"checkpoint.save_last": True,
-                             "checkpoint.enable_version_counter": False})
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.enable_version_counter": False}
+        )
         # The model's vocabulary follows the tokenizer unless model_config fixes it.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_argument(
-            "--fork", type=str | None, default=None,
+            "--fork",
+            type=str | None,
+            default=None,
             help="start a new run from this checkpoint, keeping model, optimizer, LR schedule "
-                 "and data position, with this run's (new or extended) schedule")
+            "and data position, with this run's (new or extended) schedule",
+        )
 
     def _cfg(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -146,14 +167,16 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         evaluation_defaults(cfg, subcommand)
         trainer_defaults(cfg.trainer, subcommand)
         dirpath = cfg.get("checkpoint", {}).get("dirpath") if "checkpoint" in cfg else None
-        self.checkpoint_dir = (Path(dirpath) if dirpath
-                               else run_checkpoints(cfg.trainer.default_root_dir))
+        self.checkpoint_dir = (
+            Path(dirpath) if dirpath else run_checkpoints(cfg.trainer.default_root_dir)
+        )
         # reading only: errors and the explaining lines come in before_fit, after the config's
         # own errors
         self.resume = plan_resume(cfg.get("ckpt_path"), self.checkpoint_dir, self.subcommand)
         cfg.ckpt_path = self.resume.ckpt_path
-        cfg.trainer.logger = default_logger(cfg.trainer.logger, cfg.trainer.default_root_dir,
-                                            subcommand, self.resume.step)
+        cfg.trainer.logger = default_logger(
+            cfg.trainer.logger, cfg.trainer.default_root_dir, subcommand, self.resume.step
+        )
 
     def _check(self) -> None:
         if self.datamodule is not None:  # the data contract, checked before any write
@@ -169,11 +192,15 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
 
     def _evaluated_weights(self, ckpt: str) -> str:
         """Which weights validate/test evaluate, for the first line of their output."""
-        what, path = ("checkpoint", ckpt) if ckpt else (
-            "model.init_from (weights only)", str(self._cfg().model.init_from))
+        what, path = (
+            ("checkpoint", ckpt)
+            if ckpt
+            else ("model.init_from (weights only)", str(self._cfg().model.init_from))
+        )
         if os.path.exists(path):
-            step = (self.resume.checkpoint_metadata(path, "ckpt_path") if ckpt
-                    else read_metadata(path)).get("global_step")
+            step = (
+                self.resume.checkpoint_metadata(path, "ckpt_path") if ckpt else read_metadata(path)
+            ).get("global_step")
             if step is not None:
                 return f"evaluating {what} {path} (trained {step} steps)"
         return f"evaluating {what} {path}"
@@ -183,8 +210,11 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         fork = self.config["fit"].get("fork")
         if fork:
             self._start_fork(fork)
-        check_run_dir(Path(self.trainer.default_root_dir), self.checkpoint_dir,
-                      fresh=not self.config["fit"].get("ckpt_path"))
+        check_run_dir(
+            Path(self.trainer.default_root_dir),
+            self.checkpoint_dir,
+            fresh=not self.config["fit"].get("ckpt_path"),
+        )
         if isinstance(self.datamodule, MixtureDataModule):
             self._register_schedule(self.datamodule)
         self._check_resume(fork=bool(fork))
@@ -241,7 +271,10 @@ def trainer_main(argv: Sequence[str]) -> None:
     with recording_errors() as raised:
         try:
             MidtrainCLI(
-                CausalLM, LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
+                CausalLM,
+                LightningDataModule,
+                subclass_mode_data=True,
+                trainer_class=Trainer,
                 save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
                 parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,

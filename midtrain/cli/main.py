@@ -20,38 +20,71 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "fit": Command("train a model (LightningCLI: --config, --print_config, --ckpt_path last to "
-                   "resume)", "midtrain.cli.fit:trainer_main", trainer=True),
-    "validate": Command("evaluate a checkpoint on every validation set (val/<set>/loss)",
-                        "midtrain.cli.fit:trainer_main", trainer=True),
-    "test": Command("like validate, logged as test/<set>/loss (in <run>/test/)",
-                    "midtrain.cli.fit:trainer_main", trainer=True),
-    "predict": Command("run the predict loop of a model and data module",
-                       "midtrain.cli.fit:trainer_main", trainer=True),
-    "prepare": Command("tokenize named domains into a token store (--config <yaml>; --verify "
-                       "<store>)", "midtrain.cli.tools:prepare_main"),
-    "similarity": Command("token-statistics similarity of a store's domains and mixtures (CSV, "
-                          "markdown)", "midtrain.cli.tools:similarity_main"),
-    "experiment": Command("a whole study: pretrain once, fork branches, SFT grid, results table",
-                          "midtrain.cli.tools:experiment_main"),
-    "demo": Command("the CPU-scale study end to end on built-in data (configs/study/cpu.yaml)",
-                    "midtrain.cli.tools:demo_main"),
-    "consolidate": Command("a distributed (sharded) checkpoint as one file: consolidate <dir> "
-                           "<out.ckpt>", "midtrain.cli.tools:consolidate_main"),
-    "export": Command("a checkpoint as a Hugging Face transformers model directory (--ckpt, "
-                      "--out)", "midtrain.cli.tools:export_main"),
-    "generate": Command("sample text from a checkpoint or hf:<model> (--ckpt, --prompt ...)",
-                        "midtrain.cli.tools:generate_main"),
-    "lm-eval": Command("lm-evaluation-harness with the `midtrain` model registered (lm_eval's "
-                       "arguments)", "midtrain.cli.tools:lm_eval_main"),
-    "configs": Command("the ready-made configs shipped with midtrain: configs list | show | copy",
-                       "midtrain.cli.configs:configs_main"),
+    "fit": Command(
+        "train a model (LightningCLI: --config, --print_config, --ckpt_path last to resume)",
+        "midtrain.cli.fit:trainer_main",
+        trainer=True,
+    ),
+    "validate": Command(
+        "evaluate a checkpoint on every validation set (val/<set>/loss)",
+        "midtrain.cli.fit:trainer_main",
+        trainer=True,
+    ),
+    "test": Command(
+        "like validate, logged as test/<set>/loss (in <run>/test/)",
+        "midtrain.cli.fit:trainer_main",
+        trainer=True,
+    ),
+    "predict": Command(
+        "run the predict loop of a model and data module",
+        "midtrain.cli.fit:trainer_main",
+        trainer=True,
+    ),
+    "prepare": Command(
+        "tokenize named domains into a token store (--config <yaml>; --verify <store>)",
+        "midtrain.cli.tools:prepare_main",
+    ),
+    "similarity": Command(
+        "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
+        "midtrain.cli.tools:similarity_main",
+    ),
+    "experiment": Command(
+        "a whole study: pretrain once, fork branches, SFT grid, results table",
+        "midtrain.cli.tools:experiment_main",
+    ),
+    "demo": Command(
+        "the CPU-scale study end to end on built-in data (configs/study/cpu.yaml)",
+        "midtrain.cli.tools:demo_main",
+    ),
+    "consolidate": Command(
+        "a distributed (sharded) checkpoint as one file: consolidate <dir> <out.ckpt>",
+        "midtrain.cli.tools:consolidate_main",
+    ),
+    "export": Command(
+        "a checkpoint as a Hugging Face transformers model directory (--ckpt, --out)",
+        "midtrain.cli.tools:export_main",
+    ),
+    "generate": Command(
+        "sample text from a checkpoint or hf:<model> (--ckpt, --prompt ...)",
+        "midtrain.cli.tools:generate_main",
+    ),
+    "lm-eval": Command(
+        "lm-evaluation-harness with the `midtrain` model registered (lm_eval's arguments)",
+        "midtrain.cli.tools:lm_eval_main",
+    ),
+    "configs": Command(
+        "the ready-made configs shipped with midtrain: configs list | show | copy",
+        "midtrain.cli.configs:configs_main",
+    ),
 }
 
 
 def usage() -> str:
-    lines = ["usage: midtrain <command> [options]   (midtrain <command> --help for its options)",
-             "", "commands:"]
+    lines = [
+        "usage: midtrain <command> [options]   (midtrain <command> --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<12}{command.help}" for name, command in COMMANDS.items()]
     lines += ["", "Set MIDTRAIN_TRACEBACK=1 to see full tracebacks of errors."]
     return "\n".join(lines)

@@ -33,9 +33,7 @@ EVALUATION_WARNINGS = [
 ]
 
 # rank_zero_info lines (matched at the start)
-INFO = re.compile(
-    r"💡 Tip: |GPU available: |TPU available: |HPU available: "
-)
+INFO = re.compile(r"💡 Tip: |GPU available: |TPU available: |HPU available: ")
 
 
 class _DropInfo(logging.Filter):
@@ -48,8 +46,11 @@ def quiet_lightning(command: str = "fit") -> None:
     evaluating = command in ("validate", "test", "predict")
     for message in WARNINGS + (EVALUATION_WARNINGS if evaluating else []):
         warnings.filterwarnings("ignore", message=message)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning_utilities.core.rank_zero"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning_utilities.core.rank_zero",
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropInfo) for f in logger.filters):
             logger.addFilter(_DropInfo())

@@ -17,8 +17,9 @@ def _tool_parser(command: str, description: str) -> Any:
     errors raised (not printed with usage) so they become one line."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=f"midtrain {command}", exit_on_error=False, allow_abbrev=False,
-                            description=description)
+    parser = ArgumentParser(
+        prog=f"midtrain {command}", exit_on_error=False, allow_abbrev=False, description=description
+    )
     parser.add_argument("--config", action=ActionConfigFile, help=f"a {command} YAML")
     return parser
 
@@ -49,14 +50,24 @@ def prepare_main(args: Sequence[str]) -> None:
         if len(args) != 2:
             raise MidtrainError("usage: midtrain prepare --verify <store dir>")
         return verify_store(args[1])
-    parser = _tool_parser("prepare", "Tokenize named domains into a token store. "
-                          "`midtrain prepare --verify <store>` rehashes a store's files.")
+    parser = _tool_parser(
+        "prepare",
+        "Tokenize named domains into a token store. "
+        "`midtrain prepare --verify <store>` rehashes a store's files.",
+    )
     parser.add_class_arguments(PrepareConfig)
-    parser.add_argument("--shard", type=str, help="i/N: encode only shard i of N (one node of "
-                        "a multi-node prepare), then run once with --merge")
+    parser.add_argument(
+        "--shard",
+        type=str,
+        help="i/N: encode only shard i of N (one node of "
+        "a multi-node prepare), then run once with --merge",
+    )
     parser.add_argument("--merge", action="store_true", help="build the store from the shards")
-    parser.add_argument("--tokenizer_only", action="store_true",
-                        help="train (or load) the tokenizer once, for --shard runs to share")
+    parser.add_argument(
+        "--tokenizer_only",
+        action="store_true",
+        help="train (or load) the tokenizer once, for --shard runs to share",
+    )
     init = _parse(parser, args, "prepare config")
     shard = None
     if init.shard is not None:
@@ -64,8 +75,12 @@ def prepare_main(args: Sequence[str]) -> None:
         if not (i.isdigit() and n.isdigit()):
             raise MidtrainError(f"--shard: expected i/N (e.g. 0/4), got {init.shard!r}")
         shard = (int(i), int(n))
-    prepare(PrepareConfig(**_fields_of(PrepareConfig, init)), shard=shard, merge=init.merge,
-            tokenizer_only=init.tokenizer_only)
+    prepare(
+        PrepareConfig(**_fields_of(PrepareConfig, init)),
+        shard=shard,
+        merge=init.merge,
+        tokenizer_only=init.tokenizer_only,
+    )
 
 
 def similarity_main(args: Sequence[str]) -> None:
@@ -82,18 +97,27 @@ def experiment_main(args: Sequence[str]) -> None:
     from midtrain.study import ExperimentConfig, run_experiment
 
     # a shipped study config is found by name from any directory, like the configs it names
-    args = [str(resolve_config(a)) if prev == "--config" else a
-            for prev, a in zip(["", *args], args, strict=False)]
+    args = [
+        str(resolve_config(a)) if prev == "--config" else a
+        for prev, a in zip(["", *args], args, strict=False)
+    ]
     parser = _tool_parser("experiment", "Run a midtraining study from one config.")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="print the stages and token plan, run nothing")
-    parser.add_argument("--rerun_changed", action="store_true",
-                        help="re-run finished stages whose config changed (and the stages "
-                             "that start from them) instead of refusing")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="print the stages and token plan, run nothing"
+    )
+    parser.add_argument(
+        "--rerun_changed",
+        action="store_true",
+        help="re-run finished stages whose config changed (and the stages "
+        "that start from them) instead of refusing",
+    )
     parser.add_class_arguments(ExperimentConfig)
     init = _parse(parser, args, "experiment config")
-    run_experiment(ExperimentConfig(**_fields_of(ExperimentConfig, init)), dry_run=init.dry_run,
-                   rerun_changed=init.rerun_changed)
+    run_experiment(
+        ExperimentConfig(**_fields_of(ExperimentConfig, init)),
+        dry_run=init.dry_run,
+        rerun_changed=init.rerun_changed,
+    )
 
 
 def consolidate_main(args: Sequence[str]) -> None:
@@ -111,11 +135,16 @@ def export_main(args: Sequence[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint file or distributed directory")
     parser.add_argument("--out", required=True, help="new directory to write")
     parser.add_argument("--dtype", default="float32", help="float32, bf16 or fp16")
-    parser.add_argument("--tokenizer", type=str | None, default=None,
-                        help="tokenizer.json, store dir or hf:model (default: the run's store)")
+    parser.add_argument(
+        "--tokenizer",
+        type=str | None,
+        default=None,
+        help="tokenizer.json, store dir or hf:model (default: the run's store)",
+    )
     parser.add_argument("--eos", type=str | None, default=None, help="end-of-text token")
-    parser.add_argument("--max_shard_size", default=MAX_SHARD_SIZE,
-                        help="safetensors shard size, e.g. 5GB")
+    parser.add_argument(
+        "--max_shard_size", default=MAX_SHARD_SIZE, help="safetensors shard size, e.g. 5GB"
+    )
     a = _parse(parser, args, "export")
     print(f"written {export(a.ckpt, a.out, a.dtype, a.tokenizer, a.eos, a.max_shard_size)}")
 
@@ -126,8 +155,9 @@ def generate_main(args: Sequence[str]) -> None:
 
     parser = _tool_parser("generate", "Generate text from a checkpoint or an HF model.")
     parser.add_argument("--ckpt", required=True, help="checkpoint, or hf:<dir or id>[@revision]")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="a prompt; repeat for a batch")
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="a prompt; repeat for a batch"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_k", type=int | None, default=None)
@@ -140,12 +170,19 @@ def generate_main(args: Sequence[str]) -> None:
     model, tok, eos = load_model(a.ckpt, a.tokenizer, a.device)
     # a shell passes "\n" as two characters: read escapes, so --stop "\n\n" means a blank line
     stops = [codecs.decode(s, "unicode_escape") for s in a.stop]
-    sampling = Sampling(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=stops,
-                        stop_ids=[eos] if eos is not None else [])
+    sampling = Sampling(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        stop=stops,
+        stop_ids=[eos] if eos is not None else [],
+    )
     vocab = min(model.config.padded_vocab_size, tok.get_vocab_size(with_added_tokens=True))
-    for prompt, text in zip(a.prompt, generate_text(model, tok, a.prompt, sampling, vocab),
-                            strict=True):
+    for prompt, text in zip(
+        a.prompt, generate_text(model, tok, a.prompt, sampling, vocab), strict=True
+    ):
         print(prompt + text)
         if len(a.prompt) > 1:
             print("---")

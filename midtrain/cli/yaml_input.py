@@ -38,13 +38,20 @@ def check_args(args: Sequence[str]) -> None:
             except yaml.YAMLError:
                 loaded = None
             if isinstance(loaded, dict) and any(
-                    v is None and ":" in str(k) for k, v in loaded.items()):
-                fixed = "{" + ", ".join(
-                    str(k).replace(":", ": ", 1) if v is None else f"{k}: {v}"
-                    for k, v in loaded.items()) + "}"
+                v is None and ":" in str(k) for k, v in loaded.items()
+            ):
+                fixed = (
+                    "{"
+                    + ", ".join(
+                        str(k).replace(":", ": ", 1) if v is None else f"{k}: {v}"
+                        for k, v in loaded.items()
+                    )
+                    + "}"
+                )
                 raise MidtrainError(
                     f"{option}: {value} is not a dict (YAML needs a space after each colon); "
-                    f"write {option} '{fixed}' (quoted, for the shell)")
+                    f"write {option} '{fixed}' (quoted, for the shell)"
+                )
 
 
 def explain_dict_error(message: str) -> str | None:
@@ -56,8 +63,10 @@ def explain_dict_error(message: str) -> str | None:
     given = re.search(r"Given value: (.*?)(?: - |$)", message)
     key = ".".join(k for k in keys if not k.startswith("--")) or "value"
     got = f" got {given.group(1).strip()!r};" if given else ""
-    return (f"--{key}: expected a dict,{got} write it as YAML in quotes with a space after each "
-            f"colon, e.g. --{key} '{{a: 1, b: 2}}'")
+    return (
+        f"--{key}: expected a dict,{got} write it as YAML in quotes with a space after each "
+        f"colon, e.g. --{key} '{{a: 1, b: 2}}'"
+    )
 
 
 _installed = False

@@ -54,8 +54,10 @@ def _duplicate_error(node: yaml.Node | None, where: str) -> MidtrainError | None
     if dup is None:
         return None
     key, line, first = dup
-    return MidtrainError(f"{where}:{line}: key {key!r} is given twice (first at line {first}); "
-                         "a YAML mapping takes each key once: remove one")
+    return MidtrainError(
+        f"{where}:{line}: key {key!r} is given twice (first at line {first}); "
+        "a YAML mapping takes each key once: remove one"
+    )
 
 
 def check_yaml(text: str, where: str = "YAML") -> None:
@@ -65,8 +67,11 @@ def check_yaml(text: str, where: str = "YAML") -> None:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        context = f" ({e.context} at line {e.context_mark.line + 1})" if (
-            e.context and e.context_mark and e.context_mark is not mark) else ""
+        context = (
+            f" ({e.context} at line {e.context_mark.line + 1})"
+            if (e.context and e.context_mark and e.context_mark is not mark)
+            else ""
+        )
         raise MidtrainError(f"{at}: YAML syntax error: {e.problem}{context}") from None
     except yaml.YAMLError as e:
         raise MidtrainError(f"{where}: YAML error: {e}") from None

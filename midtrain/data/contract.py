@@ -50,8 +50,16 @@ class DataContract(Protocol):
         ...
 
 
-CONTRACT_MEMBERS = ("vocab_size", "eos_id", "seq_len", "domains", "val_set_names",
-                    "val_bytes_per_token", "weights_at", "phase_starts")
+CONTRACT_MEMBERS = (
+    "vocab_size",
+    "eos_id",
+    "seq_len",
+    "domains",
+    "val_set_names",
+    "val_bytes_per_token",
+    "weights_at",
+    "phase_starts",
+)
 
 
 def require_contract(datamodule: Any) -> DataContract:
@@ -89,11 +97,16 @@ class StepLoader(DataLoader):
     counts the batches it has handed out since its last ``iter()``: the stream's own accounting
     of how far the loader may have run ahead (see ``produced``)."""
 
-    def __init__(self, dataset: IterableDataset, num_workers: int = 0,
-                 prefetch_factor: int = 2) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers,
-                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                         worker_init_fn=ignore_preemption_signals if num_workers > 0 else None)
+    def __init__(
+        self, dataset: IterableDataset, num_workers: int = 0, prefetch_factor: int = 2
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=ignore_preemption_signals if num_workers > 0 else None,
+        )
         self.handed_out = 0
 
     def __iter__(self) -> Iterator[Any]:
@@ -119,8 +132,9 @@ class StepDataModule(L.LightningDataModule):
 
     store: Any
 
-    def __init__(self, micro_batch_size: int, seed: int, num_workers: int,
-                 prefetch_factor: int) -> None:
+    def __init__(
+        self, micro_batch_size: int, seed: int, num_workers: int, prefetch_factor: int
+    ) -> None:
         """The loader settings both data modules share (checked here, once)."""
         super().__init__()
         if micro_batch_size <= 0:
@@ -157,12 +171,15 @@ class StepDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         require_max_steps(trainer, "midtrain schedules data by steps")
-        self.train_loader = StepLoader(self.train_stream(trainer), self.num_workers,
-                                       self.prefetch_factor)
+        self.train_loader = StepLoader(
+            self.train_stream(trainer), self.num_workers, self.prefetch_factor
+        )
         return self.train_loader
 
     def val_dataloader(self) -> list[DataLoader]:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
         return [DataLoader(d, batch_size=None) for d in self.val_datasets(rank, world)]
 
     # `midtrain test` evaluates the validation sets too (logged as test/<set>/...);

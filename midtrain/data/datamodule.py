@@ -51,11 +51,20 @@ class MixtureDataModule(StepDataModule):
     The data module owns the schedule; it implements ``midtrain.data.contract.DataContract``.
     """
 
-    def __init__(self, store: str, weights: dict[str, float] | None = None, seq_len: int = 512,
-                 micro_batch_size: int = 8, seed: int = 0, num_workers: int = 0,
-                 prefetch_factor: int = 2, val_sets: list[str] | None = None,
-                 val_max_blocks: int | None = 64, val_batch_size: int | None = None,
-                 max_repeat: float | None = 10.0) -> None:
+    def __init__(
+        self,
+        store: str,
+        weights: dict[str, float] | None = None,
+        seq_len: int = 512,
+        micro_batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        val_sets: list[str] | None = None,
+        val_max_blocks: int | None = 64,
+        val_batch_size: int | None = None,
+        max_repeat: float | None = 10.0,
+    ) -> None:
         super().__init__(micro_batch_size, seed, num_workers, prefetch_factor)
         self.store = Store(store)
         if seq_len <= 0:
@@ -118,8 +127,11 @@ class MixtureDataModule(StepDataModule):
     def domains(self) -> list[str]:
         """Domains a schedule may draw from (every domain with training data), in store order.
         Fixed for a store, so runtime changes and forks keep domain ids stable."""
-        return [n for n in self.store.domain_names
-                if self.store.domain(n).train.num_blocks(self.seq_len) > 0]
+        return [
+            n
+            for n in self.store.domain_names
+            if self.store.domain(n).train.num_blocks(self.seq_len) > 0
+        ]
 
     @property
     def active_domains(self) -> list[str]:
@@ -148,8 +160,9 @@ class MixtureDataModule(StepDataModule):
         return self.micro_batch_size * trainer.accumulate_grad_batches * trainer.world_size
 
     # -- the schedule of a run ------------------------------------------------------------
-    def add_switch(self, step: int, weights: Mapping[str, float], max_steps: int,
-                   owner: Any = None) -> None:
+    def add_switch(
+        self, step: int, weights: Mapping[str, float], max_steps: int, owner: Any = None
+    ) -> None:
         """Register a mixture switch: ``weights`` from optimizer step ``step`` on, for a run of
         ``max_steps``. Called before training (by ``MixtureSwitch.setup``); registering again
         with the same ``owner`` replaces its switch."""
@@ -171,8 +184,11 @@ class MixtureDataModule(StepDataModule):
         """Validate the whole schedule before training and print the plan. Idempotent: the
         plan is printed once per distinct schedule."""
         max_steps = require_max_steps(trainer, "midtrain schedules data by steps")
-        key = (max_steps, self.global_batch_size(trainer),
-               tuple((p.start_step, tuple(sorted(p.weights.items()))) for p in self.phases))
+        key = (
+            max_steps,
+            self.global_batch_size(trainer),
+            tuple((p.start_step, tuple(sorted(p.weights.items()))) for p in self.phases),
+        )
         if self._resolved_for == key:
             return
         self._resolved_for = key
@@ -237,21 +253,38 @@ class MixtureDataModule(StepDataModule):
         self._write_table()
         schedule = self.schedule(self.global_batch_size(trainer))
         return MixtureStream(
-            [self.store.domain(n).train for n in schedule.domains], schedule, self.seq_len,
-            self.micro_batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
-            trainer.world_size, start_step=trainer.global_step, max_steps=trainer.max_steps,
+            [self.store.domain(n).train for n in schedule.domains],
+            schedule,
+            self.seq_len,
+            self.micro_batch_size,
+            trainer.accumulate_grad_batches,
+            trainer.global_rank,
+            trainer.world_size,
+            start_step=trainer.global_step,
+            max_steps=trainer.max_steps,
             phase_table=(self._table, self._table_len),
         )
 
     def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
-        return [ValidationBlocks(self.store.domain(n).val, self.seq_len, self.val_batch_size,
-                                 self.val_max_blocks, rank, world_size)
-                for n in self.val_set_names]
+        return [
+            ValidationBlocks(
+                self.store.domain(n).val,
+                self.seq_len,
+                self.val_batch_size,
+                self.val_max_blocks,
+                rank,
+                world_size,
+            )
+            for n in self.val_set_names
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         step = self.trainer.global_step if self.trainer is not None else None
-        return {"fingerprint": self.fingerprint(), "step": step,
-                "runtime_phases": [(p.start_step, dict(p.weights)) for p in self.runtime_phases]}
+        return {
+            "fingerprint": self.fingerprint(),
+            "step": step,
+            "runtime_phases": [(p.start_step, dict(p.weights)) for p in self.runtime_phases],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved, now = state_dict.get("fingerprint"), self.fingerprint()
@@ -277,10 +310,10 @@ class MixtureDataModule(StepDataModule):
             return
         self.runtime_phases = runtime
         if [tuple(x) for x in saved["phases"]] != [
-                (p.start_step, dict(p.weights)) for p in self.phases]:
+            (p.start_step, dict(p.weights)) for p in self.phases
+        ]:
             raise MidtrainError(
                 "data: the checkpoint was trained with a different mixture schedule "
                 f"({saved['phases']} vs {[(p.start_step, dict(p.weights)) for p in self.phases]}); "
                 "to continue with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
             )
-

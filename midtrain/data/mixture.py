@@ -37,9 +37,7 @@ def check_weights(weights: Mapping[str, float], known: Sequence[str], where: str
     """One-line errors for weights that cannot define a mixture."""
     for name, w in weights.items():
         if name not in known:
-            raise MidtrainError(
-                f"{where}: unknown domain {name!r}; known: {', '.join(known)}"
-            )
+            raise MidtrainError(f"{where}: unknown domain {name!r}; known: {', '.join(known)}")
         if not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
             raise MidtrainError(f"{where}.{name}: weight must be a finite number >= 0, got {w!r}")
     if not weights or sum(weights.values()) <= 0:
@@ -65,8 +63,9 @@ class MixtureSchedule:
     sequences per optimizer step (micro batch x accumulation x data-parallel size).
     """
 
-    def __init__(self, domains: Sequence[str], phases: Sequence[Phase], batch_size: int,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, domains: Sequence[str], phases: Sequence[Phase], batch_size: int, seed: int = 0
+    ) -> None:
         if batch_size <= 0:
             raise MidtrainError(f"global batch size must be positive, got {batch_size}")
         self.domains = list(domains)
@@ -129,8 +128,10 @@ def _step_draws(sched: MixtureSchedule, step: int) -> tuple[np.ndarray, np.ndarr
 
 # -- the plan: what a schedule will read ------------------------------------------------------
 
-def plan_rows(schedule: MixtureSchedule, max_steps: int, seq_len: int,
-              blocks: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+
+def plan_rows(
+    schedule: MixtureSchedule, max_steps: int, seq_len: int, blocks: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
     """Per phase and domain drawn from: sequences and tokens drawn, the realized share of every
     global batch (``per_batch / batch``, which rounding to whole sequences may move away from
     the configured ``weight``), and, given the training blocks of each domain, tokens available
@@ -148,13 +149,22 @@ def plan_rows(schedule: MixtureSchedule, max_steps: int, seq_len: int,
             if drawn[d] == 0:
                 continue
             n_blocks = None if blocks is None else blocks[name]
-            rows.append({"phase": i, "start": start, "end": end, "domain": name,
-                         "weight": float(schedule.weights[i, d]),
-                         "per_batch": int(schedule.counts[i, d]), "batch": batch,
-                         "share": int(schedule.counts[i, d]) / batch,
-                         "sequences": int(drawn[d]), "tokens": int(drawn[d]) * seq_len,
-                         "available": None if n_blocks is None else n_blocks * seq_len,
-                         "epochs": None if not n_blocks else float(total[d]) / n_blocks})
+            rows.append(
+                {
+                    "phase": i,
+                    "start": start,
+                    "end": end,
+                    "domain": name,
+                    "weight": float(schedule.weights[i, d]),
+                    "per_batch": int(schedule.counts[i, d]),
+                    "batch": batch,
+                    "share": int(schedule.counts[i, d]) / batch,
+                    "sequences": int(drawn[d]),
+                    "tokens": int(drawn[d]) * seq_len,
+                    "available": None if n_blocks is None else n_blocks * seq_len,
+                    "epochs": None if not n_blocks else float(total[d]) / n_blocks,
+                }
+            )
     return rows
 
 
@@ -163,25 +173,35 @@ def share_differs(row: Mapping[str, Any]) -> bool:
     return abs(row["share"] - row["weight"]) > 1e-9
 
 
-def format_plan(rows: Sequence[Mapping[str, Any]], seq_len: int,
-                title: str | None = None) -> str:
+def format_plan(rows: Sequence[Mapping[str, Any]], seq_len: int, title: str | None = None) -> str:
     """The plan as a table. ``per batch`` is the exact count of sequences every global batch of
     the phase holds: the largest-remainder rounding of weight x batch; ``realized`` is that
     count as a share, shown where it differs from the weight."""
     fmt = "  {:<15} {:<14} {:>7} {:>11} {:>9} {:>16} {:>16} {:>7}"
-    lines = [title or f"mixture plan (tokens = sequences x seq_len {seq_len}):",
-             fmt.format("steps", "domain", "weight", "per batch", "realized", "tokens",
-                        "available", "epochs")]
+    lines = [
+        title or f"mixture plan (tokens = sequences x seq_len {seq_len}):",
+        fmt.format(
+            "steps", "domain", "weight", "per batch", "realized", "tokens", "available", "epochs"
+        ),
+    ]
     for r in rows:
-        lines.append(fmt.format(
-            f"{r['start']}-{r['end']}", r["domain"], f"{r['weight']:.3f}",
-            f"{r['per_batch']}/{r['batch']}",
-            f"{r['share']:.2%}" if share_differs(r) else "",
-            f"{r['tokens']:,}", "?" if r["available"] is None else f"{r['available']:,}",
-            "?" if r["epochs"] is None else f"{r['epochs']:.2f}"))
+        lines.append(
+            fmt.format(
+                f"{r['start']}-{r['end']}",
+                r["domain"],
+                f"{r['weight']:.3f}",
+                f"{r['per_batch']}/{r['batch']}",
+                f"{r['share']:.2%}" if share_differs(r) else "",
+                f"{r['tokens']:,}",
+                "?" if r["available"] is None else f"{r['available']:,}",
+                "?" if r["epochs"] is None else f"{r['epochs']:.2f}",
+            )
+        )
     if any(share_differs(r) for r in rows):
-        lines.append("  realized: the share each global batch holds, where rounding to whole "
-                     "sequences moves it off the configured weight")
+        lines.append(
+            "  realized: the share each global batch holds, where rounding to whole "
+            "sequences moves it off the configured weight"
+        )
     return "\n".join(lines)
 
 
@@ -191,12 +211,17 @@ def check_repeat(rows: Sequence[Mapping[str, Any]], max_repeat: float | None) ->
         return
     worst: dict[str, Mapping[str, Any]] = {}
     for r in rows:
-        if r["epochs"] is not None and r["epochs"] > max_repeat and (
-                r["domain"] not in worst or r["epochs"] > worst[r["domain"]]["epochs"]):
+        if (
+            r["epochs"] is not None
+            and r["epochs"] > max_repeat
+            and (r["domain"] not in worst or r["epochs"] > worst[r["domain"]]["epochs"])
+        ):
             worst[r["domain"]] = r
     if worst:
-        over = ", ".join(f"domain {d!r} would be read {r['epochs']:.1f} times by step {r['end']}"
-                         for d, r in worst.items())
+        over = ", ".join(
+            f"domain {d!r} would be read {r['epochs']:.1f} times by step {r['end']}"
+            for d, r in worst.items()
+        )
         raise MidtrainError(
             f"data.max_repeat: {over} (limit {max_repeat}); add data, lower "
             f"{'its weight' if len(worst) == 1 else 'their weights'}, or raise data.max_repeat"
@@ -204,6 +229,7 @@ def check_repeat(rows: Sequence[Mapping[str, Any]], max_repeat: float | None) ->
 
 
 # -- keyed permutation -------------------------------------------------------------------------
+
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""

@@ -144,15 +144,20 @@ def _check(config: PrepareConfig) -> list[_Plan]:
     return plans
 
 
-def _rendered(plan: _Plan, batch_size: int, index: int = 0, count: int = 1,
-              ) -> Iterator[tuple[list[tuple[int, list[tuple[str, bool]]]], list[int]]]:
+def _rendered(
+    plan: _Plan,
+    batch_size: int,
+    index: int = 0,
+    count: int = 1,
+) -> Iterator[tuple[list[tuple[int, list[tuple[str, bool]]]], list[int]]]:
     """Per batch of source records (those of shard ``index`` of ``count``): the documents as
     (record index, segments) and the indices of records skipped as empty or whitespace-only.
     ``max_docs`` counts kept documents of this shard."""
     kept = 0
     first = True
-    for start, records in record_batches(plan.source, f"{plan.where}.source", batch_size,
-                                         index, count):
+    for start, records in record_batches(
+        plan.source, f"{plan.where}.source", batch_size, index, count
+    ):
         if first and records:
             plan.template.check(records[0], plan.where)
             first = False
@@ -196,13 +201,22 @@ def _tokenizer_spec_hash(config: PrepareConfig, plans: list[_Plan]) -> str:
     if config.tokenizer.path is not None and Path(config.tokenizer.path).is_file():
         spec["file"] = hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest()
     if config.tokenizer.train is not None:  # a trained tokenizer depends on its sample
-        spec["sample"] = [(p.name, source_fingerprint(p.source), asdict(p.template),
-                           p.config.val_fraction, p.config.max_docs) for p in plans]
+        spec["sample"] = [
+            (
+                p.name,
+                source_fingerprint(p.source),
+                asdict(p.template),
+                p.config.val_fraction,
+                p.config.max_docs,
+            )
+            for p in plans
+        ]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _get_tokenizer(config: PrepareConfig, plans: list[_Plan], root: Path,
-                   sharded: bool = False) -> tuple[Tokenizer, str]:
+def _get_tokenizer(
+    config: PrepareConfig, plans: list[_Plan], root: Path, sharded: bool = False
+) -> tuple[Tokenizer, str]:
     spec_hash = _tokenizer_spec_hash(config, plans)
     old_index = root / "store.json"
     if old_index.is_file() and (root / "tokenizer.json").is_file():
@@ -218,7 +232,8 @@ def _get_tokenizer(config: PrepareConfig, plans: list[_Plan], root: Path,
     if sharded:  # N nodes must not train N (possibly different) tokenizers
         raise MidtrainError(
             "tokenizer.train: shards share one trained tokenizer; train it once first with "
-            "`midtrain prepare --config <yaml> --tokenizer_only` (same config)")
+            "`midtrain prepare --config <yaml> --tokenizer_only` (same config)"
+        )
 
     def sample() -> Iterator[str]:
         # training documents only: validation text must not shape the tokenizer
@@ -243,9 +258,17 @@ def _encoder(tok: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
     return run
 
 
-def _encode_shard(plan: _Plan, tokenizer_json: str, eos: int, seed: int, batch_size: int,
-                  out: Path, index: int = 0, count: int = 1, progress: bool = False,
-                  ) -> dict[str, Any]:
+def _encode_shard(
+    plan: _Plan,
+    tokenizer_json: str,
+    eos: int,
+    seed: int,
+    batch_size: int,
+    out: Path,
+    index: int = 0,
+    count: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Encode shard ``index`` of ``count`` of a domain into ``out``: the store files of each
     split (plus ``.records``, and ``skipped.records``, when ``count`` > 1). With count 1 this
     is the whole domain. Caps apply to the shard's own documents: a superset of what the
@@ -260,15 +283,21 @@ def _encode_shard(plan: _Plan, tokenizer_json: str, eos: int, seed: int, batch_s
     in_val = validation_split(d.val_fraction, seed)
     total_tokens, last_kept = 0, -1
     skipped: list[int] = []
-    bar = tqdm(desc=f"prepare {plan.name}", unit=" docs", leave=False, mininterval=1.0,
-               disable=not progress)
+    bar = tqdm(
+        desc=f"prepare {plan.name}",
+        unit=" docs",
+        leave=False,
+        mininterval=1.0,
+        disable=not progress,
+    )
     try:
         for docs, batch_skipped in _rendered(plan, batch_size, index, count):
             skipped += batch_skipped
             flat = encode([t for _, segs in docs for t, _ in segs])
             groups: dict[str, dict[str, list]] = {
-                s: {"ids": [], "lengths": [], "bytes": [], "records": [], "flags": [],
-                    "runs": []} for s in SPLITS}
+                s: {"ids": [], "lengths": [], "bytes": [], "records": [], "flags": [], "runs": []}
+                for s in SPLITS
+            }
             k, done = 0, False
             for i, segments in docs:
                 pieces = flat[k : k + len(segments)]
@@ -291,11 +320,18 @@ def _encode_shard(plan: _Plan, tokenizer_json: str, eos: int, seed: int, batch_s
                     done = True
                     break
             for s, g in groups.items():
-                mask = (np.repeat(np.array(g["flags"], dtype=np.uint8), g["runs"])
-                        if with_mask else None)
-                writers[s].add_batch(np.array(g["ids"], dtype=dtype),
-                                     np.array(g["lengths"], dtype=np.int64), g["bytes"], mask,
-                                     g["records"])
+                mask = (
+                    np.repeat(np.array(g["flags"], dtype=np.uint8), g["runs"])
+                    if with_mask
+                    else None
+                )
+                writers[s].add_batch(
+                    np.array(g["ids"], dtype=dtype),
+                    np.array(g["lengths"], dtype=np.int64),
+                    g["bytes"],
+                    mask,
+                    g["records"],
+                )
             bar.update(len(docs))
             if done:
                 break
@@ -304,13 +340,20 @@ def _encode_shard(plan: _Plan, tokenizer_json: str, eos: int, seed: int, batch_s
         for w in writers.values():
             w.close()
     if (d.max_tokens is not None and total_tokens >= d.max_tokens) or (
-            d.max_docs is not None and sum(w.num_docs for w in writers.values()) >= d.max_docs):
+        d.max_docs is not None and sum(w.num_docs for w in writers.values()) >= d.max_docs
+    ):
         skipped = [i for i in skipped if i < last_kept]  # records past the cap were not needed
     if count > 1:
         np.array(skipped, dtype=np.int64).tofile(out / "skipped.records")
-    return {"splits": {s: {"docs": w.num_docs, "tokens": w.num_tokens, "bytes": w.num_bytes}
-                       for s, w in writers.items()},
-            "skipped": len(skipped), "with_mask": with_mask, "dtype": dtype.name}
+    return {
+        "splits": {
+            s: {"docs": w.num_docs, "tokens": w.num_tokens, "bytes": w.num_bytes}
+            for s, w in writers.items()
+        },
+        "skipped": len(skipped),
+        "with_mask": with_mask,
+        "dtype": dtype.name,
+    }
 
 
 def _array(path: Path, dtype: Any) -> np.ndarray:
@@ -328,8 +371,9 @@ def _copy(src: Path, dst: Any, start: int, stop: int) -> None:
             left -= len(chunk)
 
 
-def _merge_shards(plan: _Plan, shards: list[Path], out: Path, batch_size: int,
-                  dtype: np.dtype, with_mask: bool) -> dict[str, Any]:
+def _merge_shards(
+    plan: _Plan, shards: list[Path], out: Path, batch_size: int, dtype: np.dtype, with_mask: bool
+) -> dict[str, Any]:
     """Interleave shard outputs batch by batch in source record order, applying the domain's
     caps exactly as one process would: the result is byte-identical to a 1-process build."""
     d = plan.config
@@ -340,17 +384,18 @@ def _merge_shards(plan: _Plan, shards: list[Path], out: Path, batch_size: int,
     nbytes = [{s: _array(p / f"{s}.bytes", np.int64) for s in SPLITS} for p in shards]
     cursor = [dict.fromkeys(SPLITS, 0) for _ in shards]
     out.mkdir(parents=True)
-    files = {(s, ext): (out / f"{s}.{ext}").open("wb")
-             for s in SPLITS for ext in ("tokens", "docs", "bytes", *(("mask",) if with_mask
-                                                                      else ()))}
+    files = {
+        (s, ext): (out / f"{s}.{ext}").open("wb")
+        for s in SPLITS
+        for ext in ("tokens", "docs", "bytes", *(("mask",) if with_mask else ()))
+    }
     counts = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     for s in SPLITS:
         np.zeros(1, dtype=np.int64).tofile(files[s, "docs"])
     kept, total_tokens, last_kept, capped = 0, 0, -1, False
     try:
         b = 0
-        while not capped and any(cursor[w][s] < len(recs[w][s]) for w in range(n)
-                                 for s in SPLITS):
+        while not capped and any(cursor[w][s] < len(recs[w][s]) for w in range(n) for s in SPLITS):
             w = b % n
             hi = (b + 1) * batch_size
             take = {}
@@ -359,10 +404,12 @@ def _merge_shards(plan: _Plan, shards: list[Path], out: Path, batch_size: int,
                 take[s] = (c, c + int(np.searchsorted(recs[w][s][c:], hi)))
             if d.max_docs is not None or d.max_tokens is not None:
                 order_recs = np.concatenate([recs[w][s][c:e] for s, (c, e) in take.items()])
-                lengths = np.concatenate([np.diff(offs[w][s][c : e + 1])
-                                          for s, (c, e) in take.items()])
-                split_of = np.concatenate([np.full(e - c, k) for k, (c, e) in
-                                           enumerate(take.values())])
+                lengths = np.concatenate(
+                    [np.diff(offs[w][s][c : e + 1]) for s, (c, e) in take.items()]
+                )
+                split_of = np.concatenate(
+                    [np.full(e - c, k) for k, (c, e) in enumerate(take.values())]
+                )
                 order = np.argsort(order_recs, kind="stable")
                 keep = len(order)
                 if d.max_docs is not None and kept + keep >= d.max_docs:
@@ -397,20 +444,26 @@ def _merge_shards(plan: _Plan, shards: list[Path], out: Path, batch_size: int,
     finally:
         for f in files.values():
             f.close()
-    skipped = np.concatenate([np.fromfile(p / "skipped.records", dtype=np.int64)
-                              for p in shards])
+    skipped = np.concatenate([np.fromfile(p / "skipped.records", dtype=np.int64) for p in shards])
     n_skipped = int((skipped < last_kept).sum()) if capped else len(skipped)
     return {"splits": counts, "skipped": n_skipped, "with_mask": with_mask, "dtype": dtype.name}
 
 
-def _write_manifest(plan: _Plan, out: Path, built: dict[str, Any], eos: int,
-                    tok_hash: str) -> dict[str, Any]:
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)}
-             for f in sorted(out.iterdir())}
+def _write_manifest(
+    plan: _Plan, out: Path, built: dict[str, Any], eos: int, tok_hash: str
+) -> dict[str, Any]:
+    files = {
+        f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(out.iterdir())
+    }
     if sum(s["docs"] for s in built["splits"].values()) == 0:
-        raise MidtrainError(f"{plan.where}: empty domain: the source gave no documents"
-                            + (f" ({built['skipped']:,} empty or whitespace-only records)"
-                               if built["skipped"] else ""))
+        raise MidtrainError(
+            f"{plan.where}: empty domain: the source gave no documents"
+            + (
+                f" ({built['skipped']:,} empty or whitespace-only records)"
+                if built["skipped"]
+                else ""
+            )
+        )
     manifest = {
         "name": plan.name,
         "format_version": FORMAT_VERSION,
@@ -454,26 +507,35 @@ class _Builder:
             # (spawn would re-import datasets in each, seconds per worker)
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self.pool = ProcessPoolExecutor(processes, mp_context=context,
-                                            initializer=_worker_init)
+            self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init)
 
     def shard(self, plan: _Plan, out: Path, index: int, count: int) -> dict[str, Any]:
         c = self.config
-        return _encode_shard(plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, out,
-                             index, count)
+        return _encode_shard(
+            plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, out, index, count
+        )
 
     def build(self, plan: _Plan, out: Path) -> dict[str, Any]:
         c = self.config
         if self.pool is None:
-            return _encode_shard(plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, out,
-                                 progress=True)
+            return _encode_shard(
+                plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, out, progress=True
+            )
         n = self.processes
         parts = out.parent / f"{out.name}.parts"
-        jobs = [(plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, parts / str(i), i, n)
-                for i in range(n)]
+        jobs = [
+            (plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, parts / str(i), i, n)
+            for i in range(n)
+        ]
         results = list(self.pool.map(_encode_job, jobs))
-        merged = _merge_shards(plan, [parts / str(i) for i in range(n)], out, c.batch_size,
-                               self.dtype, results[0]["with_mask"])
+        merged = _merge_shards(
+            plan,
+            [parts / str(i) for i in range(n)],
+            out,
+            c.batch_size,
+            self.dtype,
+            results[0]["with_mask"],
+        )
         shutil.rmtree(parts)
         return merged
 
@@ -497,8 +559,11 @@ def _domain_fingerprint(plan: _Plan, tok_hash: str, config: PrepareConfig) -> st
 def _check_output(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise MidtrainError(f"output: {root} exists and is not a directory")
-    if root.is_dir() and any(p.name != SHARDS for p in root.iterdir()) and not (
-            root / "store.json").is_file():
+    if (
+        root.is_dir()
+        and any(p.name != SHARDS for p in root.iterdir())
+        and not (root / "store.json").is_file()
+    ):
         raise MidtrainError(
             f"output: {root} is a non-empty directory that is not a token store; "
             "choose another output"
@@ -507,8 +572,9 @@ def _check_output(root: Path) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):  # also false on a read-only filesystem
-        raise MidtrainError(f"output: {probe} is not writable; choose another output or fix "
-                            "its permissions")
+        raise MidtrainError(
+            f"output: {probe} is not writable; choose another output or fix its permissions"
+        )
 
 
 def _reusable(plan: _Plan, path: Path) -> dict[str, Any] | None:
@@ -539,8 +605,10 @@ def _shard_dirs(root: Path, plan: _Plan, batch_size: int) -> list[Path]:
         raise MidtrainError(f"{plan.where}: no shards in {folder}; {run}")
     counts = sorted({n for _, n in found})
     if len(counts) > 1:
-        raise MidtrainError(f"{folder}: shards of different counts ({counts}); "
-                            "delete the stale ones and re-run them")
+        raise MidtrainError(
+            f"{folder}: shards of different counts ({counts}); "
+            "delete the stale ones and re-run them"
+        )
     n = counts[0]
     missing = [str(i) for i in range(n) if (i, n) not in found]
     if missing:
@@ -549,13 +617,21 @@ def _shard_dirs(root: Path, plan: _Plan, batch_size: int) -> list[Path]:
     for d in dirs:
         meta = json.loads((d / "shard.json").read_text())
         if meta["fingerprint"] != plan.fingerprint or meta["batch_size"] != batch_size:
-            raise MidtrainError(f"{d}: made from a different source, config or tokenizer; "
-                                "re-run this shard")
+            raise MidtrainError(
+                f"{d}: made from a different source, config or tokenizer; re-run this shard"
+            )
     return dirs
 
 
-def _run_shard(config: PrepareConfig, plans: list[_Plan], root: Path, builder: _Builder,
-               reused: dict[str, Any], index: int, count: int) -> Path:
+def _run_shard(
+    config: PrepareConfig,
+    plans: list[_Plan],
+    root: Path,
+    builder: _Builder,
+    reused: dict[str, Any],
+    index: int,
+    count: int,
+) -> Path:
     for p in plans:
         if p.name in reused:
             print(f"[{p.name}] unchanged in the store: nothing to do")
@@ -571,22 +647,37 @@ def _run_shard(config: PrepareConfig, plans: list[_Plan], root: Path, builder: _
         try:
             t0 = time.perf_counter()
             result = builder.shard(p, tmp, index, count)
-            (tmp / "shard.json").write_text(json.dumps({
-                "fingerprint": p.fingerprint, "index": index, "count": count,
-                "batch_size": config.batch_size, **result}, indent=2))
+            (tmp / "shard.json").write_text(
+                json.dumps(
+                    {
+                        "fingerprint": p.fingerprint,
+                        "index": index,
+                        "count": count,
+                        "batch_size": config.batch_size,
+                        **result,
+                    },
+                    indent=2,
+                )
+            )
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         n = sum(s["tokens"] for s in result["splits"].values())
-        print(f"[{p.name}] shard {index}/{count}: {n:,} tokens in "
-              f"{time.perf_counter() - t0:.1f}s; then `midtrain prepare --config <yaml> --merge`")
+        print(
+            f"[{p.name}] shard {index}/{count}: {n:,} tokens in "
+            f"{time.perf_counter() - t0:.1f}s; then `midtrain prepare --config <yaml> --merge`"
+        )
     return root
 
 
-def prepare(config: PrepareConfig, shard: tuple[int, int] | None = None, merge: bool = False,
-            tokenizer_only: bool = False) -> Path:
+def prepare(
+    config: PrepareConfig,
+    shard: tuple[int, int] | None = None,
+    merge: bool = False,
+    tokenizer_only: bool = False,
+) -> Path:
     """Build (or reuse) the store described by ``config``; returns its root.
 
     shard: (i, N): encode only shard i of N of every domain that needs building, into
@@ -616,16 +707,21 @@ def prepare(config: PrepareConfig, shard: tuple[int, int] | None = None, merge: 
         os.replace(tmp, root / SHARDS / "tokenizer.json")
         print(f"tokenizer for the shards: {root / SHARDS / 'tokenizer.json'}")
         return root
-    shard_dirs = {p.name: _shard_dirs(root, p, config.batch_size)
-                  for p in plans if merge and p.name not in reused}
+    shard_dirs = {
+        p.name: _shard_dirs(root, p, config.batch_size)
+        for p in plans
+        if merge and p.name not in reused
+    }
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     # a node's shard is one process; a merge only copies
     builder = _Builder(config, tok, eos, 1 if shard is not None or merge else config.num_proc)
     if shard is not None:
         if config.num_proc > 1:
-            print(f"num_proc {config.num_proc} ignored with --shard: a shard is one process "
-                  "(give N = nodes x cores shards instead)")
+            print(
+                f"num_proc {config.num_proc} ignored with --shard: a shard is one process "
+                "(give N = nodes x cores shards instead)"
+            )
         try:
             return _run_shard(config, plans, root, builder, reused, *shard)
         finally:
@@ -643,9 +739,14 @@ def prepare(config: PrepareConfig, shard: tuple[int, int] | None = None, merge: 
             t0 = time.perf_counter()
             if merge:
                 first = json.loads((shard_dirs[p.name][0] / "shard.json").read_text())
-                result = _merge_shards(p, shard_dirs[p.name], staging / p.name,
-                                       config.batch_size, np.dtype(first["dtype"]),
-                                       first["with_mask"])
+                result = _merge_shards(
+                    p,
+                    shard_dirs[p.name],
+                    staging / p.name,
+                    config.batch_size,
+                    np.dtype(first["dtype"]),
+                    first["with_mask"],
+                )
             else:
                 result = builder.build(p, staging / p.name)
             built[p.name] = _write_manifest(p, staging / p.name, result, eos, tok_hash)
@@ -709,11 +810,15 @@ def verify_store(root: str | os.PathLike) -> None:
 
 def _print_summary(root: Path, plans: list[_Plan], built: dict, reused: dict) -> None:
     print(f"store {root}:")
-    print(f"  {'domain':<16} {'state':<7} {'train docs':>10} {'train tokens':>13} "
-          f"{'val docs':>8} {'val tokens':>11} {'skipped empty':>13}")
+    print(
+        f"  {'domain':<16} {'state':<7} {'train docs':>10} {'train tokens':>13} "
+        f"{'val docs':>8} {'val tokens':>11} {'skipped empty':>13}"
+    )
     for p in plans:
         m = built.get(p.name) or reused[p.name]
         tr, va = m["splits"]["train"], m["splits"]["val"]
         state = "built" if p.name in built else "reused"
-        print(f"  {p.name:<16} {state:<7} {tr['docs']:>10,} {tr['tokens']:>13,} "
-              f"{va['docs']:>8,} {va['tokens']:>11,} {m.get('skipped_empty', 0):>13,}")
+        print(
+            f"  {p.name:<16} {state:<7} {tr['docs']:>10,} {tr['tokens']:>13,} "
+            f"{va['docs']:>8,} {va['tokens']:>11,} {m.get('skipped_empty', 0):>13,}"
+        )

@@ -33,8 +33,9 @@ from midtrain.errors import MidtrainError
 PAD_DOC = -1  # doc id of padding positions: they attend only to each other
 
 
-def example_rows(lengths: np.ndarray, max_tokens: int, packing: bool, seed: int,
-                 epoch: int, key: int) -> list[np.ndarray]:
+def example_rows(
+    lengths: np.ndarray, max_tokens: int, packing: bool, seed: int, epoch: int, key: int
+) -> list[np.ndarray]:
     """Rows of one epoch: example ids in a seeded order, one per row or packed greedily."""
     n = len(lengths)
     order = permute(np.arange(n), n, key=(key * 1_000_003 + seed * 7919 + epoch) & (2**63 - 1))
@@ -52,8 +53,9 @@ def example_rows(lengths: np.ndarray, max_tokens: int, packing: bool, seed: int,
     return rows
 
 
-def build_row(split: Split, examples: np.ndarray, max_tokens: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_row(
+    split: Split, examples: np.ndarray, max_tokens: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, target mask, doc ids) of a row; each example truncated to ``max_tokens``.
     The mask is aligned with tokens: mask[t] says whether token t counts as a target."""
     tokens, mask, docs = [], [], []
@@ -62,8 +64,11 @@ def build_row(split: Split, examples: np.ndarray, max_tokens: int
         hi = min(hi, lo + max_tokens)
         raw, raw_mask = split.read(lo, hi)
         t = raw.astype(np.int64)
-        m = (raw_mask.astype(np.float32) if raw_mask is not None
-             else np.ones(hi - lo, dtype=np.float32))
+        m = (
+            raw_mask.astype(np.float32)
+            if raw_mask is not None
+            else np.ones(hi - lo, dtype=np.float32)
+        )
         m[0] = 0.0  # an example's first token is never predicted from the one before it
         tokens.append(t)
         mask.append(m)
@@ -71,8 +76,9 @@ def build_row(split: Split, examples: np.ndarray, max_tokens: int
     return np.concatenate(tokens), np.concatenate(mask), np.concatenate(docs)
 
 
-def collate_rows(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int,
-                 domain: int, packed: bool) -> dict[str, torch.Tensor]:
+def collate_rows(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int, domain: int, packed: bool
+) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest; inputs/targets shifted by one."""
     width = max(len(t) for t, _, _ in rows)
     tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -95,19 +101,29 @@ def collate_rows(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: 
 class SFTStream(StepStream):
     """The SFT stream: each slot's row of whole examples, in a seeded order per epoch."""
 
-    def __init__(self, split: Split, name: str, max_length: int, packing: bool, seed: int,
-                 pad_id: int, micro_batch_size: int, accumulation: int, rank: int,
-                 world_size: int, start_step: int, max_steps: int) -> None:
-        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step,
-                         max_steps)
+    def __init__(
+        self,
+        split: Split,
+        name: str,
+        max_length: int,
+        packing: bool,
+        seed: int,
+        pad_id: int,
+        micro_batch_size: int,
+        accumulation: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        max_steps: int,
+    ) -> None:
+        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step, max_steps)
         self.split, self.max_tokens, self.packing = split, max_length + 1, packing
         self.seed, self.key, self.pad_id = seed, domain_key(name), pad_id
         self.lengths = np.diff(np.asarray(split.doc_offsets))
 
     @lru_cache(maxsize=2)  # noqa: B019 - one stream per loader; epochs are reused in order
     def _epoch(self, epoch: int) -> list[np.ndarray]:
-        return example_rows(self.lengths, self.max_tokens, self.packing, self.seed, epoch,
-                            self.key)
+        return example_rows(self.lengths, self.max_tokens, self.packing, self.seed, epoch, self.key)
 
     def _row(self, g: int) -> np.ndarray:
         """Example ids of global row g (counted over epochs from the start of training)."""
@@ -120,8 +136,9 @@ class SFTStream(StepStream):
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
         step, slot = self.slots(index)
         lo = step * self.batch_size + slot
-        rows = [build_row(self.split, self._row(g), self.max_tokens)
-                for g in range(lo, lo + self.micro)]
+        rows = [
+            build_row(self.split, self._row(g), self.max_tokens) for g in range(lo, lo + self.micro)
+        ]
         return collate_rows(rows, self.pad_id, 0, self.packing)
 
 
@@ -130,10 +147,22 @@ class ValidationExamples(IterableDataset):
     same examples for any world size, and the same number of rows on every rank (a short share
     is padded with rows whose loss mask is zero, as ``ValidationBlocks``)."""
 
-    def __init__(self, split: Split, max_length: int, batch_size: int, pad_id: int,
-                 max_examples: int | None, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        split: Split,
+        max_length: int,
+        batch_size: int,
+        pad_id: int,
+        max_examples: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.split, self.max_tokens, self.batch_size, self.pad_id = (
-            split, max_length + 1, batch_size, pad_id)
+            split,
+            max_length + 1,
+            batch_size,
+            pad_id,
+        )
         n = split.num_docs if max_examples is None else min(split.num_docs, max_examples)
         self.mine, self.real = rank_share(n, rank, world_size)
 
@@ -142,10 +171,12 @@ class ValidationExamples(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for lo in range(0, len(self.mine), self.batch_size):
-            rows = [build_row(self.split, np.array([e]), self.max_tokens)
-                    for e in self.mine[lo : lo + self.batch_size]]
+            rows = [
+                build_row(self.split, np.array([e]), self.max_tokens)
+                for e in self.mine[lo : lo + self.batch_size]
+            ]
             batch = collate_rows(rows, self.pad_id, 0, packed=False)
-            batch["loss_mask"][max(self.real - lo, 0):] = 0.0  # padding rows count nothing
+            batch["loss_mask"][max(self.real - lo, 0) :] = 0.0  # padding rows count nothing
             yield batch
 
 
@@ -166,12 +197,21 @@ class SFTDataModule(StepDataModule):
         general_val_max_blocks: cap on sequences per general validation set.
     """
 
-    def __init__(self, store: str, target: str, general_val_sets: list[str] | None = None,
-                 general_store: str | None = None, max_length: int = 512,
-                 packing: bool = False, micro_batch_size: int = 8, seed: int = 0,
-                 num_workers: int = 0, prefetch_factor: int = 2,
-                 val_max_examples: int | None = 256,
-                 general_val_max_blocks: int | None = 64) -> None:
+    def __init__(
+        self,
+        store: str,
+        target: str,
+        general_val_sets: list[str] | None = None,
+        general_store: str | None = None,
+        max_length: int = 512,
+        packing: bool = False,
+        micro_batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        val_max_examples: int | None = 256,
+        general_val_max_blocks: int | None = 64,
+    ) -> None:
         super().__init__(micro_batch_size, seed, num_workers, prefetch_factor)
         self.store = Store(store)
         self.general = Store(general_store) if general_store else self.store
@@ -230,31 +270,59 @@ class SFTDataModule(StepDataModule):
         return split.num_bytes / max(split.num_tokens, 1)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"store": self.store.fingerprint([self.target]), "seed": self.seed,
-                "max_length": self.max_length, "packing": self.packing}
+        return {
+            "store": self.store.fingerprint([self.target]),
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "packing": self.packing,
+        }
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.num_truncated:
-            rank_zero_info(f"SFT {self.target}: {self.num_truncated} of {self.num_examples} "
-                           f"training examples truncated to max_length {self.max_length}")
+            rank_zero_info(
+                f"SFT {self.target}: {self.num_truncated} of {self.num_examples} "
+                f"training examples truncated to max_length {self.max_length}"
+            )
 
     def train_stream(self, trainer: L.Trainer) -> IterableDataset:
-        return SFTStream(self.store.domain(self.target).train, self.target, self.max_length,
-                         self.packing, self.seed, self.store.eos_id, self.micro_batch_size,
-                         trainer.accumulate_grad_batches, trainer.global_rank,
-                         trainer.world_size, start_step=trainer.global_step,
-                         max_steps=trainer.max_steps)
+        return SFTStream(
+            self.store.domain(self.target).train,
+            self.target,
+            self.max_length,
+            self.packing,
+            self.seed,
+            self.store.eos_id,
+            self.micro_batch_size,
+            trainer.accumulate_grad_batches,
+            trainer.global_rank,
+            trainer.world_size,
+            start_step=trainer.global_step,
+            max_steps=trainer.max_steps,
+        )
 
     def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
         return [
-            ValidationExamples(self.store.domain(self.target).val, self.max_length,
-                               self.micro_batch_size, self.store.eos_id, self.val_max_examples,
-                               rank, world_size),
-            *(ValidationBlocks(self.general.domain(name).val, self.max_length,
-                               self.micro_batch_size, self.general_val_max_blocks, rank,
-                               world_size)
-              for name in self.general_val_sets),
+            ValidationExamples(
+                self.store.domain(self.target).val,
+                self.max_length,
+                self.micro_batch_size,
+                self.store.eos_id,
+                self.val_max_examples,
+                rank,
+                world_size,
+            ),
+            *(
+                ValidationBlocks(
+                    self.general.domain(name).val,
+                    self.max_length,
+                    self.micro_batch_size,
+                    self.general_val_max_blocks,
+                    rank,
+                    world_size,
+                )
+                for name in self.general_val_sets
+            ),
         ]
 
     def state_dict(self) -> dict[str, Any]:

@@ -84,8 +84,9 @@ def source_fingerprint(spec: dict[str, Any]) -> str:
 _OPENED: dict[str, Any] = {}
 
 
-def record_batches(spec: dict[str, Any], where: str, batch_size: int, index: int = 0,
-                   count: int = 1) -> Iterator[tuple[int, list[Record]]]:
+def record_batches(
+    spec: dict[str, Any], where: str, batch_size: int, index: int = 0, count: int = 1
+) -> Iterator[tuple[int, list[Record]]]:
     """(index of the first record, records) for every ``batch_size`` records of the source
     whose batch number is ``index`` modulo ``count``: shard ``index`` of ``count``. A
     random-access dataset is read only where the shard needs it."""
@@ -134,11 +135,11 @@ def _rows(columns: dict[str, list[Any]]) -> list[Record]:
     names = list(columns)
     if not names:
         return []
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(),
-                                                                      strict=True)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 # -- built-in generators -----------------------------------------------------------------------
+
 
 class BuiltinSource:
     """``{builtin: name, **arguments}``: a generator of midtrain.data.builtin (no network)."""
@@ -165,8 +166,9 @@ class BuiltinSource:
         from midtrain.data.builtin import BUILTIN_SOURCES
 
         kwargs = {k: v for k, v in spec.items() if k != "builtin"}
-        return datasets.IterableDataset.from_generator(BUILTIN_SOURCES[spec["builtin"]],
-                                                       gen_kwargs=kwargs)
+        return datasets.IterableDataset.from_generator(
+            BUILTIN_SOURCES[spec["builtin"]], gen_kwargs=kwargs
+        )
 
     def diagnose(self, spec: dict[str, Any]) -> str | None:
         return None
@@ -175,8 +177,14 @@ class BuiltinSource:
 # -- local files -------------------------------------------------------------------------------
 
 # A local file given as `path:` is loaded with the matching packaged builder.
-_BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-                      ".txt": "text", ".text": "text"}
+_BUILDER_BY_SUFFIX = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+}
 _LOCAL_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
 
 
@@ -197,8 +205,9 @@ def _local_files(spec: dict[str, Any]) -> list[Path]:
     for f in _as_list(spec.get("data_files", [])):
         if "://" in f:
             continue
-        out += [Path(m) for m in sorted(glob.glob(f, recursive=True))] if _is_pattern(f) else [
-            Path(f)]
+        out += (
+            [Path(m) for m in sorted(glob.glob(f, recursive=True))] if _is_pattern(f) else [Path(f)]
+        )
     return out
 
 
@@ -210,7 +219,8 @@ class LocalFiles:
     def claims(self, spec: dict[str, Any]) -> bool:
         path = str(spec.get("path", ""))
         return (Path(path).suffix.lower() in _BUILDER_BY_SUFFIX and "data_files" not in spec) or (
-            path in _LOCAL_BUILDERS and "data_files" in spec)
+            path in _LOCAL_BUILDERS and "data_files" in spec
+        )
 
     def resolve(self, spec: dict[str, Any], where: str) -> dict[str, Any]:
         path = str(spec["path"])
@@ -281,9 +291,11 @@ def _diagnose_file(path: Path, builder: str) -> str | None:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 start = e.start - (3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0)
-                return (f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at offset "
-                        f"{offset + e.start} (line {lineno}, column {start + 1}); convert the "
-                        "file to UTF-8")
+                return (
+                    f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at offset "
+                    f"{offset + e.start} (line {lineno}, column {start + 1}); convert the "
+                    "file to UTF-8"
+                )
             offset += len(raw)
             if builder != "json" or problem is not None or not line.strip():
                 if problem is not None and line.strip():
@@ -302,6 +314,7 @@ def _diagnose_file(path: Path, builder: str) -> str | None:
 
 
 # -- datasets.load_dataset: hub datasets and every other builder ---------------------------------
+
 
 class LoadDataset:
     """Any other ``datasets.load_dataset`` keyword arguments, e.g. a hub dataset."""
@@ -362,8 +375,12 @@ class Template:
     def template(self) -> Template:
         """Only the keys that apply (``text`` is ignored with ``chat`` or ``prompt``)."""
         if self.chat is not None:
-            return Template(text=None, chat=self.chat, chat_turn=self.chat_turn,
-                            train_roles=list(self.train_roles))
+            return Template(
+                text=None,
+                chat=self.chat,
+                chat_turn=self.chat_turn,
+                train_roles=list(self.train_roles),
+            )
         if self.prompt is not None:
             return Template(text=None, prompt=self.prompt, response=self.response)
         return Template(text=self.text)

@@ -75,8 +75,9 @@ class Split:
             mask = None if self.loss_mask is None else np.asarray(self.loss_mask[lo:hi])
             return np.asarray(self.tokens[lo:hi]), mask
         dtype = self.tokens.dtype
-        tokens = np.frombuffer(_pread(self.tokens_path, (hi - lo) * dtype.itemsize,
-                                      lo * dtype.itemsize), dtype=dtype)
+        tokens = np.frombuffer(
+            _pread(self.tokens_path, (hi - lo) * dtype.itemsize, lo * dtype.itemsize), dtype=dtype
+        )
         mask = None
         if self.mask_path is not None:
             mask = np.frombuffer(_pread(self.mask_path, hi - lo, lo), dtype=np.uint8)
@@ -117,7 +118,8 @@ class DomainStore:
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
         self.manifest: dict[str, Any] = _read_json(
-            manifest_path, f"{manifest_path}: no prepared domain here; run `midtrain prepare` first")
+            manifest_path, f"{manifest_path}: no prepared domain here; run `midtrain prepare` first"
+        )
         self.name: str = self.manifest["name"]
         self.dtype = np.dtype(self.manifest["dtype"])
         check_sizes(self.path, self.manifest)
@@ -158,8 +160,10 @@ class Store:
         self.root = Path(root)
         index_path = self.root / "store.json"
         self.index: dict[str, Any] = _read_json(
-            index_path, f"{self.root}: not a token store (no store.json); "
-                        "run `midtrain prepare --config <yaml>` to build it")
+            index_path,
+            f"{self.root}: not a token store (no store.json); "
+            "run `midtrain prepare --config <yaml>` to build it",
+        )
         if self.index.get("format_version") != FORMAT_VERSION:
             raise MidtrainError(
                 f"{index_path}: store format {self.index.get('format_version')} is not "
@@ -224,11 +228,13 @@ def check_sizes(path: Path, manifest: dict[str, Any]) -> None:
         if name.endswith(".tokens") and actual % itemsize:
             raise MidtrainError(
                 f"{f}: {actual:,} bytes is not a whole number of {manifest['dtype']} tokens "
-                "(odd byte length): the file is damaged; re-run `midtrain prepare`")
+                "(odd byte length): the file is damaged; re-run `midtrain prepare`"
+            )
         if actual != size:
             raise MidtrainError(
                 f"{f}: {actual:,} bytes but its manifest says {size:,}: the store is truncated "
-                "or damaged; re-run `midtrain prepare`")
+                "or damaged; re-run `midtrain prepare`"
+            )
 
 
 def file_digest(path: Path) -> str:
@@ -259,13 +265,28 @@ def verify(root: str | os.PathLike) -> list[tuple[str, str]]:
             out.append((name, str(e)))
             continue
         if "files" not in manifest:
-            out.append((name, f"{path}: made by an older midtrain without file hashes; "
-                              "re-run `midtrain prepare` to verify it"))
+            out.append(
+                (
+                    name,
+                    f"{path}: made by an older midtrain without file hashes; "
+                    "re-run `midtrain prepare` to verify it",
+                )
+            )
             continue
-        bad = [f for f, entry in sorted(manifest["files"].items())
-               if file_digest(path / f) != entry["sha256"]]
-        out.append((name, f"{path / bad[0]}: content differs from its manifest (sha256); "
-                          "re-run `midtrain prepare`" if bad else "ok"))
+        bad = [
+            f
+            for f, entry in sorted(manifest["files"].items())
+            if file_digest(path / f) != entry["sha256"]
+        ]
+        out.append(
+            (
+                name,
+                f"{path / bad[0]}: content differs from its manifest (sha256); "
+                "re-run `midtrain prepare`"
+                if bad
+                else "ok",
+            )
+        )
     return out
 
 
@@ -275,22 +296,37 @@ class SplitWriter:
     With ``with_records`` it also writes ``<split>.records`` (int64 source record index of
     each document), which a shard of a parallel prepare needs to be merged in order."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, with_mask: bool,
-                 with_records: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        dtype: np.dtype,
+        with_mask: bool,
+        with_records: bool = False,
+    ) -> None:
         self.dtype = dtype
         self._tokens = open(directory / f"{split}.tokens", "wb")  # noqa: SIM115
         self._docs = open(directory / f"{split}.docs", "wb")  # noqa: SIM115
         self._bytes = open(directory / f"{split}.bytes", "wb")  # noqa: SIM115
         self._mask = open(directory / f"{split}.mask", "wb") if with_mask else None  # noqa: SIM115
-        self._records = (open(directory / f"{split}.records", "wb")  # noqa: SIM115
-                         if with_records else None)
+        self._records = (
+            open(directory / f"{split}.records", "wb")  # noqa: SIM115
+            if with_records
+            else None
+        )
         self.num_tokens = 0
         self.num_docs = 0
         self.num_bytes = 0
         np.zeros(1, dtype=np.int64).tofile(self._docs)
 
-    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray, num_bytes: list[int],
-                  mask: np.ndarray | None = None, records: list[int] | None = None) -> None:
+    def add_batch(
+        self,
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        num_bytes: list[int],
+        mask: np.ndarray | None = None,
+        records: list[int] | None = None,
+    ) -> None:
         """Append documents given as their concatenated tokens (each ending in EOS) and their
         lengths, with one write per file."""
         if not len(lengths):

@@ -18,8 +18,9 @@ from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_
 from midtrain.data.store import Split
 
 
-def read_blocks(split: Split, blocks: np.ndarray, seq_len: int,
-                tokens_out: np.ndarray, mask_out: np.ndarray) -> None:
+def read_blocks(
+    split: Split, blocks: np.ndarray, seq_len: int, tokens_out: np.ndarray, mask_out: np.ndarray
+) -> None:
     """Blocks of seq_len + 1 tokens (stride seq_len) into ``tokens_out``; the loss mask of their
     targets into ``mask_out`` (ones where the split has no mask). One pread per block."""
     for row, block in enumerate(np.asarray(blocks, dtype=np.int64)):
@@ -49,8 +50,15 @@ class StepStream(IterableDataset):
     implement ``micro_batch(index)``.
     """
 
-    def __init__(self, micro_batch_size: int, accumulation: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int) -> None:
+    def __init__(
+        self,
+        micro_batch_size: int,
+        accumulation: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        max_steps: int,
+    ) -> None:
         self.micro = micro_batch_size
         self.accumulation = accumulation
         self.rank = rank
@@ -83,12 +91,20 @@ class StepStream(IterableDataset):
 class MixtureStream(StepStream):
     """The pretraining stream: each slot's (domain, block) from a ``MixtureSchedule``."""
 
-    def __init__(self, splits: Sequence[Split], schedule: MixtureSchedule, seq_len: int,
-                 micro_batch_size: int, accumulation: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int,
-                 phase_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step,
-                         max_steps)
+    def __init__(
+        self,
+        splits: Sequence[Split],
+        schedule: MixtureSchedule,
+        seq_len: int,
+        micro_batch_size: int,
+        accumulation: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        max_steps: int,
+        phase_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step, max_steps)
         self.splits = list(splits)
         self.schedule = schedule
         self.seq_len = seq_len
@@ -110,8 +126,12 @@ class MixtureStream(StepStream):
         mask = np.empty((self.micro, self.seq_len), dtype=np.float32)
         for d in np.unique(domain):
             sel = np.flatnonzero(domain == d)
-            blocks = block_indices(draw[sel], self.num_blocks[d], self.schedule.seed,
-                                   domain_key(self.schedule.domains[d]))
+            blocks = block_indices(
+                draw[sel],
+                self.num_blocks[d],
+                self.schedule.seed,
+                domain_key(self.schedule.domains[d]),
+            )
             t, m = tokens[sel], mask[sel]
             read_blocks(self.splits[d], blocks, self.seq_len, t, m)
             tokens[sel], mask[sel] = t, m
@@ -127,8 +147,9 @@ class MixtureStream(StepStream):
         if n == self._phases_seen:
             return
         rows = table[:n].tolist()
-        phases = [Phase(int(r[0]), dict(zip(self.schedule.domains, r[1:], strict=True)))
-                  for r in rows]
+        phases = [
+            Phase(int(r[0]), dict(zip(self.schedule.domains, r[1:], strict=True))) for r in rows
+        ]
         s = self.schedule
         self.schedule = MixtureSchedule(s.domains, phases, s.batch_size, s.seed)
         self._phases_seen = n
@@ -152,8 +173,15 @@ class ValidationBlocks(IterableDataset):
     rank, and sums of losses and tokens over ranks are those of the whole set.
     """
 
-    def __init__(self, split: Split, seq_len: int, batch_size: int, max_blocks: int | None,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        split: Split,
+        seq_len: int,
+        batch_size: int,
+        max_blocks: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.split = split
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -172,5 +200,5 @@ class ValidationBlocks(IterableDataset):
             tokens = np.empty((len(blocks), self.seq_len + 1), dtype=np.int64)
             mask = np.empty((len(blocks), self.seq_len), dtype=np.float32)
             read_blocks(self.split, blocks, self.seq_len, tokens, mask)
-            mask[max(real - lo, 0):] = 0.0  # padding rows count nothing
+            mask[max(real - lo, 0) :] = 0.0  # padding rows count nothing
             yield to_batch(tokens, mask, np.zeros(len(blocks), dtype=np.int64))

@@ -43,8 +43,9 @@ def load_tokenizer(path: str | None = None, hub: str | None = None) -> Tokenizer
     raise MidtrainError("tokenizer: give one of `path`, `hub` or `train`")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, eos: str = DEFAULT_EOS,
-              min_frequency: int = 2) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, eos: str = DEFAULT_EOS, min_frequency: int = 2
+) -> Tokenizer:
     """Byte-level BPE: no normaliser and no prefix space, so decode(encode(x)) == x exactly."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -32,16 +32,27 @@ class DownstreamEval(Callback):
     optimizer step just completed.
     """
 
-    def __init__(self, tasks: list[str | dict[str, int | str | list[str]]],
-                 every_n_steps: int = 1000,
-                 limit: int | None = None, batch_size: int = 8, at_end: bool = True,
-                 include_path: str | None = None, num_fewshot: int | None = None) -> None:
+    def __init__(
+        self,
+        tasks: list[str | dict[str, int | str | list[str]]],
+        every_n_steps: int = 1000,
+        limit: int | None = None,
+        batch_size: int = 8,
+        at_end: bool = True,
+        include_path: str | None = None,
+        num_fewshot: int | None = None,
+    ) -> None:
         if every_n_steps <= 0:
-            raise MidtrainError(f"DownstreamEval.every_n_steps: must be positive, got {every_n_steps}")
+            raise MidtrainError(
+                f"DownstreamEval.every_n_steps: must be positive, got {every_n_steps}"
+            )
         if not tasks:
             raise MidtrainError("DownstreamEval.tasks: name at least one task")
-        self.local = [LocalTask.from_dict(dict(t), f"DownstreamEval.tasks[{i}]")
-                      for i, t in enumerate(tasks) if isinstance(t, dict)]
+        self.local = [
+            LocalTask.from_dict(dict(t), f"DownstreamEval.tasks[{i}]")
+            for i, t in enumerate(tasks)
+            if isinstance(t, dict)
+        ]
         self.harness = [t for t in tasks if isinstance(t, str)]
         self.every_n_steps, self.limit, self.batch_size = every_n_steps, limit, batch_size
         self.at_end, self.include_path, self.num_fewshot = at_end, include_path, num_fewshot
@@ -53,17 +64,26 @@ class DownstreamEval(Callback):
         try:
             from lm_eval.tasks import TaskManager
         except ImportError:
-            raise MidtrainError("DownstreamEval: lm-eval task names need "
-                                "`pip install midtrain[eval]`") from None
+            raise MidtrainError(
+                "DownstreamEval: lm-eval task names need `pip install midtrain[eval]`"
+            ) from None
         manager = TaskManager(include_path=self.include_path)
         unknown = [t for t in self.harness if t not in manager.all_tasks]
         if unknown:
-            raise MidtrainError(f"DownstreamEval.tasks: no lm-eval task {unknown[0]!r}; list "
-                                "them with `lm_eval ls tasks` (or set include_path)")
+            raise MidtrainError(
+                f"DownstreamEval.tasks: no lm-eval task {unknown[0]!r}; list "
+                "them with `lm_eval ls tasks` (or set include_path)"
+            )
         return manager
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if stepped and trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
@@ -78,14 +98,16 @@ class DownstreamEval(Callback):
 
         store = getattr(trainer.datamodule, "store", None)
         if store is None:
-            raise MidtrainError("DownstreamEval: the data module has no token store to take "
-                                "the tokenizer from")
+            raise MidtrainError(
+                "DownstreamEval: the data module has no token store to take the tokenizer from"
+            )
         tokenizer = Tokenizer.from_file(str(store.tokenizer_path))
         model, eos_id = pl_module.model, store.eos_id
         metrics: dict[str, float] = {}
         for task in self.local:
-            for k, v in task.evaluate(model, tokenizer, eos_id, self.limit,
-                                      self.batch_size).items():
+            for k, v in task.evaluate(
+                model, tokenizer, eos_id, self.limit, self.batch_size
+            ).items():
                 metrics[f"eval/{task.name}/{k}"] = v
         if self.harness:
             metrics.update(self._run_harness(model, tokenizer, eos_id))
@@ -101,16 +123,27 @@ class DownstreamEval(Callback):
 
         from midtrain.evaluation.harness import MidtrainLM
 
-        lm = MidtrainLM(model=model, tokenizer_object=tokenizer, eos_id=eos_id,
-                        batch_size=self.batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(self.harness), limit=self.limit,
-                                      num_fewshot=self.num_fewshot, task_manager=self._manager(),
-                                      log_samples=False, verbosity="WARNING")
+        lm = MidtrainLM(
+            model=model, tokenizer_object=tokenizer, eos_id=eos_id, batch_size=self.batch_size
+        )
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(self.harness),
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            task_manager=self._manager(),
+            log_samples=False,
+            verbosity="WARNING",
+        )
         metrics = {}
         for task, values in (out or {}).get("results", {}).items():
             for key, value in values.items():
                 name, _, _filter = key.partition(",")
-                if isinstance(value, int | float) and not name.endswith("_stderr") and name != "alias":
+                if (
+                    isinstance(value, int | float)
+                    and not name.endswith("_stderr")
+                    and name != "alias"
+                ):
                     metrics[f"eval/{task}/{name}"] = float(value)
         return metrics
 

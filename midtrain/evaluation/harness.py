@@ -37,11 +37,20 @@ class MidtrainLM(TemplateLM):
     its ``hf`` model does, so both score an exported model identically.
     """
 
-    def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None,
-                 batch_size: int | str = 8, device: str = "cpu", dtype: str | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 256,
-                 model: GPT | None = None, tokenizer_object: Any = None,
-                 eos_id: int | None = None, **unused: Any) -> None:
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        tokenizer: str | None = None,
+        batch_size: int | str = 8,
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        model: GPT | None = None,
+        tokenizer_object: Any = None,
+        eos_id: int | None = None,
+        **unused: Any,
+    ) -> None:
         super().__init__()
         if model is None:
             from midtrain.checkpoint.load import load_model
@@ -53,28 +62,36 @@ class MidtrainLM(TemplateLM):
             if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
                 device = "cpu"  # lm-eval's CLI passes --device cuda by default
             model, tokenizer_object, eos_id = load_model(
-                str(checkpoint), tokenizer, device, dtype, where="model_args checkpoint")
+                str(checkpoint), tokenizer, device, dtype, where="model_args checkpoint"
+            )
         self.model = model
         self.tok = tokenizer_object
         self._eos_id = eos_id if eos_id is not None else 0
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._max_length = int(max_length) if max_length else model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
-        self.vocab_size = min(model.config.padded_vocab_size,
-                              self.tok.get_vocab_size(with_added_tokens=True))
+        self.vocab_size = min(
+            model.config.padded_vocab_size, self.tok.get_vocab_size(with_added_tokens=True)
+        )
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str,
-                               additional_config: dict | None = None) -> MidtrainLM:
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> MidtrainLM:
         # --model_args wins over lm-eval's own --batch_size/--device (always passed along)
-        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
-                                       additional_config)
+        return cls.create_from_arg_obj(
+            lm_utils.simple_parse_args_string(arg_string), additional_config
+        )
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
-                            additional_config: dict | None = None) -> MidtrainLM:
-        extra = {k: v for k, v in (additional_config or {}).items()
-                 if v is not None and k not in arg_dict}
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict | None = None
+    ) -> MidtrainLM:
+        extra = {
+            k: v
+            for k, v in (additional_config or {}).items()
+            if v is not None and k not in arg_dict
+        }
         return cls(**arg_dict, **extra)
 
     @property
@@ -89,22 +106,28 @@ class MidtrainLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return "midtrain"
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
-                   **kwargs: Any) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs: Any
+    ) -> list[int]:
         return self.tok.encode(string, add_special_tokens=False).ids
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
-                              **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list, disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         results = []
         step = max(self.batch_size * 16, 1)  # progress in chunks; batching inside
-        for start in tqdm(range(0, len(pairs), step), disable=disable_tqdm or len(pairs) <= step,
-                          desc="loglikelihood"):
-            results += continuation_logprobs(self.model, pairs[start:start + step],
-                                             self.batch_size)
+        for start in tqdm(
+            range(0, len(pairs), step),
+            disable=disable_tqdm or len(pairs) <= step,
+            desc="loglikelihood",
+        ):
+            results += continuation_logprobs(
+                self.model, pairs[start : start + step], self.batch_size
+            )
         for (key, _, _), result in zip(requests, results, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, result)
@@ -113,9 +136,15 @@ class MidtrainLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owners.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
@@ -137,17 +166,25 @@ class MidtrainLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
-            sampling = Sampling(max_new_tokens=max_new,
-                                temperature=float(kwargs.get("temperature") or 0.0)
-                                if kwargs.get("do_sample") else 0.0,
-                                top_p=kwargs.get("top_p"), top_k=kwargs.get("top_k"),
-                                seed=kwargs.get("seed"), stop=until)
+            sampling = Sampling(
+                max_new_tokens=max_new,
+                temperature=float(kwargs.get("temperature") or 0.0)
+                if kwargs.get("do_sample")
+                else 0.0,
+                top_p=kwargs.get("top_p"),
+                top_k=kwargs.get("top_k"),
+                seed=kwargs.get("seed"),
+                stop=until,
+            )
             for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):]
-                            for i in chunk]
-                rows = generate_ids(self.model, contexts, sampling, self.vocab_size,
-                                    decode=self.tok_decode)
+                chunk = members[start : start + self.batch_size]
+                contexts = [
+                    self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :]
+                    for i in chunk
+                ]
+                rows = generate_ids(
+                    self.model, contexts, sampling, self.vocab_size, decode=self.tok_decode
+                )
                 for i, ids in zip(chunk, rows, strict=True):
                     text = self.tok_decode(ids)
                     for term in until:  # as lm-eval's hf model: cut at every stop sequence
@@ -159,8 +196,10 @@ class MidtrainLM(TemplateLM):
         return out  # type: ignore[return-value]
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"model_num_parameters": self.model.num_parameters(),
-                "model_dtype": str(next(self.model.parameters()).dtype)}
+        return {
+            "model_num_parameters": self.model.num_parameters(),
+            "model_dtype": str(next(self.model.parameters()).dtype),
+        }
 
 
 def run_cli(args: list[str]) -> None:

@@ -72,8 +72,14 @@ class LocalTask:
                     break
         return rows
 
-    def evaluate(self, model: GPT, tokenizer: Any, eos_id: int | None, limit: int | None = None,
-                 batch_size: int = 8) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: GPT,
+        tokenizer: Any,
+        eos_id: int | None,
+        limit: int | None = None,
+        batch_size: int = 8,
+    ) -> dict[str, float]:
         rows = self.examples(limit)
         if not rows:
             raise MidtrainError(f"{self.path}: no examples")
@@ -91,28 +97,36 @@ class LocalTask:
                 for option in options:  # split the whole string at the context, as lm-eval
                     ctx_ids = encode(ctx)
                     whole = encode(ctx + self.target_delimiter + option)
-                    pairs.append((ctx_ids, whole[len(ctx_ids):]))
+                    pairs.append((ctx_ids, whole[len(ctx_ids) :]))
                 spans.append((start, len(pairs)))
             scores = continuation_logprobs(model, pairs, batch_size)
             acc = acc_norm = 0.0
             for (a, b), options, gold in zip(spans, choices, golds, strict=True):
                 lps = [lp for lp, _ in scores[a:b]]
-                norm = [lp / len((self.target_delimiter + o).encode()) for lp, o in
-                        zip(lps, options, strict=True)]
+                norm = [
+                    lp / len((self.target_delimiter + o).encode())
+                    for lp, o in zip(lps, options, strict=True)
+                ]
                 acc += float(max(range(len(lps)), key=lps.__getitem__) == int(gold))
                 acc_norm += float(max(range(len(norm)), key=norm.__getitem__) == int(gold))
             return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows)}
         stops = list(self.stop)
-        sampling = Sampling(max_new_tokens=self.max_new_tokens, stop=stops,
-                            stop_ids=[eos_id] if eos_id is not None else [])
+        sampling = Sampling(
+            max_new_tokens=self.max_new_tokens,
+            stop=stops,
+            stop_ids=[eos_id] if eos_id is not None else [],
+        )
         vocab = min(model.config.padded_vocab_size, tokenizer.get_vocab_size(True))
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
         limit_ctx = model.config.block_size - self.max_new_tokens
         hits = 0.0
         for start in range(0, len(rows), batch_size):
-            batch = [encode(c)[-limit_ctx:] for c in contexts[start:start + batch_size]]
-            for ids, gold in zip(generate_ids(model, batch, sampling, vocab, decode=decode),
-                                 golds[start:start + batch_size], strict=True):
+            batch = [encode(c)[-limit_ctx:] for c in contexts[start : start + batch_size]]
+            for ids, gold in zip(
+                generate_ids(model, batch, sampling, vocab, decode=decode),
+                golds[start : start + batch_size],
+                strict=True,
+            ):
                 text = decode(ids)
                 for term in stops:
                     text = text.split(term)[0]

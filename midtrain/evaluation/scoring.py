@@ -12,8 +12,9 @@ from midtrain.model.gpt import GPT
 
 
 @torch.no_grad()
-def continuation_logprobs(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                          batch_size: int = 8) -> list[tuple[float, bool]]:
+def continuation_logprobs(
+    model: GPT, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8
+) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): log P(continuation | context) summed over its
     tokens, and whether every continuation token is the argmax (greedy). Inputs longer than the
     model context keep their last block_size + 1 tokens (the continuation always kept whole)."""
@@ -24,7 +25,7 @@ def continuation_logprobs(model: GPT, pairs: Sequence[tuple[Sequence[int], Seque
         if not cont:
             out[i] = (0.0, True)
             continue
-        whole = (list(ctx) + list(cont))[-(limit + 1):]
+        whole = (list(ctx) + list(cont))[-(limit + 1) :]
         rows.append((i, whole[:-1], list(cont)))
     # longest first: similar lengths share a batch, little padding
     rows.sort(key=lambda r: -len(r[1]))
@@ -33,15 +34,15 @@ def continuation_logprobs(model: GPT, pairs: Sequence[tuple[Sequence[int], Seque
     model.eval()
     try:
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             width = max(len(inp) for _, inp, _ in batch)
             idx = torch.zeros(len(batch), width, dtype=torch.long, device=device)
             for j, (_, inp, _) in enumerate(batch):  # right padding: earlier positions unaffected
-                idx[j, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+                idx[j, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             logprobs = F.log_softmax(model(idx).float(), dim=-1)
             for j, (i, inp, cont) in enumerate(batch):
                 n = len(cont)
-                lp = logprobs[j, len(inp) - n:len(inp)]
+                lp = logprobs[j, len(inp) - n : len(inp)]
                 target = torch.tensor(cont, device=device)
                 total = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())

@@ -42,7 +42,9 @@ class Sampling:
             raise MidtrainError(f"top_p: must be in (0, 1], got {self.top_p}")
 
 
-def _next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def _next_token(
+    logits: torch.Tensor, s: Sampling, generator: torch.Generator | None
+) -> torch.Tensor:
     """(B, V) float logits -> (B,) token ids."""
     if s.temperature == 0:
         return logits.argmax(dim=-1)
@@ -64,9 +66,14 @@ def _generator(seed: int | None) -> torch.Generator | None:
 
 
 @torch.no_grad()
-def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], sampling: Sampling,
-                 vocab_size: int | None = None, use_cache: bool = True,
-                 decode: Any = None) -> list[list[int]]:
+def generate_ids(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    vocab_size: int | None = None,
+    use_cache: bool = True,
+    decode: Any = None,
+) -> list[list[int]]:
     """New token ids for each prompt (stop ids and anything after a stop string cut off).
 
     ``vocab_size`` restricts choices to real tokens (the embedding may be padded); ``decode``
@@ -81,8 +88,10 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], sampling: Samplin
     limit = model.config.block_size
     longest = max(len(p) for p in prompts)
     if longest + sampling.max_new_tokens > limit:
-        raise MidtrainError(f"max_new_tokens: prompt of {longest} tokens + "
-                            f"{sampling.max_new_tokens} new is beyond the model context {limit}")
+        raise MidtrainError(
+            f"max_new_tokens: prompt of {longest} tokens + "
+            f"{sampling.max_new_tokens} new is beyond the model context {limit}"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -107,8 +116,9 @@ def _stopped(ids: list[int], s: Sampling, decode: Any) -> tuple[bool, list[int]]
     return False, ids
 
 
-def _generate_uncached(model: GPT, prompt: Sequence[int], s: Sampling, vocab_size: int | None,
-                       decode: Any) -> list[int]:
+def _generate_uncached(
+    model: GPT, prompt: Sequence[int], s: Sampling, vocab_size: int | None, decode: Any
+) -> list[int]:
     device = model.embed.weight.device
     generator = _generator(s.seed)
     seq, new = list(prompt), []
@@ -125,19 +135,22 @@ def _generate_uncached(model: GPT, prompt: Sequence[int], s: Sampling, vocab_siz
     return new
 
 
-def _generate_cached(model: GPT, prompts: Sequence[Sequence[int]], s: Sampling,
-                     vocab_size: int | None, decode: Any) -> list[list[int]]:
+def _generate_cached(
+    model: GPT, prompts: Sequence[Sequence[int]], s: Sampling, vocab_size: int | None, decode: Any
+) -> list[list[int]]:
     device = model.embed.weight.device
     generator = _generator(s.seed)
     B, longest = len(prompts), max(len(p) for p in prompts)
     idx = torch.zeros(B, longest, dtype=torch.long, device=device)
     key_mask = torch.zeros(B, longest + s.max_new_tokens, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at column `longest`
-        idx[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        key_mask[i, longest - len(p):] = True
+        idx[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        key_mask[i, longest - len(p) :] = True
     key_mask[:, longest:] = True  # generated tokens are real in every row
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    positions = (torch.arange(longest, device=device)[None] - (longest - lengths)[:, None]).clamp_min(0)
+    positions = (
+        torch.arange(longest, device=device)[None] - (longest - lengths)[:, None]
+    ).clamp_min(0)
     cache = model.new_kv_cache(B, longest + s.max_new_tokens)
     outputs: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -156,14 +169,21 @@ def _generate_cached(model: GPT, prompts: Sequence[Sequence[int]], s: Sampling,
         if all(done) or step == s.max_new_tokens - 1:
             break
         width = longest + step + 1
-        logits = model.forward_cached(tokens[:, None], cache, pos[:, None],
-                                      key_mask[:, :width])[:, -1].float()
+        logits = model.forward_cached(tokens[:, None], cache, pos[:, None], key_mask[:, :width])[
+            :, -1
+        ].float()
         pos += 1
     return outputs
 
 
-def generate_text(model: GPT, tokenizer: Any, prompts: Sequence[str], sampling: Sampling,
-                  vocab_size: int | None = None, use_cache: bool = True) -> list[str]:
+def generate_text(
+    model: GPT,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampling: Sampling,
+    vocab_size: int | None = None,
+    use_cache: bool = True,
+) -> list[str]:
     """Completions (text after each prompt) with a ``tokenizers.Tokenizer``; the output stops
     before the first stop string or stop id."""
     encoded = [tokenizer.encode(p).ids for p in prompts]
@@ -176,5 +196,5 @@ def generate_text(model: GPT, tokenizer: Any, prompts: Sequence[str], sampling: 
     for row in ids:
         text = decode(row)
         cuts = [text.find(x) for x in sampling.stop if x in text]
-        texts.append(text[:min(cuts)] if cuts else text)
+        texts.append(text[: min(cuts)] if cuts else text)
     return texts

@@ -61,8 +61,8 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache full: {end} tokens for room of {self.k.size(2)}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -75,9 +75,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         # GPT-NeoX packs qkv per head ([q_h | k_h | v_h] for each head h), which keeps
         # HF Pythia checkpoints loadable without reshuffling the fused weight.
@@ -124,12 +129,18 @@ class Block(nn.Module):
         self.norm_2 = _make_norm(config)
         self.mlp = SwiGLUMLP(config) if config.mlp == "swiglu" else GeluMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         if self.parallel_residual:
-            return (x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache)
-                    + self.mlp(self.norm_2(x)))
+            return (
+                x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache) + self.mlp(self.norm_2(x))
+            )
         x = x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.norm_2(x))
 
@@ -184,7 +195,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope_cos, self.rope_sin = build_rope_cache(
-            config.block_size, config.rotary_dims, config.rotary_base,
+            config.block_size,
+            config.rotary_dims,
+            config.rotary_base,
             device=self.embed.weight.device,
         )
 
@@ -223,8 +236,9 @@ class GPT(nn.Module):
             pos = t - first  # position within its document
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
             same = doc_ids[:, :, None] == doc_ids[:, None, :]
-            mask = (same & torch.ones(seq_len, seq_len, dtype=torch.bool,
-                                      device=idx.device).tril()).unsqueeze(1)
+            mask = (
+                same & torch.ones(seq_len, seq_len, dtype=torch.bool, device=idx.device).tril()
+            ).unsqueeze(1)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
@@ -234,12 +248,21 @@ class GPT(nn.Module):
         """One empty key/value cache per block for ``forward_cached``, room for max_len tokens."""
         c, w = self.config, self.embed.weight
         shape = (batch_size, c.n_head, max_len, c.head_size)
-        return [KVCache(torch.empty(shape, dtype=w.dtype, device=w.device),
-                        torch.empty(shape, dtype=w.dtype, device=w.device))
-                for _ in range(c.n_layer)]
+        return [
+            KVCache(
+                torch.empty(shape, dtype=w.dtype, device=w.device),
+                torch.empty(shape, dtype=w.dtype, device=w.device),
+            )
+            for _ in range(c.n_layer)
+        ]
 
-    def forward_cached(self, idx: torch.Tensor, cache: list[KVCache], positions: torch.Tensor,
-                       key_mask: torch.Tensor) -> torch.Tensor:
+    def forward_cached(
+        self,
+        idx: torch.Tensor,
+        cache: list[KVCache],
+        positions: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Incremental decoding: (B, T) new tokens -> (B, T, padded_vocab_size) logits, with
         the keys and values of every earlier token read from ``cache`` (and these appended).
 
@@ -249,13 +272,14 @@ class GPT(nn.Module):
         """
         T = idx.size(1)
         if int(positions.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(positions.max())} is beyond block_size "
-                             f"{self.config.block_size}")
+            raise ValueError(
+                f"position {int(positions.max())} is beyond block_size {self.config.block_size}"
+            )
         total = cache[0].length + T
         causal = torch.ones(T, total, dtype=torch.bool, device=idx.device).tril(total - T)
         # a padding query attends to itself, so no softmax row is empty (NaN would spread)
         self_key = torch.zeros_like(causal)
-        self_key[:, total - T:] = torch.eye(T, dtype=torch.bool, device=idx.device)
+        self_key[:, total - T :] = torch.eye(T, dtype=torch.bool, device=idx.device)
         mask = ((key_mask[:, None, :] & causal) | self_key).unsqueeze(1)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.embed(idx)

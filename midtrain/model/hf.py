@@ -42,48 +42,74 @@ def hf_architecture(config: ModelConfig) -> str:
     """``gpt_neox`` or ``llama``, or a one-line error naming the option neither can express."""
     if config.mlp == "gelu":
         if config.norm != "layernorm":
-            raise MidtrainError(f"export: norm={config.norm!r} with a GELU MLP has no transformers "
-                                "equivalent (GPTNeoX uses LayerNorm)")
+            raise MidtrainError(
+                f"export: norm={config.norm!r} with a GELU MLP has no transformers "
+                "equivalent (GPTNeoX uses LayerNorm)"
+            )
         if not config.bias:
-            raise MidtrainError("export: bias=False with a GELU MLP has no transformers "
-                                "equivalent (GPTNeoX's MLP and LayerNorm always have biases)")
+            raise MidtrainError(
+                "export: bias=False with a GELU MLP has no transformers "
+                "equivalent (GPTNeoX's MLP and LayerNorm always have biases)"
+            )
         return "gpt_neox"
     if config.norm != "rmsnorm":
-        raise MidtrainError(f"export: norm={config.norm!r} with a SwiGLU MLP has no transformers "
-                            "equivalent (Llama uses RMSNorm)")
+        raise MidtrainError(
+            f"export: norm={config.norm!r} with a SwiGLU MLP has no transformers "
+            "equivalent (Llama uses RMSNorm)"
+        )
     if config.parallel_residual:
-        raise MidtrainError("export: parallel_residual=True with a SwiGLU MLP has no transformers "
-                            "equivalent (Llama is sequential)")
+        raise MidtrainError(
+            "export: parallel_residual=True with a SwiGLU MLP has no transformers "
+            "equivalent (Llama is sequential)"
+        )
     if config.rotary_dims != config.head_size:
-        raise MidtrainError(f"export: rotary_pct={config.rotary_pct} with a SwiGLU MLP has no "
-                            "transformers equivalent (Llama rotates every head dim)")
+        raise MidtrainError(
+            f"export: rotary_pct={config.rotary_pct} with a SwiGLU MLP has no "
+            "transformers equivalent (Llama rotates every head dim)"
+        )
     return "llama"
 
 
-def to_hf_config(config: ModelConfig, bos_id: int | None = None,
-                 eos_id: int | None = None) -> Any:
+def to_hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None) -> Any:
     """The ``transformers`` config of ``config``; the vocabulary is the padded one (as Pythia's)."""
     transformers = _require("transformers")
     common = dict(
-        vocab_size=config.padded_vocab_size, hidden_size=config.n_embd,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-        intermediate_size=config.mlp_hidden_size, max_position_embeddings=config.block_size,
-        tie_word_embeddings=config.tie_embeddings, bos_token_id=bos_id, eos_token_id=eos_id,
+        vocab_size=config.padded_vocab_size,
+        hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        intermediate_size=config.mlp_hidden_size,
+        max_position_embeddings=config.block_size,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
     )
     if hf_architecture(config) == "gpt_neox":
         return transformers.GPTNeoXConfig(
-            **common, hidden_act="gelu", layer_norm_eps=config.norm_eps,
-            use_parallel_residual=config.parallel_residual, attention_bias=True,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base,
-                             "partial_rotary_factor": config.rotary_pct},
-            architectures=["GPTNeoXForCausalLM"], dtype="float32",
+            **common,
+            hidden_act="gelu",
+            layer_norm_eps=config.norm_eps,
+            use_parallel_residual=config.parallel_residual,
+            attention_bias=True,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": config.rotary_base,
+                "partial_rotary_factor": config.rotary_pct,
+            },
+            architectures=["GPTNeoXForCausalLM"],
+            dtype="float32",
         )
     return transformers.LlamaConfig(
-        **common, hidden_act="silu", rms_norm_eps=config.norm_eps,
-        num_key_value_heads=config.n_head, head_dim=config.head_size,
-        attention_bias=config.bias, mlp_bias=config.bias,
+        **common,
+        hidden_act="silu",
+        rms_norm_eps=config.norm_eps,
+        num_key_value_heads=config.n_head,
+        head_dim=config.head_size,
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
         rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
-        architectures=["LlamaForCausalLM"], dtype="float32",
+        architectures=["LlamaForCausalLM"],
+        dtype="float32",
     )
 
 
@@ -100,51 +126,75 @@ def from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """``ModelConfig`` fields for an HF ``config.json`` dict, or a one-line error."""
     model_type = hf.get("model_type")
     if model_type not in ("gpt_neox", "llama"):
-        raise MidtrainError(f"{where}: model_type {model_type!r} is not supported; "
-                            "midtrain imports gpt_neox (Pythia) and llama models")
+        raise MidtrainError(
+            f"{where}: model_type {model_type!r} is not supported; "
+            "midtrain imports gpt_neox (Pythia) and llama models"
+        )
     n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     rope = _rope(hf)
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise MidtrainError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} "
-                            "is not supported (only plain rotary)")
+        raise MidtrainError(
+            f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} "
+            "is not supported (only plain rotary)"
+        )
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
-        raise MidtrainError(f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}")
+        raise MidtrainError(
+            f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}"
+        )
     vocab = int(hf["vocab_size"])
     out: dict[str, Any] = dict(
-        name=f"{model_type}-import", vocab_size=vocab,
+        name=f"{model_type}-import",
+        vocab_size=vocab,
         pad_vocab_multiple=128 if vocab % 128 == 0 else 1,  # the embedding keeps HF's rows
         block_size=int(hf.get("max_position_embeddings", 2048)),
-        n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=n_head,
+        n_embd=n_embd,
         intermediate_size=int(hf.get("intermediate_size") or 4 * n_embd),
         rotary_base=float(rope["rope_theta"]),
         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "llama")),
     )
     if model_type == "gpt_neox":
         if hf.get("hidden_act", "gelu") != "gelu":
-            raise MidtrainError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                                "(GPTNeoX import needs exact 'gelu')")
+            raise MidtrainError(
+                f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                "(GPTNeoX import needs exact 'gelu')"
+            )
         if not hf.get("attention_bias", True):
             raise MidtrainError(f"{where}: attention_bias=false is not supported for gpt_neox")
-        out.update(norm="layernorm", mlp="gelu", bias=True,
-                   norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-                   parallel_residual=bool(hf.get("use_parallel_residual", True)),
-                   rotary_pct=float(rope.get("partial_rotary_factor", 1.0)))
+        out.update(
+            norm="layernorm",
+            mlp="gelu",
+            bias=True,
+            norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            rotary_pct=float(rope.get("partial_rotary_factor", 1.0)),
+        )
     else:
         if hf.get("hidden_act", "silu") != "silu":
-            raise MidtrainError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                                "(Llama import needs 'silu')")
+            raise MidtrainError(
+                f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                "(Llama import needs 'silu')"
+            )
         kv = int(hf.get("num_key_value_heads") or n_head)
         if kv != n_head:
-            raise MidtrainError(f"{where}: grouped-query attention (num_key_value_heads={kv} != "
-                                f"{n_head} heads) is not supported")
+            raise MidtrainError(
+                f"{where}: grouped-query attention (num_key_value_heads={kv} != "
+                f"{n_head} heads) is not supported"
+            )
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             raise MidtrainError(f"{where}: attention_bias != mlp_bias is not supported")
         if int(hf.get("pretraining_tp", 1)) != 1:
             raise MidtrainError(f"{where}: pretraining_tp != 1 is not supported")
-        out.update(norm="rmsnorm", mlp="swiglu", bias=bool(hf.get("attention_bias", False)),
-                   norm_eps=float(hf.get("rms_norm_eps", 1e-6)), parallel_residual=False,
-                   rotary_pct=1.0)
+        out.update(
+            norm="rmsnorm",
+            mlp="swiglu",
+            bias=bool(hf.get("attention_bias", False)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            parallel_residual=False,
+            rotary_pct=1.0,
+        )
     return out
 
 
@@ -166,15 +216,30 @@ _NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
 
 
 _LAYOUTS: dict[str, dict[str, Any]] = {
-    "gpt_neox": dict(root="gpt_neox", embed="gpt_neox.embed_in.weight",
-                     final="gpt_neox.final_layer_norm", head="embed_out.weight",
-                     linears={"attn.qkv": "attention.query_key_value",
-                              "attn.proj": "attention.dense", "mlp.fc": "mlp.dense_h_to_4h",
-                              "mlp.proj": "mlp.dense_4h_to_h"}),
-    "llama": dict(root="model", embed="model.embed_tokens.weight", final="model.norm",
-                  head="lm_head.weight",
-                  linears={"attn.proj": "self_attn.o_proj", "mlp.fc_1": "mlp.gate_proj",
-                           "mlp.fc_2": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}),
+    "gpt_neox": dict(
+        root="gpt_neox",
+        embed="gpt_neox.embed_in.weight",
+        final="gpt_neox.final_layer_norm",
+        head="embed_out.weight",
+        linears={
+            "attn.qkv": "attention.query_key_value",
+            "attn.proj": "attention.dense",
+            "mlp.fc": "mlp.dense_h_to_4h",
+            "mlp.proj": "mlp.dense_4h_to_h",
+        },
+    ),
+    "llama": dict(
+        root="model",
+        embed="model.embed_tokens.weight",
+        final="model.norm",
+        head="lm_head.weight",
+        linears={
+            "attn.proj": "self_attn.o_proj",
+            "mlp.fc_1": "mlp.gate_proj",
+            "mlp.fc_2": "mlp.up_proj",
+            "mlp.proj": "mlp.down_proj",
+        },
+    ),
 }
 
 
@@ -186,8 +251,10 @@ def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
     layout = _LAYOUTS[arch]
     root, final, head = layout["root"], layout["final"], layout["head"]
     names["embed.weight"] = layout["embed"]
-    per_layer = {**{ours: (theirs, norm_suffixes) for ours, theirs in _NORMS.items()},
-                 **{ours: (theirs, suffixes) for ours, theirs in layout["linears"].items()}}
+    per_layer = {
+        **{ours: (theirs, norm_suffixes) for ours, theirs in _NORMS.items()},
+        **{ours: (theirs, suffixes) for ours, theirs in layout["linears"].items()},
+    }
     for i in range(config.n_layer):
         for ours, (theirs, sfx) in per_layer.items():
             for s in sfx:
@@ -199,7 +266,9 @@ def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
     return names
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     arch = hf_architecture(config)
     out = {theirs: state[ours] for ours, theirs in _name_map(config, arch).items()}
     if arch == "llama":
@@ -212,8 +281,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
-                       where: str) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], config: ModelConfig, where: str
+) -> dict[str, torch.Tensor]:
     arch = "gpt_neox" if config.mlp == "gelu" else "llama"
     names = _name_map(config, arch)
     if arch == "gpt_neox" and "embed_out.weight" not in hf_state and "lm_head.weight" in hf_state:
@@ -243,11 +313,18 @@ def read_config(directory: Path, where: str) -> dict[str, Any]:
 
 def read_state(directory: Path, where: str) -> dict[str, torch.Tensor]:
     """Every tensor of the model directory (safetensors preferred, sharded or not)."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index = directory / index_name
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                 if index.is_file() else [single] if (directory / single).is_file() else [])
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else [single]
+            if (directory / single).is_file()
+            else []
+        )
         if not files:
             continue
         state: dict[str, torch.Tensor] = {}
@@ -295,7 +372,8 @@ def config_for_init(init_from: str, model_config: dict[str, Any] | None) -> Mode
         if value != derived[key]:
             raise MidtrainError(
                 f"model.model_config.{key}={value!r} conflicts with {init_from} "
-                f"({key}={derived[key]!r}); drop it: the shape comes from the HF config")
+                f"({key}={derived[key]!r}); drop it: the shape comes from the HF config"
+            )
     config = ModelConfig(**{**derived, **{k: given[k] for k in _FREE_KEYS if k in given}})
     try:
         config.validate()
@@ -316,13 +394,17 @@ def check_store(init_from: str, store: Any) -> None:
         ours = Tokenizer.from_file(str(store.tokenizer_path)).get_vocab(with_added_tokens=True)
         theirs = Tokenizer.from_file(str(hf_tokenizer)).get_vocab(with_added_tokens=True)
         if ours != theirs:
-            raise MidtrainError(f"data.store: {store.root} was tokenized with another tokenizer "
-                                f"than {init_from} ({len(ours)} vs {len(theirs)} tokens); {fix}")
+            raise MidtrainError(
+                f"data.store: {store.root} was tokenized with another tokenizer "
+                f"than {init_from} ({len(ours)} vs {len(theirs)} tokens); {fix}"
+            )
     eos = read_config(directory, "model.init_from").get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if eos_ids and store.eos_id not in eos_ids:
-        raise MidtrainError(f"data.store: end-of-text id {store.eos_id} of {store.root} is not "
-                            f"the model's eos_token_id {eos}; {fix}")
+        raise MidtrainError(
+            f"data.store: end-of-text id {store.eos_id} of {store.root} is not "
+            f"the model's eos_token_id {eos}; {fix}"
+        )
 
 
 def load_into(model: GPT, init_from: str, sharded: bool) -> None:
@@ -337,5 +419,6 @@ def load_into(model: GPT, init_from: str, sharded: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state = load(init_from, where)[1] if dist.get_rank() == 0 else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
-                                                                broadcast_from_rank0=True))
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )

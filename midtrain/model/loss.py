@@ -22,9 +22,15 @@ import torch.nn.functional as F
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                mask: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx,
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        chunk_size: int,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
         # features (N, C), weight (V, C), targets (N,) int, mask (N,) float
         x = features.to(compute_dtype)
         w = weight.to(compute_dtype)
@@ -37,8 +43,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # each time (on CPU, glibc maps and zero-fills every block over 32 MB anew).
         rows = min(chunk_size, x.shape[0])
         buf = torch.empty(rows, w.shape[0], dtype=compute_dtype, device=x.device)
-        buf32 = buf if compute_dtype == torch.float32 else torch.empty(
-            rows, w.shape[0], dtype=torch.float32, device=x.device)
+        buf32 = (
+            buf
+            if compute_dtype == torch.float32
+            else torch.empty(rows, w.shape[0], dtype=torch.float32, device=x.device)
+        )
         for start in range(0, x.shape[0], chunk_size):
             end = min(start + chunk_size, x.shape[0])
             x_c, t_c, m_c = x[start:end], targets[start:end], mask[start:end]
@@ -54,8 +63,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if want_x or want_w:
                 # d(sum_t m_t * ce_t)/d logits = m_t * (softmax - onehot)
                 grad_logits = probs.div_(sum_exp)
-                grad_logits.scatter_add_(1, t_c.unsqueeze(1),
-                                         torch.full_like(target_logit, -1.0).unsqueeze(1))
+                grad_logits.scatter_add_(
+                    1, t_c.unsqueeze(1), torch.full_like(target_logit, -1.0).unsqueeze(1)
+                )
                 grad_logits = grad_logits.mul_(m_c.unsqueeze(1))
                 if buf32 is not buf:
                     grad_logits = buf[: end - start].copy_(grad_logits)
@@ -75,14 +85,22 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # The forward assumed one weight for every loss token; read it off the incoming
         # gradient without a host sync (mean over the loss tokens).
         scale = (grad_losses * mask).sum() / mask.sum().clamp_min(1)
-        dx = (grad_x * grad_losses.unsqueeze(1).to(grad_x.dtype)).to(ctx.dtypes[0]) \
-            if grad_x is not None else None
+        dx = (
+            (grad_x * grad_losses.unsqueeze(1).to(grad_x.dtype)).to(ctx.dtypes[0])
+            if grad_x is not None
+            else None
+        )
         dw = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
         return dx, dw, None, None, None, None
 
 
-def chunked_cross_entropy(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          mask: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def chunked_cross_entropy(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """Per-token ``mask * cross_entropy(features @ weight.T, targets)``, in fp32, computed
     ``chunk_size`` tokens at a time.
 
@@ -100,13 +118,19 @@ def chunked_cross_entropy(features: torch.Tensor, weight: torch.Tensor, targets:
     shape = targets.shape
     with torch.autocast(features.device.type, enabled=False):
         losses = _ChunkedCrossEntropy.apply(
-            features.reshape(-1, features.shape[-1]), weight, targets.reshape(-1),
-            mask.reshape(-1).to(torch.float32), chunk_size, compute_dtype)
+            features.reshape(-1, features.shape[-1]),
+            weight,
+            targets.reshape(-1),
+            mask.reshape(-1).to(torch.float32),
+            chunk_size,
+            compute_dtype,
+        )
     return losses.view(shape)
 
 
-def cross_entropy(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+def cross_entropy(
+    features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """The plain reference: full logits, then ``F.cross_entropy`` in fp32, times the mask."""
     logits = F.linear(features, weight)
     ce = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")

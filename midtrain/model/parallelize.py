@@ -38,9 +38,12 @@ def apply_compile(model: GPT, per_block: bool = False) -> None:
     model.features = torch.compile(model.features)
 
 
-def apply_fsdp(model: GPT, mesh: torch.distributed.device_mesh.DeviceMesh,
-               param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype | None = torch.float32) -> None:
+def apply_fsdp(
+    model: GPT,
+    mesh: torch.distributed.device_mesh.DeviceMesh,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> None:
     """FSDP2: shard every transformer block, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -35,12 +35,22 @@ from midtrain.study.report import (
 )
 from midtrain.study.run import check_stages, run_stage
 
-__all__ = ["ExperimentConfig", "PretrainConfig", "SFTConfig", "Stage", "Study",
-           "describe_plan", "expand_branches", "plan_study", "run_experiment"]
+__all__ = [
+    "ExperimentConfig",
+    "PretrainConfig",
+    "SFTConfig",
+    "Stage",
+    "Study",
+    "describe_plan",
+    "expand_branches",
+    "plan_study",
+    "run_experiment",
+]
 
 
-def run_experiment(cfg: ExperimentConfig, dry_run: bool = False,
-                   rerun_changed: bool = False) -> str:
+def run_experiment(
+    cfg: ExperimentConfig, dry_run: bool = False, rerun_changed: bool = False
+) -> str:
     """Plan, print the plan, run every stage not done with its current config, report."""
     study = plan_study(cfg)
     print(describe_plan(study))
@@ -54,14 +64,15 @@ def run_experiment(cfg: ExperimentConfig, dry_run: bool = False,
         t0 = time.perf_counter()
         print(f"[stage {i}/{n}] {stage.name} ...", flush=True)
         what = run_stage(stage, inputs.get(stage.name), stage.name in stale_names)
-        print(f"[stage {i}/{n}] {stage.name}: {what} ({time.perf_counter() - t0:.0f}s)",
-              flush=True)
+        print(f"[stage {i}/{n}] {stage.name}: {what} ({time.perf_counter() - t0:.0f}s)", flush=True)
     if study.data is None:  # the prepare stages have built the store since planning
         study = plan_study(cfg)
     rows = collect(study.stages, cfg.general)
     advantage = proximity(study, sft_target_counts(study))
     table = write_report(cfg.output, cfg.general, rows, summarize(rows, advantage))
     print("\n" + table)
-    print(f"\nwritten {Path(cfg.output) / 'results.csv'}, summary.csv, results.md; "
-          f"HParams table: tensorboard --logdir {hparams_dir(cfg.output)}")
+    print(
+        f"\nwritten {Path(cfg.output) / 'results.csv'}, summary.csv, results.md; "
+        f"HParams table: tensorboard --logdir {hparams_dir(cfg.output)}"
+    )
     return table

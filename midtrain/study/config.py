@@ -87,9 +87,12 @@ def fit_args(files: list[str], args: list[str], where: str) -> list[str]:
 def resolved_fit_config(args: list[str]) -> dict[str, Any]:
     """The config ``midtrain fit <args>`` would run with, as the fit command itself resolves it
     (``--print_config``: files stacked, overrides and defaults applied, nothing instantiated)."""
-    proc = subprocess.run([sys.executable, "-m", "midtrain", "fit", *args, "--print_config"],
-                          capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "midtrain", "fit", *args, "--print_config"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     if proc.returncode != 0:
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()] or ["(no output)"]
         raise MidtrainError(f"pretrain: `midtrain fit` refuses the config: {lines[-1].strip()}")
@@ -132,14 +135,16 @@ class FitSettings:
         if not isinstance(trainer.get("max_steps"), int) or trainer["max_steps"] <= 0:
             raise MidtrainError("pretrain: give trainer.max_steps (the study schedules by steps)")
         weights = init.get("weights")
-        return cls(store=str(init["store"]),
-                   weights=None if weights is None else {str(k): float(v)
-                                                         for k, v in weights.items()},
-                   seq_len=int(init["seq_len"]), seed=int(init.get("seed") or 0),
-                   max_steps=int(trainer["max_steps"]),
-                   micro_batch_size=int(init["micro_batch_size"]),
-                   accumulation=int(trainer.get("accumulate_grad_batches") or 1),
-                   world_size=world_size(trainer))
+        return cls(
+            store=str(init["store"]),
+            weights=None if weights is None else {str(k): float(v) for k, v in weights.items()},
+            seq_len=int(init["seq_len"]),
+            seed=int(init.get("seed") or 0),
+            max_steps=int(trainer["max_steps"]),
+            micro_batch_size=int(init["micro_batch_size"]),
+            accumulation=int(trainer.get("accumulate_grad_batches") or 1),
+            world_size=world_size(trainer),
+        )
 
     @property
     def global_batch(self) -> int:
@@ -166,8 +171,11 @@ def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, 
             if not isinstance(sw, dict) or set(sw) != {"step", "weights"}:
                 raise MidtrainError(f"{where}.switch: give `step` and `weights`")
             weights = {str(k): float(v) for k, v in sw["weights"].items()}
-            out[name] = {"step": int(sw["step"]), "weights": weights,
-                         "domain": max(weights, key=weights.get)}
+            out[name] = {
+                "step": int(sw["step"]),
+                "weights": weights,
+                "domain": max(weights, key=weights.get),
+            }
             continue
         g = b["grid"]
         if not isinstance(g, dict) or set(g) != {"domain", "start", "weight"}:
@@ -180,8 +188,11 @@ def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, 
             w = float(w)
             weights = {d: round(v / total * (1 - w), 10) for d, v in base.items() if w < 1}
             weights[g["domain"]] = round(weights.get(g["domain"], 0.0) + w, 10)
-            out[f"{name}-s{start}-w{_fmt(w)}"] = {"step": int(start), "weights": weights,
-                                                  "domain": g["domain"]}
+            out[f"{name}-s{start}-w{_fmt(w)}"] = {
+                "step": int(start),
+                "weights": weights,
+                "domain": g["domain"],
+            }
     return out
 
 
@@ -192,9 +203,15 @@ def pretraining_data(settings: FitSettings) -> Any:
         return None
     from midtrain.data.datamodule import MixtureDataModule
 
-    return MixtureDataModule(settings.store, weights=settings.weights, seq_len=settings.seq_len,
-                             micro_batch_size=settings.micro_batch_size, seed=settings.seed,
-                             val_sets=[], max_repeat=None)
+    return MixtureDataModule(
+        settings.store,
+        weights=settings.weights,
+        seq_len=settings.seq_len,
+        micro_batch_size=settings.micro_batch_size,
+        seed=settings.seed,
+        val_sets=[],
+        max_repeat=None,
+    )
 
 
 def pretraining_weights(settings: FitSettings) -> dict[str, float]:
@@ -206,5 +223,6 @@ def pretraining_weights(settings: FitSettings) -> dict[str, float]:
     if data is None:
         raise MidtrainError(
             f"pretrain: data.weights is unset and the store {settings.store} is not prepared, "
-            "so the pretraining mixture is unknown; give data.weights or prepare the store")
+            "so the pretraining mixture is unknown; give data.weights or prepare the store"
+        )
     return dict(data.weights)

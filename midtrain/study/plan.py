@@ -56,15 +56,19 @@ class Study:
         s = self.settings
         blocks = None
         if self.data is not None:
-            blocks = {n: self.data.store.domain(n).train.num_blocks(s.seq_len)
-                      for n in self.data.domains}
+            blocks = {
+                n: self.data.store.domain(n).train.num_blocks(s.seq_len) for n in self.data.domains
+            }
         out = {}
         for name, b in self.branches.items():
             phases = [Phase(0, self.base_weights)]
             if b["step"] is not None:
                 phases.append(Phase(b["step"], b["weights"]))
-            domains = (self.data.domains if self.data is not None
-                       else list(dict.fromkeys(d for p in phases for d in p.weights)))
+            domains = (
+                self.data.domains
+                if self.data is not None
+                else list(dict.fromkeys(d for p in phases for d in p.weights))
+            )
             sched = MixtureSchedule(domains, phases, s.global_batch, s.seed)
             out[name] = plan_rows(sched, s.max_steps, s.seq_len, blocks)
         return out
@@ -79,8 +83,13 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def stage_dir(root: Path, branch: str, target: str | None = None, lr: float | None = None,
-              seed: int | None = None) -> Path:
+def stage_dir(
+    root: Path,
+    branch: str,
+    target: str | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+) -> Path:
     """The study's layout: ``pretrain/<branch>`` and ``sft/<branch>/<target>/lr<lr>-seed<s>``."""
     if target is None:
         return root / "pretrain" / branch
@@ -97,47 +106,83 @@ def plan_study(cfg: ExperimentConfig) -> Study:
     base = pretraining_weights(settings)
     branches = expand_branches(cfg, base)
 
-    stages = [Stage(f"prepare {p}", "prepare", ["--config", c], root / "prepare")
-              for p, c in zip(cfg.prepare, fit_args(cfg.prepare, [], "prepare")[1::2],
-                              strict=True)]
+    stages = [
+        Stage(f"prepare {p}", "prepare", ["--config", c], root / "prepare")
+        for p, c in zip(cfg.prepare, fit_args(cfg.prepare, [], "prepare")[1::2], strict=True)
+    ]
     fork_steps = sorted({b["step"] for b in branches.values() if b["step"] is not None})
     base_dir = stage_dir(root, "baseline")
     callbacks = []
     if fork_steps:
-        callbacks = ["--trainer.callbacks+=midtrain.callbacks.CheckpointAtSteps",
-                     f"--trainer.callbacks.steps={json.dumps(fork_steps)}"]
-    stages.append(Stage("pretrain baseline", "pretrain",
-                        [*pre_args, *callbacks, f"--trainer.default_root_dir={base_dir}"],
-                        base_dir, meta={"branch": "baseline"}))
+        callbacks = [
+            "--trainer.callbacks+=midtrain.callbacks.CheckpointAtSteps",
+            f"--trainer.callbacks.steps={json.dumps(fork_steps)}",
+        ]
+    stages.append(
+        Stage(
+            "pretrain baseline",
+            "pretrain",
+            [*pre_args, *callbacks, f"--trainer.default_root_dir={base_dir}"],
+            base_dir,
+            meta={"branch": "baseline"},
+        )
+    )
     for name, b in branches.items():
         if b["step"] is None:
             continue
         d = stage_dir(root, name)
-        switch = ["--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
-                  f"--trainer.callbacks.step={b['step']}",
-                  f"--trainer.callbacks.weights={json.dumps(b['weights'])}"]
-        stages.append(Stage(f"branch {name}", "branch",
-                            [*pre_args, *switch, f"--trainer.default_root_dir={d}"], d,
-                            fork=run_checkpoints(base_dir) / step_checkpoint(b["step"]),
-                            parent="pretrain baseline", meta={"branch": name, **b}))
+        switch = [
+            "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
+            f"--trainer.callbacks.step={b['step']}",
+            f"--trainer.callbacks.weights={json.dumps(b['weights'])}",
+        ]
+        stages.append(
+            Stage(
+                f"branch {name}",
+                "branch",
+                [*pre_args, *switch, f"--trainer.default_root_dir={d}"],
+                d,
+                fork=run_checkpoints(base_dir) / step_checkpoint(b["step"]),
+                parent="pretrain baseline",
+                meta={"branch": name, **b},
+            )
+        )
     sft_args = fit_args(cfg.sft.config, cfg.sft.args, "sft.config")
     for name in branches:
         parent = "pretrain baseline" if name == "baseline" else f"branch {name}"
         init_from = run_checkpoints(stage_dir(root, name)) / LAST
         for target, data_args in cfg.sft.targets.items():
-            overrides = [f"--data.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
-                         for k, v in data_args.items()]
+            overrides = [
+                f"--data.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
+                for k, v in data_args.items()
+            ]
             for lr, seed in itertools.product(cfg.sft.lrs, cfg.sft.seeds):
                 d = stage_dir(root, name, target, lr, seed)
-                stages.append(Stage(
-                    f"sft {name} {target} lr={_fmt(lr)} seed={seed}", "sft",
-                    [*sft_args, *overrides, f"--data.init_args.general_val_sets=[{cfg.general}]",
-                     f"--model.init_from={init_from}", f"--model.lr={lr}",
-                     f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
-                     f"--trainer.default_root_dir={d}"],
-                    d, parent=parent,
-                    meta={"branch": name, "target": target, "lr": lr, "seed": seed,
-                          "domain": data_args["target"]}))
+                stages.append(
+                    Stage(
+                        f"sft {name} {target} lr={_fmt(lr)} seed={seed}",
+                        "sft",
+                        [
+                            *sft_args,
+                            *overrides,
+                            f"--data.init_args.general_val_sets=[{cfg.general}]",
+                            f"--model.init_from={init_from}",
+                            f"--model.lr={lr}",
+                            f"--seed_everything={seed}",
+                            f"--data.init_args.seed={seed}",
+                            f"--trainer.default_root_dir={d}",
+                        ],
+                        d,
+                        parent=parent,
+                        meta={
+                            "branch": name,
+                            "target": target,
+                            "lr": lr,
+                            "seed": seed,
+                            "domain": data_args["target"],
+                        },
+                    )
+                )
     return Study(cfg, settings, base, branches, stages, data)
 
 
@@ -146,13 +191,18 @@ def describe_plan(study: Study) -> str:
     s = study.settings
     stages = study.stages
     lines = [f"{len(stages)} stages:"] + [f"  {i}. {x.name}" for i, x in enumerate(stages, 1)]
-    procs = ("devices from the hardware, counted as 1" if s.world_size is None
-             else f"{s.world_size} process{'es' if s.world_size > 1 else ''}")
-    lines.append(f"tokens per domain per phase (global batch {s.global_batch} = micro batch "
-                 f"{s.micro_batch_size} x accumulation {s.accumulation} x {procs}; seq_len "
-                 f"{s.seq_len}; {s.max_steps} steps"
-                 + ("; store not prepared yet: nothing available to count" if study.data is None
-                    else "") + "):")
+    procs = (
+        "devices from the hardware, counted as 1"
+        if s.world_size is None
+        else f"{s.world_size} process{'es' if s.world_size > 1 else ''}"
+    )
+    lines.append(
+        f"tokens per domain per phase (global batch {s.global_batch} = micro batch "
+        f"{s.micro_batch_size} x accumulation {s.accumulation} x {procs}; seq_len "
+        f"{s.seq_len}; {s.max_steps} steps"
+        + ("; store not prepared yet: nothing available to count" if study.data is None else "")
+        + "):"
+    )
     for name, rows in study.mixture_rows().items():
         lines.append(format_plan(rows, s.seq_len, title=f"branch {name}:"))
     return "\n".join(lines)

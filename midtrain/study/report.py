@@ -52,16 +52,28 @@ def collect(stages: list[Stage], general: str) -> list[dict[str, Any]]:
             continue
         m = s.meta
         scalars = last_scalars(s.directory)
-        row: dict[str, Any] = {"branch": m["branch"], "target": m["target"], "lr": m["lr"],
-                               "seed": m["seed"]}
-        for key, tag in (("in_domain_loss", f"val/{m['domain']}/loss"),
-                         ("general_loss", f"val/{general}/loss")):
+        row: dict[str, Any] = {
+            "branch": m["branch"],
+            "target": m["target"],
+            "lr": m["lr"],
+            "seed": m["seed"],
+        }
+        for key, tag in (
+            ("in_domain_loss", f"val/{m['domain']}/loss"),
+            ("general_loss", f"val/{general}/loss"),
+        ):
             if tag not in scalars:
-                raise MidtrainError(f"{s.directory}: no {tag!r} was logged; does the SFT config "
-                                    "validate?")
+                raise MidtrainError(
+                    f"{s.directory}: no {tag!r} was logged; does the SFT config validate?"
+                )
             row[key] = scalars[tag]
-        row.update(sorted((t, v) for t, v in scalars.items()  # a NaN is no number: left blank
-                          if t.startswith(EVAL_PREFIX) and math.isfinite(v)))
+        row.update(
+            sorted(
+                (t, v)
+                for t, v in scalars.items()  # a NaN is no number: left blank
+                if t.startswith(EVAL_PREFIX) and math.isfinite(v)
+            )
+        )
         row["run"] = str(s.directory)
         rows.append(row)
     return rows
@@ -75,12 +87,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(rows: list[dict[str, Any]],
-              advantage: Mapping[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+def summarize(
+    rows: list[dict[str, Any]], advantage: Mapping[tuple[str, str], float] | None = None
+) -> list[dict[str, Any]]:
     """Per branch and target, at the LR with the best mean in-domain loss."""
     out = []
-    keys = sorted({(r["branch"], r["target"]) for r in rows},
-                  key=lambda k: (k[1], k[0] != "baseline", k[0]))
+    keys = sorted(
+        {(r["branch"], r["target"]) for r in rows}, key=lambda k: (k[1], k[0] != "baseline", k[0])
+    )
     best: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for key in keys:
         by_lr: dict[float, list[dict[str, Any]]] = {}
@@ -95,15 +109,23 @@ def summarize(rows: list[dict[str, Any]],
         base = best.get(("baseline", target))
         ind = [r["in_domain_loss"] for r in runs]
         gen = [r["general_loss"] for r in runs]
-        row: dict[str, Any] = {"target": target, "branch": branch, "best_lr": runs[0]["lr"],
-                               "seeds": len(runs)}
+        row: dict[str, Any] = {
+            "target": target,
+            "branch": branch,
+            "best_lr": runs[0]["lr"],
+            "seeds": len(runs),
+        }
         row["in_domain_mean"], row["in_domain_std"] = _mean_std(ind)
         row["forgetting_mean"], row["forgetting_std"] = _mean_std(gen)
         if base is not None and branch != "baseline":
             b_ind = [r["in_domain_loss"] for r in base]
             b_gen = [r["general_loss"] for r in base]
-            row["in_domain_rel_improvement"] = (np.mean(b_ind) - row["in_domain_mean"]) / np.mean(b_ind)
-            row["forgetting_rel_improvement"] = (np.mean(b_gen) - row["forgetting_mean"]) / np.mean(b_gen)
+            row["in_domain_rel_improvement"] = (np.mean(b_ind) - row["in_domain_mean"]) / np.mean(
+                b_ind
+            )
+            row["forgetting_rel_improvement"] = (np.mean(b_gen) - row["forgetting_mean"]) / np.mean(
+                b_gen
+            )
             row["in_domain_p"] = welch_t_test(ind, b_ind)
             row["forgetting_p"] = welch_t_test(gen, b_gen)
         if advantage is not None and (branch, target) in advantage:
@@ -127,14 +149,18 @@ def proximity(study: Study, targets: Mapping[str, np.ndarray]) -> dict[tuple[str
 
     plans = study.mixture_rows()
     pretraining = realized_mixture(plans["baseline"], 0)
-    mixes = {name: realized_mixture(rows, max(r["phase"] for r in rows))
-             for name, rows in plans.items()}
+    mixes = {
+        name: realized_mixture(rows, max(r["phase"] for r in rows)) for name, rows in plans.items()
+    }
     store = Store(study.settings.store)
     n, k = study.cfg.similarity_docs, study.cfg.similarity_top_k
     domains = sorted({d for m in [pretraining, *mixes.values()] for d in m})
     counts = {d: token_counts(store, d, n) for d in domains}
-    return {(branch, target): proximity_advantage(counts, pretraining, mix, t, k)
-            for branch, mix in mixes.items() for target, t in targets.items()}
+    return {
+        (branch, target): proximity_advantage(counts, pretraining, mix, t, k)
+        for branch, mix in mixes.items()
+        for target, t in targets.items()
+    }
 
 
 def sft_target_counts(study: Study) -> dict[str, np.ndarray]:
@@ -146,13 +172,15 @@ def sft_target_counts(study: Study) -> dict[str, np.ndarray]:
     for s in study.stages:
         if s.kind == "sft" and s.meta["target"] not in out:
             data = yaml.safe_load((s.directory / CONFIG).read_text())["data"]["init_args"]
-            out[s.meta["target"]] = token_counts(Store(data["store"]), data["target"],
-                                                 study.cfg.similarity_docs)
+            out[s.meta["target"]] = token_counts(
+                Store(data["store"]), data["target"], study.cfg.similarity_docs
+            )
     return out
 
 
-def write_report(output: str | Path, general: str, rows: list[dict[str, Any]],
-                 summary: list[dict[str, Any]]) -> str:
+def write_report(
+    output: str | Path, general: str, rows: list[dict[str, Any]], summary: list[dict[str, Any]]
+) -> str:
     root = Path(output)
     with (root / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -167,31 +195,41 @@ def write_report(output: str | Path, general: str, rows: list[dict[str, Any]],
         return f"{mean:.4f} ± {std:.4f}"
 
     def opt(r: dict[str, Any], key: str, fmt: str) -> str:
-        return format(r[key], fmt) if key in r and not (isinstance(r[key], float)
-                                                        and math.isnan(r[key])) else "–"
+        return (
+            format(r[key], fmt)
+            if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))
+            else "–"
+        )
 
     tags = eval_tags(rows)
-    lines = [f"# Results: {root.name}", "",
-             f"In-domain: validation loss on the SFT target. Forgetting: validation loss on "
-             f"`{general}` after SFT (lower is better for both). Mean ± std over seeds at "
-             f"the best LR (by in-domain loss); Δ = relative improvement vs baseline "
-             f"((baseline − x) / baseline); p = Welch t-test vs baseline; proximity adv. = "
-             f"dist(pretraining mixture, target) − dist(branch mixture, target)."
-             + (" `eval/…`: downstream evaluations logged by the SFT runs (last value)."
-                if tags else ""), "",
-             "| target | branch | best LR | in-domain | Δ | p | forgetting | Δ | p | "
-             "proximity adv. |" + "".join(f" {t} |" for t in tags),
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tags)]
+    lines = [
+        f"# Results: {root.name}",
+        "",
+        f"In-domain: validation loss on the SFT target. Forgetting: validation loss on "
+        f"`{general}` after SFT (lower is better for both). Mean ± std over seeds at "
+        f"the best LR (by in-domain loss); Δ = relative improvement vs baseline "
+        f"((baseline − x) / baseline); p = Welch t-test vs baseline; proximity adv. = "
+        f"dist(pretraining mixture, target) − dist(branch mixture, target)."
+        + (
+            " `eval/…`: downstream evaluations logged by the SFT runs (last value)." if tags else ""
+        ),
+        "",
+        "| target | branch | best LR | in-domain | Δ | p | forgetting | Δ | p | "
+        "proximity adv. |" + "".join(f" {t} |" for t in tags),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tags),
+    ]
     for r in summary:
-        evals = "".join(f" {pm(r[t + '_mean'], r[t + '_std'])} |" if t + "_mean" in r else " – |"
-                        for t in tags)
+        evals = "".join(
+            f" {pm(r[t + '_mean'], r[t + '_std'])} |" if t + "_mean" in r else " – |" for t in tags
+        )
         lines.append(
             f"| {r['target']} | {r['branch']} | {r['best_lr']:g} | "
             f"{pm(r['in_domain_mean'], r['in_domain_std'])} | "
             f"{opt(r, 'in_domain_rel_improvement', '+.2%')} | {opt(r, 'in_domain_p', '.3g')} | "
             f"{pm(r['forgetting_mean'], r['forgetting_std'])} | "
             f"{opt(r, 'forgetting_rel_improvement', '+.2%')} | {opt(r, 'forgetting_p', '.3g')} | "
-            f"{opt(r, 'proximity_advantage', '+.4f')} |" + evals)
+            f"{opt(r, 'proximity_advantage', '+.4f')} |" + evals
+        )
     table = "\n".join(lines)
     (root / "results.md").write_text(table + "\n")
     write_hparams(root, rows)
@@ -204,10 +242,15 @@ def write_hparams(output: Path, rows: list[dict[str, Any]]) -> None:
 
     for r in rows:
         name = f"{r['branch']}/{r['target']}/lr{r['lr']:g}-seed{r['seed']}"
-        metrics = {"hparam/in_domain_loss": r["in_domain_loss"],
-                   "hparam/forgetting_loss": r["general_loss"]}
+        metrics = {
+            "hparam/in_domain_loss": r["in_domain_loss"],
+            "hparam/forgetting_loss": r["general_loss"],
+        }
         metrics.update({f"hparam/{k}": v for k, v in r.items() if k.startswith(EVAL_PREFIX)})
         w = SummaryWriter(str(hparams_dir(output) / name))
-        w.add_hparams({"branch": r["branch"], "target": r["target"], "lr": r["lr"],
-                       "seed": r["seed"]}, metrics, run_name=".")
+        w.add_hparams(
+            {"branch": r["branch"], "target": r["target"], "lr": r["lr"], "seed": r["seed"]},
+            metrics,
+            run_name=".",
+        )
         w.close()

@@ -89,8 +89,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], parent: str | None) -
     for path in new_files:
         if path in old_files:
             fa, fb = _flat(old_files[path]), _flat(new_files[path])
-            out += [f"{path}: {k}" for k in sorted(set(fa) | set(fb))
-                    if fa.get(k) != fb.get(k)]
+            out += [f"{path}: {k}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     return out or ["its inputs"]
 
 
@@ -105,8 +104,9 @@ def _recorded(stage: Stage) -> dict[str, Any] | None:
     return None
 
 
-def check_stages(stages: list[Stage], rerun_changed: bool) -> tuple[dict[str, dict[str, Any]],
-                                                                    list[Stage]]:
+def check_stages(
+    stages: list[Stage], rerun_changed: bool
+) -> tuple[dict[str, dict[str, Any]], list[Stage]]:
     """Every stage's inputs now, and the stages whose recorded inputs differ. Refuses (one
     line, nothing touched) unless ``rerun_changed``."""
     inputs: dict[str, dict[str, Any]] = {}
@@ -124,7 +124,8 @@ def check_stages(stages: list[Stage], rerun_changed: bool) -> tuple[dict[str, di
                 raise MidtrainError(
                     f"stage '{stage.name}' in {stage.directory} was run with another "
                     f"config (changed: {', '.join(keys)}); pass --rerun_changed to re-run it and "
-                    "the stages that start from it, or restore the config")
+                    "the stages that start from it, or restore the config"
+                )
     return inputs, stale
 
 
@@ -133,8 +134,12 @@ def _run(argv: list[str], log: Path) -> None:
     with log.open("a") as f:
         f.write(f"\n$ midtrain {shlex.join(argv)}\n")
         f.flush()
-        proc = subprocess.run([sys.executable, "-m", "midtrain", *argv], stdout=f,
-                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "midtrain", *argv],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         raise MidtrainError(f"stage failed (exit {proc.returncode}): {tail[0]} (log: {log})")
@@ -168,6 +173,7 @@ def run_stage(stage: Stage, inputs: dict[str, Any] | None, stale: bool = False) 
     stage.directory.mkdir(parents=True, exist_ok=True)
     (stage.directory / STARTED).write_text(json.dumps(record, default=str))
     _run(args, stage.directory / LOG)
-    done.write_text(json.dumps({**record, "finished": time.time(), "meta": stage.meta},
-                               default=str))
+    done.write_text(
+        json.dumps({**record, "finished": time.time(), "meta": stage.meta}, default=str)
+    )
     return what

@@ -26,8 +26,9 @@ from midtrain.data.store import Store
 from midtrain.errors import MidtrainError
 
 
-def token_counts(store: Store, domain: str, num_docs: int, seed: int = 0,
-                 split: str = "train") -> np.ndarray:
+def token_counts(
+    store: Store, domain: str, num_docs: int, seed: int = 0, split: str = "train"
+) -> np.ndarray:
     """Token counts (vocab-sized) of a seeded sample of ``num_docs`` documents."""
     s = store.domain(domain).split(split)
     if s.num_docs == 0:
@@ -77,10 +78,14 @@ def blend(counts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.
     return np.round(dist * 1e12).astype(np.int64)
 
 
-def similarity_matrix(store: Store, domains: Sequence[str], num_docs: int = 500,
-                      top_k: int = 1000, seed: int = 0,
-                      mixtures: Mapping[str, Mapping[str, float]] | None = None,
-                      ) -> tuple[list[str], np.ndarray]:
+def similarity_matrix(
+    store: Store,
+    domains: Sequence[str],
+    num_docs: int = 500,
+    top_k: int = 1000,
+    seed: int = 0,
+    mixtures: Mapping[str, Mapping[str, float]] | None = None,
+) -> tuple[list[str], np.ndarray]:
     counts = {d: token_counts(store, d, num_docs, seed) for d in domains}
     for name, weights in (mixtures or {}).items():
         for d in weights:
@@ -97,14 +102,19 @@ def distance(a: np.ndarray, b: np.ndarray, top_k: int = 1000) -> float:
     return 1.0 - similarity(a, b, top_k)
 
 
-def proximity_advantage(counts: Mapping[str, np.ndarray], pretraining: Mapping[str, float],
-                        mix: Mapping[str, float], target: np.ndarray,
-                        top_k: int = 1000) -> float:
+def proximity_advantage(
+    counts: Mapping[str, np.ndarray],
+    pretraining: Mapping[str, float],
+    mix: Mapping[str, float],
+    target: np.ndarray,
+    top_k: int = 1000,
+) -> float:
     """How much closer a midtraining mixture brings the data to an SFT target than the
     pretraining mixture it replaces: dist(blend(pretraining), T) − dist(blend(mix), T), each
     mixture the blend of its domains' token ``counts`` (positive: the mix is closer)."""
-    return (distance(blend(counts, pretraining), target, top_k)
-            - distance(blend(counts, mix), target, top_k))
+    return distance(blend(counts, pretraining), target, top_k) - distance(
+        blend(counts, mix), target, top_k
+    )
 
 
 def to_markdown(names: list[str], matrix: np.ndarray) -> str:
@@ -124,8 +134,15 @@ def write_matrix(names: list[str], matrix: np.ndarray, out: Path) -> None:
     (out / "similarity.md").write_text(to_markdown(names, matrix) + "\n")
 
 
-def run(store: str, domains: list[str], num_docs: int = 500, top_k: int = 1000, seed: int = 0,
-        mixtures: dict[str, dict[str, float]] | None = None, out: str | None = None) -> None:
+def run(
+    store: str,
+    domains: list[str],
+    num_docs: int = 500,
+    top_k: int = 1000,
+    seed: int = 0,
+    mixtures: dict[str, dict[str, float]] | None = None,
+    out: str | None = None,
+) -> None:
     """Similarity matrix of a store's domains (and mixtures of them), as CSV and markdown.
 
     Args:

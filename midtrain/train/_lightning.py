@@ -17,8 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 # -- the CLI and checkpoint contents -------------------------------------------------------------
 
 
-def checkpoint_datamodule_state(checkpoint: dict[str, Any],
-                                datamodule: pl.LightningDataModule) -> dict[str, Any] | None:
+def checkpoint_datamodule_state(
+    checkpoint: dict[str, Any], datamodule: pl.LightningDataModule
+) -> dict[str, Any] | None:
     """The data module's ``state_dict`` inside a checkpoint: Lightning's checkpoint connector
     stores it under the class's ``__qualname__`` (read before fit, to refuse a resume before
     Lightning writes anything)."""

@@ -30,8 +30,13 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
 
-_CHOSEN_ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                         "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+_CHOSEN_ALLOCATOR_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+)
 
 _applied = False
 
@@ -42,8 +47,10 @@ def allocator_chosen_by_user() -> str | None:
     if keep in ("0", "false", "no", "off"):
         return "MIDTRAIN_KEEP_FREED_MEMORY"
     if keep not in ("", "1", "true", "yes", "on"):
-        raise MidtrainError(f"MIDTRAIN_KEEP_FREED_MEMORY={keep!r}: use 0 to keep glibc's "
-                            "malloc defaults on the CPU, or 1 (the default) to keep freed memory")
+        raise MidtrainError(
+            f"MIDTRAIN_KEEP_FREED_MEMORY={keep!r}: use 0 to keep glibc's "
+            "malloc defaults on the CPU, or 1 (the default) to keep freed memory"
+        )
     for name in _CHOSEN_ALLOCATOR_ENV:
         if name in os.environ:
             return name

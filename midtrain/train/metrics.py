@@ -25,11 +25,20 @@ class DomainSums:
 
     @classmethod
     def zeros(cls, num_domains: int, device: torch.device | str) -> DomainSums:
-        return cls(*(torch.zeros(num_domains + 1, dtype=torch.float64, device=device)
-                     for _ in dataclasses.fields(cls)))
+        return cls(
+            *(
+                torch.zeros(num_domains + 1, dtype=torch.float64, device=device)
+                for _ in dataclasses.fields(cls)
+            )
+        )
 
-    def add(self, losses: torch.Tensor, mask: torch.Tensor, real_tokens: torch.Tensor,
-            domain: torch.Tensor | None) -> None:
+    def add(
+        self,
+        losses: torch.Tensor,
+        mask: torch.Tensor,
+        real_tokens: torch.Tensor,
+        domain: torch.Tensor | None,
+    ) -> None:
         """Add a micro-batch: per-token ``losses`` and ``mask`` (B, T), ``real_tokens`` per
         sequence (B,), ``domain`` id per sequence (B,) or None without domains."""
         per_seq = torch.stack([losses.sum(1), mask.sum(1), real_tokens.to(mask.dtype)])
@@ -45,8 +54,9 @@ class DomainSums:
         return cls(*stacked)
 
 
-def add_per_domain(total: torch.Tensor, per_sequence: torch.Tensor,
-                   domain: torch.Tensor | None) -> None:
+def add_per_domain(
+    total: torch.Tensor, per_sequence: torch.Tensor, domain: torch.Tensor | None
+) -> None:
     """``total[0] +=`` the sum over sequences, ``total[1 + d] +=`` that of domain d's (in place,
     on the device)."""
     per_sequence = per_sequence.to(total.dtype)
@@ -55,13 +65,17 @@ def add_per_domain(total: torch.Tensor, per_sequence: torch.Tensor,
         total[1:].index_add_(0, domain, per_sequence)
 
 
-def is_logging_step(step: int, every_n_steps: int, max_steps: int,
-                    phase_starts: Sequence[int]) -> bool:
+def is_logging_step(
+    step: int, every_n_steps: int, max_steps: int, phase_starts: Sequence[int]
+) -> bool:
     """Steps whose training metrics are logged: every ``every_n_steps``-th step (Lightning's
     ``log_every_n_steps``), the last step, and both sides of every mixture phase start, so
     per-domain curves start and stop exactly at a switch. A pure function of the step and the
     schedule: an uninterrupted, a resumed and a forked run log the same steps."""
     if every_n_steps <= 0:
         return False
-    return ((step + 1) % every_n_steps == 0 or step + 1 == max_steps
-            or any(step in (s - 1, s) for s in phase_starts))
+    return (
+        (step + 1) % every_n_steps == 0
+        or step + 1 == max_steps
+        or any(step in (s - 1, s) for s in phase_starts)
+    )

@@ -69,14 +69,26 @@ class CausalLM(L.LightningModule):
     any other strategy (single device, DDP) it is built directly.
     """
 
-    def __init__(self, arch: str = "pythia-70m", model_config: dict[str, Any] | None = None,
-                 vocab_size: int | None = None, lr: float = 3e-4, min_lr: float | None = None,
-                 warmup: float = 0.01, lr_schedule: str = "cosine",
-                 decay_fraction: float = 0.2, weight_decay: float = 0.1,
-                 decay_1d_params: bool = False, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, init_from: str | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False,
-                 document_masking: bool = False, loss_chunk_size: int = 1024) -> None:
+    def __init__(
+        self,
+        arch: str = "pythia-70m",
+        model_config: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        lr: float = 3e-4,
+        min_lr: float | None = None,
+        warmup: float = 0.01,
+        lr_schedule: str = "cosine",
+        decay_fraction: float = 0.2,
+        weight_decay: float = 0.1,
+        decay_1d_params: bool = False,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        init_from: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        document_masking: bool = False,
+        loss_chunk_size: int = 1024,
+    ) -> None:
         super().__init__()
         overrides = dict(model_config or {})
         if vocab_size is not None:  # linked from the data; an explicit model_config wins
@@ -95,9 +107,14 @@ class CausalLM(L.LightningModule):
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
         check_schedule(lr_schedule)
         if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
-            raise MidtrainError(f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}")
-        if (init_from is not None and not init_from.startswith("hf:")
-                and not Path(init_from).exists()):
+            raise MidtrainError(
+                f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}"
+            )
+        if (
+            init_from is not None
+            and not init_from.startswith("hf:")
+            and not Path(init_from).exists()
+        ):
             raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
         self.save_hyperparameters()
         if init_from is not None and init_from.startswith("hf:"):
@@ -163,8 +180,7 @@ class CausalLM(L.LightningModule):
                     set_model_state_dict,
                 )
 
-                set_model_state_dict(model, state,
-                                     options=StateDictOptions(full_state_dict=True))
+                set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
             else:
                 model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -224,14 +240,19 @@ class CausalLM(L.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
             fused=fused_adamw_supported(self.model),  # one kernel for all params
         )
         max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
         sched = lr_scheduler(
-            opt, min_lr=hp.min_lr if hp.min_lr is not None else hp.lr / 10,
-            warmup=warmup_steps(hp.warmup, max_steps), max_steps=max_steps,
-            schedule=hp.lr_schedule, decay_fraction=hp.decay_fraction,
+            opt,
+            min_lr=hp.min_lr if hp.min_lr is not None else hp.lr / 10,
+            warmup=warmup_steps(hp.warmup, max_steps),
+            max_steps=max_steps,
+            schedule=hp.lr_schedule,
+            decay_fraction=hp.decay_fraction,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -251,12 +272,18 @@ class CausalLM(L.LightningModule):
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if getattr(self, "_chunked_loss", False):
             features = self.model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
-            losses = chunked_cross_entropy(features, self.model.lm_head.weight, batch["targets"],
-                                           batch["loss_mask"], self.hparams.loss_chunk_size)
+            losses = chunked_cross_entropy(
+                features,
+                self.model.lm_head.weight,
+                batch["targets"],
+                batch["loss_mask"],
+                self.hparams.loss_chunk_size,
+            )
             return losses, batch["loss_mask"].to(losses.dtype)
         logits = self.model(batch["input_ids"], doc_ids=self._doc_ids(batch))
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                             reduction="none").view_as(batch["targets"])
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none"
+        ).view_as(batch["targets"])
         mask = batch["loss_mask"].to(ce.dtype)
         return ce * mask, mask
 
@@ -276,8 +303,9 @@ class CausalLM(L.LightningModule):
         return loss
 
     # -- training metrics: device-side every step, reduced and logged on logging steps ------
-    def _accumulate(self, batch: dict[str, torch.Tensor], losses: torch.Tensor,
-                    mask: torch.Tensor) -> None:
+    def _accumulate(
+        self, batch: dict[str, torch.Tensor], losses: torch.Tensor, mask: torch.Tensor
+    ) -> None:
         n = len(self.domains)
         if self._step_sums is None:
             self._step_sums = DomainSums.zeros(n, losses.device)
@@ -325,7 +353,8 @@ class CausalLM(L.LightningModule):
         ``train/tokens/<d>`` only if the domain had tokens in this step (no stale values:
         a domain without tokens has no point at that step)."""
         sums = DomainSums.from_stacked(
-            self.trainer.strategy.reduce(self._step_sums.stacked(), reduce_op="sum").cpu())
+            self.trainer.strategy.reduce(self._step_sums.stacked(), reduce_op="sum").cpu()
+        )
         self._flush_tokens()
         metrics = {"train/loss": float(sums.loss[0] / sums.loss_tokens[0].clamp_min(1))}
         for i, d in enumerate(self.domains, start=1):
@@ -348,11 +377,19 @@ class CausalLM(L.LightningModule):
         # the progress bar.
         publish_callback_metrics(self.trainer, metrics)
         if self.trainer.progress_bar_callback is not None:
-            self.log("train/loss", torch.tensor(metrics["train/loss"]), logger=False, prog_bar=True,
-                     on_step=True, on_epoch=False, batch_size=1)
+            self.log(
+                "train/loss",
+                torch.tensor(metrics["train/loss"]),
+                logger=False,
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
-                        dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         losses, mask = self._token_losses(batch)
         name = list(self.val_metrics)[dataloader_idx]
         metrics = self.val_metrics[name]
@@ -383,8 +420,9 @@ class CausalLM(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end(prefix="test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
-                     dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Per-sequence mean loss (nats per loss token) of each sequence in the batch."""
         losses, mask = self._token_losses(batch)
         return {"loss": losses.sum(1) / mask.sum(1).clamp_min(1), "domain": batch["domain"]}
@@ -396,20 +434,34 @@ class CausalLM(L.LightningModule):
 
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
-                logger.experiment.add_custom_scalars({
-                    "train": {"loss per domain": ["Multiline", [r"train/loss/.*"]],
-                              "tokens per domain": ["Multiline", [r"train/tokens/.*"]]},
-                    "mixture": {"weight per domain": ["Multiline", [r"mixture/weight/.*"]]},
-                    "val": {"loss per set": ["Multiline", [r"val/.*/loss"]],
-                            "bits per byte per set": ["Multiline", [r"val/.*/bpb"]]},
-                })
+                logger.experiment.add_custom_scalars(
+                    {
+                        "train": {
+                            "loss per domain": ["Multiline", [r"train/loss/.*"]],
+                            "tokens per domain": ["Multiline", [r"train/tokens/.*"]],
+                        },
+                        "mixture": {"weight per domain": ["Multiline", [r"mixture/weight/.*"]]},
+                        "val": {
+                            "loss per set": ["Multiline", [r"val/.*/loss"]],
+                            "bits per byte per set": ["Multiline", [r"val/.*/bpb"]],
+                        },
+                    }
+                )
 
     # -- generation -----------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: list[str] | None = None,
-                 tokenizer: Any = None, stop_at_eos: bool = True) -> str | list[str]:
+    def generate(
+        self,
+        prompts: str | list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        tokenizer: Any = None,
+        stop_at_eos: bool = True,
+    ) -> str | list[str]:
         """Completions of ``prompts`` (one string or a batch), greedy by default, with a KV
         cache. ``tokenizer``: a ``tokenizers.Tokenizer`` or tokenizer.json path; by default
         the training store's, or the HF model's this module was initialised from."""
@@ -427,8 +479,9 @@ class CausalLM(L.LightningModule):
 
                 tokenizer = str(hf.tokenizer_file(self.hparams.init_from))
             else:
-                raise MidtrainError("generate: give tokenizer= (no data module or HF model "
-                                    "to take it from)")
+                raise MidtrainError(
+                    "generate: give tokenizer= (no data module or HF model to take it from)"
+                )
         if not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(str(tokenizer))
         eos = getattr(self, "eos_id", None)
@@ -436,15 +489,27 @@ class CausalLM(L.LightningModule):
             from midtrain.data.tokenizer import DEFAULT_EOS
 
             eos = tokenizer.token_to_id(DEFAULT_EOS)
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop=list(stop or []),
-                            stop_ids=[eos] if stop_at_eos and eos is not None else [])
+        sampling = Sampling(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop or []),
+            stop_ids=[eos] if stop_at_eos and eos is not None else [],
+        )
         if self.model is None:
             self.configure_model()
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        out = generate_text(self.model, tokenizer, batch, sampling,
-                            vocab_size=min(self.config.padded_vocab_size,
-                                           tokenizer.get_vocab_size(with_added_tokens=True)))
+        out = generate_text(
+            self.model,
+            tokenizer,
+            batch,
+            sampling,
+            vocab_size=min(
+                self.config.padded_vocab_size, tokenizer.get_vocab_size(with_added_tokens=True)
+            ),
+        )
         return out[0] if isinstance(prompts, str) else out
 
     # -- checkpoint state -----------------------------------------------------------------
@@ -470,9 +535,14 @@ class CausalLM(L.LightningModule):
         where = f"{'--fork' if fork else '--ckpt_path'} {trainer.ckpt_path}"
         refuse_differences(saved["run"], run_record(self, dm, trainer), fork, where)
         if fork:
-            fork_optimizer_state(checkpoint, self._lr_at(checkpoint.get("global_step", 0)),
-                                 lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                 eps=self.hparams.eps, weight_decay=self.hparams.weight_decay)
+            fork_optimizer_state(
+                checkpoint,
+                self._lr_at(checkpoint.get("global_step", 0)),
+                lr=self.hparams.lr,
+                betas=tuple(self.hparams.betas),
+                eps=self.hparams.eps,
+                weight_decay=self.hparams.weight_decay,
+            )
 
     def _lr_at(self, step: int) -> float:
         """This run's learning rate at optimizer ``step`` (its own schedule)."""
@@ -481,6 +551,12 @@ class CausalLM(L.LightningModule):
         hp = self.hparams
         max_steps = self.trainer.max_steps
         min_lr = hp.min_lr if hp.min_lr is not None else hp.lr / 10
-        return lr_at(step, lr=hp.lr, min_lr=min_lr, warmup=warmup_steps(hp.warmup, max_steps),
-                     max_steps=max_steps, schedule=hp.lr_schedule,
-                     decay_fraction=hp.decay_fraction)
+        return lr_at(
+            step,
+            lr=hp.lr,
+            min_lr=min_lr,
+            warmup=warmup_steps(hp.warmup, max_steps),
+            max_steps=max_steps,
+            schedule=hp.lr_schedule,
+            decay_fraction=hp.decay_fraction,
+        )

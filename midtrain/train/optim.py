@@ -21,15 +21,18 @@ def warmup_steps(warmup: float, max_steps: int) -> int:
 
 # -- LR schedules after warmup: (step, lr, min_lr, warmup, max_steps, decay_fraction) -> lr ---
 
-def cosine(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
-           decay_fraction: float) -> float:
+
+def cosine(
+    step: int, lr: float, min_lr: float, warmup: int, max_steps: int, decay_fraction: float
+) -> float:
     """Cosine from lr to min_lr at max_steps."""
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def wsd(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
-        decay_fraction: float) -> float:
+def wsd(
+    step: int, lr: float, min_lr: float, warmup: int, max_steps: int, decay_fraction: float
+) -> float:
     """Warmup-stable-decay: lr, then linear decay to min_lr over the last decay_fraction."""
     decay_start = max_steps - int(round(decay_fraction * max_steps))
     if step < decay_start:
@@ -38,14 +41,17 @@ def wsd(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
     return lr + (min_lr - lr) * progress
 
 
-def constant(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
-             decay_fraction: float) -> float:
+def constant(
+    step: int, lr: float, min_lr: float, warmup: int, max_steps: int, decay_fraction: float
+) -> float:
     """lr after warmup."""
     return lr
 
 
 SCHEDULES: dict[str, Callable[[int, float, float, int, int, float], float]] = {
-    "cosine": cosine, "wsd": wsd, "constant": constant,
+    "cosine": cosine,
+    "wsd": wsd,
+    "constant": constant,
 }
 """The LR-schedule table: ``model.lr_schedule`` names a key. A new schedule is one function
 added here (warmup is applied before it)."""
@@ -58,8 +64,16 @@ def check_schedule(name: str) -> None:
         )
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, max_steps: int,
-          schedule: str, decay_fraction: float = 0.2) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup: int,
+    max_steps: int,
+    schedule: str,
+    decay_fraction: float = 0.2,
+) -> float:
     """Learning rate for the update made at optimizer step ``step`` (0-based): linear warmup
     over ``warmup`` steps, then ``SCHEDULES[schedule]``."""
     check_schedule(schedule)
@@ -72,7 +86,9 @@ def _factor(step: int, base_lr: float, **kwargs: float) -> float:
     return lr_at(step, lr=base_lr, **kwargs) / base_lr  # type: ignore[arg-type]
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, **kwargs: float | int | str) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, **kwargs: float | int | str
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over ``lr_at``. Its state is just the step, so resume continues the curve;
     a partial (not a closure) keeps LambdaLR from pickling stale settings into a fork."""
     base = optimizer.param_groups[0]["lr"]

@@ -32,10 +32,18 @@ class StepProgressBar(TQDMProgressBar):
     def init_train_tqdm(self) -> Tqdm:
         step = self.trainer.global_step
         # tqdm's rate and ETA count from `initial`: the steps a resumed run did not run here
-        return Tqdm(desc=self.train_description, position=2 * self.process_position,
-                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout,
-                    smoothing=0, bar_format=self.BAR_FORMAT,
-                    total=convert_inf(self.total_train_batches), initial=step)
+        return Tqdm(
+            desc=self.train_description,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+            total=convert_inf(self.total_train_batches),
+            initial=step,
+        )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
@@ -43,8 +51,14 @@ class StepProgressBar(TQDMProgressBar):
         bar.initial = bar.n = trainer.global_step
         bar.refresh()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         bar = self.train_progress_bar
         step = trainer.global_step
         if bar is None or bar.disable or step == bar.n:
@@ -67,18 +81,25 @@ class Trainer(pl.Trainer):
     ``validate`` and ``test`` print one results table, one column per validation set.
     """
 
-    def __init__(self, *, limit_train_batches: int | float | None = None,
-                 limit_val_batches: int | float | None = None,
-                 limit_test_batches: int | float | None = None,
-                 limit_predict_batches: int | float | None = None,
-                 val_check_interval: int | float | None = None,
-                 overfit_batches: int | float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        val_check_interval: int | float | None = None,
+        overfit_batches: int | float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         self.val_check_steps = val_check_interval if isinstance(val_check_interval, int) else None
         if self.val_check_steps is not None:
             max_steps = kwargs.get("max_steps")
             if max_steps is not None and 0 < max_steps < self.val_check_steps:
-                rank_zero_info(f"trainer.val_check_interval: {self.val_check_steps} steps is "
-                               f"beyond the run's {max_steps}; validating at the end of the run")
+                rank_zero_info(
+                    f"trainer.val_check_interval: {self.val_check_steps} steps is "
+                    f"beyond the run's {max_steps}; validating at the end of the run"
+                )
                 self.val_check_steps = max_steps
             accumulation = kwargs.get("accumulate_grad_batches", 1)
             # Lightning counts the micro-batches of this process: one optimizer step is
@@ -86,16 +107,22 @@ class Trainer(pl.Trainer):
             val_check_interval = self.val_check_steps * accumulation
         if kwargs.get("enable_progress_bar", True) is not False:
             callbacks = kwargs.get("callbacks")
-            callbacks = [] if callbacks is None else (
-                list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
+            callbacks = (
+                []
+                if callbacks is None
+                else (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
+            )
             if not any(isinstance(cb, ProgressBar) for cb in callbacks):
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]
-        super().__init__(limit_train_batches=limit_train_batches,
-                         limit_val_batches=limit_val_batches,
-                         limit_test_batches=limit_test_batches,
-                         limit_predict_batches=limit_predict_batches,
-                         val_check_interval=val_check_interval,
-                         overfit_batches=overfit_batches, **kwargs)
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            val_check_interval=val_check_interval,
+            overfit_batches=overfit_batches,
+            **kwargs,
+        )
         if isinstance(self.accelerator, CPUAccelerator):
             # on the CPU, each step reuses the previous step's freed blocks (midtrain.train.host)
             keep_freed_memory()
@@ -128,12 +155,15 @@ def results_table(results: list[dict[str, float]]) -> str:
         else:
             other[key] = value
     metrics = list(dict.fromkeys(m for per_set in sets.values() for m in per_set))
-    rows = [["", *sets]] + [[m, *(_fmt(per_set.get(m)) for per_set in sets.values())]
-                            for m in metrics]
+    rows = [["", *sets]] + [
+        [m, *(_fmt(per_set.get(m)) for per_set in sets.values())] for m in metrics
+    ]
     rows += [[k, _fmt(v)] for k, v in other.items()]
     width = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
-    lines = ["  ".join(c.rjust(width[i]) if i else c.ljust(width[i]) for i, c in enumerate(r))
-             for r in rows]
+    lines = [
+        "  ".join(c.rjust(width[i]) if i else c.ljust(width[i]) for i, c in enumerate(r))
+        for r in rows
+    ]
     return "\n".join(line.rstrip() for line in lines)
 
 

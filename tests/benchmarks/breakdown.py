@@ -31,8 +31,15 @@ def _model():  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     s = SHAPE
-    return GPT(ModelConfig(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"],
-                           block_size=s["seq_len"], vocab_size=s["vocab"]))
+    return GPT(
+        ModelConfig(
+            n_layer=s["n_layer"],
+            n_embd=s["n_embd"],
+            n_head=s["n_head"],
+            block_size=s["seq_len"],
+            vocab_size=s["vocab"],
+        )
+    )
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,9 +54,16 @@ def step_parts(steps: int = 20, warmup: int = 5) -> dict[str, float]:
 
     model, (inp, tgt, mask) = _model(), _batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    parts: dict[str, list[float]] = {k: [] for k in
-                                     ("trunk forward", "loss (forward, with its gradients)",
-                                      "backward (trunk)", "clip", "optimizer")}
+    parts: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "trunk forward",
+            "loss (forward, with its gradients)",
+            "backward (trunk)",
+            "clip",
+            "optimizer",
+        )
+    }
     for i in range(steps + warmup):
         t = [time.perf_counter()]
         features = model.features(inp)
@@ -108,8 +122,7 @@ def compile_modes(steps: int = 10, warmup: int = 3, rounds: int = 3) -> dict[str
             model.features = torch.compile(model.features)
         if mode == "compiled trunk + loss":
             loss_fn = torch.compile(loss_fn)
-        setups[mode] = (model, loss_fn, torch.optim.AdamW(model.parameters(), lr=3e-4,
-                                                          fused=True))
+        setups[mode] = (model, loss_fn, torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True))
     times: dict[str, list[float]] = {k: [] for k in setups}
     for r in range(rounds):
         for mode, (model, loss_fn, opt) in setups.items():
@@ -130,13 +143,19 @@ def bench_breakdown() -> dict:
     flops = step_flops()
     peak = sgemm_gflops()
     modes = compile_modes()
-    return {"shape": SHAPE, "threads": torch.get_num_threads(), "parts_ms": parts,
-            "step_ms": total, "step_matmul_gflop": flops / 1e9, "sgemm_gflops": peak,
-            "step_ms_at_sgemm_rate": flops / 1e9 / peak * 1e3,
-            "matmul_share_at_sgemm_rate": flops / 1e9 / peak * 1e3 / total,
-            "compile_step_ms": modes,
-            "compiled_trunk_over_eager": modes["eager"] / modes["compiled trunk"],
-            "compiled_trunk_and_loss_over_eager": modes["eager"] / modes["compiled trunk + loss"]}
+    return {
+        "shape": SHAPE,
+        "threads": torch.get_num_threads(),
+        "parts_ms": parts,
+        "step_ms": total,
+        "step_matmul_gflop": flops / 1e9,
+        "sgemm_gflops": peak,
+        "step_ms_at_sgemm_rate": flops / 1e9 / peak * 1e3,
+        "matmul_share_at_sgemm_rate": flops / 1e9 / peak * 1e3 / total,
+        "compile_step_ms": modes,
+        "compiled_trunk_over_eager": modes["eager"] / modes["compiled trunk"],
+        "compiled_trunk_and_loss_over_eager": modes["eager"] / modes["compiled trunk + loss"],
+    }
 
 
 def in_fresh_process() -> dict:
@@ -145,9 +164,13 @@ def in_fresh_process() -> dict:
     import subprocess
     from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.breakdown", "--json"],
-                          capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.breakdown", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     return json.loads(proc.stdout)
 
 
@@ -155,11 +178,18 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
     """Lines for the table of tests/benchmarks/run.py."""
     parts = ", ".join(f"{k.split(' ')[0]} {v:.0f}" for k, v in r["parts_ms"].items())
     return [
-        ("step (issue shape, eager): ms; matmuls at sgemm rate", f"{r['step_ms']:.0f}",
-         f"{r['step_ms_at_sgemm_rate']:.0f} ms ({r['matmul_share_at_sgemm_rate']:.0%}); {parts}",
-         "figure"),
-        ("step: compiled trunk / eager (speed)", f"{r['compiled_trunk_over_eager']:.3f}",
-         f"trunk+loss compiled: {r['compiled_trunk_and_loss_over_eager']:.3f}", "figure"),
+        (
+            "step (issue shape, eager): ms; matmuls at sgemm rate",
+            f"{r['step_ms']:.0f}",
+            f"{r['step_ms_at_sgemm_rate']:.0f} ms ({r['matmul_share_at_sgemm_rate']:.0%}); {parts}",
+            "figure",
+        ),
+        (
+            "step: compiled trunk / eager (speed)",
+            f"{r['compiled_trunk_over_eager']:.3f}",
+            f"trunk+loss compiled: {r['compiled_trunk_and_loss_over_eager']:.3f}",
+            "figure",
+        ),
     ]
 
 

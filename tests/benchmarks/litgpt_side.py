@@ -40,8 +40,12 @@ class JsonlBlocks(DataModule):
     seq_length: int = field(default=256, init=False)
     tokenizer: Tokenizer | None = field(default=None, init=False)
 
-    def connect(self, tokenizer: Tokenizer | None = None, batch_size: int = 1,
-                max_seq_length: int | None = None) -> None:
+    def connect(
+        self,
+        tokenizer: Tokenizer | None = None,
+        batch_size: int = 1,
+        max_seq_length: int | None = None,
+    ) -> None:
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.seq_length = max_seq_length + 1  # inputs and the shifted targets
 
@@ -55,8 +59,9 @@ class JsonlBlocks(DataModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.blocks, batch_size=self.batch_size, shuffle=True, generator=g,
-                          drop_last=True)
+        return DataLoader(
+            self.blocks, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.blocks[: 2 * self.batch_size], batch_size=self.batch_size)
@@ -67,14 +72,27 @@ def main() -> None:
     s = json.loads(shape)
     step_times: list[float] = []
     step_faults: list[int] = []
-    register_optimizer_step_post_hook(lambda *_: (
-        step_times.append(time.perf_counter()),
-        step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)))
-    config = Config(name="anchor", block_size=s["seq_len"], vocab_size=s["vocab_size"],
-                    padded_vocab_size=s["vocab_size"], n_layer=s["n_layer"], n_embd=s["n_embd"],
-                    n_head=s["n_head"], rotary_percentage=0.25, parallel_residual=True,
-                    bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
-                    intermediate_size=4 * s["n_embd"])
+    register_optimizer_step_post_hook(
+        lambda *_: (
+            step_times.append(time.perf_counter()),
+            step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt),
+        )
+    )
+    config = Config(
+        name="anchor",
+        block_size=s["seq_len"],
+        vocab_size=s["vocab_size"],
+        padded_vocab_size=s["vocab_size"],
+        n_layer=s["n_layer"],
+        n_embd=s["n_embd"],
+        n_head=s["n_head"],
+        rotary_percentage=0.25,
+        parallel_residual=True,
+        bias=True,
+        norm_class_name="LayerNorm",
+        mlp_class_name="GptNeoxMLP",
+        intermediate_size=4 * s["n_embd"],
+    )
     from litgpt import pretrain
 
     # The final checkpoint is written after the timed window; skip it (it also needs
@@ -84,22 +102,44 @@ def main() -> None:
         torch.compile = lambda model, *a, **k: model
     steps, micro = s["steps"], s["micro_batch_size"]
     pretrain.setup(
-        model_name="anchor", model_config=config, out_dir=Path(out_dir), precision="32-true",
-        data=JsonlBlocks(path=docs, eos_id=int(eos_id)), tokenizer_dir=Path(tokenizer_dir),
-        train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=micro,
-                        micro_batch_size=micro, max_tokens=steps * micro * s["seq_len"],
-                        max_seq_length=s["seq_len"], max_norm=1.0, min_lr=3e-5,
-                        lr_warmup_steps=0, tie_embeddings=False),
-        eval=EvalArgs(interval=10**9, max_iters=1, initial_validation=False,
-                      final_validation=False),
-        optimizer={"class_path": "torch.optim.AdamW",
-                   "init_args": {"lr": 3e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}},
-        devices=1, logger_name="csv", seed=1234,
+        model_name="anchor",
+        model_config=config,
+        out_dir=Path(out_dir),
+        precision="32-true",
+        data=JsonlBlocks(path=docs, eos_id=int(eos_id)),
+        tokenizer_dir=Path(tokenizer_dir),
+        train=TrainArgs(
+            save_interval=None,
+            log_interval=1,
+            global_batch_size=micro,
+            micro_batch_size=micro,
+            max_tokens=steps * micro * s["seq_len"],
+            max_seq_length=s["seq_len"],
+            max_norm=1.0,
+            min_lr=3e-5,
+            lr_warmup_steps=0,
+            tie_embeddings=False,
+        ),
+        eval=EvalArgs(
+            interval=10**9, max_iters=1, initial_validation=False, final_validation=False
+        ),
+        optimizer={
+            "class_path": "torch.optim.AdamW",
+            "init_args": {"lr": 3e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]},
+        },
+        devices=1,
+        logger_name="csv",
+        seed=1234,
     )
     w = s["warmup"]  # optimizer steps w + 1 .. steps: durations, and minor page faults in each
     for name, marks in (("step_seconds", step_times), ("step_faults", step_faults)):
-        print(name, json.dumps([b - a for a, b in zip(marks[w - 1:steps - 1], marks[w:steps],
-                                                      strict=True)]), flush=True)
+        print(
+            name,
+            json.dumps(
+                [b - a for a, b in zip(marks[w - 1 : steps - 1], marks[w:steps], strict=True)]
+            ),
+            flush=True,
+        )
     with open("/proc/self/status") as status:
         print("peak_rss_kb", next(int(x.split()[1]) for x in status if x.startswith("VmHWM")))
 

@@ -33,7 +33,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 def _same_tree(a: Path, b: Path) -> bool:
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
-        filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+        filecmp.cmp(a / f, b / f, shallow=False) for f in files
+    )
 
 
 _TEXTS: list[str] = []
@@ -49,8 +50,11 @@ def _encode_share(index: int) -> int:
     """Bare encode_batch of every other batch of texts (a forked worker's half), dealt as
     prepare deals them."""
     texts, tok = _TEXTS, _TOKENIZER[0]
-    return sum(len(e.ids) + 1 for i in range(index * BATCH, len(texts), 2 * BATCH)
-               for e in tok.encode_batch_fast(texts[i : i + BATCH], add_special_tokens=False))
+    return sum(
+        len(e.ids) + 1
+        for i in range(index * BATCH, len(texts), 2 * BATCH)
+        for e in tok.encode_batch_fast(texts[i : i + BATCH], add_special_tokens=False)
+    )
 
 
 def machine_ceiling(texts: list[str], tok: object) -> float:
@@ -88,9 +92,15 @@ def bench_prepare_parallel(root: Path, repeats: int = 5) -> dict:
         out = root / f"store-{num_proc}-{i}"
         sources._OPENED.clear()  # open the source as a fresh `midtrain prepare` would
         t0 = time.perf_counter()
-        prepare(PrepareConfig(output=str(out), num_proc=num_proc, batch_size=BATCH,
-                              domains={"code": DomainConfig(source={"path": str(src)})},
-                              tokenizer=TokenizerConfig(path=str(tok_path))))
+        prepare(
+            PrepareConfig(
+                output=str(out),
+                num_proc=num_proc,
+                batch_size=BATCH,
+                domains={"code": DomainConfig(source={"path": str(src)})},
+                tokenizer=TokenizerConfig(path=str(tok_path)),
+            )
+        )
         seconds = time.perf_counter() - t0
         splits = json.loads((out / "code" / "manifest.json").read_text())["splits"]
         return seconds, sum(s["tokens"] for s in splits.values()), out
@@ -105,9 +115,15 @@ def bench_prepare_parallel(root: Path, repeats: int = 5) -> dict:
         bare = n / (time.perf_counter() - t0)
         s1, n1, out1 = run(1, i)
         s2, n2, out2 = run(2, i)
-        rows.append({"encode_batch": bare, "prepare_1proc": n1 / s1, "prepare_2proc": n2 / s2,
-                     "machine_2proc_encode_speedup": machine_ceiling(texts, tok),
-                     "byte_identical": _same_tree(out1, out2)})
+        rows.append(
+            {
+                "encode_batch": bare,
+                "prepare_1proc": n1 / s1,
+                "prepare_2proc": n2 / s2,
+                "machine_2proc_encode_speedup": machine_ceiling(texts, tok),
+                "byte_identical": _same_tree(out1, out2),
+            }
+        )
         load.append(os.getloadavg()[0])
 
     def median(f):  # type: ignore[no-untyped-def]
@@ -115,19 +131,26 @@ def bench_prepare_parallel(root: Path, repeats: int = 5) -> dict:
         return statistics.median(f(r) for r in rows)
 
     speedup = median(lambda r: r["prepare_2proc"] / r["prepare_1proc"])
-    return {"encode_batch_tokens_per_s": median(lambda r: r["encode_batch"]),
-            "prepare_1proc_tokens_per_s": median(lambda r: r["prepare_1proc"]),
-            "prepare_2proc_tokens_per_s": median(lambda r: r["prepare_2proc"]),
-            "ratio_1proc_vs_encode_batch": median(lambda r: r["prepare_1proc"]
-                                                  / r["encode_batch"]),
-            "speedup_2proc": speedup,
-            "machine_2proc_encode_speedup": median(lambda r: r["machine_2proc_encode_speedup"]),
-            "speedup_2proc_of_machine": median(lambda r: r["prepare_2proc"] / r["prepare_1proc"]
-                                               / r["machine_2proc_encode_speedup"]),
-            "byte_identical": all(r["byte_identical"] for r in rows), "per_repeat": rows,
-            "tokens": n1, "documents": len(texts), "batch_size": BATCH, "cpus": os.cpu_count(),
-            "load_average_1min": load, "c4_per_core": bench_c4_per_core(root / "c4"),
-            "goal": "1 proc >= 0.9 x encode_batch; 2 procs >= 1.7 x 1 proc on 2 cores"}
+    return {
+        "encode_batch_tokens_per_s": median(lambda r: r["encode_batch"]),
+        "prepare_1proc_tokens_per_s": median(lambda r: r["prepare_1proc"]),
+        "prepare_2proc_tokens_per_s": median(lambda r: r["prepare_2proc"]),
+        "ratio_1proc_vs_encode_batch": median(lambda r: r["prepare_1proc"] / r["encode_batch"]),
+        "speedup_2proc": speedup,
+        "machine_2proc_encode_speedup": median(lambda r: r["machine_2proc_encode_speedup"]),
+        "speedup_2proc_of_machine": median(
+            lambda r: r["prepare_2proc"] / r["prepare_1proc"] / r["machine_2proc_encode_speedup"]
+        ),
+        "byte_identical": all(r["byte_identical"] for r in rows),
+        "per_repeat": rows,
+        "tokens": n1,
+        "documents": len(texts),
+        "batch_size": BATCH,
+        "cpus": os.cpu_count(),
+        "load_average_1min": load,
+        "c4_per_core": bench_c4_per_core(root / "c4"),
+        "goal": "1 proc >= 0.9 x encode_batch; 2 procs >= 1.7 x 1 proc on 2 cores",
+    }
 
 
 def bench_c4_per_core(root: Path, repeats: int = 3) -> dict:
@@ -153,36 +176,61 @@ def bench_c4_per_core(root: Path, repeats: int = 3) -> dict:
         sources._OPENED.clear()
         out = root / f"store-{i}"
         t0 = time.perf_counter()
-        prepare(PrepareConfig(output=str(out), domains={"web": DomainConfig(
-            source={"path": str(src)})}, tokenizer=TokenizerConfig(path=str(tok_path))))
+        prepare(
+            PrepareConfig(
+                output=str(out),
+                domains={"web": DomainConfig(source={"path": str(src)})},
+                tokenizer=TokenizerConfig(path=str(tok_path)),
+            )
+        )
         seconds = time.perf_counter() - t0
         splits = json.loads((out / "web" / "manifest.json").read_text())["splits"]
         rates.append(sum(s["tokens"] for s in splits.values()) / seconds)
     rate = statistics.median(rates)
-    return {"tokens_per_s": rate, "runs": rates, "documents": 10 * len(texts),
-            "paper_tokens": PAPER_TOKENS, "paper_core_hours": PAPER_TOKENS / rate / 3600,
-            "note": "includes each run's start-up (opening the jsonl, writing, hashing)"}
+    return {
+        "tokens_per_s": rate,
+        "runs": rates,
+        "documents": 10 * len(texts),
+        "paper_tokens": PAPER_TOKENS,
+        "paper_core_hours": PAPER_TOKENS / rate / 3600,
+        "note": "includes each run's start-up (opening the jsonl, writing, hashing)",
+    }
 
 
 def rows(r: dict) -> list[tuple[str, str, str, str]]:
     """Lines for the table of tests/benchmarks/run.py."""
     return [
-        ("data prep: prepare 1 proc / bare encode_batch", f"{r['ratio_1proc_vs_encode_batch']:.3f}",
-         f"{r['prepare_1proc_tokens_per_s']:,.0f} / {r['encode_batch_tokens_per_s']:,.0f}",
-         ">= 0.9"),
-        ("data prep: prepare 2 procs / 1 proc (speed-up)", f"{r['speedup_2proc']:.2f}",
-         f"byte-identical: {r['byte_identical']}", ">= 1.7 on 2 cores"),
-        ("data prep: bare encode_batch 2 procs / 1 (machine)",
-         f"{r['machine_2proc_encode_speedup']:.2f}",
-         f"ceiling; load avg <= {max(r['load_average_1min']):.1f}",
-         "2.0 on 2 idle cores"),
-        ("data prep: prepare 2 procs / machine's 2-proc ceiling",
-         f"{r['speedup_2proc_of_machine']:.2f}", "how much of it prepare gets", "~1.0"),
-        ("data prep: C4 sample, 1 proc, tokens/s (per core)",
-         "-" if "skipped" in r["c4_per_core"] else f"{r['c4_per_core']['tokens_per_s']:,.0f}",
-         r["c4_per_core"].get("skipped", "") or
-         f"paper's 128 B tokens: {r['c4_per_core']['paper_core_hours']:,.0f} core-hours",
-         "figure"),
+        (
+            "data prep: prepare 1 proc / bare encode_batch",
+            f"{r['ratio_1proc_vs_encode_batch']:.3f}",
+            f"{r['prepare_1proc_tokens_per_s']:,.0f} / {r['encode_batch_tokens_per_s']:,.0f}",
+            ">= 0.9",
+        ),
+        (
+            "data prep: prepare 2 procs / 1 proc (speed-up)",
+            f"{r['speedup_2proc']:.2f}",
+            f"byte-identical: {r['byte_identical']}",
+            ">= 1.7 on 2 cores",
+        ),
+        (
+            "data prep: bare encode_batch 2 procs / 1 (machine)",
+            f"{r['machine_2proc_encode_speedup']:.2f}",
+            f"ceiling; load avg <= {max(r['load_average_1min']):.1f}",
+            "2.0 on 2 idle cores",
+        ),
+        (
+            "data prep: prepare 2 procs / machine's 2-proc ceiling",
+            f"{r['speedup_2proc_of_machine']:.2f}",
+            "how much of it prepare gets",
+            "~1.0",
+        ),
+        (
+            "data prep: C4 sample, 1 proc, tokens/s (per core)",
+            "-" if "skipped" in r["c4_per_core"] else f"{r['c4_per_core']['tokens_per_s']:,.0f}",
+            r["c4_per_core"].get("skipped", "")
+            or f"paper's 128 B tokens: {r['c4_per_core']['paper_core_hours']:,.0f} core-hours",
+            "figure",
+        ),
     ]
 
 

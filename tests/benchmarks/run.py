@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PHASES = [(0, {"prose": 1.0}), (6000, {"prose": 0.8, "code": 0.2}),
-          (20000, {"prose": 0.68, "code": 0.2, "math": 0.12})]
+PHASES = [
+    (0, {"prose": 1.0}),
+    (6000, {"prose": 0.8, "code": 0.2}),
+    (20000, {"prose": 0.68, "code": 0.2, "math": 0.12}),
+]
 
 FIRST_BATCH = r"""
 import sys, time
@@ -48,8 +51,13 @@ def build_store(root: Path) -> Path:
 
 def time_to_first_batch(store: Path, start: int) -> float:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", FIRST_BATCH, str(store), str(start), repr(PHASES)],
-                         capture_output=True, text=True, check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_BATCH, str(store), str(start), repr(PHASES)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     assert "first-batch" in out.stdout
     return time.perf_counter() - t0
 
@@ -91,16 +99,29 @@ def _bench_sampler(store: Path, steps: int) -> dict:
         for k in range(3):
             block_indices(n[d == k], blocks[k], 0, domain_key(domains[k]))
     index_rate = steps * 1024 / (time.perf_counter() - t)
-    stream = MixtureStream([s.domain(x).train for x in domains], sched, 128, 64, 16, 0, 1,
-                           start_step=20000, max_steps=20000 + steps)
+    stream = MixtureStream(
+        [s.domain(x).train for x in domains],
+        sched,
+        128,
+        64,
+        16,
+        0,
+        1,
+        start_step=20000,
+        max_steps=20000 + steps,
+    )
     t = time.perf_counter()
     n_micro = 16 * 20
     for i in range(20000 * 16, 20000 * 16 + n_micro):  # full micro-batches: tokens read too
         stream.micro_batch(i)
     batch_rate = n_micro * 64 / (time.perf_counter() - t)
-    return {"index_sequences_per_s": index_rate, "batch_sequences_per_s": batch_rate,
-            "goal": ">= 20000 sequences/s (one core)",
-            "ratio_batch_vs_index": batch_rate / index_rate, "_np": np.__version__}
+    return {
+        "index_sequences_per_s": index_rate,
+        "batch_sequences_per_s": batch_rate,
+        "goal": ">= 20000 sequences/s (one core)",
+        "ratio_batch_vs_index": batch_rate / index_rate,
+        "_np": np.__version__,
+    }
 
 
 def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> dict:
@@ -134,10 +155,19 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
         clock = Clock()
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=TensorBoardLogger(
-            str(tmp), name="", version=""), log_every_n_steps=1, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            num_sanity_val_steps=0, callbacks=[clock, Throughput()])
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=TensorBoardLogger(str(tmp), name="", version=""),
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=[clock, Throughput()],
+        )
         trainer.fit(lm, dm)
         return (steps - warmup) * micro * seq / clock.seconds
 
@@ -146,21 +176,27 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
         sched = dm.schedule(micro)
         from midtrain.data.streams import MixtureStream
 
-        stream = MixtureStream([dm.store.domain(d).train for d in sched.domains], sched, seq,
-                               micro, 1, 0, 1, 0, steps)
+        stream = MixtureStream(
+            [dm.store.domain(d).train for d in sched.domains], sched, seq, micro, 1, 0, 1, 0, steps
+        )
         torch.manual_seed(0)
         lm = CausalLM(arch="tiny", model_config=shape, vocab_size=dm.vocab_size)
         lm.configure_model()
         model = lm.model
         # the same optimizer and loss as fit: the ratio is the trainer's overhead alone
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95),
-                                fused=fused_adamw_supported(model))
+        opt = torch.optim.AdamW(
+            param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=fused_adamw_supported(model)
+        )
         for i, batch in enumerate(stream):  # the same batches, built on the fly as fit does
             if i == warmup:
                 t0 = time.perf_counter()
-            losses = chunked_cross_entropy(model.features(batch["input_ids"]),
-                                           model.lm_head.weight, batch["targets"],
-                                           batch["loss_mask"], lm.hparams.loss_chunk_size)
+            losses = chunked_cross_entropy(
+                model.features(batch["input_ids"]),
+                model.lm_head.weight,
+                batch["targets"],
+                batch["loss_mask"],
+                lm.hparams.loss_chunk_size,
+            )
             loss = losses.sum() / batch["loss_mask"].sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -174,8 +210,12 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
             runs.append((with_lightning(Path(tmp) / str(i)), plain()))
     fit = statistics.median(r[0] for r in runs)
     base = statistics.median(r[1] for r in runs)
-    return {"fit_tokens_per_s": fit, "plain_tokens_per_s": base, "ratio": fit / base,
-            "goal": ">= 0.97"}
+    return {
+        "fit_tokens_per_s": fit,
+        "plain_tokens_per_s": base,
+        "ratio": fit / base,
+        "goal": ">= 0.97",
+    }
 
 
 def bench_host_memory(root: Path, repeats: int = 2) -> dict:
@@ -191,13 +231,15 @@ def bench_host_memory(root: Path, repeats: int = 2) -> dict:
     runs: dict[str, list[dict[str, float]]] = {"kept": [], "glibc_default": []}
     for i in range(repeats):
         for name, env in (("glibc_default", {"MIDTRAIN_KEEP_FREED_MEMORY": "0"}), ("kept", {})):
-            runs[name].append(anchor.run_midtrain(store, shape, False, root / f"{name}-{i}",
-                                                  env=env))
+            runs[name].append(
+                anchor.run_midtrain(store, shape, False, root / f"{name}-{i}", env=env)
+            )
     out: dict = {"shape": shape, "runs": runs, "goal": "figure"}
     for name, r in runs.items():
         out[f"{name}_tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in r)
         out[f"{name}_minor_faults_per_step"] = statistics.median(
-            x["minor_faults_per_step"] for x in r)
+            x["minor_faults_per_step"] for x in r
+        )
         out[f"{name}_peak_rss_mb"] = statistics.median(x["peak_rss_mb"] for x in r)
     out["ratio"] = out["kept_tokens_per_s"] / out["glibc_default_tokens_per_s"]
     return out
@@ -215,7 +257,9 @@ def peak_rss_kb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
 
-LOADER = PEAK_RSS + r"""
+LOADER = (
+    PEAK_RSS
+    + r"""
 import resource, sys, time
 from torch.utils.data import DataLoader
 from midtrain.data.streams import MixtureStream
@@ -232,6 +276,7 @@ self_kb = peak_rss_kb()
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # workers: fork, no exec
 print(rate, self_kb, child_kb)
 """
+)
 
 
 def synthetic_store(root: Path, tokens: int) -> Path:
@@ -252,11 +297,20 @@ def synthetic_store(root: Path, tokens: int) -> Path:
     for ext in ("tokens", "docs", "bytes"):
         (d / f"val.{ext}").write_bytes(b"")
     np.zeros(1, dtype=np.int64).tofile(d / "val.docs")
-    (d / "manifest.json").write_text(json.dumps({"name": "big", "dtype": "uint16",
-                                                 "content_hash": str(tokens)}))
-    (root / "store.json").write_text(json.dumps({"format_version": 2, "domains": ["big"],
-                                                 "vocab_size": 50304, "eos_id": 0,
-                                                 "tokenizer_hash": "synthetic"}))
+    (d / "manifest.json").write_text(
+        json.dumps({"name": "big", "dtype": "uint16", "content_hash": str(tokens)})
+    )
+    (root / "store.json").write_text(
+        json.dumps(
+            {
+                "format_version": 2,
+                "domains": ["big"],
+                "vocab_size": 50304,
+                "eos_id": 0,
+                "tokenizer_hash": "synthetic",
+            }
+        )
+    )
     return root
 
 
@@ -266,23 +320,36 @@ def bench_loader(root: Path) -> dict:
     out = {}
     for name, tokens in (("20MB", 10_000_000), ("2GB", 1_000_000_000)):
         store = synthetic_store(root / name, tokens)
-        proc = subprocess.run([sys.executable, "-c", LOADER, str(store)], capture_output=True,
-                              text=True, check=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, "-c", LOADER, str(store)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
         rate, self_kb, child_kb = proc.stdout.split()
-        out[name] = {"sequences_per_s": float(rate),
-                     "peak_rss_mb_main": int(self_kb) / 1024,
-                     "peak_rss_mb_worker": int(child_kb) / 1024}
+        out[name] = {
+            "sequences_per_s": float(rate),
+            "peak_rss_mb_main": int(self_kb) / 1024,
+            "peak_rss_mb_worker": int(child_kb) / 1024,
+        }
         import shutil
 
         shutil.rmtree(root / name)
     big, small = out["2GB"], out["20MB"]
-    out["rss_difference_mb"] = (big["peak_rss_mb_main"] + big["peak_rss_mb_worker"]
-                                - small["peak_rss_mb_main"] - small["peak_rss_mb_worker"])
+    out["rss_difference_mb"] = (
+        big["peak_rss_mb_main"]
+        + big["peak_rss_mb_worker"]
+        - small["peak_rss_mb_main"]
+        - small["peak_rss_mb_worker"]
+    )
     out["goal"] = "RSS within 100 MB of each other"
     return out
 
 
-LOSS_MEMORY = PEAK_RSS + r"""
+LOSS_MEMORY = (
+    PEAK_RSS
+    + r"""
 import sys, torch
 from midtrain.loss import chunked_cross_entropy, cross_entropy
 chunk, seq, dim, vocab = (int(a) for a in sys.argv[1:5])
@@ -296,17 +363,24 @@ losses = chunked_cross_entropy(x, w, t, m, chunk) if chunk else cross_entropy(x,
 (losses.sum() / seq).backward()
 print(before, peak_rss_kb())
 """
+)
 
 
 def bench_loss_memory(seq: int = 2048, dim: int = 512, vocab: int = 50304) -> dict:
     """Peak RSS added by the loss's forward and backward for one sequence (pythia-70m width,
     vocab 50,304, seq 2048), each in a fresh process: the full fp32 logits vs chunks."""
-    out: dict = {"shape": {"seq": seq, "dim": dim, "vocab": vocab},
-                 "full_logits_mb": seq * vocab * 4 / 2**20}
+    out: dict = {
+        "shape": {"seq": seq, "dim": dim, "vocab": vocab},
+        "full_logits_mb": seq * vocab * 4 / 2**20,
+    }
     for name, chunk in (("plain", 0), ("chunked_1024", 1024), ("chunked_256", 256)):
-        proc = subprocess.run([sys.executable, "-c", LOSS_MEMORY, str(chunk), str(seq),
-                               str(dim), str(vocab)],
-                              capture_output=True, text=True, check=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, "-c", LOSS_MEMORY, str(chunk), str(seq), str(dim), str(vocab)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
         before, after = (int(v) for v in proc.stdout.split())
         out[f"{name}_peak_rss_mb"] = (after - before) / 1024
     out["ratio"] = out["chunked_1024_peak_rss_mb"] / out["plain_peak_rss_mb"]
@@ -387,22 +461,31 @@ def bench_gpu(store: Path) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device: MFU of pythia-160m/410m (bf16, FSDP2, compile) "
-                           "runs only on a GPU machine"}
+        return {
+            "skipped": "no CUDA device: MFU of pythia-160m/410m (bf16, FSDP2, compile) "
+            "runs only on a GPU machine"
+        }
     out: dict = {"goal": ">= 0.5 on an H100"}
     for arch in ("pythia-160m", "pythia-410m"):
-        proc = subprocess.run([sys.executable, "-c", GPU_MFU, arch, str(store)],
-                              capture_output=True, text=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, "-c", GPU_MFU, arch, str(store)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         line = [x for x in proc.stdout.splitlines() if x.startswith("mfu")]
         syncs = [x.split()[1:] for x in proc.stdout.splitlines() if x.startswith("syncs")]
         if proc.returncode != 0 or not line:
             out[arch] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
             continue
         _, mfu, tokens_per_s, *device = line[-1].split()
-        out[arch] = {"mfu": float(mfu), "tokens_per_s": float(tokens_per_s),
-                     "device": " ".join(device),
-                     "host_syncs_in_non_logging_steps": int(syncs[-1][0]) if syncs else None,
-                     "non_logging_steps": int(syncs[-1][1]) if syncs else None}
+        out[arch] = {
+            "mfu": float(mfu),
+            "tokens_per_s": float(tokens_per_s),
+            "device": " ".join(device),
+            "host_syncs_in_non_logging_steps": int(syncs[-1][0]) if syncs else None,
+            "non_logging_steps": int(syncs[-1][1]) if syncs else None,
+        }
     return out
 
 
@@ -415,53 +498,100 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = build_store(Path(tmp))
-        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                               "python": platform.python_version()},
-                   "resume": bench_resume(store), "sampler": bench_sampler(store),
-                   "training": bench_training_overhead(store),
-                   "host_memory": bench_host_memory(Path(tmp) / "host"),
-                   "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
-                   "loader": bench_loader(Path(tmp) / "loader"),
-                   "loss_memory": bench_loss_memory(),
-                   "step_breakdown": breakdown.in_fresh_process(),
-                   "gpu": bench_gpu(store)}
+        results = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+            },
+            "resume": bench_resume(store),
+            "sampler": bench_sampler(store),
+            "training": bench_training_overhead(store),
+            "host_memory": bench_host_memory(Path(tmp) / "host"),
+            "prepare_parallel": prepare_bench.bench_prepare_parallel(Path(tmp) / "pp"),
+            "loader": bench_loader(Path(tmp) / "loader"),
+            "loss_memory": bench_loss_memory(),
+            "step_breakdown": breakdown.in_fresh_process(),
+            "gpu": bench_gpu(store),
+        }
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
     rows = [
-        ("resume: time to first batch, step 1e6 / step 0", f"{r['ratio']:.3f}",
-         f"{r['first_batch_s_step1e6']:.2f}s / {r['first_batch_s_step0']:.2f}s", r["goal"]),
-        ("sampler: sequences/s (indices only, 1 core)", f"{s['index_sequences_per_s']:,.0f}",
-         "", s["goal"]),
-        ("sampler: sequences/s (micro-batches with tokens)", f"{s['batch_sequences_per_s']:,.0f}",
-         "", s["goal"]),
+        (
+            "resume: time to first batch, step 1e6 / step 0",
+            f"{r['ratio']:.3f}",
+            f"{r['first_batch_s_step1e6']:.2f}s / {r['first_batch_s_step0']:.2f}s",
+            r["goal"],
+        ),
+        (
+            "sampler: sequences/s (indices only, 1 core)",
+            f"{s['index_sequences_per_s']:,.0f}",
+            "",
+            s["goal"],
+        ),
+        (
+            "sampler: sequences/s (micro-batches with tokens)",
+            f"{s['batch_sequences_per_s']:,.0f}",
+            "",
+            s["goal"],
+        ),
     ]
     t, ld, h = results["training"], results["loader"], results["host_memory"]
     rows += [
-        ("training: midtrain fit tokens/s / plain PyTorch loop", f"{t['ratio']:.3f}",
-         f"{t['fit_tokens_per_s']:,.0f} / {t['plain_tokens_per_s']:,.0f}", t["goal"]),
-        ("host memory: fit tokens/s, freed memory kept / glibc default", f"{h['ratio']:.3f}",
-         f"{h['kept_minor_faults_per_step']:,.0f} / "
-         f"{h['glibc_default_minor_faults_per_step']:,.0f} faults/step", h["goal"]),
-        ("host memory: fit peak RSS, kept / glibc default",
-         f"{h['kept_peak_rss_mb'] / h['glibc_default_peak_rss_mb']:.3f}",
-         f"{h['kept_peak_rss_mb']:,.0f} / {h['glibc_default_peak_rss_mb']:,.0f} MB", "figure"),
-        ("loader: peak RSS 2 GB store - 20 MB store (MB)", f"{ld['rss_difference_mb']:+.0f}",
-         f"{ld['2GB']['sequences_per_s']:,.0f} vs {ld['20MB']['sequences_per_s']:,.0f} seq/s",
-         ld["goal"]),
-        ("loss: peak RSS chunked (1024) / full logits (V 50,304, seq 2048)",
-         f"{results['loss_memory']['ratio']:.3f}",
-         f"{results['loss_memory']['chunked_1024_peak_rss_mb']:,.0f} / "
-         f"{results['loss_memory']['plain_peak_rss_mb']:,.0f} MB",
-         results["loss_memory"]["goal"]),
-        ("gpu: MFU pythia-160m / 410m (bf16, FSDP2, compile)",
-         "-" if "skipped" in results["gpu"] else " / ".join(
-             f"{results['gpu'][a].get('mfu', float('nan')):.2f}"
-             for a in ("pythia-160m", "pythia-410m")),
-         "", results["gpu"].get("skipped", results["gpu"].get("goal", ""))),
-        ("gpu: CUDA host syncs in non-logging steps (160m / 410m)",
-         "-" if "skipped" in results["gpu"] else " / ".join(
-             str(results["gpu"][a].get("host_syncs_in_non_logging_steps"))
-             for a in ("pythia-160m", "pythia-410m")), "torch sync debug mode", "0"),
+        (
+            "training: midtrain fit tokens/s / plain PyTorch loop",
+            f"{t['ratio']:.3f}",
+            f"{t['fit_tokens_per_s']:,.0f} / {t['plain_tokens_per_s']:,.0f}",
+            t["goal"],
+        ),
+        (
+            "host memory: fit tokens/s, freed memory kept / glibc default",
+            f"{h['ratio']:.3f}",
+            f"{h['kept_minor_faults_per_step']:,.0f} / "
+            f"{h['glibc_default_minor_faults_per_step']:,.0f} faults/step",
+            h["goal"],
+        ),
+        (
+            "host memory: fit peak RSS, kept / glibc default",
+            f"{h['kept_peak_rss_mb'] / h['glibc_default_peak_rss_mb']:.3f}",
+            f"{h['kept_peak_rss_mb']:,.0f} / {h['glibc_default_peak_rss_mb']:,.0f} MB",
+            "figure",
+        ),
+        (
+            "loader: peak RSS 2 GB store - 20 MB store (MB)",
+            f"{ld['rss_difference_mb']:+.0f}",
+            f"{ld['2GB']['sequences_per_s']:,.0f} vs {ld['20MB']['sequences_per_s']:,.0f} seq/s",
+            ld["goal"],
+        ),
+        (
+            "loss: peak RSS chunked (1024) / full logits (V 50,304, seq 2048)",
+            f"{results['loss_memory']['ratio']:.3f}",
+            f"{results['loss_memory']['chunked_1024_peak_rss_mb']:,.0f} / "
+            f"{results['loss_memory']['plain_peak_rss_mb']:,.0f} MB",
+            results["loss_memory"]["goal"],
+        ),
+        (
+            "gpu: MFU pythia-160m / 410m (bf16, FSDP2, compile)",
+            "-"
+            if "skipped" in results["gpu"]
+            else " / ".join(
+                f"{results['gpu'][a].get('mfu', float('nan')):.2f}"
+                for a in ("pythia-160m", "pythia-410m")
+            ),
+            "",
+            results["gpu"].get("skipped", results["gpu"].get("goal", "")),
+        ),
+        (
+            "gpu: CUDA host syncs in non-logging steps (160m / 410m)",
+            "-"
+            if "skipped" in results["gpu"]
+            else " / ".join(
+                str(results["gpu"][a].get("host_syncs_in_non_logging_steps"))
+                for a in ("pythia-160m", "pythia-410m")
+            ),
+            "torch sync debug mode",
+            "0",
+        ),
     ]
     rows += prepare_bench.rows(results["prepare_parallel"])
     rows += breakdown.rows(results["step_breakdown"])

@@ -8,5 +8,12 @@ from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.throughput import Throughput
 
-__all__ = ["CheckpointAtSteps", "DivergenceGuard", "MixtureLogging", "MixtureSwitch",
-           "ModelCheckpoint", "Preemption", "Throughput"]
+__all__ = [
+    "CheckpointAtSteps",
+    "DivergenceGuard",
+    "MixtureLogging",
+    "MixtureSwitch",
+    "ModelCheckpoint",
+    "Preemption",
+    "Throughput",
+]

@@ -35,8 +35,14 @@ class CheckpointAtSteps(Callback):
         self.steps = sorted(set(int(s) for s in steps))
         self.dirpath = dirpath
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: object, batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if stepped and trainer.global_step in self.steps:
             directory = Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer)

@@ -40,8 +40,7 @@ class DivergenceGuard(Callback):
         max_skips: in ``skip`` mode, consecutive skipped steps that stop the run.
     """
 
-    def __init__(self, on_nonfinite: Literal["stop", "skip"] = "stop",
-                 max_skips: int = 10) -> None:
+    def __init__(self, on_nonfinite: Literal["stop", "skip"] = "stop", max_skips: int = 10) -> None:
         if on_nonfinite not in ("stop", "skip"):
             raise MidtrainError(f"divergence.on_nonfinite: {on_nonfinite!r}; use stop or skip")
         if max_skips < 1:
@@ -74,8 +73,9 @@ class DivergenceGuard(Callback):
         take = (~torch.isfinite(value)) & (self._first[0] < 0)
         self._first = torch.where(take, new, self._first)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
@@ -92,18 +92,28 @@ class DivergenceGuard(Callback):
                 p.grad = None  # AdamW leaves parameters without a gradient untouched
             self.skipped += 1
             self.skipped_in_a_row += 1
-            rank_zero_info(f"divergence guard: skipped optimizer step {trainer.global_step} "
-                           f"(gradient norm {float(norm)}); {self.skipped} skipped so far")
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False,
-                      batch_size=1)
+            rank_zero_info(
+                f"divergence guard: skipped optimizer step {trainer.global_step} "
+                f"(gradient norm {float(norm)}); {self.skipped} skipped so far"
+            )
+        pl_module.log(
+            "train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1
+        )
         if self.skipped_in_a_row >= self.max_skips:
             raise Diverged(
                 f"divergence: {self.skipped_in_a_row} optimizer steps in a row had a non-finite "
                 f"gradient norm (last at step {trainer.global_step}; divergence.max_skips "
-                f"{self.max_skips}); {self._last_good(trainer)}")
+                f"{self.max_skips}); {self._last_good(trainer)}"
+            )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.on_nonfinite == "stop" and isinstance(loss, torch.Tensor):
             self._record(loss, 0)
@@ -117,17 +127,23 @@ class DivergenceGuard(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check(trainer)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self.check(trainer)
-        finite = [torch.isfinite(_local(t)).all() for t in checkpoint.get("state_dict", {}).values()
-                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        finite = [
+            torch.isfinite(_local(t)).all()
+            for t in checkpoint.get("state_dict", {}).values()
+            if isinstance(t, torch.Tensor) and t.is_floating_point()
+        ]
         bad = bool(finite) and not bool(torch.stack(finite).all())
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise Diverged(f"divergence: the weights at step {trainer.global_step} are not "
-                           f"finite; no checkpoint written; {self._last_good(trainer)}")
+            raise Diverged(
+                f"divergence: the weights at step {trainer.global_step} are not "
+                f"finite; no checkpoint written; {self._last_good(trainer)}"
+            )
 
     def check(self, trainer: pl.Trainer) -> None:
         """Raise ``Diverged`` if a non-finite value was recorded (one host sync)."""
@@ -141,8 +157,10 @@ class DivergenceGuard(Callback):
             return
         what = "gradient norm" if kind else "loss"
         where = f"{what} {value} at optimizer step {int(step)}" if step >= 0 else "on another rank"
-        raise Diverged(f"divergence: non-finite {where}; training stopped; lower model.lr or "
-                       f"set divergence.on_nonfinite: skip; {self._last_good(trainer)}")
+        raise Diverged(
+            f"divergence: non-finite {where}; training stopped; lower model.lr or "
+            f"set divergence.on_nonfinite: skip; {self._last_good(trainer)}"
+        )
 
     @staticmethod
     def _last_good(trainer: pl.Trainer) -> str:

@@ -30,8 +30,13 @@ class MixtureSwitch(Callback):
     ``midtrain fit --fork`` branches from. Use several callbacks for several phases.
     """
 
-    def __init__(self, weights: dict[str, float], step: int | None = None,
-                 fraction: float | None = None, save_checkpoint: bool = True) -> None:
+    def __init__(
+        self,
+        weights: dict[str, float],
+        step: int | None = None,
+        fraction: float | None = None,
+        save_checkpoint: bool = True,
+    ) -> None:
         if (step is None) == (fraction is None):
             raise MidtrainError("MixtureSwitch: give exactly one of `step` or `fraction`")
         if fraction is not None and not 0 < fraction < 1:
@@ -60,8 +65,14 @@ class MixtureSwitch(Callback):
             max_steps = require_max_steps(trainer, "MixtureSwitch steps are optimizer steps")
             self.register(trainer.datamodule, max_steps)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: object, batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         step = self.resolve_step(trainer.max_steps)
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if not stepped or trainer.global_step != step:
@@ -78,8 +89,14 @@ class MixtureLogging(Callback):
     ``log_every_n_steps`` is. A weight of 0 here is the schedule, not a stale measurement.
     The ``midtrain`` command adds it by default."""
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: object, batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.datamodule is None:
             return
         data = require_contract(trainer.datamodule)
@@ -88,7 +105,6 @@ class MixtureLogging(Callback):
         if not is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps, starts):
             return
         used = {d for s in starts for d, w in data.weights_at(s).items() if w > 0}
-        weights = {f"mixture/weight/{d}": w for d, w in data.weights_at(step).items()
-                   if d in used}
+        weights = {f"mixture/weight/{d}": w for d, w in data.weights_at(step).items() if d in used}
         for logger in trainer.loggers:
             logger.log_metrics(weights, step=step)

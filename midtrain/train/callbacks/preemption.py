@@ -22,11 +22,14 @@ class Preempted(SystemExit):
 
 
 def _signal_number(name: str) -> signal.Signals:
-    sig = getattr(signal, name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}",
-                  None)
+    sig = getattr(
+        signal, name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}", None
+    )
     if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-        raise MidtrainError(f"preemption.signals: {name!r} is not a signal that can be handled "
-                            "(e.g. SIGTERM, SIGUSR1)")
+        raise MidtrainError(
+            f"preemption.signals: {name!r} is not a signal that can be handled "
+            "(e.g. SIGTERM, SIGUSR1)"
+        )
     return sig
 
 
@@ -57,8 +60,11 @@ class Preemption(Callback):
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
-            os.write(2, f"midtrain: received {self.received.name}; saving a checkpoint after "
-                        "the current optimizer step\n".encode())
+            os.write(
+                2,
+                f"midtrain: received {self.received.name}; saving a checkpoint after "
+                "the current optimizer step\n".encode(),
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registers its handlers just before the loop starts; ours take over for the
@@ -76,12 +82,19 @@ class Preemption(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._restore()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: object, batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # inside an accumulation: the optimizer step is not finished yet
         stop = self.received is not None
@@ -92,8 +105,10 @@ class Preemption(Callback):
         path = checkpoint_dir(trainer) / LAST
         trainer.save_checkpoint(path)
         name = self.received.name if self.received is not None else "a preemption signal"
-        rank_zero_info(f"preempted by {name} after optimizer step {trainer.global_step}: saved "
-                       f"{path}; continue with `midtrain fit ... --ckpt_path last`")
+        rank_zero_info(
+            f"preempted by {name} after optimizer step {trainer.global_step}: saved "
+            f"{path}; continue with `midtrain fit ... --ckpt_path last`"
+        )
         previous = self._previous.get(self.received) if self.received is not None else None
         if self.received != signal.SIGTERM and callable(previous):
             previous(int(self.received), None)  # e.g. Lightning's SLURM requeue handler

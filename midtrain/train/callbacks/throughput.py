@@ -12,9 +12,13 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
 # compute dtype of a Trainer precision, for the device's peak FLOP/s (MFU)
-_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-                     "16-mixed": torch.float16, "16-true": torch.float16,
-                     "64-true": torch.float64}
+_PRECISION_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+    "64-true": torch.float64,
+}
 
 
 class Throughput(Callback):
@@ -42,13 +46,21 @@ class Throughput(Callback):
         dtype = _PRECISION_DTYPES.get(str(trainer.precision), torch.float32)
         self._throughput = FabricThroughput(
             available_flops=get_available_flops(trainer.strategy.root_device, dtype),
-            world_size=trainer.world_size, window_size=self.window_size,
-            separator=self.separator)
+            world_size=trainer.world_size,
+            window_size=self.window_size,
+            separator=self.separator,
+        )
         self._t0 = time.perf_counter()
         self._batches = self._samples = self._tokens = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self._throughput is None or not trainer.is_global_zero:
             return
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
@@ -59,9 +71,13 @@ class Throughput(Callback):
         self._batches += 1
         self._samples += int(batch["input_ids"].shape[0])
         self._tokens += int(batch["input_ids"].numel())
-        self._throughput.update(time=time.perf_counter() - self._t0, batches=self._batches,
-                                samples=self._samples, lengths=self._tokens,
-                                flops=getattr(pl_module, "flops_per_batch", None))
+        self._throughput.update(
+            time=time.perf_counter() - self._t0,
+            batches=self._batches,
+            samples=self._samples,
+            lengths=self._tokens,
+            flops=getattr(pl_module, "flops_per_batch", None),
+        )
         bar = trainer.progress_bar_callback is not None
         if not stepped or not (logging or bar):
             return
@@ -73,8 +89,15 @@ class Throughput(Callback):
         per_device = metrics.get(f"device{self.separator}items_per_sec")
         if per_device is not None and bar:
             # a host tensor: the progress bar never waits for the device
-            pl_module.log("tokens/s", torch.tensor(float(per_device)), prog_bar=True,
-                          logger=False, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(
+                "tokens/s",
+                torch.tensor(float(per_device)),
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validation_start = time.perf_counter()
