@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(
 # does with its activations) and count the minor page faults of the rounds after the first ten.
 PROBE = r"""
 import json, resource, torch
-from midtrain.host import allocator_chosen_by_user
-from midtrain.trainer import Trainer
+from midtrain.train.host import allocator_chosen_by_user
+from midtrain.train.trainer import Trainer
 from midtrain.train import host
 Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False)

@@ -111,7 +111,9 @@ def test_wheel_ships_every_config(wheel: Path) -> None:
         p.relative_to(ROOT).as_posix() for p in (ROOT / "midtrain" / "configs").rglob("*.yaml")
     }
     with zipfile.ZipFile(wheel) as z:
-        in_wheel = {n for n in z.namelist() if n.startswith("midtrain/configs/")}
+        in_wheel = {
+            n for n in z.namelist() if n.startswith("midtrain/configs/") and n.endswith(".yaml")
+        }
     assert shipped and shipped == in_wheel
 
 

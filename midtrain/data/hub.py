@@ -1,6 +1,6 @@
 """Where a Hugging Face model lives: ``hf:<local dir or hub id>[@revision]`` resolved to a local
 directory (the directory itself, or the hub snapshot at that revision). Used by the tokenizer
-loader (a store tokenized for a released model) and by ``midtrain.hf`` (import and export)."""
+loader (a store tokenized for a released model) and by ``midtrain.model.hf`` (import and export)."""
 
 from __future__ import annotations
 

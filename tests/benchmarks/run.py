@@ -351,7 +351,7 @@ LOSS_MEMORY = (
     PEAK_RSS
     + r"""
 import sys, torch
-from midtrain.loss import chunked_cross_entropy, cross_entropy
+from midtrain.model.loss import chunked_cross_entropy, cross_entropy
 chunk, seq, dim, vocab = (int(a) for a in sys.argv[1:5])
 torch.manual_seed(0)
 x = torch.randn(seq, dim, requires_grad=True)
@@ -395,7 +395,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.strategies import ModelParallelStrategy
 from midtrain import CausalLM, MixtureDataModule
-from midtrain.trainer import Trainer
+from midtrain.train.trainer import Trainer
 
 arch, store, steps, warmup = sys.argv[1], sys.argv[2], 30, 10
 devices = torch.cuda.device_count()
