@@ -46,7 +46,9 @@ class DomainProgress:
         if result is not None:
             docs = sum(s["docs"] for s in result["splits"].values())
             self.tokens = sum(s["tokens"] for s in result["splits"].values())
-            self.bar.n, self.bar.total = docs, docs
+            self.bar.n = docs
+            if self.bar.total is not None:  # a counting-up bar stays one
+                self.bar.total = docs
             self.bar.set_postfix_str(f"{self.tokens:,} tokens", refresh=False)
         self.bar.close()
 
