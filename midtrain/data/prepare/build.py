@@ -119,9 +119,9 @@ def _run_shard(run: _Run, builder: Builder, index: int, count: int) -> None:
             continue
         t0 = time.perf_counter()
         bar = DomainProgress(p, f" (shard {index}/{count})")
-        result = None
+        done: dict[str, Any] | None = None
         try:
-            result = write_shard(
+            result = done = write_shard(
                 run.root,
                 p,
                 index,
@@ -130,7 +130,7 @@ def _run_shard(run: _Run, builder: Builder, index: int, count: int) -> None:
                 lambda out, p=p, bar=bar: builder.shard(p, out, index, count, bar),
             )
         finally:
-            bar.finish(result)
+            bar.finish(done)
         n = sum(s["tokens"] for s in result["splits"].values())
         print(
             f"[{p.name}] shard {index}/{count}: {n:,} tokens in "
@@ -149,11 +149,11 @@ def _build_domain(
     if shards is not None:
         result = merge_domain(p, shards, out, run.config.batch_size)
     else:
-        bar, result = DomainProgress(p), None
+        bar, done = DomainProgress(p), None
         try:
-            result = builder.build(p, out, bar)
+            result = done = builder.build(p, out, bar)
         finally:
-            bar.finish(result)
+            bar.finish(done)
     manifest = write_manifest(p, out, result, run.eos, run.tok_hash)
     n = sum(s["tokens"] for s in manifest["splits"].values())
     dt = time.perf_counter() - t0

@@ -24,6 +24,8 @@ from midtrain.data.prepare.tokenizer import encoder
 from midtrain.data.store import SPLITS, SplitWriter, token_dtype
 
 Progress = Callable[[int, int], None]  # (documents, tokens) of a batch just written
+# encode_shard's arguments before ``progress``: what a pool worker is sent
+_Job = tuple[Plan, str, int, int, int, Path, int, int]
 
 
 class _SplitBatch:
@@ -163,7 +165,7 @@ def _report(docs: int, tokens: int) -> None:
     _PROGRESS.put((docs, tokens))
 
 
-def _encode_job(args: tuple) -> dict[str, Any]:
+def _encode_job(args: _Job) -> dict[str, Any]:
     try:
         return encode_shard(*args, progress=_report)
     finally:
@@ -205,7 +207,7 @@ class Builder:
                 processes, mp_context=context, initializer=_worker_init, initargs=(self.reports,)
             )
 
-    def _args(self, plan: Plan, out: Path, index: int = 0, count: int = 1) -> tuple:
+    def _args(self, plan: Plan, out: Path, index: int = 0, count: int = 1) -> _Job:
         c = self.config
         return (plan, self.tokenizer_json, self.eos, c.seed, c.batch_size, out, index, count)
 
