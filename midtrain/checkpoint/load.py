@@ -4,7 +4,6 @@ weights, and the tokenizer its run trained with."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from midtrain.data.hub import HF_PREFIX, tokenizer_file
+from midtrain.data.store import StoreIndex
 from midtrain.errors import MidtrainError
 from midtrain.model.config import ModelConfig
 from midtrain.model.gpt import GPT
@@ -70,8 +70,7 @@ def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
         data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
         store = (data.get("init_args") or data).get("store")
         if store and (Path(store) / "tokenizer.json").is_file():
-            index = json.loads((Path(store) / "store.json").read_text())
-            return Path(store) / "tokenizer.json", index.get("eos")
+            return Path(store) / "tokenizer.json", StoreIndex.read(store, any_format=True).eos
     init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
     if init_from.startswith(HF_PREFIX):
         return tokenizer_file(init_from), None
@@ -87,8 +86,8 @@ def tokenizer_source(given: str) -> tuple[Path, str | None]:
     p = Path(given)
     if p.is_file():
         return p, None
-    if (p / "store.json").is_file():
-        return p / "tokenizer.json", json.loads((p / "store.json").read_text()).get("eos")
+    if StoreIndex.exists(p):
+        return p / "tokenizer.json", StoreIndex.read(p, any_format=True).eos
     if given.startswith(HF_PREFIX) or (p / "tokenizer.json").is_file():
         return tokenizer_file(given if given.startswith(HF_PREFIX) else HF_PREFIX + given), None
     raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")

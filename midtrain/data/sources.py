@@ -131,6 +131,16 @@ def record_batches(
         raise MidtrainError(f"{where}: could not load records: {msg}") from None
 
 
+def known_length(spec: dict[str, Any]) -> int | None:
+    """Records in the source when it has been opened here and knows its length (a local file
+    or a downloaded dataset; not a stream or a generator): a progress bar's total."""
+    ds = _OPENED.get(source_fingerprint(spec))
+    try:
+        return len(ds) if ds is not None else None
+    except TypeError:  # an iterable dataset has no length
+        return None
+
+
 def _rows(columns: dict[str, list[Any]]) -> list[Record]:
     names = list(columns)
     if not names:

@@ -2,7 +2,7 @@
 
 Layout of a store root (written by ``midtrain prepare``)::
 
-    <root>/store.json            index: domains, tokenizer hash, format version
+    <root>/store.json            index (StoreIndex): domains, tokenizer hash, format version
     <root>/tokenizer.json        the tokenizer every domain was encoded with
     <root>/<domain>/manifest.json
     <root>/<domain>/{train,val}.tokens   uint16 (vocab <= 65536) or uint32, documents joined by EOS
@@ -104,6 +104,21 @@ class Split:
         return np.asarray(self.tokens[self.doc_offsets[i] : self.doc_offsets[i + 1] - 1])
 
 
+def open_split(directory: Path, split: str, dtype: np.dtype) -> Split:
+    """The files of one split in ``directory`` (a domain, or a prepare shard), memory-mapped."""
+    mask_path = directory / f"{split}.mask"
+    tokens_path = directory / f"{split}.tokens"
+    has_mask = mask_path.exists()
+    return Split(
+        tokens=_memmap(tokens_path, dtype),
+        doc_offsets=np.fromfile(directory / f"{split}.docs", dtype=np.int64),
+        doc_bytes=np.fromfile(directory / f"{split}.bytes", dtype=np.int64),
+        loss_mask=_memmap(mask_path, np.dtype(np.uint8)) if has_mask else None,
+        tokens_path=tokens_path if tokens_path.stat().st_size else None,
+        mask_path=mask_path if has_mask and mask_path.stat().st_size else None,
+    )
+
+
 def _read_json(path: Path, missing: str) -> dict[str, Any]:
     """A store's JSON index or manifest; ``missing`` is the one-line error when it is absent."""
     if not path.is_file():
@@ -129,20 +144,7 @@ class DomainStore:
 
     @cached_property
     def _splits(self) -> dict[str, Split]:
-        out = {}
-        for s in SPLITS:
-            mask_path = self.path / f"{s}.mask"
-            tokens_path = self.path / f"{s}.tokens"
-            has_mask = mask_path.exists()
-            out[s] = Split(
-                tokens=_memmap(tokens_path, self.dtype),
-                doc_offsets=np.fromfile(self.path / f"{s}.docs", dtype=np.int64),
-                doc_bytes=np.fromfile(self.path / f"{s}.bytes", dtype=np.int64),
-                loss_mask=_memmap(mask_path, np.dtype(np.uint8)) if has_mask else None,
-                tokens_path=tokens_path if tokens_path.stat().st_size else None,
-                mask_path=mask_path if has_mask and mask_path.stat().st_size else None,
-            )
-        return out
+        return {s: open_split(self.path, s, self.dtype) for s in SPLITS}
 
     @property
     def train(self) -> Split:
@@ -153,26 +155,91 @@ class DomainStore:
         return self.split("val")
 
 
+INDEX = "store.json"  # the store root's index: read and written only by StoreIndex
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """``<root>/store.json``: the domains of a store and the tokenizer they were encoded with.
+    The one reader and writer of that file (prepare writes it, everything else reads it)."""
+
+    domains: list[str]
+    vocab_size: int
+    eos_id: int
+    tokenizer_hash: str
+    eos: str | None = None  # the EOS token's string (stores made before it was kept: None)
+    tokenizer_spec: str | None = None  # prepare's hash of its tokenizer config, for reuse
+    format_version: int = FORMAT_VERSION
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        return (Path(root) / INDEX).is_file()
+
+    @classmethod
+    def read(cls, root: str | os.PathLike, any_format: bool = False) -> StoreIndex:
+        """The index of the store at ``root``: a one-line error when there is none, or (unless
+        ``any_format``) when it is of another store format."""
+        path = Path(root) / INDEX
+        data = _read_json(
+            path,
+            f"{root}: not a token store (no {INDEX}); "
+            "run `midtrain prepare --config <yaml>` to build it",
+        )
+        if not any_format and data.get("format_version") != FORMAT_VERSION:
+            raise MidtrainError(
+                f"{path}: store format {data.get('format_version')} is not "
+                f"{FORMAT_VERSION}; re-run `midtrain prepare`"
+            )
+        return cls(
+            domains=list(data.get("domains", [])),
+            vocab_size=int(data.get("vocab_size", 0)),
+            eos_id=int(data.get("eos_id", -1)),
+            tokenizer_hash=data.get("tokenizer_hash", ""),
+            eos=data.get("eos"),
+            tokenizer_spec=data.get("tokenizer_spec"),
+            format_version=data.get("format_version", 0),
+        )
+
+    @classmethod
+    def find(cls, root: str | os.PathLike) -> StoreIndex | None:
+        """The index at ``root`` whatever its format (what a rebuild starts from), or None."""
+        return cls.read(root, any_format=True) if cls.exists(root) else None
+
+    def to_json(self) -> str:
+        # this key order is the file's: an unchanged index is not rewritten (see write)
+        return json.dumps(
+            {
+                "format_version": self.format_version,
+                "domains": self.domains,
+                "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id,
+                "eos": self.eos,
+                "tokenizer_hash": self.tokenizer_hash,
+                "tokenizer_spec": self.tokenizer_spec,
+            },
+            indent=2,
+        )
+
+    def write(self, root: str | os.PathLike) -> None:
+        """Atomically replace ``<root>/store.json``; left untouched when already identical."""
+        path, text = Path(root) / INDEX, self.to_json()
+        if path.is_file() and path.read_text() == text:
+            return
+        tmp = path.with_name(INDEX + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
 class Store:
     """A store root: several domains encoded with one tokenizer."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        index_path = self.root / "store.json"
-        self.index: dict[str, Any] = _read_json(
-            index_path,
-            f"{self.root}: not a token store (no store.json); "
-            "run `midtrain prepare --config <yaml>` to build it",
-        )
-        if self.index.get("format_version") != FORMAT_VERSION:
-            raise MidtrainError(
-                f"{index_path}: store format {self.index.get('format_version')} is not "
-                f"{FORMAT_VERSION}; re-run `midtrain prepare`"
-            )
-        self.domain_names: list[str] = list(self.index["domains"])
-        self.vocab_size: int = int(self.index["vocab_size"])
-        self.eos_id: int = int(self.index["eos_id"])
-        self.tokenizer_hash: str = self.index["tokenizer_hash"]
+        self.index = StoreIndex.read(self.root)
+        self.domain_names: list[str] = list(self.index.domains)
+        self.vocab_size: int = self.index.vocab_size
+        self.eos_id: int = self.index.eos_id
+        self.tokenizer_hash: str = self.index.tokenizer_hash
 
     def domain(self, name: str) -> DomainStore:
         if name not in self.domain_names:
@@ -323,7 +390,7 @@ class SplitWriter:
         self,
         tokens: np.ndarray,
         lengths: np.ndarray,
-        num_bytes: list[int],
+        num_bytes: list[int] | np.ndarray,
         mask: np.ndarray | None = None,
         records: list[int] | None = None,
     ) -> None:
@@ -338,10 +405,11 @@ class SplitWriter:
         if self._records is not None:
             np.asarray(records, dtype=np.int64).tofile(self._records)
         (self.num_tokens + np.cumsum(lengths, dtype=np.int64)).tofile(self._docs)
-        np.asarray(num_bytes, dtype=np.int64).tofile(self._bytes)
+        doc_bytes = np.asarray(num_bytes, dtype=np.int64)
+        doc_bytes.tofile(self._bytes)
         self.num_tokens += int(tokens.shape[0])
         self.num_docs += len(lengths)
-        self.num_bytes += int(sum(num_bytes))
+        self.num_bytes += int(doc_bytes.sum())
 
     def close(self) -> None:
         for f in (self._tokens, self._docs, self._bytes, self._mask, self._records):

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -199,7 +198,9 @@ def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, 
 def pretraining_data(settings: FitSettings) -> Any:
     """The baseline's ``MixtureDataModule`` as its fit run builds it (no trainer, no loaders),
     or None when the store is not prepared yet (a dry run before the prepare stages)."""
-    if not (Path(settings.store) / "store.json").is_file():
+    from midtrain.data.store import StoreIndex
+
+    if not StoreIndex.exists(settings.store):
         return None
     from midtrain.data.datamodule import MixtureDataModule
 
