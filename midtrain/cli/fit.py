@@ -34,6 +34,7 @@ from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
+from midtrain.train.callbacks.summary import RunSummary
 from midtrain.train.callbacks.throughput import Throughput
 from midtrain.train.module import CausalLM
 from midtrain.train.trainer import Trainer
@@ -145,6 +146,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         parser.add_lightning_class_args(MixtureLogging, "mixture_logging")
         parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(RunSummary, "summary")  # the run's last lines
         # A resumed run overwrites its own last.ckpt (never a stray last-v1.ckpt).
         parser.set_defaults(
             {"checkpoint.save_last": True, "checkpoint.enable_version_counter": False}

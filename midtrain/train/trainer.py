@@ -105,6 +105,7 @@ class Trainer(pl.Trainer):
             # Lightning counts the micro-batches of this process: one optimizer step is
             # `accumulation` of them on every rank, whatever the world size.
             val_check_interval = self.val_check_steps * accumulation
+        _clamp_log_interval(kwargs)
         if kwargs.get("enable_progress_bar", True) is not False:
             callbacks = kwargs.get("callbacks")
             callbacks = (
@@ -138,6 +139,15 @@ class Trainer(pl.Trainer):
         if verbose and self.is_global_zero:
             print(results_table(results))
         return results
+
+
+def _clamp_log_interval(kwargs: dict[str, Any]) -> None:
+    """A ``log_every_n_steps`` beyond ``max_steps`` becomes ``max_steps``: the run then logs its
+    last step (CausalLM does anyway), and Lightning's "fewer batches than the logging interval"
+    warning, false for such a run, has no cause. Steps logged before the end do not change."""
+    n, max_steps = kwargs.get("log_every_n_steps"), kwargs.get("max_steps")
+    if isinstance(n, int) and isinstance(max_steps, int) and 0 < max_steps < n:
+        kwargs["log_every_n_steps"] = max_steps
 
 
 def results_table(results: list[dict[str, float]]) -> str:
