@@ -92,3 +92,26 @@ def test_validate_summary_has_its_own_file() -> None:
     assert summary_file("fit") == "summary.json"
     assert format_duration(3.21) == "3.2s"
     assert format_duration(7300) == "2h 01m"
+
+
+def test_model_summary_shows_flops_per_token_not_zeros() -> None:
+
+    from midtrain.train.module import CausalLM
+    from midtrain.train.summary_table import _flops_per_token, summary_table
+
+    m = CausalLM(
+        arch="pythia-14m",
+        model_config={"n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 32},
+        vocab_size=512,
+    )
+    m.configure_model()
+    flops = _flops_per_token(m)
+    assert flops == (m.model.flops_per_token(32), 32) and flops[0] > 0
+    data = [("Name", ["model"]), ("Type", ["GPT"]), ("Params", ["165 K"]), ("FLOPs", ["0"])]
+    text = summary_table(data, 165_000, 165_000, 0.66, flops)
+    assert "FLOPs" not in text.splitlines()[0]
+    assert (
+        text.splitlines()[-1].startswith(f"{flops[0] / 1e3:.0f} K") or "K" in text.splitlines()[-1]
+    )
+    assert "Training FLOPs per token (forward + backward, sequences of 32)" in text
+    assert "Total Flops" not in text and "| 0" not in text

@@ -38,8 +38,12 @@ FORK_WARNINGS = [
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be",
 ]
 
-# rank_zero_info lines (matched at the start)
-INFO = re.compile(r"💡 Tip: |GPU available: |TPU available: |HPU available: ")
+# rank_zero_info lines (matched at the start); "already configured with model summary": the
+# Trainer installs midtrain's own summary (midtrain.train.summary_table), by design.
+INFO = re.compile(
+    r"💡 Tip: |GPU available: |TPU available: |HPU available: "
+    r"|Trainer already configured with model summary callbacks"
+)
 
 
 class _DropInfo(logging.Filter):

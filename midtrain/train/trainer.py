@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.train.host import keep_freed_memory
+from midtrain.train.summary_table import ModelSummary
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -115,6 +116,7 @@ class Trainer(pl.Trainer):
             )
             if not any(isinstance(cb, ProgressBar) for cb in callbacks):
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        _add_model_summary(kwargs)
         super().__init__(
             limit_train_batches=limit_train_batches,
             limit_val_batches=limit_val_batches,
@@ -139,6 +141,21 @@ class Trainer(pl.Trainer):
         if verbose and self.is_global_zero:
             print(results_table(results))
         return results
+
+
+def _add_model_summary(kwargs: dict[str, Any]) -> None:
+    """midtrain's model summary (FLOPs per token, not Lightning's zeros) unless the user gave
+    one or turned it off."""
+    if kwargs.get("enable_model_summary", True) is False:
+        return
+    callbacks = kwargs.get("callbacks")
+    callbacks = (
+        []
+        if callbacks is None
+        else (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
+    )
+    if not any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
+        kwargs["callbacks"] = [*callbacks, ModelSummary()]
 
 
 def _clamp_log_interval(kwargs: dict[str, Any]) -> None:
