@@ -286,4 +286,4 @@ def trainer_main(argv: Sequence[str]) -> None:
         except MidtrainError:
             raise
         except Exception as e:
-            raise translate_cli_error(e, raised) from None
+            raise translate_cli_error(e, raised, argv) from None
