@@ -7,9 +7,10 @@ The hooks only order the steps; what they decide lives in pure functions elsewhe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,18 +273,31 @@ def trainer_main(argv: Sequence[str]) -> None:
         parser_kwargs["exit_on_error"] = False
     with recording_errors() as raised:
         try:
-            MidtrainCLI(
-                CausalLM,
-                LightningDataModule,
-                subclass_mode_data=True,
-                trainer_class=Trainer,
-                save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
-                parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
-                # None = read sys.argv (passing it again only makes LightningCLI warn)
-                args=None if list(argv) == sys.argv[1:] else list(argv),
-            )
+            with _as_sys_argv(argv):
+                MidtrainCLI(
+                    CausalLM,
+                    LightningDataModule,
+                    subclass_mode_data=True,
+                    trainer_class=Trainer,
+                    save_config_kwargs={"overwrite": True},
+                    auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
+                    parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS}
+                    | parser_kwargs,
+                )
         except MidtrainError:
             raise
         except Exception as e:
             raise translate_cli_error(e, raised, argv) from None
+
+
+@contextlib.contextmanager
+def _as_sys_argv(argv: Sequence[str]) -> Iterator[None]:
+    """LightningCLI reads ``sys.argv`` (so do DDP's relaunched processes); ``args=`` while
+    ``sys.argv`` holds something else (``main([...])`` from Python or a test) only makes it warn.
+    So the command's own arguments are ``sys.argv`` while it runs."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "midtrain", *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved

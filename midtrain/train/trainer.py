@@ -162,7 +162,9 @@ def _clamp_log_interval(kwargs: dict[str, Any]) -> None:
     """A ``log_every_n_steps`` beyond ``max_steps`` becomes ``max_steps``: the run then logs its
     last step (CausalLM does anyway), and Lightning's "fewer batches than the logging interval"
     warning, false for such a run, has no cause. Steps logged before the end do not change."""
-    n, max_steps = kwargs.get("log_every_n_steps"), kwargs.get("max_steps")
+    n = kwargs.get("log_every_n_steps")
+    n = 50 if n is None else n  # Lightning's default
+    max_steps = kwargs.get("max_steps")
     if isinstance(n, int) and isinstance(max_steps, int) and 0 < max_steps < n:
         kwargs["log_every_n_steps"] = max_steps
 
