@@ -75,7 +75,7 @@ def test_documented_commands_print_no_unexplained_warning(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 2
     assert sum(summary["tokens"].values()) == 2 * 4 * 64 == summary["tokens_this_process"]
-    lines = fit[fit.index("midtrain fit: finished at step 2/2") :].splitlines()
+    lines = fit[fit.index("fit: finished at step 2/2") :].splitlines()
     assert f"train/loss {summary['metrics']['train/loss']:.4f}" in lines[1]
     assert f"val/prose/loss {summary['metrics']['val/prose/loss']:.4f}" in lines[1]
     last = run / "checkpoints" / "last.ckpt"
@@ -84,7 +84,7 @@ def test_documented_commands_print_no_unexplained_warning(
 
     validate = _midtrain(*evaluate[1:], "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert _unexpected_warnings(validate) == []
-    assert "midtrain validate: done in" in validate
+    assert "validate: done in" in validate
     saved = json.loads((run / "validate" / "validate-summary.json").read_text())
     assert saved["metrics"]["val/prose/loss"] == pytest.approx(
         summary["metrics"]["val/prose/loss"], rel=1e-5
@@ -98,7 +98,7 @@ def test_documented_commands_print_no_unexplained_warning(
         "--trainer.default_root_dir", str(fork_dir), cwd=tmp_path,
     )  # fmt: skip
     assert _unexpected_warnings(fork) == []
-    assert "midtrain fit: finished at step 4/4" in fork
+    assert "fit: finished at step 4/4" in fork
     forked = json.loads((fork_dir / "summary.json").read_text())
     assert forked["forked"] is True and sum(forked["tokens"].values()) == 4 * 4 * 64
     assert forked["tokens_this_process"] == 2 * 4 * 64

@@ -35,9 +35,7 @@ def _fit(**kw: object) -> Summary:
 
 def test_finished_fit_names_losses_tokens_paths_and_next_commands() -> None:
     text = "\n".join(summary_lines(_fit()))
-    assert (
-        text.splitlines()[0] == "midtrain fit: finished at step 300/300 in 2m 05s, 44,237 tokens/s"
-    )
+    assert text.splitlines()[0] == "fit: finished at step 300/300 in 2m 05s, 44,237 tokens/s"
     assert "train/loss 3.2100  val/code/loss 2.5000  val/prose/loss 3.5000" in text
     assert "train/lr" not in text
     assert "prose 2.9M  code 1.5M  (total 4.4M)" in text
@@ -59,7 +57,7 @@ def test_nan_is_never_shown_as_a_number() -> None:
 
 def test_preempted_run_says_how_to_resume() -> None:
     lines = summary_lines(_fit(status="preempted", step=120))
-    assert lines[0].startswith("midtrain fit: preempted at step 120/300")
+    assert lines[0].startswith("fit: preempted at step 120/300")
     assert next_commands(_fit(status="preempted")) == [
         ("resume", "midtrain fit --config runs/demo/config.yaml --ckpt_path last")
     ]
@@ -73,7 +71,7 @@ def test_diverged_run_points_at_the_last_good_checkpoint() -> None:
     s = _fit(status="diverged", step=57, reason="non-finite loss nan at optimizer step 57")
     lines = summary_lines(s)
     assert lines[0] == (
-        "midtrain fit: stopped (diverged) at step 57/300 in 2m 05s, 44,237 tokens/s: "
+        "fit: stopped (diverged) at step 57/300 in 2m 05s, 44,237 tokens/s: "
         "non-finite loss nan at optimizer step 57"
     )
     assert "--fork runs/demo/checkpoints/last.ckpt" in "\n".join(lines)
@@ -86,7 +84,7 @@ def test_diverged_run_points_at_the_last_good_checkpoint() -> None:
 def test_validate_summary_has_its_own_file() -> None:
     s = _fit(command="validate", log_dir="runs/demo/validate", tokens={}, config=None)
     text = "\n".join(summary_lines(s))
-    assert text.startswith("midtrain validate: done in 2m 05s")
+    assert text.startswith("validate: done in 2m 05s")
     assert "runs/demo/validate/validate-summary.json" in text
     assert "tokens:" not in text
     assert summary_file("fit") == "summary.json"

@@ -97,12 +97,12 @@ def tokens_line(tokens: dict[str, int]) -> str | None:
 def _status_line(s: Summary) -> str:
     took = format_duration(s.wall_seconds)
     if s.command != "fit":
-        return f"midtrain {s.command}: done in {took}"
+        return f"{s.command}: done in {took}"
     rate = s.tokens_per_second
     speed = f", {format_count(rate)} tokens/s" if rate is not None else ""
     where = f"at step {s.step}/{s.max_steps}" if s.max_steps > 0 else f"at step {s.step}"
     what = {"finished": "finished", "preempted": "preempted", "diverged": "stopped (diverged)"}
-    line = f"midtrain fit: {what.get(s.status, s.status)} {where} in {took}{speed}"
+    line = f"fit: {what.get(s.status, s.status)} {where} in {took}{speed}"
     return line + (f": {s.reason}" if s.reason and s.status != "finished" else "")
 
 
