@@ -10,6 +10,7 @@ from midtrain.train.callbacks import (
     MixtureSwitch,
     ModelCheckpoint,
     Preemption,
+    RunSummary,
     Throughput,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "MixtureSwitch",
     "ModelCheckpoint",
     "Preemption",
+    "RunSummary",
     "Throughput",
 ]

@@ -100,3 +100,17 @@ def test_demo_help_is_its_own(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert out.startswith("usage: midtrain demo ")
     assert "--output DIR" in out and "required" not in out
+
+
+def test_configs_list_shows_every_description_whole(capsys: pytest.CaptureFixture) -> None:
+    from midtrain.cli.configs import _summary
+
+    assert main(["configs", "list"]) == 0
+    listed = " ".join(capsys.readouterr().out.split())  # the wrapping undone
+    root = packaged_configs()
+    for path in sorted(root.rglob("*.yaml")):
+        description = _summary(path)
+        assert description, f"{path}: its first line should be a comment saying what it is"
+        assert " ".join(description.split()) in listed
+    # a description continued on the next comment line is not cut after its first line
+    assert _summary(root / "pretrain/paper.yaml").endswith("devices = 1024.")

@@ -3,6 +3,7 @@ forks after a switch, TensorBoard purge on resume, and one-line errors for bad r
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -147,6 +148,12 @@ def test_signal_checkpoints_the_step_and_resumes_bitwise(
     assert after <= step < MAX_STEPS and f"preempted by {sig}" in line
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == step
     assert "Traceback" not in err
+    assert f"fit: preempted at step {step}/{MAX_STEPS}" in err  # the run summary
+    assert (
+        f"resume:     midtrain fit --config {tmp_path / 'run' / 'config.yaml'} --ckpt_path last"
+        in err
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "preempted"
     no_temps(ckpts)
 
     finish(midtrain("fit", "--config", str(cfg), "--ckpt_path", "last"))
@@ -271,6 +278,14 @@ def test_divergence_stops_with_one_line_and_keeps_a_finite_last(
     else:
         assert last.exists() and finite(last)
         assert "the last good checkpoint is" in line
+        # the run summary says so, and how to continue from the last good checkpoint
+        assert "fit: stopped (diverged) at step" in err
+        assert (
+            f"continue:   midtrain fit --config {tmp_path / 'div' / 'config.yaml'} --fork {last}"
+            in err
+        )
+    summary = json.loads((tmp_path / "div" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
     for ckpt in (tmp_path / "div" / "checkpoints").glob("*.ckpt"):
         assert finite(ckpt), ckpt
 

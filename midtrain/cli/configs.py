@@ -32,22 +32,32 @@ def _shipped(name: str | Path) -> Path:
 
 
 def _summary(path: Path) -> str:
-    """The first comment line of a config: what it is."""
+    """What a config is: its header comment's first paragraph, whole (it often continues on the
+    next comment lines), up to an indented example command or a blank comment line."""
+    text: list[str] = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line.strip():
+        body = line[1:] if line.startswith("#") else None
+        if body is None or not body.strip() or body.startswith("   "):
             break
-    return ""
+        text.append(body.strip())
+    return " ".join(text)
 
 
-def list_configs() -> str:
-    """Every shipped config by name, with the first line of its header comment."""
+def list_configs(width: int = 100) -> str:
+    """Every shipped config by name, with its whole description, wrapped under itself."""
+    import textwrap
+
     root = packaged_configs()
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
-    width = max(len(n) for n in names)
+    name_width = max(len(n) for n in names)
+    indent = " " * (name_width + 4)
     lines = [f"ready-made configs in {root} (use as --config configs/<name> from any directory):"]
-    lines += [f"  {n:<{width}}  {_summary(root / n)}".rstrip() for n in names]
+    for n in names:
+        first = f"  {n:<{name_width}}  "
+        wrapped = textwrap.wrap(
+            _summary(root / n), width, initial_indent=first, subsequent_indent=indent
+        )
+        lines += wrapped or [first.rstrip()]
     return "\n".join(lines)
 
 

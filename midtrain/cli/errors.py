@@ -3,6 +3,9 @@ exceptions from jsonargparse, LightningCLI and our own classes become a ``Midtra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from midtrain.cli.unknown_key import unknown_key_error
 from midtrain.cli.yaml_input import explain_dict_error
 from midtrain.errors import MidtrainError, find_midtrain_error
 
@@ -16,7 +19,9 @@ def config_error(error: BaseException, what: str) -> MidtrainError:
     return MidtrainError(explain_dict_error(one_line(error)) or f"{what}: {one_line(error)}")
 
 
-def translate_cli_error(error: Exception, raised: list[MidtrainError]) -> BaseException:
+def translate_cli_error(
+    error: Exception, raised: list[MidtrainError], argv: Sequence[str] = ()
+) -> BaseException:
     """What LightningCLI raised, as the error to show: jsonargparse wraps errors raised while
     instantiating our classes, in the exception chain or (older versions, a Union's subtype)
     only in its message, where ``raised`` (``midtrain.errors.recording_errors``) has them."""
@@ -24,5 +29,7 @@ def translate_cli_error(error: Exception, raised: list[MidtrainError]) -> BaseEx
     if cause is not None:
         return cause
     if type(error).__name__ == "ArgumentError" or "jsonargparse" in type(error).__module__:
-        return config_error(error, "config")
+        # an unknown key names its file and line and the closest valid key
+        unknown = unknown_key_error(one_line(error), argv)
+        return MidtrainError(unknown) if unknown else config_error(error, "config")
     return error

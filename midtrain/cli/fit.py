@@ -7,9 +7,10 @@ The hooks only order the steps; what they decide lives in pure functions elsewhe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
+from midtrain.train.callbacks.summary import RunSummary
 from midtrain.train.callbacks.throughput import Throughput
 from midtrain.train.module import CausalLM
 from midtrain.train.trainer import Trainer
@@ -145,6 +147,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         parser.add_lightning_class_args(MixtureLogging, "mixture_logging")
         parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(RunSummary, "summary")  # the run's last lines
         # A resumed run overwrites its own last.ckpt (never a stray last-v1.ckpt).
         parser.set_defaults(
             {"checkpoint.save_last": True, "checkpoint.enable_version_counter": False}
@@ -270,18 +273,31 @@ def trainer_main(argv: Sequence[str]) -> None:
         parser_kwargs["exit_on_error"] = False
     with recording_errors() as raised:
         try:
-            MidtrainCLI(
-                CausalLM,
-                LightningDataModule,
-                subclass_mode_data=True,
-                trainer_class=Trainer,
-                save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
-                parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS} | parser_kwargs,
-                # None = read sys.argv (passing it again only makes LightningCLI warn)
-                args=None if list(argv) == sys.argv[1:] else list(argv),
-            )
+            with _as_sys_argv(argv):
+                MidtrainCLI(
+                    CausalLM,
+                    LightningDataModule,
+                    subclass_mode_data=True,
+                    trainer_class=Trainer,
+                    save_config_kwargs={"overwrite": True},
+                    auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
+                    parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS}
+                    | parser_kwargs,
+                )
         except MidtrainError:
             raise
         except Exception as e:
-            raise translate_cli_error(e, raised) from None
+            raise translate_cli_error(e, raised, argv) from None
+
+
+@contextlib.contextmanager
+def _as_sys_argv(argv: Sequence[str]) -> Iterator[None]:
+    """LightningCLI reads ``sys.argv`` (so do DDP's relaunched processes); ``args=`` while
+    ``sys.argv`` holds something else (``main([...])`` from Python or a test) only makes it warn.
+    So the command's own arguments are ``sys.argv`` while it runs."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "midtrain", *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved

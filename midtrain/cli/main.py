@@ -115,7 +115,8 @@ def run_command(name: str, args: list[str]) -> int:
     from midtrain.cli.errors import one_line
 
     command = COMMANDS[name]
-    quiet.quiet_lightning(name)
+    fork = any(a == "--fork" or a.startswith("--fork=") for a in args)
+    quiet.quiet_lightning(name, fork=name == "fit" and fork)
     try:
         yaml_input.install()
         yaml_input.check_args(args)

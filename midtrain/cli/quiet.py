@@ -32,8 +32,18 @@ EVALUATION_WARNINGS = [
     r"The dirpath has changed from .* won't be reloaded",
 ]
 
-# rank_zero_info lines (matched at the start)
-INFO = re.compile(r"💡 Tip: |GPU available: |TPU available: |HPU available: ")
+# Only for `fit --fork`: a fork is a new run with its own callbacks (another checkpoint
+# cadence, a MixtureSwitch); the forked run's callback states are meant to be left behind.
+FORK_WARNINGS = [
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be",
+]
+
+# rank_zero_info lines (matched at the start); "already configured with model summary": the
+# Trainer installs midtrain's own summary (midtrain.train.summary_table), by design.
+INFO = re.compile(
+    r"💡 Tip: |GPU available: |TPU available: |HPU available: "
+    r"|Trainer already configured with model summary callbacks"
+)
 
 
 class _DropInfo(logging.Filter):
@@ -41,10 +51,11 @@ class _DropInfo(logging.Filter):
         return not INFO.match(record.getMessage())
 
 
-def quiet_lightning(command: str = "fit") -> None:
-    """Install the filters for a ``midtrain`` command (idempotent)."""
+def quiet_lightning(command: str = "fit", fork: bool = False) -> None:
+    """Install the filters for a ``midtrain`` command (idempotent); ``fork``: ``fit --fork``."""
     evaluating = command in ("validate", "test", "predict")
-    for message in WARNINGS + (EVALUATION_WARNINGS if evaluating else []):
+    messages = WARNINGS + (EVALUATION_WARNINGS if evaluating else [])
+    for message in messages + (FORK_WARNINGS if fork else []):
         warnings.filterwarnings("ignore", message=message)
     for name in (
         "lightning.pytorch.utilities.rank_zero",

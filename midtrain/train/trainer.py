@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.train.host import keep_freed_memory
+from midtrain.train.summary_table import ModelSummary
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -105,6 +106,7 @@ class Trainer(pl.Trainer):
             # Lightning counts the micro-batches of this process: one optimizer step is
             # `accumulation` of them on every rank, whatever the world size.
             val_check_interval = self.val_check_steps * accumulation
+        _clamp_log_interval(kwargs)
         if kwargs.get("enable_progress_bar", True) is not False:
             callbacks = kwargs.get("callbacks")
             callbacks = (
@@ -114,6 +116,7 @@ class Trainer(pl.Trainer):
             )
             if not any(isinstance(cb, ProgressBar) for cb in callbacks):
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        _add_model_summary(kwargs)
         super().__init__(
             limit_train_batches=limit_train_batches,
             limit_val_batches=limit_val_batches,
@@ -138,6 +141,32 @@ class Trainer(pl.Trainer):
         if verbose and self.is_global_zero:
             print(results_table(results))
         return results
+
+
+def _add_model_summary(kwargs: dict[str, Any]) -> None:
+    """midtrain's model summary (FLOPs per token, not Lightning's zeros) unless the user gave
+    one or turned it off."""
+    if kwargs.get("enable_model_summary", True) is False:
+        return
+    callbacks = kwargs.get("callbacks")
+    callbacks = (
+        []
+        if callbacks is None
+        else (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks])
+    )
+    if not any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
+        kwargs["callbacks"] = [*callbacks, ModelSummary()]
+
+
+def _clamp_log_interval(kwargs: dict[str, Any]) -> None:
+    """A ``log_every_n_steps`` beyond ``max_steps`` becomes ``max_steps``: the run then logs its
+    last step (CausalLM does anyway), and Lightning's "fewer batches than the logging interval"
+    warning, false for such a run, has no cause. Steps logged before the end do not change."""
+    n = kwargs.get("log_every_n_steps")
+    n = 50 if n is None else n  # Lightning's default
+    max_steps = kwargs.get("max_steps")
+    if isinstance(n, int) and isinstance(max_steps, int) and 0 < max_steps < n:
+        kwargs["log_every_n_steps"] = max_steps
 
 
 def results_table(results: list[dict[str, float]]) -> str:

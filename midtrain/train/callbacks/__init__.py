@@ -6,6 +6,7 @@ from midtrain.train.callbacks.checkpoints import CheckpointAtSteps, ModelCheckpo
 from midtrain.train.callbacks.divergence import DivergenceGuard
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
+from midtrain.train.callbacks.summary import RunSummary
 from midtrain.train.callbacks.throughput import Throughput
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "MixtureSwitch",
     "ModelCheckpoint",
     "Preemption",
+    "RunSummary",
     "Throughput",
 ]

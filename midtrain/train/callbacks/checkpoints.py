@@ -46,4 +46,7 @@ class CheckpointAtSteps(Callback):
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if stepped and trainer.global_step in self.steps:
             directory = Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer)
-            trainer.save_checkpoint(directory / step_checkpoint(trainer.global_step))
+            # a full, resumable checkpoint (unset, Lightning says so in an info line)
+            trainer.save_checkpoint(
+                directory / step_checkpoint(trainer.global_step), weights_only=False
+            )

@@ -79,7 +79,10 @@ class MixtureSwitch(Callback):
             return
         rank_zero_info(f"mixture switch before step {step}: {self.weights}")
         if self.save_checkpoint:
-            trainer.save_checkpoint(checkpoint_dir(trainer) / switch_checkpoint(step))
+            # a full, resumable checkpoint (unset, Lightning says so in an info line)
+            trainer.save_checkpoint(
+                checkpoint_dir(trainer) / switch_checkpoint(step), weights_only=False
+            )
 
 
 class MixtureLogging(Callback):

@@ -103,7 +103,8 @@ class Preemption(Callback):
         if not stop:
             return
         path = checkpoint_dir(trainer) / LAST
-        trainer.save_checkpoint(path)
+        # a full, resumable checkpoint (unset, Lightning says so in an info line)
+        trainer.save_checkpoint(path, weights_only=False)
         name = self.received.name if self.received is not None else "a preemption signal"
         rank_zero_info(
             f"preempted by {name} after optimizer step {trainer.global_step}: saved "
