@@ -1,6 +1,6 @@
 """A run killed with SIGKILL and resumed with `--ckpt_path last` ends bitwise equal to an
-uninterrupted run: before, at and after a mixture switch, with workers, accumulation and
-two data-parallel processes."""
+uninterrupted run: before, at and after a mixture switch and in the middle of a ramp, with
+workers, accumulation and two data-parallel processes."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def config(
     accumulation: int,
     devices: int,
     slow: float,
+    ramp_steps: int = 0,
 ) -> Path:
     cfg = {
         "seed_everything": 0,
@@ -62,7 +63,12 @@ def config(
             "callbacks": [
                 {
                     "class_path": "midtrain.callbacks.MixtureSwitch",
-                    "init_args": {"weights": {"math": 0.6, "prose": 0.4}, "step": SWITCH},
+                    "init_args": {
+                        "weights": {"math": 0.6, "prose": 0.4},
+                        "step": SWITCH,
+                        "ramp_steps": ramp_steps,
+                        "ramp": "cosine",
+                    },
                 },
                 {"class_path": "tests.helpers.SlowDown", "init_args": {"seconds": slow}},
             ],
@@ -96,13 +102,18 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "kill_after,num_workers,accumulation,devices",
+    "kill_after,num_workers,accumulation,devices,ramp_steps",
     [
-        pytest.param(SWITCH - 2, 0, 1, 1, id="before-switch", marks=pytest.mark.slow),
-        pytest.param(SWITCH, 0, 1, 1, id="at-switch"),
-        pytest.param(SWITCH + 2, 0, 1, 1, id="after-switch", marks=pytest.mark.slow),
-        pytest.param(SWITCH, 2, 2, 1, id="workers2-accumulation2"),
-        pytest.param(SWITCH + 1, 0, 1, 2, id="ddp2"),
+        pytest.param(SWITCH - 2, 0, 1, 1, 0, id="before-switch", marks=pytest.mark.slow),
+        pytest.param(SWITCH, 0, 1, 1, 0, id="at-switch"),
+        pytest.param(SWITCH + 2, 0, 1, 1, 0, id="after-switch", marks=pytest.mark.slow),
+        pytest.param(SWITCH, 2, 2, 1, 0, id="workers2-accumulation2"),
+        pytest.param(SWITCH + 1, 0, 1, 2, 0, id="ddp2"),
+        pytest.param(SWITCH + 2, 0, 1, 1, 4, id="mid-ramp"),
+        pytest.param(
+            SWITCH + 1, 2, 2, 1, 4, id="mid-ramp-workers2-accumulation2", marks=pytest.mark.slow
+        ),
+        pytest.param(SWITCH + 2, 0, 1, 2, 4, id="mid-ramp-ddp2", marks=pytest.mark.slow),
     ],
 )
 def test_sigkill_then_resume_is_bitwise_exact(
@@ -112,11 +123,16 @@ def test_sigkill_then_resume_is_bitwise_exact(
     num_workers: int,
     accumulation: int,
     devices: int,
+    ramp_steps: int,
 ) -> None:
-    ref = config(tmp_path, builtin_store, "ref", num_workers, accumulation, devices, 0.0)
+    ref = config(
+        tmp_path, builtin_store, "ref", num_workers, accumulation, devices, 0.0, ramp_steps
+    )
     finish(midtrain("fit", "--config", str(ref)))
 
-    cfg = config(tmp_path, builtin_store, "run", num_workers, accumulation, devices, 0.3)
+    cfg = config(
+        tmp_path, builtin_store, "run", num_workers, accumulation, devices, 0.3, ramp_steps
+    )
     proc = midtrain("fit", "--config", str(cfg))
     marker = tmp_path / "run" / "checkpoints" / f"epoch=0-step={kill_after}.ckpt"
     deadline = time.monotonic() + 300

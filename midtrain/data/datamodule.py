@@ -12,8 +12,11 @@ from torch.utils.data import IterableDataset
 
 from midtrain.data.contract import StepDataModule, require_max_steps
 from midtrain.data.mixture import (
+    RAMP_CODES,
     MixtureSchedule,
     Phase,
+    WeightPath,
+    check_ramp,
     check_repeat,
     check_weights,
     format_plan,
@@ -46,8 +49,9 @@ class MixtureDataModule(StepDataModule):
             (epochs); None disables the check. The plan is printed at the start of fit.
 
     Phases come from three places: ``weights`` (from step 0), switches registered with
-    ``add_switch`` before training (``MixtureSwitch`` callbacks do so in their ``setup``), and
-    ``change_weights`` at runtime (kept in checkpoints, so a resumed run reproduces them).
+    ``add_switch`` before training (``MixtureSwitch`` callbacks do so in their ``setup``; a
+    switch may ramp), and ``change_weights`` at runtime (kept in checkpoints, so a resumed run
+    reproduces them).
     The data module owns the schedule; it implements ``midtrain.data.contract.DataContract``.
     """
 
@@ -82,6 +86,7 @@ class MixtureDataModule(StepDataModule):
         self._switches: dict[Any, Phase] = {}  # registered by add_switch, keyed by owner
         self.runtime_phases: list[Phase] = []  # from change_weights(); part of checkpoint state
         self._resolved_for: tuple | None = None
+        self._path: tuple[tuple, WeightPath] | None = None  # weights per step, by phase keys
         self._table: torch.Tensor | None = None  # phases shared with loader workers
         self._table_len: torch.Tensor | None = None
         if val_sets is None:
@@ -139,14 +144,23 @@ class MixtureDataModule(StepDataModule):
         used = {n for p in self.phases for n, w in p.weights.items() if w > 0}
         return [n for n in self.domains if n in used]
 
+    def weight_path(self) -> WeightPath:
+        """The schedule's weights per step (ramps interpolated), rebuilt when phases change."""
+        phases = self.phases
+        key = tuple(p.key() for p in phases)
+        if self._path is None or self._path[0] != key:
+            self._path = (key, WeightPath(self.domains, phases))
+        return self._path[1]
+
     def weights_at(self, step: int) -> dict[str, float]:
-        """Normalised weights in force at optimizer step ``step``."""
-        phase = [p for p in self.phases if p.start_step <= step][-1]
-        total = sum(phase.weights.values())
-        return {n: phase.weights.get(n, 0.0) / total for n in self.domains}
+        """Normalised weights in force at optimizer step ``step`` (inside a ramp: that step's
+        interpolated weights)."""
+        return self.weight_path().weights_at(step)
 
     def phase_starts(self) -> list[int]:
-        return [p.start_step for p in self.phases]
+        """Steps where the mixture changes course: phase starts and ramp ends (logged on both
+        sides, so curves bend exactly there)."""
+        return self.weight_path().boundaries()
 
     def val_bytes_per_token(self, name: str) -> float:
         """UTF-8 bytes per token of a validation split, for bits-per-byte."""
@@ -161,24 +175,40 @@ class MixtureDataModule(StepDataModule):
 
     # -- the schedule of a run ------------------------------------------------------------
     def add_switch(
-        self, step: int, weights: Mapping[str, float], max_steps: int, owner: Any = None
+        self,
+        step: int,
+        weights: Mapping[str, float],
+        max_steps: int,
+        owner: Any = None,
+        ramp_steps: int = 0,
+        ramp: str = "linear",
     ) -> None:
-        """Register a mixture switch: ``weights`` from optimizer step ``step`` on, for a run of
-        ``max_steps``. Called before training (by ``MixtureSwitch.setup``); registering again
-        with the same ``owner`` replaces its switch."""
-        where = f"MixtureSwitch(step={step}).weights"
-        if any(p.start_step == step for o, p in self._switches.items() if o is not owner):
+        """Register a mixture switch: ``weights`` from optimizer step ``step`` on (reached over
+        ``ramp_steps`` steps), for a run of ``max_steps``. Called before training (by
+        ``MixtureSwitch.setup``); registering again with the same ``owner`` replaces its
+        switch."""
+        where = f"MixtureSwitch(step={step})"
+        others = [p for o, p in self._switches.items() if o is not owner]
+        if any(p.start_step == step for p in others):
             raise MidtrainError(f"MixtureSwitch: two switches at step {step}")
         if not 0 < step < max_steps:
             raise MidtrainError(
                 f"MixtureSwitch: a switch at step {step} is outside the run "
                 f"(0 < step < max_steps={max_steps})"
             )
+        check_ramp(ramp_steps, ramp, where)
+        if step + ramp_steps > max_steps:
+            raise MidtrainError(
+                f"{where}.ramp_steps: a ramp of {ramp_steps} steps from step {step} runs past "
+                f"trainer.max_steps={max_steps}; shorten it to at most {max_steps - step}"
+            )
         # a fork's switches before the fork point must equal the checkpoint's past:
         # load_state_dict compares the schedule up to the fork step
-        check_weights(weights, self.store.domain_names, where)
-        self._check_domains(weights, where)
-        self._switches[owner] = Phase(step, dict(weights))
+        check_weights(weights, self.store.domain_names, f"{where}.weights")
+        self._check_domains(weights, f"{where}.weights")
+        phase = Phase(step, dict(weights), ramp_steps, ramp)
+        check_overlaps([*others, phase])
+        self._switches[owner] = phase
 
     def resolve_schedule(self, trainer: L.Trainer) -> None:
         """Validate the whole schedule before training and print the plan. Idempotent: the
@@ -187,7 +217,7 @@ class MixtureDataModule(StepDataModule):
         key = (
             max_steps,
             self.global_batch_size(trainer),
-            tuple((p.start_step, tuple(sorted(p.weights.items()))) for p in self.phases),
+            tuple(repr(p.key()) for p in self.phases),
         )
         if self._resolved_for == key:
             return
@@ -203,15 +233,19 @@ class MixtureDataModule(StepDataModule):
         blocks = {n: self.store.domain(n).train.num_blocks(self.seq_len) for n in self.domains}
         return plan_rows(self.schedule(global_batch_size), max_steps, self.seq_len, blocks)
 
-    def change_weights(self, weights: dict[str, float]) -> int:
+    def change_weights(
+        self, weights: dict[str, float], ramp_steps: int = 0, ramp: str = "linear"
+    ) -> int:
         """Change the mixture during ``fit``: from the first optimizer step whose batches the
         loader cannot have produced yet (those it handed out, plus num_workers x
-        prefetch_factor asked of its workers in advance), and never the running step.
+        prefetch_factor asked of its workers in advance), and never the running step; over
+        ``ramp_steps`` steps from the weights in force then (a later change cuts a ramp short).
         Returns that step. The change is kept in checkpoints."""
         trainer, loader = self.trainer, self.train_loader
         if trainer is None or self._table is None or loader is None:
             raise MidtrainError("change_weights: only during fit, once training has started")
         check_weights(weights, self.store.domain_names, "change_weights")
+        check_ramp(ramp_steps, ramp, "change_weights")
         self._check_domains(weights, "change_weights")
         # The stream's own accounting: the first micro-batch index (counted from step 0) that
         # its loader cannot have produced yet.
@@ -219,7 +253,7 @@ class MixtureDataModule(StepDataModule):
         first_free = stream.start_step * stream.accumulation + loader.produced()
         step = max(-(-first_free // stream.accumulation), trainer.global_step + 1)
         self.runtime_phases = [p for p in self.runtime_phases if p.start_step != step]
-        self.runtime_phases.append(Phase(step, dict(weights)))
+        self.runtime_phases.append(Phase(step, dict(weights), ramp_steps, ramp))
         self.runtime_phases.sort(key=lambda p: p.start_step)
         self._write_table()
         rank_zero_info(f"mixture change at runtime, from step {step}: {dict(weights)}")
@@ -230,8 +264,10 @@ class MixtureDataModule(StepDataModule):
         if len(phases) > self._table.shape[0]:
             raise MidtrainError(f"change_weights: at most {self._table.shape[0]} phases")
         for i, p in enumerate(phases):
-            self._table[i, 0] = p.start_step
-            self._table[i, 1:] = torch.tensor([float(p.weights.get(n, 0.0)) for n in self.domains])
+            self._table[i, :3] = torch.tensor(
+                [p.start_step, p.ramp_steps, RAMP_CODES[p.ramp]], dtype=torch.float64
+            )
+            self._table[i, 3:] = torch.tensor([float(p.weights.get(n, 0.0)) for n in self.domains])
         self._table_len[0] = len(phases)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -240,13 +276,13 @@ class MixtureDataModule(StepDataModule):
             "store": self.store.fingerprint(self.domains),
             "seq_len": self.seq_len,
             "seed": self.seed,
-            "phases": [(p.start_step, dict(sorted(p.weights.items()))) for p in self.phases],
+            "phases": [p.key() for p in self.phases],
         }
 
     # -- streams (StepDataModule makes the loaders) -----------------------------------------
     def train_stream(self, trainer: L.Trainer) -> IterableDataset:
         self.resolve_schedule(trainer)
-        self._table = torch.zeros(MAX_PHASES, 1 + len(self.domains), dtype=torch.float64)
+        self._table = torch.zeros(MAX_PHASES, 3 + len(self.domains), dtype=torch.float64)
         self._table_len = torch.zeros(1, dtype=torch.int64)
         self._table.share_memory_()
         self._table_len.share_memory_()
@@ -283,7 +319,7 @@ class MixtureDataModule(StepDataModule):
         return {
             "fingerprint": self.fingerprint(),
             "step": step,
-            "runtime_phases": [(p.start_step, dict(p.weights)) for p in self.runtime_phases],
+            "runtime_phases": [p.key() for p in self.runtime_phases],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -297,11 +333,11 @@ class MixtureDataModule(StepDataModule):
                     f"has {now[key]!r}; resuming would not continue the same data stream"
                 )
         step = state_dict.get("step") or 0
-        runtime = [Phase(s, w) for s, w in state_dict.get("runtime_phases", [])]
+        runtime = [Phase.from_key(k) for k in state_dict.get("runtime_phases", [])]
         if self.fork_step is not None:
             # A fork keeps the past (so the data position) and may change what comes after.
             self.runtime_phases = [p for p in runtime if p.start_step < step]
-            past = [(p.start_step, dict(p.weights)) for p in self.phases if p.start_step < step]
+            past = [p.key() for p in self.phases if p.start_step < step]
             if [tuple(x) for x in saved["phases"] if x[0] < step] != past:
                 raise MidtrainError(
                     f"fork: the schedule before the fork point (step {step}) differs from the "
@@ -309,11 +345,23 @@ class MixtureDataModule(StepDataModule):
                 )
             return
         self.runtime_phases = runtime
-        if [tuple(x) for x in saved["phases"]] != [
-            (p.start_step, dict(p.weights)) for p in self.phases
-        ]:
+        now_phases = [p.key() for p in self.phases]
+        if [tuple(x) for x in saved["phases"]] != now_phases:
             raise MidtrainError(
                 "data: the checkpoint was trained with a different mixture schedule "
-                f"({saved['phases']} vs {[(p.start_step, dict(p.weights)) for p in self.phases]}); "
+                f"({saved['phases']} vs {now_phases}); "
                 "to continue with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
+            )
+
+
+def check_overlaps(phases: list[Phase]) -> None:
+    """One line for a switch that starts inside another switch's ramp."""
+    phases = sorted(phases, key=lambda p: p.start_step)
+    for a, b in zip(phases, phases[1:], strict=False):
+        if a.start_step + a.ramp_steps > b.start_step:
+            raise MidtrainError(
+                f"MixtureSwitch(step={a.start_step}).ramp_steps: its ramp of {a.ramp_steps} "
+                f"steps runs to step {a.start_step + a.ramp_steps}, past the switch at step "
+                f"{b.start_step}; ramps may not overlap: shorten it to at most "
+                f"{b.start_step - a.start_step} or move the later switch"
             )

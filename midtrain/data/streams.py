@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
+from midtrain.data.mixture import RAMP_CODES, MixtureSchedule, Phase, block_indices, domain_key
 from midtrain.data.store import Split
 
 
@@ -109,7 +109,8 @@ class MixtureStream(StepStream):
         self.schedule = schedule
         self.seq_len = seq_len
         self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
-        # Shared-memory phases (start step, weight per domain) written by the datamodule when
+        # Shared-memory phases (start step, ramp steps, ramp code (RAMP_CODES), weight per
+        # domain) written by the datamodule when
         # the mixture changes at runtime; workers rebuild their schedule when the count moves.
         self.phase_table = phase_table
         self._table_views: tuple[np.ndarray, np.ndarray] | None = None
@@ -146,9 +147,15 @@ class MixtureStream(StepStream):
         n = int(length[0])
         if n == self._phases_seen:
             return
-        rows = table[:n].tolist()
+        ramps = {code: name for name, code in RAMP_CODES.items()}
         phases = [
-            Phase(int(r[0]), dict(zip(self.schedule.domains, r[1:], strict=True))) for r in rows
+            Phase(
+                int(r[0]),
+                dict(zip(self.schedule.domains, r[3:], strict=True)),
+                int(r[1]),
+                ramps[int(r[2])],
+            )
+            for r in table[:n].tolist()
         ]
         s = self.schedule
         self.schedule = MixtureSchedule(s.domains, phases, s.batch_size, s.seed)
