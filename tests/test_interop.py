@@ -255,6 +255,34 @@ def test_export_refuses_bad_input(
 # -- import -----------------------------------------------------------------------------------
 
 
+_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+)
+_LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+# Today's small bases in miniature: GQA everywhere, each architecture's own options.
+NEW_KINDS = {
+    "llama-gqa": lambda: transformers.LlamaConfig(
+        **_SHAPE, tie_word_embeddings=True, rope_parameters=_LLAMA3
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(**_SHAPE, tie_word_embeddings=False),
+    "qwen3": lambda: transformers.Qwen3Config(**_SHAPE, head_dim=16, tie_word_embeddings=True),
+    "olmo2": lambda: transformers.Olmo2Config(**_SHAPE, pad_token_id=None),
+}
+
+
 def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
     """A random transformers model (non-trivial biases and norms) saved with save_pretrained,
     with the store's tokenizer: what a released checkpoint looks like, offline."""
@@ -275,6 +303,8 @@ def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
             },
             hidden_act="gelu",
         )
+    elif kind in NEW_KINDS:
+        config = NEW_KINDS[kind]()
     else:
         config = transformers.LlamaConfig(
             vocab_size=512,
@@ -299,7 +329,7 @@ def random_hf_model(kind: str, directory: Path, store: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("kind", list(ARCHS))
+@pytest.mark.parametrize("kind", [*ARCHS, *NEW_KINDS])
 def test_import_matches_transformers(kind: str, tmp_path: Path, builtin_store: Path) -> None:
     from midtrain.train.module import CausalLM
 
@@ -315,6 +345,57 @@ def test_import_matches_transformers(kind: str, tmp_path: Path, builtin_store: P
     CausalLM(init_from=f"hf:{directory}", model_config={"n_layer": 2, "block_size": 32})
     with pytest.raises(MidtrainError, match=r"model_config.n_layer=3 conflicts"):
         CausalLM(init_from=f"hf:{directory}", model_config={"n_layer": 3})
+
+
+@pytest.mark.parametrize("kind", list(NEW_KINDS))
+def test_new_kinds_generate_and_export_like_transformers(
+    kind: str, tmp_path: Path, builtin_store: Path
+) -> None:
+    """Greedy KV-cache generation equals transformers' generate; GPT -> transformers gives
+    the same class and logits back."""
+    from huggingface_hub import save_torch_state_dict
+
+    directory = random_hf_model(kind, tmp_path / kind, builtin_store)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    config, state = hf.load(f"hf:{directory}")
+    ours = GPT(config).eval()
+    ours.load_state_dict(state)
+    prompts = [[5, 17, 300, 2], [9, 8], [400]]
+    got = generate_ids(ours, prompts, Sampling(max_new_tokens=12))
+    for prompt, new in zip(prompts, got, strict=True):
+        out = theirs.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+        )
+        assert out[0, len(prompt) :].tolist() == new
+    hf.to_hf_config(config).save_pretrained(tmp_path / "out")
+    save_torch_state_dict(hf.to_hf_state_dict(ours.state_dict(), config), tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(theirs)
+    idx = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (back(idx).logits - ours(idx)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        ("qwen2", {"use_sliding_window": True}, "use_sliding_window=true"),
+        ("qwen3", {"layer_types": ["sliding_attention"] * 2}, "layer_types 'sliding_attention'"),
+        ("qwen3", {"attention_bias": True}, "attention_bias=true is not supported for qwen3"),
+        ("llama-gqa", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "'yarn'"),
+        ("qwen2", {"model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not supported"),
+        ("olmo2", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ],
+)
+def test_import_refuses_what_gpt_cannot_compute(
+    kind: str, change: dict, message: str, tmp_path: Path, builtin_store: Path
+) -> None:
+    directory = random_hf_model(kind, tmp_path / kind, builtin_store)
+    cfg = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(MidtrainError, match=message) as e:
+        hf.load(f"hf:{directory}")
+    assert "\n" not in str(e.value)
 
 
 def test_import_refuses_bad_input(tmp_path: Path, builtin_store: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -240,3 +241,206 @@ def test_packed_documents_equal_separate_forwards(name: str) -> None:
         assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
         # without doc ids the second document would see the first
         assert not torch.allclose(model(packed)[:, 7:], model(b), atol=1e-3)
+
+
+# -- Llama-family features: GQA, head_dim, q/k/v bias, QK-norm, post-norm, Llama 3 rope ------
+
+# The released models' parameter counts (their config.json numbers; tied heads count once).
+RELEASED_COUNTS = {
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
+    "qwen3-0.6b": 596_049_920,
+    "llama-3.2-1b": 1_235_814_400,
+    "olmo2-1b": 1_484_916_736,
+}
+
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
+
+# Each a llama-tiny variant (n_embd 64, 4 heads) exercising one architecture's options.
+FEATURES = {
+    "gqa-llama3": dict(n_query_groups=2, rope_scaling=LLAMA3_ROPE, tie_embeddings=True),
+    "mqa": dict(n_query_groups=1),
+    "qwen2": dict(n_query_groups=2, bias=False, qkv_bias=True),
+    "qwen3": dict(n_query_groups=2, head_dim=24, qk_norm="per_head"),
+    "olmo2": dict(n_query_groups=2, qk_norm="whole", norm_placement="post"),
+}
+
+
+def _feature_gpt(feature: str, seed: int = 0) -> GPT:
+    """A feature model with noise on every weight (unit norms and zero biases hide bugs)."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig.from_name("llama-tiny", **FEATURES[feature]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(RELEASED_COUNTS))
+def test_released_base_param_counts(name: str) -> None:
+    model = _meta_gpt(ModelConfig.from_name(name))
+    assert model.num_parameters() == RELEASED_COUNTS[name]
+    assert model.embed.weight.is_meta
+
+
+def test_attention_shapes() -> None:
+    qwen3 = ModelConfig.from_name("qwen3-0.6b")
+    attn = _meta_gpt(ModelConfig.from_name("qwen3-0.6b", n_layer=1)).blocks[0].attn
+    # 16 query heads and 8 key/value heads of 128 dims over a 1024-wide stream
+    assert attn.qkv.weight.shape == ((16 + 2 * 8) * 128, 1024)
+    assert attn.proj.weight.shape == (1024, 16 * 128)
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (128,)
+    assert qwen3.head_size == 128 and qwen3.kv_heads == 8
+    olmo = _meta_gpt(ModelConfig.from_name("olmo2-1b", n_layer=1)).blocks[0].attn
+    assert olmo.q_norm.weight.shape == olmo.k_norm.weight.shape == (2048,)
+    # a multi-head config keeps Pythia's fused layout: 3 * n_embd rows, no new parameters
+    tiny = GPT(ModelConfig.from_name("tiny"))
+    assert tiny.blocks[0].attn.qkv.weight.shape == (3 * 64, 64)
+    assert not hasattr(tiny.blocks[0].attn, "q_norm")
+
+
+def test_grouped_query_attention_equals_repeated_heads() -> None:
+    """A GQA model computes exactly the multi-head model whose key/value heads are copied to
+    every query head of their group (the grouping transformers and Meta use)."""
+    gqa = _feature_gpt("gqa-llama3")
+    mha_config = ModelConfig.from_name(
+        "llama-tiny", **{**FEATURES["gqa-llama3"], "n_query_groups": None}
+    )
+    mha = GPT(mha_config).eval()
+    state = dict(gqa.state_dict())
+    hs, groups, per = 16, 2, 2
+    for i in range(2):
+        for s in ("weight",):
+            w = state[f"blocks.{i}.attn.qkv.{s}"].view(groups, per + 2, hs, -1)
+            q, k, v = w[:, :per], w[:, per : per + 1], w[:, per + 1 :]
+            heads = [
+                torch.cat([q[g, j : j + 1], k[g], v[g]]) for g in range(groups) for j in range(per)
+            ]
+            state[f"blocks.{i}.attn.qkv.{s}"] = torch.cat(heads).reshape(-1, 64)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx), mha(idx), rtol=0, atol=2e-6)
+
+
+def test_llama3_rope_scaling() -> None:
+    """Low frequencies (wavelength beyond original/low_freq_factor) are divided by factor,
+    high ones (below original/high_freq_factor) kept, the band between blended."""
+    dims, base = 16, 10000.0
+    plain = build_rope_cache(64, dims, base)
+    scaled = build_rope_cache(64, dims, base, scaling=LLAMA3_ROPE)
+    inv = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+    wavelen = 2 * math.pi / inv
+    angle_plain, angle_scaled = plain[1][1, : dims // 2].asin(), scaled[1][1, : dims // 2].asin()
+    high, low = wavelen < 64 / 4, wavelen > 64 / 1
+    assert high.any() and low.any() and (~high & ~low).any()  # all three bands are exercised
+    torch.testing.assert_close(angle_scaled[high], angle_plain[high])
+    torch.testing.assert_close(angle_scaled[low], angle_plain[low] / 8.0)
+    mid = ~high & ~low
+    assert (
+        (angle_scaled[mid] < angle_plain[mid]) & (angle_scaled[mid] > angle_plain[mid] / 8)
+    ).all()
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features_train_and_stay_causal(feature: str) -> None:
+    model = _feature_gpt(feature).train()
+    batch = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(0))
+    loss = _loss(model, batch)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    model.eval()
+    changed = batch.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 512
+    with torch.no_grad():
+        a, b = model(batch), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 7], b[:, 7])
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features_packed_documents_and_kv_cache(feature: str) -> None:
+    from midtrain.model.generation import Sampling, generate_ids
+
+    model = _feature_gpt(feature)
+    a = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(2))
+    b = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(torch.cat([a, b], dim=1), doc_ids=torch.tensor([[0] * 7 + [1] * 5]))
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+    # the cache holds kv_heads heads, and cached decoding (batched, left-padded) equals
+    # recomputing every sequence in full
+    cache = model.new_kv_cache(2, 8)
+    assert cache[0].k.shape == (2, model.config.kv_heads, 8, model.config.head_size)
+    prompts = [a[0].tolist(), b[0, :3].tolist()]
+    sampling = Sampling(max_new_tokens=12)
+    assert generate_ids(model, prompts, sampling) == generate_ids(
+        model, prompts, sampling, use_cache=False
+    )
+
+
+@pytest.mark.parametrize("feature", ["qwen3", "olmo2"])
+def test_features_meta_init_and_activation_checkpointing(feature: str) -> None:
+    from midtrain.model.parallelize import apply_activation_checkpointing
+
+    config = ModelConfig.from_name("llama-tiny", **FEATURES[feature])
+    torch.manual_seed(5)
+    direct = GPT(config)
+    torch.manual_seed(5)
+    meta = _meta_gpt(config)
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    for (n1, p1), (_, p2) in zip(
+        direct.state_dict().items(), meta.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p1, p2), n1
+    # checkpointing recomputes activations: the same gradients, bitwise
+    batch = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    _loss(direct, batch).backward()
+    apply_activation_checkpointing(meta)
+    _loss(meta, batch).backward()
+    for (name, p1), p2 in zip(direct.named_parameters(), meta.parameters(), strict=True):
+        assert torch.equal(p1.grad, p2.grad), name
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"n_query_groups": 3}, "n_query_groups=3: must divide n_head=4"),
+        ({"n_query_groups": 0}, "n_query_groups=0: must be None or a positive int"),
+        ({"qk_norm": "layer"}, "qk_norm='layer': must be 'none' or 'per_head' or 'whole'"),
+        ({"norm_placement": "post", "parallel_residual": True}, "needs parallel_residual=False"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'llama3'"),
+        ({"rope_scaling": {**LLAMA3_ROPE, "factor": 0}}, "factor must be a positive number"),
+        ({"rope_scaling": {**LLAMA3_ROPE, "beta": 1.0}}, "unknown key 'beta'"),
+        ({"head_dim": 0}, "head_dim=0"),
+        ({"n_embd": 66}, "set head_dim"),
+    ],
+)
+def test_feature_config_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig.from_name("llama-tiny", **overrides)
+    ModelConfig.from_name("llama-tiny", n_embd=66, head_dim=16)  # head_dim frees n_embd
+
+
+def test_shape_record_omits_new_fields_at_defaults() -> None:
+    """A checkpoint recorded before the Llama-family fields existed compares equal on resume."""
+    assert "n_query_groups" not in ModelConfig.from_name("tiny").shape()
+    assert ModelConfig.from_name("qwen3-0.6b").shape()["qk_norm"] == "per_head"

@@ -77,9 +77,7 @@ def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, An
         )
     config = getattr(model, "config", None)
     if config is not None:
-        from dataclasses import asdict
-
-        record["model.shape"] = asdict(config)
+        record["model.shape"] = config.shape()
     hp = getattr(model, "hparams", {})
     for key in (
         "lr",

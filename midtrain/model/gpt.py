@@ -1,4 +1,5 @@
-"""A decoder-only transformer (GPT-NeoX / Pythia layout, with a LLaMA-style option).
+"""A decoder-only transformer: the GPT-NeoX / Pythia layout, and the Llama-family options
+(grouped-query attention, q/k/v bias, QK-norm, post-norm, Llama 3 rotary scaling).
 
 Plain PyTorch on purpose: no Lightning and no distributed code, so the model can be built,
 tested and inspected on its own. The Lightning module wraps it in ``midtrain.train``."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -16,17 +18,37 @@ from midtrain.model.config import ModelConfig
 
 
 def build_rope_cache(
-    seq_len: int, rotary_dims: int, base: float = 10000.0, device: torch.device | None = None
+    seq_len: int,
+    rotary_dims: int,
+    base: float = 10000.0,
+    device: torch.device | None = None,
+    scaling: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (seq_len, rotary_dims), GPT-NeoX layout (freqs repeated twice)."""
+    """cos/sin tables of shape (seq_len, rotary_dims), GPT-NeoX layout (freqs repeated twice);
+    ``scaling`` is a Llama 3 ``rope_scaling`` dict (``ModelConfig.rope_scaling``) or None."""
     # Always float32: building the angles in bf16 would wreck positions beyond a few hundred.
     inv_freq = 1.0 / base ** (
         torch.arange(0, rotary_dims, 2, device=device, dtype=torch.float32) / rotary_dims
     )
+    if scaling is not None:
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3's rotary scaling: low frequencies slowed by ``factor``, high ones kept, and a
+    smooth blend between (the formula of Meta's reference code, as transformers has it)."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,10 +92,42 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv = config.n_head, config.kv_heads
         self.head_size = config.head_size
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.qk_norm = config.qk_norm
+        width = config.n_head * config.head_size
+        kv_width = config.kv_heads * config.head_size
+        self.qkv = nn.Linear(config.n_embd, width + 2 * kv_width, bias=config.has_qkv_bias)
+        self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
+        if config.qk_norm != "none":  # always RMSNorm: Qwen3 and OLMo 2 both use it
+            per_head = config.qk_norm == "per_head"
+            self.q_norm = nn.RMSNorm(config.head_size if per_head else width, config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_size if per_head else kv_width, config.norm_eps)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, n_embd) -> q (B, n_head, T, hs), k and v (B, n_kv, T, hs).
+
+        The fused weight is laid out per key/value group: [q_g1 .. q_gm | k_g | v_g] for each
+        group g of m query heads. With one query per group that is GPT-NeoX's per-head
+        [q_h | k_h | v_h], which keeps HF Pythia checkpoints loadable without reshuffling."""
+        B, T, _ = x.shape
+        hs, per_kv = self.head_size, self.n_head // self.n_kv
+        qkv = self.qkv(x).view(B, T, self.n_kv, (per_kv + 2) * hs).transpose(1, 2)
+        q, k, v = qkv.split((per_kv * hs, hs, hs), dim=-1)
+        if per_kv > 1:  # query heads in order g * per_kv + i, as transformers numbers them
+            q = q.reshape(B, self.n_kv, T, per_kv, hs).transpose(2, 3)
+            q = q.reshape(B, self.n_head, T, hs)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "whole":
+            q, k = self._whole_norm(self.q_norm, q), self._whole_norm(self.k_norm, k)
+        return q, k, v
+
+    @staticmethod
+    def _whole_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over all heads at once (OLMo 2): (B, H, T, hs) in and out."""
+        B, H, T, hs = x.shape
+        return norm(x.transpose(1, 2).reshape(B, T, H * hs)).view(B, T, H, hs).transpose(1, 2)
 
     def forward(
         self,
@@ -83,20 +137,19 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
-        # GPT-NeoX packs qkv per head ([q_h | k_h | v_h] for each head h), which keeps
-        # HF Pythia checkpoints loadable without reshuffling the fused weight.
-        qkv = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
-        q, k, v = qkv.split(self.head_size, dim=-1)
+        B, T, _ = x.shape
+        q, k, v = self._split(x)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv_cache is not None:  # decoding: attend to every cached key as well
             k, v = kv_cache.update(k, v)
+        # grouped keys/values are shared by their group's query heads inside SDPA (no copy)
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_head else {}
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:  # packed sequences: causal within each document only
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
 
 
 class GeluMLP(nn.Module):
@@ -124,6 +177,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.parallel_residual = config.parallel_residual
+        self.post_norm = config.norm_placement == "post"
         self.norm_1 = _make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.norm_2 = _make_norm(config)
@@ -137,6 +191,9 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        if self.post_norm:  # OLMo 2: norm_1 / norm_2 normalise the outputs, not the inputs
+            x = x + self.norm_1(self.attn(x, cos, sin, mask, kv_cache))
+            return x + self.norm_2(self.mlp(x))
         if self.parallel_residual:
             return (
                 x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache) + self.mlp(self.norm_2(x))
@@ -166,6 +223,7 @@ class GPT(nn.Module):
             config.rotary_dims,
             config.rotary_base,
             device=self.embed.weight.device,
+            scaling=config.rope_scaling,
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -199,6 +257,7 @@ class GPT(nn.Module):
             config.rotary_dims,
             config.rotary_base,
             device=self.embed.weight.device,
+            scaling=config.rope_scaling,
         )
 
     @torch.no_grad()
@@ -247,7 +306,7 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
         """One empty key/value cache per block for ``forward_cached``, room for max_len tokens."""
         c, w = self.config, self.embed.weight
-        shape = (batch_size, c.n_head, max_len, c.head_size)
+        shape = (batch_size, c.kv_heads, max_len, c.head_size)  # grouped: the GQA saving
         return [
             KVCache(
                 torch.empty(shape, dtype=w.dtype, device=w.device),
@@ -301,10 +360,11 @@ class GPT(nn.Module):
 
         6 * N for every matmul weight (all Linear layers including lm_head; the embedding is a
         lookup, and norms/biases are negligible) plus 12 * n_layer * n_embd * seq_len for the
-        attention score and value matmuls. Used as the numerator of MFU.
+        attention score and value matmuls (n_head * head_size wide). Used as the numerator of
+        MFU.
         """
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         c = self.config
-        return float(6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len)
+        return float(6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_size * seq_len)

@@ -1,13 +1,18 @@
 """Hugging Face interop: export a checkpoint as a ``transformers`` model directory, and import a
 ``transformers`` model (a local directory or a hub id, optionally ``@revision``) into ``GPT``.
 
-Two architectures map one to one onto ``GPT``:
+Five architectures (HF ``model_type``) map one to one onto ``GPT``:
 
-- ``GPTNeoXForCausalLM`` (Pythia): LayerNorm with bias, exact-erf GELU MLP, fused per-head
-  ``[q|k|v]`` projection (the very layout of ``CausalSelfAttention.qkv``), partial rotary, parallel
-  or sequential residual.
-- ``LlamaForCausalLM`` (the llama-style variant): RMSNorm, SwiGLU, full rotary, sequential residual;
-  separate q/k/v projections are cut from / stacked into the fused one, head by head.
+- ``gpt_neox`` (Pythia): LayerNorm with bias, exact-erf GELU MLP, fused per-head ``[q|k|v]``
+  projection (the very layout of ``CausalSelfAttention.qkv``), partial rotary, parallel or
+  sequential residual.
+- ``llama`` (Llama 2/3, SmolLM2): RMSNorm, SwiGLU, full rotary (plain or Llama 3 scaled),
+  sequential residual, grouped-query attention, tied or untied head; separate q/k/v projections
+  are cut from / stacked into the fused one, group by group.
+- ``qwen2``: ``llama`` with biased q/k/v and no other bias (``bias=False, qkv_bias=True``).
+- ``qwen3``: ``llama`` with per-head RMSNorm on q and k (``qk_norm="per_head"``).
+- ``olmo2``: ``llama`` with RMSNorm over the whole q and k projections (``qk_norm="whole"``)
+  and the block norms after attention / MLP (``norm_placement="post"``).
 
 Any other option is refused with one line naming it: nothing is exported or imported approximately.
 Needs the ``hf`` extra (``pip install midtrain[hf]``: transformers, safetensors)."""
@@ -38,20 +43,36 @@ def _require(module: str) -> Any:
         ) from None
 
 
-def hf_architecture(config: ModelConfig) -> str:
-    """``gpt_neox`` or ``llama``, or a one-line error naming the option neither can express."""
-    if config.mlp == "gelu":
-        if config.norm != "layernorm":
+def _refuse_neox(config: ModelConfig) -> None:
+    """What GPTNeoX (a GELU MLP) cannot express, as a one-line error."""
+    if config.norm != "layernorm":
+        raise MidtrainError(
+            f"export: norm={config.norm!r} with a GELU MLP has no transformers "
+            "equivalent (GPTNeoX uses LayerNorm)"
+        )
+    if not config.bias:
+        raise MidtrainError(
+            "export: bias=False with a GELU MLP has no transformers "
+            "equivalent (GPTNeoX's MLP and LayerNorm always have biases)"
+        )
+    plain = dict(
+        n_query_groups=(config.kv_heads, config.n_head),
+        head_dim=(config.head_size, config.n_embd // config.n_head),
+        qkv_bias=(config.has_qkv_bias, config.bias),
+        qk_norm=(config.qk_norm, "none"),
+        norm_placement=(config.norm_placement, "pre"),
+        rope_scaling=(config.rope_scaling, None),
+    )
+    for key, (value, needed) in plain.items():
+        if value != needed:
             raise MidtrainError(
-                f"export: norm={config.norm!r} with a GELU MLP has no transformers "
-                "equivalent (GPTNeoX uses LayerNorm)"
+                f"export: {key}={getattr(config, key)!r} with a GELU MLP has no transformers "
+                f"equivalent (GPTNeoX needs {needed!r})"
             )
-        if not config.bias:
-            raise MidtrainError(
-                "export: bias=False with a GELU MLP has no transformers "
-                "equivalent (GPTNeoX's MLP and LayerNorm always have biases)"
-            )
-        return "gpt_neox"
+
+
+def _refuse_llama_family(config: ModelConfig) -> None:
+    """What no SwiGLU architecture of transformers' (Llama, Qwen2/3, OLMo 2) can express."""
     if config.norm != "rmsnorm":
         raise MidtrainError(
             f"export: norm={config.norm!r} with a SwiGLU MLP has no transformers "
@@ -67,13 +88,56 @@ def hf_architecture(config: ModelConfig) -> str:
             f"export: rotary_pct={config.rotary_pct} with a SwiGLU MLP has no "
             "transformers equivalent (Llama rotates every head dim)"
         )
-    return "llama"
+
+
+def hf_architecture(config: ModelConfig) -> str:
+    """The transformers ``model_type`` that computes exactly what ``config`` does: gpt_neox,
+    llama, qwen2, qwen3 or olmo2; or a one-line error naming the option none can express."""
+    if config.mlp == "gelu":
+        _refuse_neox(config)
+        return "gpt_neox"
+    _refuse_llama_family(config)
+    if config.norm_placement == "post" or config.qk_norm == "whole":
+        arch, needs = "olmo2", dict(norm_placement="post", qk_norm="whole")
+    elif config.qk_norm == "per_head":
+        arch, needs = "qwen3", {}
+    elif config.has_qkv_bias and not config.bias:
+        arch, needs = "qwen2", {}
+    else:
+        arch, needs = "llama", dict(qkv_bias=config.bias)
+    if arch != "llama":  # their MLPs and output projections have no bias
+        needs.update(bias=False, qkv_bias=arch == "qwen2")
+    for key, value in needs.items():
+        have = config.has_qkv_bias if key == "qkv_bias" else getattr(config, key)
+        if have != value:
+            raise MidtrainError(
+                f"export: {key}={have!r} has no transformers equivalent in {arch} "
+                f"(which the other options select; it needs {key}={value!r})"
+            )
+    return arch
+
+
+_HF_CLASSES = {
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+}
+
+
+def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    if config.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": config.rotary_base}
+    return {**config.rope_scaling, "rope_theta": config.rotary_base}
 
 
 def to_hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None) -> Any:
     """The ``transformers`` config of ``config``; the vocabulary is the padded one (as Pythia's)."""
     transformers = _require("transformers")
-    common = dict(
+    arch = hf_architecture(config)
+    config_class, model_class = _HF_CLASSES[arch]
+    common: dict[str, Any] = dict(
         vocab_size=config.padded_vocab_size,
         hidden_size=config.n_embd,
         num_hidden_layers=config.n_layer,
@@ -83,10 +147,11 @@ def to_hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | N
         tie_word_embeddings=config.tie_embeddings,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
+        architectures=[model_class],
+        dtype="float32",
     )
-    if hf_architecture(config) == "gpt_neox":
-        return transformers.GPTNeoXConfig(
-            **common,
+    if arch == "gpt_neox":
+        extra: dict[str, Any] = dict(
             hidden_act="gelu",
             layer_norm_eps=config.norm_eps,
             use_parallel_residual=config.parallel_residual,
@@ -96,21 +161,21 @@ def to_hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | N
                 "rope_theta": config.rotary_base,
                 "partial_rotary_factor": config.rotary_pct,
             },
-            architectures=["GPTNeoXForCausalLM"],
-            dtype="float32",
         )
-    return transformers.LlamaConfig(
-        **common,
-        hidden_act="silu",
-        rms_norm_eps=config.norm_eps,
-        num_key_value_heads=config.n_head,
-        head_dim=config.head_size,
-        attention_bias=config.bias,
-        mlp_bias=config.bias,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
-        architectures=["LlamaForCausalLM"],
-        dtype="float32",
-    )
+    else:
+        extra = dict(
+            hidden_act="silu",
+            rms_norm_eps=config.norm_eps,
+            num_key_value_heads=config.kv_heads,
+            head_dim=config.head_size,
+            rope_parameters=_rope_parameters(config),
+            pad_token_id=None,
+        )
+        if arch == "llama":
+            extra.update(attention_bias=config.bias, mlp_bias=config.bias)
+        elif arch != "qwen2":  # Qwen2's q/k/v biases are fixed, not a config key
+            extra.update(attention_bias=False)
+    return getattr(transformers, config_class)(**common, **extra)
 
 
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
@@ -122,26 +187,45 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """rotary_base and rope_scaling; any rope type other than default/llama3 is refused."""
+    rope = _rope(hf)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise MidtrainError(
+            f"{where}: rope_parameters.rope_type {rope_type!r} is not supported "
+            "(only 'default' and 'llama3')"
+        )
+    out: dict[str, Any] = dict(rotary_base=float(rope["rope_theta"]))
+    if rope_type == "llama3":
+        missing = [k for k in _LLAMA3_KEYS if k not in rope]
+        if missing:
+            raise MidtrainError(f"{where}: llama3 rope_parameters miss {missing[0]!r}")
+        scaling: dict[str, Any] = {k: float(rope[k]) for k in _LLAMA3_KEYS}
+        scaling["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+        out["rope_scaling"] = {"rope_type": "llama3", **scaling}
+    return out
+
+
+_MODEL_TYPES = ("gpt_neox", "llama", "qwen2", "qwen3", "olmo2")
+
+
 def from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """``ModelConfig`` fields for an HF ``config.json`` dict, or a one-line error."""
     model_type = hf.get("model_type")
-    if model_type not in ("gpt_neox", "llama"):
+    if model_type not in _MODEL_TYPES:
         raise MidtrainError(
             f"{where}: model_type {model_type!r} is not supported; "
-            "midtrain imports gpt_neox (Pythia) and llama models"
+            f"midtrain imports {', '.join(_MODEL_TYPES)} models"
+        )
+    if float(hf.get("attention_dropout", 0.0) or 0.0) != 0.0:
+        raise MidtrainError(
+            f"{where}: attention_dropout={hf['attention_dropout']} is not supported (no dropout)"
         )
     n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    rope = _rope(hf)
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise MidtrainError(
-            f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} "
-            "is not supported (only plain rotary)"
-        )
-    head_dim = hf.get("head_dim") or n_embd // n_head
-    if head_dim * n_head != n_embd:
-        raise MidtrainError(
-            f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}"
-        )
     vocab = int(hf["vocab_size"])
     out: dict[str, Any] = dict(
         name=f"{model_type}-import",
@@ -152,67 +236,127 @@ def from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
         n_head=n_head,
         n_embd=n_embd,
         intermediate_size=int(hf.get("intermediate_size") or 4 * n_embd),
-        rotary_base=float(rope["rope_theta"]),
         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "llama")),
+        **_rope_fields(hf, where),
     )
+    head_dim = hf.get("head_dim") or n_embd // n_head
     if model_type == "gpt_neox":
-        if hf.get("hidden_act", "gelu") != "gelu":
+        if head_dim * n_head != n_embd:
             raise MidtrainError(
-                f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                "(GPTNeoX import needs exact 'gelu')"
+                f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}"
             )
-        if not hf.get("attention_bias", True):
-            raise MidtrainError(f"{where}: attention_bias=false is not supported for gpt_neox")
-        out.update(
-            norm="layernorm",
-            mlp="gelu",
-            bias=True,
-            norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-            parallel_residual=bool(hf.get("use_parallel_residual", True)),
-            rotary_pct=float(rope.get("partial_rotary_factor", 1.0)),
-        )
+        out.update(_neox_fields(hf, where))
     else:
-        if hf.get("hidden_act", "silu") != "silu":
-            raise MidtrainError(
-                f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                "(Llama import needs 'silu')"
-            )
         kv = int(hf.get("num_key_value_heads") or n_head)
-        if kv != n_head:
-            raise MidtrainError(
-                f"{where}: grouped-query attention (num_key_value_heads={kv} != "
-                f"{n_head} heads) is not supported"
-            )
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-            raise MidtrainError(f"{where}: attention_bias != mlp_bias is not supported")
-        if int(hf.get("pretraining_tp", 1)) != 1:
-            raise MidtrainError(f"{where}: pretraining_tp != 1 is not supported")
-        out.update(
-            norm="rmsnorm",
-            mlp="swiglu",
-            bias=bool(hf.get("attention_bias", False)),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            parallel_residual=False,
-            rotary_pct=1.0,
-        )
+        out.update(n_query_groups=None if kv == n_head else kv)
+        out.update(head_dim=None if head_dim * n_head == n_embd else int(head_dim))
+        out.update(_llama_family_fields(hf, model_type, where))
+    if "rope_scaling" in out and model_type == "gpt_neox":
+        raise MidtrainError(f"{where}: rope_type 'llama3' is not supported for gpt_neox")
     return out
 
 
-def _qkv_split(w: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our fused per-head [q_h|k_h|v_h] rows -> separate q, k, v (Llama's projections)."""
-    shaped = w.reshape(n_head, 3, -1, *w.shape[1:])
-    return tuple(shaped[:, i].reshape(-1, *w.shape[1:]) for i in range(3))  # type: ignore[return-value]
+def _neox_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise MidtrainError(
+            f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+            "(GPTNeoX import needs exact 'gelu')"
+        )
+    if not hf.get("attention_bias", True):
+        raise MidtrainError(f"{where}: attention_bias=false is not supported for gpt_neox")
+    return dict(
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        parallel_residual=bool(hf.get("use_parallel_residual", True)),
+        rotary_pct=float(_rope(hf).get("partial_rotary_factor", 1.0)),
+    )
 
 
-def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int) -> torch.Tensor:
-    parts = [t.reshape(n_head, 1, -1, *t.shape[1:]) for t in (q, k, v)]
+def _refuse_hf_keys(hf: dict[str, Any], model_type: str, where: str) -> None:
+    """Options of the Llama-family configs that ``GPT`` cannot compute, one line each."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise MidtrainError(
+            f"{where}: hidden_act {hf['hidden_act']!r} is not supported ({model_type} needs 'silu')"
+        )
+    if hf.get("use_sliding_window"):
+        raise MidtrainError(
+            f"{where}: use_sliding_window=true (sliding-window attention) is not supported"
+        )
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        other = sorted(layer_types - {"full_attention"})[0]
+        raise MidtrainError(
+            f"{where}: layer_types {other!r} is not supported (only full_attention)"
+        )
+    if float(_rope(hf).get("partial_rotary_factor", 1.0)) != 1.0:
+        raise MidtrainError(
+            f"{where}: partial_rotary_factor != 1 is not supported for {model_type}"
+        )
+    if int(hf.get("pretraining_tp", 1)) != 1:
+        raise MidtrainError(f"{where}: pretraining_tp != 1 is not supported")
+    if model_type == "llama":
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            raise MidtrainError(f"{where}: attention_bias != mlp_bias is not supported")
+    elif model_type != "qwen2" and hf.get("attention_bias", False):
+        # would put a bias on the output projection but not on the MLP
+        raise MidtrainError(f"{where}: attention_bias=true is not supported for {model_type}")
+
+
+def _llama_family_fields(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
+    _refuse_hf_keys(hf, model_type, where)
+    bias = model_type == "llama" and bool(hf.get("attention_bias", False))
+    return dict(
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=bias,
+        qkv_bias=True if model_type == "qwen2" else None,
+        qk_norm={"qwen3": "per_head", "olmo2": "whole"}.get(model_type, "none"),
+        norm_placement="post" if model_type == "olmo2" else "pre",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        parallel_residual=False,
+        rotary_pct=1.0,
+    )
+
+
+def _qkv_split(
+    w: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our fused [q_g1..q_gm|k_g|v_g]-per-group rows -> separate q, k, v projections."""
+    groups, per_kv = config.kv_heads, config.n_head // config.kv_heads
+    shaped = w.reshape(groups, per_kv + 2, config.head_size, *w.shape[1:])
+    q = shaped[:, :per_kv].reshape(-1, *w.shape[1:])
+    k, v = (shaped[:, i].reshape(-1, *w.shape[1:]) for i in (per_kv, per_kv + 1))
+    return q, k, v
+
+
+def _qkv_fuse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig
+) -> torch.Tensor:
+    groups, hs = config.kv_heads, config.head_size
+    parts = [t.reshape(groups, -1, hs, *t.shape[1:]) for t in (q, k, v)]
     return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
 
 
-# Where our parameters live in each HF architecture (Llama's q/k/v are split from attn.qkv
-# separately): the root module, embedding, per-layer linears, final norm and head. The two
-# per-layer norms have the same names in both.
-_NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
+# Where our parameters live in each HF architecture (the Llama family's q/k/v are split from
+# attn.qkv separately): the root module, embedding, per-layer norms and linears, final norm
+# and head.
+_NEOX_NORMS = {"norm_1": "input_layernorm", "norm_2": "post_attention_layernorm"}
+_LLAMA_LINEARS = {
+    "attn.proj": "self_attn.o_proj",
+    "mlp.fc_1": "mlp.gate_proj",
+    "mlp.fc_2": "mlp.up_proj",
+    "mlp.proj": "mlp.down_proj",
+}
+_LLAMA = dict(
+    root="model",
+    embed="model.embed_tokens.weight",
+    final="model.norm",
+    head="lm_head.weight",
+    norms=_NEOX_NORMS,
+    linears=_LLAMA_LINEARS,
+)
 
 
 _LAYOUTS: dict[str, dict[str, Any]] = {
@@ -221,6 +365,7 @@ _LAYOUTS: dict[str, dict[str, Any]] = {
         embed="gpt_neox.embed_in.weight",
         final="gpt_neox.final_layer_norm",
         head="embed_out.weight",
+        norms=_NEOX_NORMS,
         linears={
             "attn.qkv": "attention.query_key_value",
             "attn.proj": "attention.dense",
@@ -228,42 +373,50 @@ _LAYOUTS: dict[str, dict[str, Any]] = {
             "mlp.proj": "mlp.dense_4h_to_h",
         },
     ),
-    "llama": dict(
-        root="model",
-        embed="model.embed_tokens.weight",
-        final="model.norm",
-        head="lm_head.weight",
-        linears={
-            "attn.proj": "self_attn.o_proj",
-            "mlp.fc_1": "mlp.gate_proj",
-            "mlp.fc_2": "mlp.up_proj",
-            "mlp.proj": "mlp.down_proj",
-        },
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    # OLMo 2's block norms sit after attention / MLP (norm_placement="post")
+    "olmo2": dict(
+        _LLAMA, norms={"norm_1": "post_attention_layernorm", "norm_2": "post_feedforward_layernorm"}
     ),
 }
 
 
-def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
-    """Our parameter name -> the HF one (everything except Llama's split qkv)."""
-    names: dict[str, str] = {}
+def _per_layer(config: ModelConfig, arch: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Our per-block module -> (HF module, parameter suffixes), the split qkv excepted."""
+    layout = _LAYOUTS[arch]
     suffixes = ("weight", "bias") if config.bias or arch == "gpt_neox" else ("weight",)
     norm_suffixes = ("weight", "bias") if config.norm == "layernorm" else ("weight",)
-    layout = _LAYOUTS[arch]
-    root, final, head = layout["root"], layout["final"], layout["head"]
-    names["embed.weight"] = layout["embed"]
     per_layer = {
-        **{ours: (theirs, norm_suffixes) for ours, theirs in _NORMS.items()},
+        **{ours: (theirs, norm_suffixes) for ours, theirs in layout["norms"].items()},
         **{ours: (theirs, suffixes) for ours, theirs in layout["linears"].items()},
     }
+    if config.qk_norm != "none":
+        per_layer.update(
+            {f"attn.{n}": (f"self_attn.{n}", ("weight",)) for n in ("q_norm", "k_norm")}
+        )
+    return per_layer
+
+
+def _name_map(config: ModelConfig, arch: str) -> dict[str, str]:
+    """Our parameter name -> the HF one (everything except the Llama family's split qkv)."""
+    layout = _LAYOUTS[arch]
+    root, final = layout["root"], layout["final"]
+    names = {"embed.weight": layout["embed"]}
     for i in range(config.n_layer):
-        for ours, (theirs, sfx) in per_layer.items():
+        for ours, (theirs, sfx) in _per_layer(config, arch).items():
             for s in sfx:
                 names[f"blocks.{i}.{ours}.{s}"] = f"{root}.layers.{i}.{theirs}.{s}"
-    for s in norm_suffixes:
+    for s in ("weight", "bias") if config.norm == "layernorm" else ("weight",):
         names[f"norm_f.{s}"] = f"{final}.{s}"
     if not config.tie_embeddings:
-        names["lm_head.weight"] = head
+        names["lm_head.weight"] = layout["head"]
     return names
+
+
+def _qkv_suffixes(config: ModelConfig) -> tuple[str, ...]:
+    return ("weight", "bias") if config.has_qkv_bias else ("weight",)
 
 
 def to_hf_state_dict(
@@ -271,11 +424,10 @@ def to_hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     arch = hf_architecture(config)
     out = {theirs: state[ours] for ours, theirs in _name_map(config, arch).items()}
-    if arch == "llama":
-        sfx = ("weight", "bias") if config.bias else ("weight",)
+    if arch != "gpt_neox":
         for i in range(config.n_layer):
-            for s in sfx:
-                q, k, v = _qkv_split(state[f"blocks.{i}.attn.qkv.{s}"], config.n_head)
+            for s in _qkv_suffixes(config):
+                q, k, v = _qkv_split(state[f"blocks.{i}.attn.qkv.{s}"], config)
                 for name, t in zip(("q", "k", "v"), (q, k, v), strict=True):
                     out[f"model.layers.{i}.self_attn.{name}_proj.{s}"] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -284,23 +436,29 @@ def to_hf_state_dict(
 def from_hf_state_dict(
     hf_state: dict[str, torch.Tensor], config: ModelConfig, where: str
 ) -> dict[str, torch.Tensor]:
-    arch = "gpt_neox" if config.mlp == "gelu" else "llama"
+    arch = hf_architecture(config)
     names = _name_map(config, arch)
     if arch == "gpt_neox" and "embed_out.weight" not in hf_state and "lm_head.weight" in hf_state:
         # transformers 5 names Pythia's output layer lm_head (and reads embed_out as that)
         hf_state = {**hf_state, "embed_out.weight": hf_state["lm_head.weight"]}
-    missing = [theirs for theirs in names.values() if theirs not in hf_state]
+    qkv = [
+        f"model.layers.{i}.self_attn.{n}_proj.{s}"
+        for i in range(config.n_layer)
+        for s in _qkv_suffixes(config)
+        for n in "qkv"
+    ]
+    wanted = [*names.values(), *(qkv if arch != "gpt_neox" else [])]
+    missing = [theirs for theirs in wanted if theirs not in hf_state]
     if missing:
         raise MidtrainError(f"{where}: weights miss {missing[0]} ({len(missing)} missing tensors)")
     out = {ours: hf_state[theirs] for ours, theirs in names.items()}
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
-    if arch == "llama":
-        sfx = ("weight", "bias") if config.bias else ("weight",)
+    if arch != "gpt_neox":
         for i in range(config.n_layer):
-            for s in sfx:
+            for s in _qkv_suffixes(config):
                 q, k, v = (hf_state[f"model.layers.{i}.self_attn.{n}_proj.{s}"] for n in "qkv")
-                out[f"blocks.{i}.attn.qkv.{s}"] = _qkv_fuse(q, k, v, config.n_head)
+                out[f"blocks.{i}.attn.qkv.{s}"] = _qkv_fuse(q, k, v, config)
     return out
 
 
