@@ -237,7 +237,7 @@ class RunSummary(Callback):
         reason: str,
     ) -> Summary:
         run_dir = Path(trainer.default_root_dir)
-        log_dir = Path(trainer.log_dir) if trainer.log_dir else run_dir
+        log_dir = _log_dir(trainer) or run_dir
         last = checkpoint_dir(trainer) / LAST
         tokens = dict(getattr(pl_module, "tokens_seen", {}))
         config = log_dir / "config.yaml" if command == "fit" else None
@@ -258,6 +258,16 @@ class RunSummary(Callback):
             forked=_forked(config),
             reason=reason,
         )
+
+
+def _log_dir(trainer: pl.Trainer) -> Path | None:
+    """The logger's directory, read without a collective: ``Trainer.log_dir`` broadcasts from
+    rank 0, and this runs on rank 0 alone (the other ranks would never join it)."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    directory = getattr(logger, "log_dir", None) or logger.save_dir  # as Lightning reads it
+    return Path(directory) if directory else None
 
 
 def _forked(config: Path | None) -> bool:
