@@ -58,7 +58,6 @@ def _unexpected_warnings(out: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
 def test_documented_commands_print_no_unexplained_warning(
     builtin_store: Path, tmp_path: Path
 ) -> None:
