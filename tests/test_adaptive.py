@@ -23,6 +23,7 @@ from midtrain.train.callbacks.adaptive import AdaptiveMixture, bounded, multipli
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.trainer import Trainer
 from tests.helpers import RecordDomains
+from tests.test_bad_input import assert_untouched, error_line, snapshot
 from tests.test_kill_resume import config as kill_config
 from tests.test_kill_resume import finish, midtrain
 from tests.test_midtraining import DOMAINS, TINY, per_step_counts
@@ -172,7 +173,9 @@ def test_decisions_apply_at_the_documented_steps(builtin_store: Path, tmp_path: 
         assert dm.weights_at(s) == pytest.approx({d: w[d] / sum(w.values()) for d in DOMAINS})
 
 
-def test_cli_config_logs_every_decision(builtin_store: Path, tmp_path: Path) -> None:
+def test_cli_config_logs_every_decision(
+    builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = fit_config(tmp_path, builtin_store, "cli", max_steps=8, limit_val_batches=0)
     raw = yaml.safe_load(cfg.read_text())
     raw["data"]["init_args"]["weights"] = START
@@ -193,6 +196,16 @@ def test_cli_config_logs_every_decision(builtin_store: Path, tmp_path: Path) -> 
         assert curve[3] == pytest.approx(START[d])
         for h in history:
             assert curve[h["effective"]] == pytest.approx(h["weights"][d])
+    # a resume with other settings is refused in one line, before anything is written
+    before = snapshot(tmp_path / "cli")
+    capsys.readouterr()
+    raw["trainer"]["callbacks"][0]["init_args"]["seed"] = 2
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(other), "--ckpt_path", "last"]) == 2
+    line = error_line(capsys.readouterr().err, "fit")
+    assert "AdaptiveMixture.seed: the checkpoint's AdaptiveMixture had 1, this run has 2" in line
+    assert_untouched(before, snapshot(tmp_path / "cli"))
 
 
 # -- resume and fork -----------------------------------------------------------------------------
@@ -231,7 +244,9 @@ def test_resume_and_fork_replay_the_decisions(builtin_store: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     "rule,num_workers,accumulation",
     [
-        pytest.param("excess_loss", 0, 1, id="excess_loss"),
+        # minutes each on a shared CPU: test_resume_and_fork_replay_the_decisions covers the
+        # same resume points in-process, in the default suite
+        pytest.param("excess_loss", 0, 1, id="excess_loss", marks=pytest.mark.slow),
         pytest.param(
             "thompson", 2, 2, id="thompson-workers2-accumulation2", marks=pytest.mark.slow
         ),

@@ -260,6 +260,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         if saved is not None:
             now = run_record(self.model, self.datamodule, self.trainer)
             refuse_differences(saved, now, fork, f"{'--fork' if fork else '--ckpt_path'} {ckpt}")
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, AdaptiveMixture):
+                cb.continues(meta.get("callbacks", {}).get(cb.state_key), fork)
         if self.datamodule is None:
             return
         data_state = checkpoint_datamodule_state(meta, self.datamodule)

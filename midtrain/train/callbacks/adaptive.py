@@ -109,16 +109,14 @@ def read_reference(reference: Any) -> dict[str, float]:
     """Reference losses: a mapping domain -> loss, or the path of a JSON/YAML file holding one,
     or a reference run's ``summary.json`` (its ``metrics``' ``train/loss/<domain>``), or that
     run's directory (its ``summary.json``)."""
-    if isinstance(reference, Mapping):
-        table: Mapping[str, Any] = reference
-    else:
+    table: Any = reference
+    if not isinstance(reference, Mapping):
         path = Path(str(reference))
         if path.is_dir():
             path = path / "summary.json"
         try:
-            table = yaml.safe_load(path.read_text()) if path.suffix != ".json" else None
-            if table is None:
-                table = json.loads(path.read_text())
+            text = path.read_text()
+            table = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise MidtrainError(
                 f"{WHERE}.reference: cannot read {path} ({type(e).__name__}); give a JSON/YAML "
@@ -404,21 +402,29 @@ class AdaptiveMixture(Callback):
         # applied in on_train_start, where the trainer says whether this is a fork
         self._loaded = dict(state_dict)
 
+    def continues(self, state: Mapping[str, Any] | None, fork: bool) -> bool:
+        """Whether this callback continues a checkpoint's ``state`` (same settings). Other
+        settings: a fork starts afresh, a resume is refused in one line (the CLI asks before
+        anything is written)."""
+        if state is None:
+            return False
+        saved, now = state.get("config", {}), self.config()
+        changed = [k for k, v in now.items() if saved.get(k) != v]
+        if changed and not fork:
+            raise MidtrainError(
+                f"{WHERE}.{changed[0]}: the checkpoint's AdaptiveMixture had "
+                f"{saved.get(changed[0])!r}, this run has {now[changed[0]]!r}; resume with the "
+                "same settings, or start a branch with `midtrain fit --fork <ckpt>`"
+            )
+        return not changed
+
     def _restore(self, datamodule: Any) -> None:
         state, self._loaded = self._loaded, None
         if state is None:
             return
         fork_step = getattr(datamodule, "fork_step", None)
-        if state["config"] != self.config():
-            if fork_step is not None:
-                return  # a branch with other settings adapts afresh from the fork point
-            changed = [k for k, v in self.config().items() if state["config"].get(k) != v]
-            raise MidtrainError(
-                f"{WHERE}.{changed[0]}: the checkpoint's AdaptiveMixture had "
-                f"{state['config'].get(changed[0])!r}, this run has "
-                f"{self.config()[changed[0]]!r}; resume with the same settings, or start a "
-                "branch with `midtrain fit --fork <ckpt>`"
-            )
+        if not self.continues(state, fork=fork_step is not None):
+            return  # a branch with other settings adapts afresh from the fork point
         self.domains = list(state["domains"])
         self.initial = dict(state["initial"])
         self.alpha, self.beta = dict(state["alpha"]), dict(state["beta"])
