@@ -367,3 +367,10 @@ def test_reference_from_a_runs_summary(tmp_path: Path) -> None:
     (tmp_path / "ref.yaml").write_text("code: 1.25\nprose: 2\n")
     ref = AdaptiveMixture("excess_loss", reference=str(tmp_path / "ref.yaml")).reference
     assert ref == {"code": 1.25, "prose": 2.0}
+
+
+def test_adapted_domains_are_those_drawn_plus_named_floors(builtin_store: Path) -> None:
+    dm = MixtureDataModule(str(builtin_store), weights={"prose": 1.0, "code": 0.0}, seq_len=16)
+    assert AdaptiveMixture("thompson", floor=0.1).adapted_domains(dm) == ["prose"]
+    named = AdaptiveMixture("thompson", floor={"math": 0.1, "code": 0.0})
+    assert named.adapted_domains(dm) == ["prose", "math"]

@@ -157,7 +157,8 @@ class AdaptiveMixture(Callback):
         smoothing: after each update, mix this share of the initial weights back in.
         seed: seeds the ``thompson`` draws.
 
-    The domains adapted are those with weight at ``start_step``, plus any with a floor > 0.
+    The domains adapted are those with weight at ``start_step``, plus any given a floor > 0 by
+    name (``floor: {code: 0.05}``).
     """
 
     def __init__(
@@ -197,16 +198,12 @@ class AdaptiveMixture(Callback):
         self.seed = _whole(seed, "seed", 0)
         self.domains: list[str] = []  # the adapted domains, fixed at the start of training
         self.history: list[dict[str, Any]] = []  # {"step", "effective", "weights"} per decision
-        self._reset_state()
-        self._loaded: dict[str, Any] | None = None
-
-    def _reset_state(self) -> None:
         self.rng = random.Random(self.seed)
         self.alpha: dict[str, float] = {}
         self.beta: dict[str, float] = {}
         self.seen: dict[str, list[float]] = {}  # domain -> [tokens, loss] at the last decision
         self.initial: dict[str, float] = {}
-        self.history = []
+        self._loaded: dict[str, Any] | None = None
 
     def config(self) -> dict[str, Any]:
         """The settings a resume must agree with."""
@@ -227,12 +224,11 @@ class AdaptiveMixture(Callback):
         return bound if isinstance(bound, float) else bound.get(name, default)
 
     def adapted_domains(self, datamodule: Any) -> list[str]:
+        """Domains with weight at ``start_step``, and those given a floor > 0 by name (a
+        floor for every domain does not bring in a domain the mixture does not draw)."""
         start = datamodule.weights_at(self.start_step)
-        return [
-            d
-            for d in datamodule.domains
-            if start.get(d, 0.0) > 0 or self._bound(self.floor, d, 0.0) > 0
-        ]
+        named = self.floor if isinstance(self.floor, dict) else {}
+        return [d for d in datamodule.domains if start.get(d, 0.0) > 0 or named.get(d, 0.0) > 0]
 
     def check(self, trainer: pl.Trainer, datamodule: Any) -> None:
         """One-line errors for settings this run cannot honour; called by the CLI before
