@@ -4,6 +4,7 @@ each) and, for ``DownstreamEval``, in ``midtrain.evaluation``."""
 
 from midtrain.evaluation.callback import DownstreamEval
 from midtrain.train.callbacks import (
+    AdaptiveMixture,
     CheckpointAtSteps,
     DivergenceGuard,
     MixtureLogging,
@@ -15,6 +16,7 @@ from midtrain.train.callbacks import (
 )
 
 __all__ = [
+    "AdaptiveMixture",
     "CheckpointAtSteps",
     "DivergenceGuard",
     "DownstreamEval",

@@ -31,6 +31,7 @@ from midtrain.train._lightning import (
     checkpoint_datamodule_state,
     set_run_argument,
 )
+from midtrain.train.callbacks.adaptive import AdaptiveMixture
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
@@ -244,6 +245,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             if isinstance(cb, MixtureSwitch):
                 cb.register(datamodule, max_steps)
         datamodule.resolve_schedule(self.trainer)
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, AdaptiveMixture):
+                cb.check(self.trainer, datamodule)
 
     def _check_resume(self, fork: bool) -> None:
         """Refuse a checkpoint this run cannot continue exactly (or a fork that would change
@@ -256,6 +260,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         if saved is not None:
             now = run_record(self.model, self.datamodule, self.trainer)
             refuse_differences(saved, now, fork, f"{'--fork' if fork else '--ckpt_path'} {ckpt}")
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, AdaptiveMixture):
+                cb.continues(meta.get("callbacks", {}).get(cb.state_key), fork)
         if self.datamodule is None:
             return
         data_state = checkpoint_datamodule_state(meta, self.datamodule)

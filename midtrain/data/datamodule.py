@@ -26,7 +26,7 @@ from midtrain.data.store import Store
 from midtrain.data.streams import MixtureStream, ValidationBlocks
 from midtrain.errors import MidtrainError
 
-MAX_PHASES = 64
+MAX_PHASES = 1024  # rows of the phase table shared with loader workers
 
 
 class MixtureDataModule(StepDataModule):

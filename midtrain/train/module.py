@@ -130,6 +130,12 @@ class CausalLM(L.LightningModule):
         # training metrics: on the device between logging steps (midtrain.train.metrics)
         self.tokens_seen: dict[str, int] = {}  # global, up to the last flush; in checkpoints
         self._step_sums: DomainSums | None = None  # this step, this rank
+        self._sums_step: int | None = None  # the optimizer step _step_sums belong to
+        # train/* values published to trainer.callback_metrics, and those of a logging step
+        # computed early for a checkpoint (step, metrics): a resume publishes them again
+        self._published: dict[str, float] = {}
+        self._early: tuple[int, dict[str, float]] | None = None
+        self._restored: dict[str, float] | None = None
         self._tokens_pending: torch.Tensor | None = None  # since the last flush, this rank
         self._grad_norm: torch.Tensor | None = None  # on logging steps only
         self.val_metrics = torch.nn.ModuleDict()
@@ -309,6 +315,7 @@ class CausalLM(L.LightningModule):
         n = len(self.domains)
         if self._step_sums is None:
             self._step_sums = DomainSums.zeros(n, losses.device)
+            self._sums_step = self.global_step
         if self._tokens_pending is None:
             self._tokens_pending = torch.zeros(n + 1, dtype=torch.float64, device=losses.device)
         # real (non-padding) input tokens per sequence; every token for pretraining blocks
@@ -348,10 +355,14 @@ class CausalLM(L.LightningModule):
         for d, n in zip(self.domains, pending[1:].tolist(), strict=True):
             self.tokens_seen[d] += int(n)
 
-    def _log_train_step(self, step: int) -> None:
-        """Log step ``step``: ``train/loss``, and per domain ``train/loss/<d>`` and
-        ``train/tokens/<d>`` only if the domain had tokens in this step (no stale values:
-        a domain without tokens has no point at that step)."""
+    def _step_metrics(self, step: int) -> dict[str, float]:
+        """The metrics of logging step ``step``: ``train/loss``, and per domain
+        ``train/loss/<d>`` and ``train/tokens/<d>`` only if the domain had tokens in this step
+        (no stale values: a domain without tokens has no point at that step). Collectives and
+        one transfer; computed once (a checkpoint written before the step is logged asks
+        first, ``on_save_checkpoint``)."""
+        if self._early is not None and self._early[0] == step:
+            return self._early[1]
         sums = DomainSums.from_stacked(
             self.trainer.strategy.reduce(self._step_sums.stacked(), reduce_op="sum").cpu()
         )
@@ -369,6 +380,14 @@ class CausalLM(L.LightningModule):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 DTensor
             metrics["train/grad_norm"] = float(norm)
             self._grad_norm = None
+        self._early = (step, metrics)
+        return metrics
+
+    def _log_train_step(self, step: int) -> None:
+        """Log step ``step`` (``_step_metrics``) and publish it to ``callback_metrics``."""
+        metrics = self._step_metrics(step)
+        self._early = None
+        self._published.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
         # Also in trainer.callback_metrics (for callbacks and ModelCheckpoint(monitor=...)),
@@ -426,6 +445,14 @@ class CausalLM(L.LightningModule):
         """Per-sequence mean loss (nats per loss token) of each sequence in the batch."""
         losses, mask = self._token_losses(batch)
         return {"loss": losses.sum(1) / mask.sum(1).clamp_min(1), "domain": batch["domain"]}
+
+    def on_train_start(self) -> None:
+        # A resumed run starts with the callback metrics the interrupted run held after the
+        # checkpoint's step: callbacks that decide from them (AdaptiveMixture) decide alike.
+        if self._restored:
+            publish_callback_metrics(self.trainer, self._restored)
+            self._published = dict(self._restored)
+        self._restored = None
 
     def on_fit_start(self) -> None:
         # One chart per family in TensorBoard's "Custom Scalars" tab: curves of every domain
@@ -517,16 +544,33 @@ class CausalLM(L.LightningModule):
         from midtrain.checkpoint.resume import run_record
 
         self._flush_tokens()  # every rank saves: the counts include the last step
-        checkpoint["midtrain"] = {"tokens_seen": dict(self.tokens_seen)}
+        checkpoint["midtrain"] = {
+            "tokens_seen": dict(self.tokens_seen),
+            "callback_metrics": self._metrics_after_step(),
+        }
         trainer = self._attached_trainer()
         if trainer is not None:  # what a resume must agree with (midtrain.checkpoint.resume)
             checkpoint["midtrain"]["run"] = run_record(self, trainer.datamodule, trainer)
+
+    def _metrics_after_step(self) -> dict[str, float]:
+        """The train/* values ``callback_metrics`` holds once the step just taken is done.
+        A checkpoint is written (in a callback's ``on_train_batch_end``) before this module
+        logs that step: a logging step's metrics are computed now, on every rank (every rank
+        saves), and logged from the same values afterwards."""
+        metrics = dict(self._published)
+        trainer = self._attached_trainer()
+        step = self.global_step - 1
+        complete = self._step_sums is not None and self._sums_step == step
+        if trainer is not None and trainer.training and complete and self.is_logging_step(step):
+            metrics.update(self._step_metrics(step))
+        return metrics
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from midtrain.checkpoint.resume import fork_optimizer_state, refuse_differences, run_record
 
         saved = checkpoint.get("midtrain", {})
         self.tokens_seen.update(saved.get("tokens_seen", {}))
+        self._restored = dict(saved.get("callback_metrics", {}))
         trainer = self._attached_trainer()
         if trainer is None or trainer.state.fn != "fit" or "run" not in saved:
             return

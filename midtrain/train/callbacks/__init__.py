@@ -2,6 +2,7 @@
 the model owns its metrics, ``midtrain.checkpoint`` owns checkpoint files; a callback decides
 when, and asks them."""
 
+from midtrain.train.callbacks.adaptive import AdaptiveMixture
 from midtrain.train.callbacks.checkpoints import CheckpointAtSteps, ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
@@ -10,6 +11,7 @@ from midtrain.train.callbacks.summary import RunSummary
 from midtrain.train.callbacks.throughput import Throughput
 
 __all__ = [
+    "AdaptiveMixture",
     "CheckpointAtSteps",
     "DivergenceGuard",
     "MixtureLogging",
