@@ -57,6 +57,20 @@ class ChangeWeightsAt(pl.Callback):
                 Path(self.record_to).write_text(str(self.effective))
 
 
+class ChangeWeightsAtBatches(pl.Callback):
+    """Changes the weights after given micro-batches (counted from the start of fit), so
+    several changes can fall inside one optimizer step; ``effective`` lists their steps."""
+
+    def __init__(self, changes: dict[int, dict[str, float]]) -> None:
+        self.changes, self.seen = changes, 0
+        self.effective: list[int] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.seen in self.changes:
+            self.effective.append(trainer.datamodule.change_weights(self.changes[self.seen]))
+        self.seen += 1
+
+
 class SaveBatches(pl.Callback):
     """Saves every training micro-batch (a list of dicts of tensors) to ``path`` at train end."""
 

@@ -250,6 +250,50 @@ def test_change_weights_step_comes_from_the_loaders_own_count(
     assert dm.weights_at(expected) == {"prose": 0.0, "code": 0.0, "math": 1.0}
 
 
+def test_a_change_that_replaces_a_pending_change_reaches_the_workers(
+    builtin_store: Path, tmp_path: Path
+) -> None:
+    """Two changes after micro-batches 4 and 5 (accumulation 4, 2 workers x prefetch 2) both
+    land on step 3, the second replacing the first. The workers have produced batches under the
+    first change in between (the sleep), and must still feed step 3 from the second: the phase
+    count did not move, only the table's version did."""
+    from midtrain import MixtureDataModule
+    from tests.helpers import ChangeWeightsAtBatches, RecordDomains, SlowDown
+
+    dm = MixtureDataModule(
+        str(builtin_store),
+        weights={"prose": 1.0},
+        seq_len=16,
+        micro_batch_size=2,
+        num_workers=2,
+        prefetch_factor=2,
+        val_max_blocks=2,
+    )
+    change = ChangeWeightsAtBatches({4: {"math": 1.0}, 5: {"code": 1.0}})
+    record = RecordDomains()
+    model = CausalLM(
+        arch="tiny",
+        model_config={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
+        vocab_size=dm.vocab_size,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        accumulate_grad_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[change, SlowDown(0.3), record],
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, dm)
+    assert change.effective == [3, 3]
+    fed = {dm.domains[d] for step, ids in record.rows if step >= 3 for d in ids}
+    assert fed == {"code"}
+
+
 class ForeignData(pl.LightningDataModule):
     """A user's data module that does not implement midtrain's data contract."""
 

@@ -269,6 +269,7 @@ class MixtureDataModule(StepDataModule):
             )
             self._table[i, 3:] = torch.tensor([float(p.weights.get(n, 0.0)) for n in self.domains])
         self._table_len[0] = len(phases)
+        self._table_len[1] += 1  # last: a worker that sees the new version sees the whole table
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree with to resume this data stream exactly."""
@@ -283,7 +284,7 @@ class MixtureDataModule(StepDataModule):
     def train_stream(self, trainer: L.Trainer) -> IterableDataset:
         self.resolve_schedule(trainer)
         self._table = torch.zeros(MAX_PHASES, 3 + len(self.domains), dtype=torch.float64)
-        self._table_len = torch.zeros(1, dtype=torch.int64)
+        self._table_len = torch.zeros(2, dtype=torch.int64)  # phase count, version
         self._table.share_memory_()
         self._table_len.share_memory_()
         self._write_table()

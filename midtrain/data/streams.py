@@ -110,11 +110,12 @@ class MixtureStream(StepStream):
         self.seq_len = seq_len
         self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
         # Shared-memory phases (start step, ramp steps, ramp code (RAMP_CODES), weight per
-        # domain) written by the datamodule when
-        # the mixture changes at runtime; workers rebuild their schedule when the count moves.
+        # domain) and (phase count, version), written by the datamodule when the mixture changes
+        # at runtime; workers rebuild their schedule when the version moves (a change that
+        # replaces a phase at the same step keeps the count).
         self.phase_table = phase_table
         self._table_views: tuple[np.ndarray, np.ndarray] | None = None
-        self._phases_seen = len(schedule.phases)
+        self._version_seen = int(phase_table[1][1]) if phase_table is not None else 0
         assert schedule.batch_size == self.batch_size
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -144,9 +145,10 @@ class MixtureStream(StepStream):
         if self._table_views is None:  # numpy views of the shared memory, made in the worker
             self._table_views = (self.phase_table[0].numpy(), self.phase_table[1].numpy())
         table, length = self._table_views
-        n = int(length[0])
-        if n == self._phases_seen:
+        version = int(length[1])
+        if version == self._version_seen:
             return
+        n = int(length[0])
         ramps = {code: name for name, code in RAMP_CODES.items()}
         phases = [
             Phase(
@@ -159,7 +161,7 @@ class MixtureStream(StepStream):
         ]
         s = self.schedule
         self.schedule = MixtureSchedule(s.domains, phases, s.batch_size, s.seed)
-        self._phases_seen = n
+        self._version_seen = version
 
 
 def rank_share(n: int, rank: int, world_size: int) -> tuple[np.ndarray, int]:
