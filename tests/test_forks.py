@@ -5,7 +5,10 @@ keep|fresh``, ``model.lr_schedule: anneal`` (from the checkpoint's LR) with and 
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +294,36 @@ def test_fork_options_from_the_command_line(
         assert len(err) == 1, err
         assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_branch_resumes_bitwise_after_sigkill(builtin_store: Path, tmp_path: Path) -> None:
+    from tests.test_kill_resume import MAX_STEPS, config, finish, midtrain
+
+    parent = config(tmp_path, builtin_store, "parent", 0, 1, 1, 0.0)
+    finish(midtrain("fit", "--config", str(parent)))
+    point = tmp_path / "parent" / "checkpoints" / "epoch=0-step=6.ckpt"  # after its switch
+    branch = ["--fork", str(point), "--fork_data", "fresh", "--fork_optimizer", "reset"]
+    branch += ["--model.lr_schedule", "anneal"]
+    branch += ["--trainer.callbacks+=midtrain.callbacks.MixtureSwitch"]
+    branch += ["--trainer.callbacks.step=7", "--trainer.callbacks.weights={code: 1}"]
+    ref = config(tmp_path, builtin_store, "ref", 0, 1, 1, 0.0)
+    finish(midtrain("fit", "--config", str(ref), *branch))
+    cfg = config(tmp_path, builtin_store, "run", 0, 1, 1, 0.3)
+    proc = midtrain("fit", "--config", str(cfg), *branch)
+    marker = tmp_path / "run" / "checkpoints" / "epoch=0-step=8.ckpt"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # let the write finish; the run now sleeps after its batch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the branch ended before it could be killed"
+    saved = str(tmp_path / "run" / "config.yaml")  # holds --fork and its options
+    finish(midtrain("fit", "--config", saved, "--fork", "null", "--ckpt_path", "last"))
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert b["midtrain"]["run"]["fork"] == {"step": 6, "optimizer": "reset", "data": "fresh"}
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
