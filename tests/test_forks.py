@@ -256,6 +256,33 @@ def test_a_fresh_reset_anneal_branch_resumes_bitwise(
 # -- the command line -------------------------------------------------------------------------------
 
 
+def one_line_error(capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.search(message, err[0]), err[0]
+
+
+def test_fork_options_without_a_fork_are_one_line(
+    builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = fit_config(tmp_path, builtin_store, "x", max_steps=4, limit_val_batches=0)
+    fit = ["fit", "--config", str(cfg)]
+    one_line_error(
+        capsys, [*fit, "--fork_data", "fresh"], "fork_data: fresh is an option of a fork"
+    )
+    one_line_error(
+        capsys, [*fit, "--fork_optimizer", "reset"], "fork_optimizer: reset is an option of a fork"
+    )
+    one_line_error(
+        capsys, [*fit, "--model.lr_schedule", "anneal"], "model.lr_schedule: anneal starts at the"
+    )
+    one_line_error(capsys, [*fit, "--fork_data", "later"], "fork_data")
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+@pytest.mark.slow
 def test_fork_options_from_the_command_line(
     builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -275,25 +302,12 @@ def test_fork_options_from_the_command_line(
     saved = str(tmp_path / "b" / "config.yaml")
     again = ["fit", "--config", saved, "--fork", "null", "--ckpt_path", "last"]
     assert main(again) == 0
-    capsys.readouterr()
-    # one line each: a fork option without --fork, a resume restating another fork, an anneal
-    # with nothing to start at
-    bad = [
-        (["--fork_data", "fresh"], "fork_data: fresh is an option of a fork; add --fork"),
-        (
-            ["--fork", "null", "--fork_data", "keep", "--ckpt_path", "last"],
-            "fork_data: keep, but --ckpt_path .* continues a run forked with fork_data fresh",
-        ),
-        (["--model.lr_schedule", "anneal"], "model.lr_schedule: anneal starts at the learning"),
-    ]
-    for extra, message in bad:
-        config = saved if "--ckpt_path" in extra else str(cfg)
-        root = [] if "--ckpt_path" in extra else ["--trainer.default_root_dir", str(tmp_path / "x")]
-        assert main(["fit", "--config", config, *extra, *root]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1, err
-        assert re.search(message, err[0]), err[0]
-    assert not (tmp_path / "x").exists()
+    # a resume that restates another fork is refused
+    one_line_error(
+        capsys,
+        [*again, "--fork_data", "keep"],
+        "fork_data: keep, but --ckpt_path .* continues a run forked with fork_data fresh",
+    )
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,12 +142,13 @@ def lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_factor, base_lr=base, **kwargs))
 
 
-def reschedule(
-    scheduler: torch.optim.lr_scheduler.LambdaLR, base_lr: float, **kwargs: float | int | str
-) -> None:
+def reschedule(scheduler: object, base_lr: float, **kwargs: Any) -> None:
     """Give a built ``lr_scheduler`` new settings (an anneal's start, known only once its
-    checkpoint is read: after ``configure_optimizers`` under strategies that restore late)."""
-    scheduler.lr_lambdas = [partial(_factor, base_lr=base_lr, **kwargs)] * len(scheduler.lr_lambdas)
+    checkpoint is read: after ``configure_optimizers`` under strategies that restore late).
+    Other schedulers (a user's own) are left alone."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        factor = partial(_factor, base_lr=base_lr, **kwargs)
+        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:
