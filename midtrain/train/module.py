@@ -598,7 +598,9 @@ class CausalLM(L.LightningModule):
         checkpoint is read under late-restoring strategies: at lr, rescheduled on load)."""
         hp = self.hparams
         anneal = hp.lr_schedule in ANNEALS
-        start = self.anneal_from or {"step": 0, "lr": hp.lr if anneal else None}
+        start: dict[str, Any] = {"step": 0, "lr": hp.lr if anneal else None}
+        if anneal and self.anneal_from is not None:
+            start = self.anneal_from
         warmup = hp.warmup if not anneal or hp.get("rewarm") else 0
         return {
             "min_lr": hp.min_lr if hp.min_lr is not None else hp.lr / 10,
