@@ -42,6 +42,11 @@ def resume_checkpoint(directory: Path, say: Callable[[str], None]) -> Path | Non
 ELASTIC_KEYS = ("data.micro_batch_size", "trainer.accumulate_grad_batches", "world size")
 
 
+# What a run's start did (``--fork`` and its options): recorded, carried by resumes, never a
+# difference (a resume states it only through ``--fork_*``, checked by ``check_fork_options``).
+RECORD_ONLY_KEYS = ("fork",)
+
+
 # Keys that shape what happened before the checkpoint: a fork cannot change them either.
 PAST_KEYS = (
     "data.store",
@@ -88,12 +93,16 @@ def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, An
         "weight_decay",
         "decay_1d_params",
         "eps",
+        "rewarm",
     ):
         if key in hp:
             record[f"model.{key}"] = hp[key]
     if "betas" in hp:
         record["model.betas"] = [float(b) for b in hp["betas"]]
     record["trainer.max_steps"] = trainer.max_steps
+    fork = getattr(model, "fork_record", None)
+    if fork is not None:  # how the run started from a checkpoint (kept by its resumes)
+        record["fork"] = dict(fork)
     return record
 
 
@@ -107,7 +116,11 @@ def _show(key: str, saved: Any, now: Any) -> str:
 def resume_differences(saved: dict[str, Any], now: dict[str, Any], fork: bool) -> list[str]:
     """Differences between a checkpoint's run record and this run's, as ``key old -> new``:
     all of them for a resume; for a fork only those that change the past."""
-    keys = [k for k in now if k in saved and saved[k] != now[k] and k not in ELASTIC_KEYS]
+    keys = [
+        k
+        for k in now
+        if k in saved and saved[k] != now[k] and k not in ELASTIC_KEYS and k not in RECORD_ONLY_KEYS
+    ]
     if fork:
         keys = [k for k in keys if k in PAST_KEYS]
     return [_show(k, saved[k], now[k]) for k in keys]
@@ -127,6 +140,23 @@ def refuse_differences(saved: dict[str, Any], now: dict[str, Any], fork: bool, w
         else "resume with the checkpoint's settings, or start a new run from it with --fork"
     )
     raise MidtrainError(f"{where}: it was trained with another setup: {'; '.join(diffs)}; {hint}")
+
+
+def check_fork_options(saved: dict[str, Any] | None, options: dict[str, str], where: str) -> None:
+    """A resume given ``--fork_*`` options (a branch's saved config holds them): each must be
+    what the run was forked with (``saved``, the ``fork`` of its run record)."""
+    for key, value in options.items():
+        was = (saved or {}).get(key.removeprefix("fork_"))
+        if was is None:
+            raise MidtrainError(
+                f"{key}: {value} is an option of a fork, and {where} continues a run that was "
+                f"not forked; drop --{key}, or start a new run from it with --fork"
+            )
+        if was != value:
+            raise MidtrainError(
+                f"{key}: {value}, but {where} continues a run forked with {key} {was}; a "
+                f"resume continues its run as it was started: drop --{key}"
+            )
 
 
 @dataclass
@@ -179,6 +209,19 @@ def plan_resume(ckpt_path: str | None, directory: Path, subcommand: str | None) 
     return plan
 
 
+def checkpoint_lr(checkpoint: dict[str, Any], where: str) -> float:
+    """The learning rate a checkpoint was running at: that of the update it would make next
+    (its optimizer's first parameter group, as its LR scheduler last set it)."""
+    try:
+        return float(checkpoint["optimizer_states"][0]["param_groups"][0]["lr"])
+    except (KeyError, IndexError, TypeError):
+        raise MidtrainError(
+            f"{where}: the checkpoint holds no optimizer state (saved weights only?), so an "
+            "anneal has no learning rate to start from; fork from a full checkpoint, or set "
+            "model.lr_schedule to a schedule that starts from model.lr"
+        ) from None
+
+
 def fork_optimizer_state(
     checkpoint: dict[str, Any],
     lr_now: float,
@@ -186,11 +229,16 @@ def fork_optimizer_state(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    reset: bool = False,
 ) -> None:
     """Rewrite a checkpoint's optimizer and LR-scheduler state for a fork, which continues the
     optimizer state with the new run's hyperparameters (the checkpoint's would otherwise win
-    silently): ``lr_now`` is the new schedule's LR at the fork step, ``lr`` its peak."""
+    silently): ``lr_now`` is the new schedule's LR at the fork step, ``lr`` its peak. With
+    ``reset`` the per-parameter state (AdamW's step count and moments) is dropped: the fork
+    starts it afresh, as a new optimizer would."""
     for opt in checkpoint.get("optimizer_states", []):
+        if reset:
+            opt["state"] = {}
         for i, group in enumerate(opt.get("param_groups", [])):
             # groups as midtrain.train.optim.param_groups makes them: decayed first, then not
             group.update(

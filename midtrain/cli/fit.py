@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -21,9 +21,15 @@ from lightning.pytorch.core.datamodule import LightningDataModule
 from midtrain.checkpoint.atomic import remove_stale_temps, use_atomic_checkpoints
 from midtrain.checkpoint.files import read_metadata
 from midtrain.checkpoint.layout import check_run_dir, run_checkpoints
-from midtrain.checkpoint.resume import ResumePlan, plan_resume, refuse_differences, run_record
+from midtrain.checkpoint.resume import (
+    ResumePlan,
+    check_fork_options,
+    plan_resume,
+    refuse_differences,
+    run_record,
+)
 from midtrain.cli.errors import translate_cli_error
-from midtrain.data.contract import StepDataModule, require_max_steps
+from midtrain.data.contract import StepDataModule, fresh_data_unsupported, require_max_steps
 from midtrain.data.datamodule import MixtureDataModule
 from midtrain.errors import MidtrainError, recording_errors
 from midtrain.train._lightning import (
@@ -39,10 +45,12 @@ from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.summary import RunSummary
 from midtrain.train.callbacks.throughput import Throughput
 from midtrain.train.module import CausalLM
+from midtrain.train.optim import ANNEALS, anneal_without_checkpoint
 from midtrain.train.trainer import Trainer
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_ROOT = "runs/midtrain"
+FORK_OPTIONS = ("fork_optimizer", "fork_data")
 
 
 def say(line: str) -> None:
@@ -162,6 +170,20 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             help="start a new run from this checkpoint, keeping model, optimizer, LR schedule "
             "and data position, with this run's (new or extended) schedule",
         )
+        parser.add_argument(
+            "--fork_optimizer",
+            type=Literal["keep", "reset"] | None,
+            default=None,
+            help="with --fork: keep the checkpoint's AdamW state (default) or reset it to a "
+            "new optimizer's (the weights are loaded either way)",
+        )
+        parser.add_argument(
+            "--fork_data",
+            type=Literal["keep", "fresh"] | None,
+            default=None,
+            help="with --fork: continue the checkpoint's data stream (default), or start this "
+            "run's schedule as a new stream at the fork step (its first samples)",
+        )
 
     def _cfg(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -214,6 +236,8 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         fork = self.config["fit"].get("fork")
         if fork:
             self._start_fork(fork)
+        else:
+            self._check_not_forking()
         check_run_dir(
             Path(self.trainer.default_root_dir),
             self.checkpoint_dir,
@@ -233,9 +257,35 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         if self.config["fit"].get("ckpt_path"):
             raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
         step = self.resume.checkpoint_metadata(fork, "fork")["global_step"]
+        options = self._fork_options()
+        self.model.fork_optimizer = options.get("fork_optimizer", "keep")
+        fork_data = options.get("fork_data", "keep")
+        if fork_data != "keep" and not getattr(self.datamodule, "fresh_data", False):
+            raise fresh_data_unsupported(self.datamodule)
         if isinstance(self.datamodule, StepDataModule):
             self.datamodule.fork_step = step
+            self.datamodule.fork_data = fork_data
         set_run_argument(self, "fit", "ckpt_path", fork)
+
+    def _fork_options(self) -> dict[str, str]:
+        """The ``--fork_*`` options given (None: not given)."""
+        cfg = self.config["fit"]
+        return {k: cfg[k] for k in FORK_OPTIONS if cfg.get(k) is not None}
+
+    def _check_not_forking(self) -> None:
+        """Without --fork: fork options only restate how a resumed run was forked (checked
+        against its run record in ``_check_resume``), and an anneal has nothing to start at."""
+        resuming = bool(self.config["fit"].get("ckpt_path"))
+        options = self._fork_options()
+        if options and not resuming:
+            key = next(iter(options))
+            raise MidtrainError(
+                f"{key}: {options[key]} is an option of a fork; add --fork <checkpoint>, or "
+                f"drop --{key}"
+            )
+        schedule = self.model.hparams.get("lr_schedule")
+        if schedule in ANNEALS and not resuming:
+            raise anneal_without_checkpoint(schedule)
 
     def _register_schedule(self, datamodule: MixtureDataModule) -> None:
         """Refuse a bad schedule before anything is written: the switches register now
@@ -257,9 +307,12 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             return
         meta = self.resume.checkpoint_metadata(ckpt, "ckpt_path")
         saved = meta.get("midtrain", {}).get("run")
+        where = f"{'--fork' if fork else '--ckpt_path'} {ckpt}"
         if saved is not None:
             now = run_record(self.model, self.datamodule, self.trainer)
-            refuse_differences(saved, now, fork, f"{'--fork' if fork else '--ckpt_path'} {ckpt}")
+            refuse_differences(saved, now, fork, where)
+        if not fork:
+            check_fork_options((saved or {}).get("fork"), self._fork_options(), where)
         for cb in self.trainer.callbacks:
             if isinstance(cb, AdaptiveMixture):
                 cb.continues(meta.get("callbacks", {}).get(cb.state_key), fork)

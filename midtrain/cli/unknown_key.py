@@ -35,7 +35,8 @@ SECTIONS = {
     "divergence": "midtrain.train.callbacks.divergence:DivergenceGuard",
     "summary": "midtrain.train.callbacks.summary:RunSummary",
 }
-TOP_KEYS = ["model", "data", "trainer", "ckpt_path", "fork", "seed_everything", "config"]
+TOP_KEYS = ["model", "data", "trainer", "ckpt_path", "fork", "fork_optimizer", "fork_data"]
+TOP_KEYS += ["seed_everything", "config"]
 TOP_KEYS += [k for k in SECTIONS if k not in TOP_KEYS]
 
 

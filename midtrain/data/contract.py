@@ -80,6 +80,16 @@ def require_max_steps(trainer: L.Trainer | None, why: str) -> int:
     return trainer.max_steps
 
 
+def fresh_data_unsupported(datamodule: Any) -> MidtrainError:
+    """The one line for ``--fork_data fresh`` with a data module that has no schedule to restart."""
+    return MidtrainError(
+        f"fork_data: fresh restarts a mixture schedule at the fork step; "
+        f"{type(datamodule).__name__} has none (an SFT stream has one phase): fork with "
+        "--fork_data keep, or start a new fine-tuning run from the weights with "
+        "--model.init_from <checkpoint> (its stream starts at the first example)"
+    )
+
+
 # Signals a cluster sends to stop a job (Slurm's pre-timeout SIGUSR1, SIGTERM; SIGUSR2 for
 # other schedulers): the main process saves and exits (midtrain.train.callbacks.preemption.Preemption), so a signal
 # sent to the whole process group must not kill the loader's workers mid-batch.
@@ -148,6 +158,11 @@ class StepDataModule(L.LightningDataModule):
         self.train_loader: StepLoader | None = None  # the loader of the running fit
         # the optimizer step a `midtrain fit --fork` starts from (None: a new run or a resume)
         self.fork_step: int | None = None
+        # `--fork_data`: "keep" continues the checkpoint's stream; "fresh" starts the new
+        # schedule's own stream at the fork step (data modules whose fresh_data is True)
+        self.fork_data = "keep"
+
+    fresh_data = False  # whether this data module can start a fresh stream at a fork
 
     @property
     def vocab_size(self) -> int:

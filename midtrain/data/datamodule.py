@@ -21,12 +21,14 @@ from midtrain.data.mixture import (
     check_weights,
     format_plan,
     plan_rows,
+    shift_phases,
 )
 from midtrain.data.store import Store
 from midtrain.data.streams import MixtureStream, ValidationBlocks
 from midtrain.errors import MidtrainError
 
 MAX_PHASES = 1024  # rows of the phase table shared with loader workers
+FORK_DATA = ("keep", "fresh")
 
 
 class MixtureDataModule(StepDataModule):
@@ -53,7 +55,14 @@ class MixtureDataModule(StepDataModule):
     switch may ramp), and ``change_weights`` at runtime (kept in checkpoints, so a resumed run
     reproduces them).
     The data module owns the schedule; it implements ``midtrain.data.contract.DataContract``.
+
+    A fork (``fork_step`` set) keeps the checkpoint's data position by default; with
+    ``fork_data = "fresh"`` its stream restarts at the fork step: optimizer step S + k draws
+    what step k of a new run with the schedule from S on (``shift_phases``) would draw. That
+    step origin (``data_origin``) is part of the checkpoint state.
     """
+
+    fresh_data = True
 
     def __init__(
         self,
@@ -89,6 +98,7 @@ class MixtureDataModule(StepDataModule):
         self._path: tuple[tuple, WeightPath] | None = None  # weights per step, by phase keys
         self._table: torch.Tensor | None = None  # phases shared with loader workers
         self._table_len: torch.Tensor | None = None
+        self.data_origin = 0  # the optimizer step that is the stream's step 0 (fork_data fresh)
         if val_sets is None:
             val_sets = [n for n in names if self.store.domain(n).val.num_blocks(seq_len) > 0]
         for v in val_sets:
@@ -170,6 +180,19 @@ class MixtureDataModule(StepDataModule):
     def schedule(self, global_batch_size: int) -> MixtureSchedule:
         return MixtureSchedule(self.domains, self.phases, global_batch_size, self.seed)
 
+    def stream_schedule(self, global_batch_size: int, origin: int | None = None) -> MixtureSchedule:
+        """The schedule the training stream draws from: the run's, with step 0 at ``origin``
+        (default: ``data_origin``, which a fresh fork sets to its fork step)."""
+        origin = self.data_origin if origin is None else origin
+        phases = shift_phases(self.phases, origin)
+        return MixtureSchedule(self.domains, phases, global_batch_size, self.seed)
+
+    def _plan_origin(self) -> int:
+        """The stream origin the plan shows: a fresh fork's step before its checkpoint is read."""
+        if self.fork_step is not None and self.fork_data == "fresh":
+            return self.fork_step
+        return self.data_origin
+
     def global_batch_size(self, trainer: L.Trainer) -> int:
         return self.micro_batch_size * trainer.accumulate_grad_batches * trainer.world_size
 
@@ -218,6 +241,7 @@ class MixtureDataModule(StepDataModule):
             max_steps,
             self.global_batch_size(trainer),
             tuple(repr(p.key()) for p in self.phases),
+            self._plan_origin(),
         )
         if self._resolved_for == key:
             return
@@ -231,7 +255,13 @@ class MixtureDataModule(StepDataModule):
         """Per phase and domain: sequences and tokens drawn, realized share, tokens available,
         and how many times the domain has been read by the end of the phase (``plan_rows``)."""
         blocks = {n: self.store.domain(n).train.num_blocks(self.seq_len) for n in self.domains}
-        return plan_rows(self.schedule(global_batch_size), max_steps, self.seq_len, blocks)
+        origin = self._plan_origin()
+        schedule = self.stream_schedule(global_batch_size, origin)
+        rows = plan_rows(schedule, max_steps - origin, self.seq_len, blocks)
+        for row in rows:  # a fresh stream's steps, shown as the run's optimizer steps
+            row["start"] += origin
+            row["end"] += origin
+        return rows
 
     def change_weights(
         self, weights: dict[str, float], ramp_steps: int = 0, ramp: str = "linear"
@@ -288,7 +318,7 @@ class MixtureDataModule(StepDataModule):
         self._table.share_memory_()
         self._table_len.share_memory_()
         self._write_table()
-        schedule = self.schedule(self.global_batch_size(trainer))
+        schedule = self.stream_schedule(self.global_batch_size(trainer))
         return MixtureStream(
             [self.store.domain(n).train for n in schedule.domains],
             schedule,
@@ -300,6 +330,7 @@ class MixtureDataModule(StepDataModule):
             start_step=trainer.global_step,
             max_steps=trainer.max_steps,
             phase_table=(self._table, self._table_len),
+            origin=self.data_origin,
         )
 
     def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
@@ -321,6 +352,7 @@ class MixtureDataModule(StepDataModule):
             "fingerprint": self.fingerprint(),
             "step": step,
             "runtime_phases": [p.key() for p in self.runtime_phases],
+            "origin": self.data_origin,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -344,7 +376,9 @@ class MixtureDataModule(StepDataModule):
                     f"fork: the schedule before the fork point (step {step}) differs from the "
                     "checkpoint's; a fork may only change phases from the fork step on"
                 )
+            self.data_origin = self._fork_origin(step, state_dict.get("origin", 0))
             return
+        self.data_origin = state_dict.get("origin", 0)
         self.runtime_phases = runtime
         now_phases = [p.key() for p in self.phases]
         if [tuple(x) for x in saved["phases"]] != now_phases:
@@ -353,6 +387,16 @@ class MixtureDataModule(StepDataModule):
                 f"({saved['phases']} vs {now_phases}); "
                 "to continue with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
             )
+
+    def _fork_origin(self, step: int, saved_origin: int) -> int:
+        """A fork's stream origin: the checkpoint's (keep), or the fork step (fresh), whose
+        shifted schedule is checked now (a ramp across the fork step has no fresh start)."""
+        if self.fork_data not in FORK_DATA:
+            raise MidtrainError(f"fork_data: {self.fork_data!r}; use one of {', '.join(FORK_DATA)}")
+        if self.fork_data == "keep":
+            return saved_origin
+        shift_phases(self.phases, step)
+        return step
 
 
 def check_overlaps(phases: list[Phase]) -> None:

@@ -54,6 +54,29 @@ class Phase:
         return cls(int(key[0]), dict(key[1]), *(key[2:4] if len(key) > 2 else ()))
 
 
+def shift_phases(phases: Sequence[Phase], origin: int) -> list[Phase]:
+    """The schedule of a stream whose step 0 is optimizer step ``origin`` (``--fork_data
+    fresh``): the phase in force at ``origin`` from 0, later phases ``origin`` steps earlier.
+    A ramp still running at ``origin`` has no start in the new stream: one line."""
+    if origin == 0:
+        return list(phases)
+    phases = sorted(phases, key=lambda p: p.start_step)
+    current = [p for p in phases if p.start_step <= origin][-1]
+    if origin < current.start_step + current.ramp_steps:
+        raise MidtrainError(
+            f"fork_data: fresh starts a new stream at the fork step {origin}, but the mixture "
+            f"ramps across it (the phase at step {current.start_step} ramps "
+            f"{current.ramp_steps} steps); end the ramp by the fork step, start it after, or "
+            "fork with --fork_data keep"
+        )
+    later = [
+        Phase(p.start_step - origin, p.weights, p.ramp_steps, p.ramp)
+        for p in phases
+        if p.start_step > origin
+    ]
+    return [Phase(0, current.weights), *later]
+
+
 def check_ramp(ramp_steps: Any, ramp: Any, where: str) -> None:
     """One-line errors for a ramp that cannot be scheduled."""
     if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:

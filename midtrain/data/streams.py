@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from midtrain.data.mixture import RAMP_CODES, MixtureSchedule, Phase, block_indices, domain_key
+from midtrain.data.mixture import (
+    RAMP_CODES,
+    MixtureSchedule,
+    Phase,
+    block_indices,
+    domain_key,
+    shift_phases,
+)
 from midtrain.data.store import Split
 
 
@@ -89,7 +96,10 @@ class StepStream(IterableDataset):
 
 
 class MixtureStream(StepStream):
-    """The pretraining stream: each slot's (domain, block) from a ``MixtureSchedule``."""
+    """The pretraining stream: each slot's (domain, block) from a ``MixtureSchedule``.
+
+    ``origin``: the optimizer step that is the schedule's step 0 (``--fork_data fresh``; the
+    schedule is then ``shift_phases`` of the run's phases). 0 for every other run."""
 
     def __init__(
         self,
@@ -103,8 +113,10 @@ class MixtureStream(StepStream):
         start_step: int,
         max_steps: int,
         phase_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+        origin: int = 0,
     ) -> None:
         super().__init__(micro_batch_size, accumulation, rank, world_size, start_step, max_steps)
+        self.origin = origin
         self.splits = list(splits)
         self.schedule = schedule
         self.seq_len = seq_len
@@ -115,12 +127,14 @@ class MixtureStream(StepStream):
         # replaces a phase at the same step keeps the count).
         self.phase_table = phase_table
         self._table_views: tuple[np.ndarray, np.ndarray] | None = None
+        # the table holds the run's phases (before any shift), written before the stream
         self._version_seen = int(phase_table[1][1]) if phase_table is not None else 0
         assert schedule.batch_size == self.batch_size
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``index`` (counted from step 0) of this rank."""
         step, lo = self.slots(index)
+        step -= self.origin
         self._sync_phases()
         domain, draw = self.schedule.step(step)
         domain, draw = domain[lo : lo + self.micro], draw[lo : lo + self.micro]
@@ -160,7 +174,9 @@ class MixtureStream(StepStream):
             for r in table[:n].tolist()
         ]
         s = self.schedule
-        self.schedule = MixtureSchedule(s.domains, phases, s.batch_size, s.seed)
+        self.schedule = MixtureSchedule(
+            s.domains, shift_phases(phases, self.origin), s.batch_size, s.seed
+        )
         self._version_seen = version
 
 

@@ -28,12 +28,18 @@ from midtrain.model.loss import chunked_cross_entropy
 from midtrain.train._lightning import publish_callback_metrics
 from midtrain.train.metrics import DomainSums, add_per_domain, is_logging_step
 from midtrain.train.optim import (
+    ANNEALS,
+    anneal_without_checkpoint,
     check_schedule,
     fused_adamw_supported,
+    lr_at,
     lr_scheduler,
     param_groups,
+    reschedule,
     warmup_steps,
 )
+
+FORK_OPTIMIZER = ("keep", "reset")
 
 
 class CausalLM(L.LightningModule):
@@ -46,8 +52,14 @@ class CausalLM(L.LightningModule):
         lr, min_lr: peak and final learning rate (min_lr default: lr / 10).
         warmup: linear warmup in optimizer steps, or a fraction of max_steps if < 1.
         lr_schedule: a name in ``midtrain.train.optim.SCHEDULES``: ``cosine``, ``wsd``
-            (warmup-stable-decay) or ``constant``.
-        decay_fraction: with ``wsd``, the final fraction of steps that decays.
+            (warmup-stable-decay), ``constant``, or, for a run started with ``--fork``,
+            ``anneal`` (linear from the checkpoint's LR at the fork step to min_lr at the
+            last step) or ``anneal_wsd`` (hold the checkpoint's LR, then WSD's linear decay).
+        decay_fraction: with ``wsd`` and ``anneal_wsd``, the final fraction of steps that
+            decays (of the steps after the fork for ``anneal_wsd``).
+        rewarm: with an anneal, warm up again from the fork step, to the checkpoint's LR over
+            ``warmup`` steps (a fraction < 1: of the steps after the fork); without it an
+            anneal has no warmup.
         weight_decay, decay_1d_params: AdamW decay, on matrices only unless decay_1d_params.
         betas, eps: AdamW.
         init_from: a checkpoint whose weights (only) initialise the model: fresh optimizer
@@ -88,6 +100,7 @@ class CausalLM(L.LightningModule):
         compile: bool = False,
         document_masking: bool = False,
         loss_chunk_size: int = 1024,
+        rewarm: bool = False,
     ) -> None:
         super().__init__()
         overrides = dict(model_config or {})
@@ -106,6 +119,12 @@ class CausalLM(L.LightningModule):
         if lr <= 0:
             raise MidtrainError(f"model.lr: must be positive, got {lr}")
         check_schedule(lr_schedule)
+        if rewarm and lr_schedule not in ANNEALS:
+            raise MidtrainError(
+                f"model.rewarm: re-warms an anneal from its fork step; with lr_schedule "
+                f"{lr_schedule!r} warmup already runs from step 0: set model.lr_schedule: "
+                "anneal (or anneal_wsd), or drop model.rewarm"
+            )
         if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
             raise MidtrainError(
                 f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}"
@@ -144,6 +163,12 @@ class CausalLM(L.LightningModule):
         self._flops_per_batch: float | None = None
         # the chunked loss reads lm_head's weight outside the model's forward (set in configure_model)
         self._chunked_loss = False
+        # `--fork_optimizer`: keep the checkpoint's AdamW state, or reset it (set by the CLI)
+        self.fork_optimizer = "keep"
+        # what started this run from a checkpoint (`fork` in the run record), and where an
+        # anneal starts: {"step": fork step, "lr": the checkpoint's LR}; both in checkpoints
+        self.fork_record: dict[str, Any] | None = None
+        self.anneal_from: dict[str, Any] | None = None
 
     # -- construction ---------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -252,14 +277,9 @@ class CausalLM(L.LightningModule):
             fused=fused_adamw_supported(self.model),  # one kernel for all params
         )
         max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
-        sched = lr_scheduler(
-            opt,
-            min_lr=hp.min_lr if hp.min_lr is not None else hp.lr / 10,
-            warmup=warmup_steps(hp.warmup, max_steps),
-            max_steps=max_steps,
-            schedule=hp.lr_schedule,
-            decay_fraction=hp.decay_fraction,
-        )
+        if hp.lr_schedule in ANNEALS and self.anneal_from is None and not self.trainer.ckpt_path:
+            raise anneal_without_checkpoint(hp.lr_schedule)
+        sched = lr_scheduler(opt, **self._schedule(max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- steps ----------------------------------------------------------------------------
@@ -548,6 +568,8 @@ class CausalLM(L.LightningModule):
             "tokens_seen": dict(self.tokens_seen),
             "callback_metrics": self._metrics_after_step(),
         }
+        if self.anneal_from is not None:  # a resumed anneal continues from the same start
+            checkpoint["midtrain"]["anneal"] = dict(self.anneal_from)
         trainer = self._attached_trainer()
         if trainer is not None:  # what a resume must agree with (midtrain.checkpoint.resume)
             checkpoint["midtrain"]["run"] = run_record(self, trainer.datamodule, trainer)
@@ -579,6 +601,7 @@ class CausalLM(L.LightningModule):
         where = f"{'--fork' if fork else '--ckpt_path'} {trainer.ckpt_path}"
         refuse_differences(saved["run"], run_record(self, dm, trainer), fork, where)
         if fork:
+            self._start_branch(checkpoint, dm, where)
             fork_optimizer_state(
                 checkpoint,
                 self._lr_at(checkpoint.get("global_step", 0)),
@@ -586,21 +609,53 @@ class CausalLM(L.LightningModule):
                 betas=tuple(self.hparams.betas),
                 eps=self.hparams.eps,
                 weight_decay=self.hparams.weight_decay,
+                reset=self.fork_optimizer == "reset",
             )
+        else:  # a resume continues the run as it was started
+            self.fork_record = saved["run"].get("fork")
+            self.anneal_from = saved.get("anneal")
+        # already built where the strategy restores after configure_optimizers (FSDP2)
+        for config in trainer.lr_scheduler_configs:
+            reschedule(config.scheduler, self.hparams.lr, **self._schedule(trainer.max_steps))
+
+    def _start_branch(self, checkpoint: dict[str, Any], dm: Any, where: str) -> None:
+        """A fork's record (what it kept, what it reset) and, for an anneal, its start: the
+        fork step and the learning rate the checkpoint was running at."""
+        from midtrain.checkpoint.resume import checkpoint_lr
+
+        if self.fork_optimizer not in FORK_OPTIMIZER:
+            raise MidtrainError(
+                f"fork_optimizer: {self.fork_optimizer!r}; use one of {', '.join(FORK_OPTIMIZER)}"
+            )
+        step = int(checkpoint.get("global_step", 0))
+        self.fork_record = {
+            "step": step,
+            "optimizer": self.fork_optimizer,
+            "data": getattr(dm, "fork_data", "keep"),
+        }
+        self.anneal_from = None
+        if self.hparams.lr_schedule in ANNEALS:
+            self.anneal_from = {"step": step, "lr": checkpoint_lr(checkpoint, where)}
+
+    def _schedule(self, max_steps: int) -> dict[str, Any]:
+        """``lr_at``'s settings for this run: an anneal starts at ``anneal_from`` (before a
+        checkpoint is read under late-restoring strategies: at lr, rescheduled on load)."""
+        hp = self.hparams
+        anneal = hp.lr_schedule in ANNEALS
+        start: dict[str, Any] = {"step": 0, "lr": hp.lr if anneal else None}
+        if anneal and self.anneal_from is not None:
+            start = self.anneal_from
+        warmup = hp.warmup if not anneal or hp.get("rewarm") else 0
+        return {
+            "min_lr": hp.min_lr if hp.min_lr is not None else hp.lr / 10,
+            "warmup": warmup_steps(warmup, max_steps - start["step"]),
+            "max_steps": max_steps,
+            "schedule": hp.lr_schedule,
+            "decay_fraction": hp.decay_fraction,
+            "origin": start["step"],
+            "start_lr": start["lr"] if anneal else None,
+        }
 
     def _lr_at(self, step: int) -> float:
         """This run's learning rate at optimizer ``step`` (its own schedule)."""
-        from midtrain.train.optim import lr_at, warmup_steps
-
-        hp = self.hparams
-        max_steps = self.trainer.max_steps
-        min_lr = hp.min_lr if hp.min_lr is not None else hp.lr / 10
-        return lr_at(
-            step,
-            lr=hp.lr,
-            min_lr=min_lr,
-            warmup=warmup_steps(hp.warmup, max_steps),
-            max_steps=max_steps,
-            schedule=hp.lr_schedule,
-            decay_fraction=hp.decay_fraction,
-        )
+        return lr_at(step, lr=self.hparams.lr, **self._schedule(self.trainer.max_steps))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,13 +49,50 @@ def constant(
     return lr
 
 
+def _to_last_step(step: int, start: int, lr: float, min_lr: float, max_steps: int) -> float:
+    """Linear from lr at ``start`` to exactly min_lr at the last step (max_steps - 1)."""
+    progress = min(1.0, (step - start) / max(1, max_steps - 1 - start))
+    return lr + (min_lr - lr) * progress
+
+
+def anneal(
+    step: int, lr: float, min_lr: float, warmup: int, max_steps: int, decay_fraction: float
+) -> float:
+    """Linear decay from lr to min_lr over every step after warmup (OLMo 2's stage 2). Steps
+    count from the fork step and lr is the checkpoint's (``lr_at`` shifts them)."""
+    return _to_last_step(step, warmup, lr, min_lr, max_steps)
+
+
+def anneal_wsd(
+    step: int, lr: float, min_lr: float, warmup: int, max_steps: int, decay_fraction: float
+) -> float:
+    """WSD's shape from the fork step: hold lr, then decay linearly to min_lr over the last
+    decay_fraction of the steps after the fork."""
+    decay_start = max(warmup, max_steps - int(round(decay_fraction * max_steps)))
+    return lr if step < decay_start else _to_last_step(step, decay_start, lr, min_lr, max_steps)
+
+
 SCHEDULES: dict[str, Callable[[int, float, float, int, int, float], float]] = {
     "cosine": cosine,
     "wsd": wsd,
     "constant": constant,
+    "anneal": anneal,
+    "anneal_wsd": anneal_wsd,
 }
 """The LR-schedule table: ``model.lr_schedule`` names a key. A new schedule is one function
 added here (warmup is applied before it)."""
+
+ANNEALS = ("anneal", "anneal_wsd")
+"""Schedules that start at a checkpoint: step 0 is the fork step, lr the LR the checkpoint was
+running at, and warmup applies only when re-warming (``model.rewarm``)."""
+
+
+def anneal_without_checkpoint(schedule: str) -> MidtrainError:
+    """The one line for an anneal with no checkpoint LR to start from (a new run)."""
+    return MidtrainError(
+        f"model.lr_schedule: {schedule} starts at the learning rate of the checkpoint it forks "
+        "from, and this run starts from none; add --fork <checkpoint>, or pick another schedule"
+    )
 
 
 def check_schedule(name: str) -> None:
@@ -73,10 +111,19 @@ def lr_at(
     max_steps: int,
     schedule: str,
     decay_fraction: float = 0.2,
+    origin: int = 0,
+    start_lr: float | None = None,
 ) -> float:
     """Learning rate for the update made at optimizer step ``step`` (0-based): linear warmup
-    over ``warmup`` steps, then ``SCHEDULES[schedule]``."""
+    over ``warmup`` steps, then ``SCHEDULES[schedule]``. An anneal (``ANNEALS``) runs from
+    optimizer step ``origin`` (the fork step) at ``start_lr`` (the checkpoint's LR) instead of
+    step 0 at ``lr``."""
     check_schedule(schedule)
+    if schedule in ANNEALS:
+        if start_lr is None:
+            raise anneal_without_checkpoint(schedule)
+        # (steps before the fork are never trained; LambdaLR evaluates step 0 when built)
+        step, max_steps, lr = max(0, step - origin), max_steps - origin, start_lr
     if step < warmup:
         return lr * (step + 1) / warmup
     return SCHEDULES[schedule](step, lr, min_lr, warmup, max_steps, decay_fraction)
@@ -93,6 +140,15 @@ def lr_scheduler(
     a partial (not a closure) keeps LambdaLR from pickling stale settings into a fork."""
     base = optimizer.param_groups[0]["lr"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_factor, base_lr=base, **kwargs))
+
+
+def reschedule(scheduler: object, base_lr: float, **kwargs: Any) -> None:
+    """Give a built ``lr_scheduler`` new settings (an anneal's start, known only once its
+    checkpoint is read: after ``configure_optimizers`` under strategies that restore late).
+    Other schedulers (a user's own) are left alone."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        factor = partial(_factor, base_lr=base_lr, **kwargs)
+        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:
