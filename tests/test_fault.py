@@ -206,6 +206,31 @@ def test_preemption_requeues_where_lightning_sees_slurm(monkeypatch: pytest.Monk
     assert slurm_job_id() == "41_3"  # an array task is requeued by its own id
 
 
+@pytest.mark.parametrize(
+    "env,devices,says",
+    [
+        ({"SLURM_NTASKS": "2"}, "2", "use --ntasks-per-node=2"),  # srun -n 2
+        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, "1", "set --trainer.devices 2"),
+    ],
+)
+def test_slurm_task_layout_lightning_refuses_is_one_line(
+    run: Run,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    devices: str,
+    says: str,
+) -> None:
+    for k, v in {**SLURM_TASK, **env}.items():
+        monkeypatch.setenv(k, v)
+    if "SLURM_NTASKS_PER_NODE" not in env:
+        monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    args = ["fit", "--config", str(run.config), "--trainer.devices", devices]
+    line = run_bad(capsys, [*args, "--trainer.default_root_dir", str(tmp_path / "r")], [tmp_path])
+    assert says in line, line
+
+
 # -- atomic checkpoints ------------------------------------------------------------------------
 
 
