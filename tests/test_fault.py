@@ -15,15 +15,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from midtrain.checkpoint.atomic import TEMP_MARK, AtomicCheckpointIO, remove_stale_temps
 from midtrain.checkpoint.resume import resume_checkpoint
 from midtrain.cli import main
 from midtrain.data import contract
+from midtrain.train._lightning import slurm_requeue_signal
 from midtrain.train.callbacks.mixture import MixtureSwitch
-from midtrain.train.callbacks.preemption import EXIT_PREEMPTED
+from midtrain.train.callbacks.preemption import EXIT_PREEMPTED, slurm_job_id
 from tests.conftest import needs_non_root, read_only_directory
 from tests.helpers import RecordDomains
 from tests.test_bad_input import Run, error_line, run_bad
@@ -171,6 +174,61 @@ def test_workers_ignore_preemption_signals() -> None:
     finally:
         for s, h in before.items():
             signal.signal(getattr(signal, s), h)
+
+
+SLURM_TASK = {  # what `srun` sets for one task (tests/test_slurm.py runs the real thing)
+    "SLURM_JOB_ID": "42",
+    "SLURM_JOB_NAME": "pretrain",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_NODELIST": "localhost",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+def test_preemption_requeues_where_lightning_sees_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    def requeue_signal(**kwargs: Any) -> signal.Signals | None:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, **kwargs)
+        return slurm_requeue_signal(trainer)
+
+    assert requeue_signal() is None  # not under SLURM
+    for k, v in SLURM_TASK.items():
+        monkeypatch.setenv(k, v)
+    assert requeue_signal() == signal.SIGUSR1 and slurm_job_id() == "42"
+    assert requeue_signal(plugins=[SLURMEnvironment(auto_requeue=False)]) is None
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # salloc, srun --pty bash: SLURM hidden
+    assert requeue_signal() is None
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_job_id() == "41_3"  # an array task is requeued by its own id
+
+
+@pytest.mark.parametrize(
+    "env,devices,says",
+    [
+        ({"SLURM_NTASKS": "2"}, "2", "use --ntasks-per-node=2"),  # srun -n 2
+        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, "1", "set --trainer.devices 2"),
+    ],
+)
+def test_slurm_task_layout_lightning_refuses_is_one_line(
+    run: Run,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    devices: str,
+    says: str,
+) -> None:
+    for k, v in {**SLURM_TASK, **env}.items():
+        monkeypatch.setenv(k, v)
+    if "SLURM_NTASKS_PER_NODE" not in env:
+        monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    args = ["fit", "--config", str(run.config), "--trainer.devices", devices]
+    line = run_bad(capsys, [*args, "--trainer.default_root_dir", str(tmp_path / "r")], [tmp_path])
+    assert says in line, line
 
 
 # -- atomic checkpoints ------------------------------------------------------------------------

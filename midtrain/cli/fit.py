@@ -17,6 +17,7 @@ from typing import Any, Literal
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from midtrain.checkpoint.atomic import remove_stale_temps, use_atomic_checkpoints
 from midtrain.checkpoint.files import read_metadata
@@ -88,6 +89,26 @@ def trainer_defaults(trainer: Any, subcommand: str) -> None:
                 "steps (midtrain's schedules are in steps)"
             )
         trainer.max_steps = -1  # Lightning's "no limit"; evaluation does not use it
+
+
+def check_slurm_tasks(trainer: Any) -> None:
+    """Under ``srun``, Lightning takes the ranks from SLURM and needs ``--ntasks-per-node`` equal
+    to ``trainer.devices``; said in one line here (Lightning raises with a traceback)."""
+    if not SLURMEnvironment.detect():  # no srun, or a job named bash/interactive
+        return
+    ntasks, per_node = os.environ.get("SLURM_NTASKS", "1"), os.environ.get("SLURM_NTASKS_PER_NODE")
+    devices = trainer.get("devices")
+    if per_node is None and ntasks.isdigit() and int(ntasks) > 1:
+        raise MidtrainError(
+            f"SLURM: {ntasks} tasks (--ntasks / srun -n) without --ntasks-per-node; Lightning "
+            f"places ranks by tasks per node: use --ntasks-per-node={devices} (= trainer.devices)"
+        )
+    known = per_node is not None and per_node.isdigit() and str(devices).isdigit()
+    if known and int(str(per_node)) != int(devices):
+        raise MidtrainError(
+            f"trainer.devices: {devices}, but SLURM runs {per_node} tasks per node "
+            f"(--ntasks-per-node); set --trainer.devices {per_node} or change the job"
+        )
 
 
 def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | None) -> Any:
@@ -192,6 +213,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         cfg, subcommand = self._cfg(), str(self.subcommand)
         evaluation_defaults(cfg, subcommand)
         trainer_defaults(cfg.trainer, subcommand)
+        check_slurm_tasks(cfg.trainer)
         dirpath = cfg.get("checkpoint", {}).get("dirpath") if "checkpoint" in cfg else None
         self.checkpoint_dir = (
             Path(dirpath) if dirpath else run_checkpoints(cfg.trainer.default_root_dir)

@@ -8,11 +8,13 @@ is the one to update.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 # -- the CLI and checkpoint contents -------------------------------------------------------------
 
@@ -76,3 +78,19 @@ def save_final_checkpoint(callback: ModelCheckpoint, trainer: pl.Trainer) -> Non
     if callback.monitor is None or callback.monitor in candidates:
         callback._save_topk_checkpoint(trainer, candidates)
     callback._save_last_checkpoint(trainer, candidates)
+
+
+# -- cluster environments -------------------------------------------------------------------------
+
+
+def slurm_requeue_signal(trainer: pl.Trainer) -> signal.Signals | None:
+    """The signal on which the run should requeue its SLURM job: the ``requeue_signal`` of the
+    trainer's ``SLURMEnvironment`` when ``auto_requeue`` is on (Lightning's default when it
+    detects SLURM), else None.
+
+    The cluster environment lives on the accelerator connector; only parallel strategies expose
+    it publicly (``strategy.cluster_environment``), a single-device run under SLURM has it too."""
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return environment.requeue_signal
+    return None
