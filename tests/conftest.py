@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from midtrain.cli.quiet import quiet_lightning
+
 # Tests never touch the network: the hub is unreachable here and must not be needed.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -100,3 +102,9 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def builtin_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in offline data (needs nothing outside the Python installation)."""
     return prepare_store(tmp_path_factory.mktemp("builtin") / "store", BUILTIN_DOMAINS, 512)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In-process tests drive Lightning as the `midtrain` command does (resume, fork, validate):
+    # the same messages are noise here, filtered by the one list that says why.
+    quiet_lightning("validate", fork=True)

@@ -329,7 +329,8 @@ def test_a_new_lr_schedule_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None
         60, lr=1.0, min_lr=0.0, warmup=10, max_steps=110, schedule="linear"
     ) == pytest.approx(0.5)
     with pytest.raises(
-        MidtrainError, match="unknown 'cubic'; use one of cosine, wsd, constant, linear"
+        MidtrainError,
+        match="unknown 'cubic'; use one of cosine, wsd, constant, anneal, anneal_wsd, linear",
     ):
         CausalLM(arch="tiny", vocab_size=512, lr_schedule="cubic")
 
