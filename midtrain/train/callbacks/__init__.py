@@ -4,6 +4,7 @@ when, and asks them."""
 
 from midtrain.train.callbacks.checkpoints import CheckpointAtSteps, ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
+from midtrain.train.callbacks.ema import EMA
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.summary import RunSummary
@@ -12,6 +13,7 @@ from midtrain.train.callbacks.throughput import Throughput
 __all__ = [
     "CheckpointAtSteps",
     "DivergenceGuard",
+    "EMA",
     "MixtureLogging",
     "MixtureSwitch",
     "ModelCheckpoint",
