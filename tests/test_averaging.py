@@ -4,6 +4,7 @@ holding both weights, SIGKILL resume bitwise, --weights ema for validate and exp
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -145,6 +146,28 @@ def test_validate_and_export_read_the_averaged_weights(
     ea.Reload()
     logged = ea.Scalars("val_ema/prose/loss")[-1].value
     assert f"{logged:.4f}" in results["ema"]
+
+
+def test_export_weights_ema_and_the_soup(tmp_path: Path, ema_run: Path) -> None:
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from midtrain.checkpoint.load import load_checkpoint
+    from midtrain.model.hf import to_hf_state_dict
+
+    ckpt = ema_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "hf-ema"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--weights", "ema"]) == 0
+    config, averaged, _ = load_checkpoint(ckpt, weights="ema")
+    expected = to_hf_state_dict(averaged, config)
+    written = load_file(out / "model.safetensors")
+    for k, v in expected.items():
+        assert torch.equal(written[k], v), k
+    assert json.loads((out / "midtrain.json").read_text())["weights"] == "ema"
+    # a soup written elsewhere exports with its inputs' tokenizer
+    soup = tmp_path / "elsewhere" / "soup.ckpt"
+    average_checkpoints([step_ckpt(ema_run, 5), step_ckpt(ema_run, 6)], soup)
+    assert main(["export", "--ckpt", str(soup), "--out", str(tmp_path / "hf-soup")]) == 0
 
 
 def test_weights_ema_refused_without_an_average(

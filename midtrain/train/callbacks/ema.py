@@ -48,7 +48,10 @@ def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
     compile and activation-checkpointing wrappers, which still point at the live model."""
     if not isinstance(module, GPT):
         return module  # AveragedModel deep-copies it
-    copy = GPT(module.config).to(next(module.parameters()).device)
+    with torch.device("meta"):  # no initialisation: it would draw from the global RNG
+        copy = GPT(module.config)
+    copy.to_empty(device=next(module.parameters()).device)
+    copy.reset_buffers()
     copy.load_state_dict(module.state_dict())
     return copy
 
