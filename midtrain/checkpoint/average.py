@@ -79,21 +79,21 @@ def average_checkpoints(
     """Write the uniform average of ``paths`` (at least two checkpoints of one model) to the new
     file ``out``; ``weights="ema"`` averages their EMA weights. Nothing is written on error."""
     check_weights_choice(weights)
-    paths, out = [Path(p) for p in paths], Path(out)
-    if len(paths) < 2:
-        raise MidtrainError(f"average: give at least 2 checkpoints to average, got {len(paths)}")
-    if out.exists():
-        raise MidtrainError(f"--out: {out} exists; choose a new file")
-    for path in paths:
+    files, target = [Path(p) for p in paths], Path(out)
+    if len(files) < 2:
+        raise MidtrainError(f"average: give at least 2 checkpoints to average, got {len(files)}")
+    if target.exists():
+        raise MidtrainError(f"--out: {target} exists; choose a new file")
+    for path in files:
         if not path.exists():
             raise MidtrainError(f"average: checkpoint not found: {path}")
-    mean, meta, steps = average_states(paths, weights)
+    mean, meta, steps = average_states(files, weights)
     soup: dict[str, Any] = {k: meta[k] for k in KEPT_KEYS if k in meta}
     soup["global_step"] = max(steps)
     soup["state_dict"] = {f"model.{k}": v for k, v in mean.items()}
     soup[AVERAGED_FROM] = {
-        "sources": [str(p.resolve()) for p in paths],
+        "sources": [str(p.resolve()) for p in files],
         "global_steps": steps,
         "weights": weights,
     }
-    return atomic_save(soup, out)
+    return atomic_save(soup, target)

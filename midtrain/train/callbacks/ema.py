@@ -226,7 +226,7 @@ class EMA(EMAWeightAveraging):
         if saved is None:
             self._latest_update_step = int(checkpoint.get("global_step", 0))
             return
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         fork = getattr(dm, "fork_step", None) is not None
         if not fork and saved.get("decay") != self.decay:
             raise MidtrainError(
