@@ -187,6 +187,24 @@ def test_weights_ema_refused_without_an_average(
     assert code == 2 and "validate and test only" in capsys.readouterr().err
 
 
+def test_resume_that_drops_or_changes_the_average_is_refused(
+    tmp_path: Path, ema_run: Path, builtin_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(step_ckpt(ema_run, 3))
+    no_ema = yaml.safe_load(config(tmp_path, builtin_store, "no-ema").read_text())
+    no_ema["trainer"]["callbacks"] = []
+    (tmp_path / "no-ema.yaml").write_text(yaml.safe_dump(no_ema))
+    other_decay = config(tmp_path, builtin_store, "other-decay", ema={"decay": 0.5})
+    for cfg, said in (
+        (tmp_path / "no-ema.yaml", "no midtrain.callbacks.EMA"),
+        (other_decay, "decay"),
+    ):
+        assert main(["fit", "--config", str(cfg), "--ckpt_path", ckpt]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ckpt in err[0] and said in err[0], err
+        assert not (tmp_path / cfg.stem).exists()
+
+
 @pytest.mark.parametrize("bad", [{"decay": 1.0}, {"decay": 0.0}, {"update_every_n_steps": 0}])
 def test_bad_ema_settings_are_one_line(
     tmp_path: Path, builtin_store: Path, bad: dict, capsys: pytest.CaptureFixture[str]

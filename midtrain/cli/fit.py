@@ -33,7 +33,7 @@ from midtrain.train._lightning import (
 )
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
-from midtrain.train.callbacks.ema import EMA
+from midtrain.train.callbacks.ema import EMA, check_ema_resume
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.summary import RunSummary
@@ -283,6 +283,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         if saved is not None:
             now = run_record(self.model, self.datamodule, self.trainer)
             refuse_differences(saved, now, fork, f"{'--fork' if fork else '--ckpt_path'} {ckpt}")
+        check_ema_resume(meta, self.trainer.callbacks, fork, f"--ckpt_path {ckpt}")
         if self.datamodule is None:
             return
         data_state = checkpoint_datamodule_state(meta, self.datamodule)

@@ -56,6 +56,27 @@ def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
+def check_ema_resume(
+    checkpoint: dict[str, Any], callbacks: list[Any], fork: bool, where: str
+) -> None:
+    """Refuse, before anything is written, a resume that would drop a checkpoint's average or
+    continue it with another decay (a fork may do either)."""
+    saved = checkpoint.get(EMA_KEY)
+    if fork or not isinstance(saved, dict):
+        return
+    ema = [cb for cb in callbacks if isinstance(cb, EMA)]
+    if not ema:
+        raise MidtrainError(
+            f"{where}: it holds an EMA average but this run has no midtrain.callbacks.EMA; "
+            "resume with the same EMA callback, or start a new run from it with --fork"
+        )
+    if saved.get("decay") != ema[0].decay:
+        raise MidtrainError(
+            f"{where}: its EMA average was made with decay {saved.get('decay')}, this run has "
+            f"EMA.decay {ema[0].decay}; resume with the same decay, or --fork"
+        )
+
+
 class EMA(EMAWeightAveraging):
     """An exponential moving average of the weights: after every ``update_every_n_steps``-th
     optimizer step from ``update_starting_at_step`` on (0-based step index),
@@ -228,11 +249,7 @@ class EMA(EMAWeightAveraging):
             return
         dm = getattr(trainer, "datamodule", None)
         fork = getattr(dm, "fork_step", None) is not None
-        if not fork and saved.get("decay") != self.decay:
-            raise MidtrainError(
-                f"EMA.decay: the checkpoint's average was made with decay {saved.get('decay')}, "
-                f"this run has {self.decay}; resume with the same decay, or --fork"
-            )
+        check_ema_resume(checkpoint, [self], fork, f"--ckpt_path {trainer.ckpt_path}")
         prefix = _prefix(pl_module)
         state = {k.removeprefix(prefix): v for k, v in saved["state_dict"].items()}
         self._average_model.module.load_state_dict(state)
