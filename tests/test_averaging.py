@@ -334,3 +334,20 @@ def test_soup_with_other_parameters_names_the_file(tmp_path: Path, ema_run: Path
     with pytest.raises(MidtrainError, match=re.escape(f"{odd} has other parameters than {first}")):
         average_checkpoints([first, odd], tmp_path / "soup.ckpt")
     assert not (tmp_path / "soup.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ema_under_ddp_validates_what_validate_reads(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # two data-parallel processes: val_ema/ is reduced over both ranks, and is the loss that
+    # `validate --weights ema` of the final checkpoint gives on one process
+    cfg = config(tmp_path, builtin_store, "ddp", devices=2, strategy="ddp", val_check_interval=3)
+    finish(midtrain("fit", "--config", str(cfg)))
+    ea = EventAccumulator(str(tmp_path / "ddp"))
+    ea.Reload()
+    logged = ea.Scalars("val_ema/prose/loss")[-1].value
+    one = config(tmp_path, builtin_store, "one", default_root_dir=str(tmp_path / "ddp"))
+    ckpt = str(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    assert main(["validate", "--config", str(one), "--ckpt_path", ckpt, "--weights", "ema"]) == 0
+    assert f"{logged:.4f}" in capsys.readouterr().out
