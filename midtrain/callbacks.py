@@ -4,6 +4,7 @@ each) and, for ``DownstreamEval``, in ``midtrain.evaluation``."""
 
 from midtrain.evaluation.callback import DownstreamEval
 from midtrain.train.callbacks import (
+    EMA,
     AdaptiveMixture,
     CheckpointAtSteps,
     DivergenceGuard,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointAtSteps",
     "DivergenceGuard",
     "DownstreamEval",
+    "EMA",
     "MixtureLogging",
     "MixtureSwitch",
     "ModelCheckpoint",

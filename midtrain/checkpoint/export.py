@@ -32,9 +32,11 @@ def export(
     tokenizer: str | None = None,
     eos: str | None = None,
     max_shard_size: str | int = MAX_SHARD_SIZE,
+    weights: str = "live",
 ) -> Path:
     """Write ``out`` as a transformers model directory (config, safetensors, generation config,
-    tokenizer). Built in a temporary directory next to ``out`` and renamed: never half-written."""
+    tokenizer). Built in a temporary directory next to ``out`` and renamed: never half-written.
+    ``weights="ema"`` exports the checkpoint's averaged weights (``midtrain.callbacks.EMA``)."""
     from tokenizers import Tokenizer
 
     transformers = _require("transformers")
@@ -52,7 +54,7 @@ def export(
     }
     if dtype not in dtypes:
         raise MidtrainError(f"--dtype: {dtype!r} is not one of float32, bf16, fp16")
-    config, state, meta = load_checkpoint(ckpt)
+    config, state, meta = load_checkpoint(ckpt, weights=weights)
     hf_architecture(config)  # refuse before any work
     tok_path, run_eos = (
         tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(ckpt), meta)
@@ -87,6 +89,7 @@ def export(
                 {
                     "source": str(ckpt),
                     "global_step": meta.get("global_step"),
+                    "weights": weights,
                     "model_config": asdict(config),
                 },
                 indent=2,

@@ -13,6 +13,13 @@ import torch
 from midtrain.checkpoint.atomic import TEMP_MARK, atomic_save
 from midtrain.errors import MidtrainError
 
+# Where midtrain.callbacks.EMA keeps the averaged weights in a checkpoint: ``state_dict`` stays
+# the live weights (what a resume, a fork and init_from continue from); the averaged ones sit
+# beside them, as {"state_dict": {"model.<name>": tensor}, "n_averaged", "latest_update_step",
+# "decay"}.
+EMA_KEY = "ema"
+WEIGHTS = ("live", "ema")  # --weights: which of a checkpoint's weights a tool reads
+
 
 def is_distributed(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "meta.pt").is_file()
@@ -47,11 +54,15 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     return atomic_save(state, out)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, weights: str = "live") -> dict[str, torch.Tensor]:
     """Model weights (``GPT`` names) from a Lightning checkpoint file or distributed directory,
-    or from a plain state dict file."""
+    or from a plain state dict file; ``weights="ema"``: the averaged weights of a checkpoint
+    written with ``midtrain.callbacks.EMA``."""
     path = Path(path)
+    check_weights_choice(weights)
     if is_distributed(path):
+        if weights == "ema":
+            raise MidtrainError(f"{path}: a distributed checkpoint has no averaged (EMA) weights")
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,10 +71,28 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             )
     else:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if weights == "ema":
+        state = averaged_state(state, path)
     state = state.get("state_dict", state)
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     return state
+
+
+def check_weights_choice(weights: str, where: str = "--weights") -> None:
+    if weights not in WEIGHTS:
+        raise MidtrainError(f"{where}: {weights!r} is not one of {', '.join(WEIGHTS)}")
+
+
+def averaged_state(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The averaged (EMA) part of a checkpoint, or a one-line error naming the file."""
+    ema = checkpoint.get(EMA_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(ema, dict) or "state_dict" not in ema:
+        raise MidtrainError(
+            f"--weights ema: {path} has no averaged weights (it was not trained with "
+            "midtrain.callbacks.EMA); use --weights live"
+        )
+    return ema
 
 
 def loadable(path: Path) -> tuple[dict[str, Any] | None, str]:

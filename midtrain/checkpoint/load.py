@@ -17,6 +17,8 @@ from midtrain.model.config import ModelConfig
 from midtrain.model.gpt import GPT
 from midtrain.model.hf import load
 
+AVERAGED_FROM = "averaged_from"  # a soup's record of its inputs (midtrain.checkpoint.average)
+
 
 def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
     """The ModelConfig a CausalLM with these hyperparameters builds."""
@@ -34,9 +36,10 @@ def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
 
 
 def load_checkpoint(
-    path: str | Path, where: str = "--ckpt"
+    path: str | Path, where: str = "--ckpt", weights: str = "live"
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir."""
+    """(ModelConfig, GPT weights, metadata) of a Lightning checkpoint file or sharded dir;
+    ``weights="ema"``: its averaged weights (``midtrain.callbacks.EMA``) instead of the live."""
     from midtrain.checkpoint.files import load_weights, read_metadata
 
     path = Path(path)
@@ -53,7 +56,7 @@ def load_checkpoint(
     if not isinstance(meta, dict) or "hyper_parameters" not in meta:
         raise MidtrainError(f"{where}: {path} is not a midtrain checkpoint (no hyper_parameters)")
     config = checkpoint_config(meta["hyper_parameters"], where)
-    state = load_weights(path)
+    state = load_weights(path, weights)
     return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
 
 
@@ -74,6 +77,11 @@ def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
     init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
     if init_from.startswith(HF_PREFIX):
         return tokenizer_file(init_from), None
+    sources = (meta.get(AVERAGED_FROM) or {}).get("sources") or []
+    if sources and Path(sources[0]).exists():  # a soup (midtrain average): its inputs' run
+        from midtrain.checkpoint.files import read_metadata
+
+        return run_tokenizer(Path(sources[0]), read_metadata(sources[0]))
     raise MidtrainError(
         f"--tokenizer: cannot find the run's tokenizer for {ckpt} (no "
         f"{config_path} naming a store); give --tokenizer <tokenizer.json, "

@@ -20,7 +20,7 @@ from lightning.pytorch.core.datamodule import LightningDataModule
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from midtrain.checkpoint.atomic import remove_stale_temps, use_atomic_checkpoints
-from midtrain.checkpoint.files import read_metadata
+from midtrain.checkpoint.files import averaged_state, check_weights_choice, read_metadata
 from midtrain.checkpoint.layout import check_run_dir, run_checkpoints
 from midtrain.checkpoint.resume import (
     ResumePlan,
@@ -41,6 +41,7 @@ from midtrain.train._lightning import (
 from midtrain.train.callbacks.adaptive import AdaptiveMixture
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
+from midtrain.train.callbacks.ema import EMA, check_ema_resume
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.summary import RunSummary
@@ -205,6 +206,13 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             help="with --fork: continue the checkpoint's data stream (default), or start this "
             "run's schedule as a new stream at the fork step (its first samples)",
         )
+        parser.add_argument(
+            "--weights",
+            type=str,
+            default="live",
+            help="validate/test: which weights of --ckpt_path to evaluate: live (default), or "
+            "ema (the average kept by midtrain.callbacks.EMA)",
+        )
 
     def _cfg(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -234,9 +242,26 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         ckpt = str(self._cfg().get("ckpt_path") or "")  # a missing file would fail after logging
         if is_local_checkpoint(ckpt):
             self.resume.checkpoint_metadata(ckpt, "ckpt_path")  # missing, truncated, not one
+        self._check_weights(ckpt)
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, EMA):
+                cb.check(self.trainer)
         check_val_limits(self.trainer, self.datamodule)
         if self.subcommand in ("validate", "test") and self.trainer.is_global_zero:
             print(f"midtrain {self.subcommand}: {self._evaluated_weights(ckpt)}")
+
+    def _check_weights(self, ckpt: str) -> None:
+        """``--weights ema``: validate/test of a checkpoint holding an EMA average."""
+        weights = self._cfg().get("weights", "live")
+        check_weights_choice(weights)
+        if weights == "live":
+            return
+        if self.subcommand not in ("validate", "test"):
+            raise MidtrainError(f"--weights: {weights} is for validate and test only")
+        if not is_local_checkpoint(ckpt):
+            raise MidtrainError("--weights ema: give the checkpoint with --ckpt_path <file>")
+        averaged_state(self.resume.checkpoint_metadata(ckpt, "ckpt_path"), ckpt)
+        self.model.checkpoint_weights = weights
 
     def _evaluated_weights(self, ckpt: str) -> str:
         """Which weights validate/test evaluate, for the first line of their output."""
@@ -245,6 +270,8 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             if ckpt
             else ("model.init_from (weights only)", str(self._cfg().model.init_from))
         )
+        if self.model.checkpoint_weights == "ema":
+            what = f"the averaged (EMA) weights of {what}"
         if os.path.exists(path):
             step = (
                 self.resume.checkpoint_metadata(path, "ckpt_path") if ckpt else read_metadata(path)
@@ -335,6 +362,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             refuse_differences(saved, now, fork, where)
         if not fork:
             check_fork_options((saved or {}).get("fork"), self._fork_options(), where)
+        check_ema_resume(meta, self.trainer.callbacks, fork, where)
         for cb in self.trainer.callbacks:
             if isinstance(cb, AdaptiveMixture):
                 cb.continues(meta.get("callbacks", {}).get(cb.state_key), fork)

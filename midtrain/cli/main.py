@@ -64,6 +64,10 @@ COMMANDS: dict[str, Command] = {
         "a checkpoint as a Hugging Face transformers model directory (--ckpt, --out)",
         "midtrain.cli.tools:export_main",
     ),
+    "average": Command(
+        "a uniform soup of checkpoints of one model: average CKPT1 CKPT2 ... --out PATH",
+        "midtrain.cli.tools:average_main",
+    ),
     "generate": Command(
         "sample text from a checkpoint or hf:<model> (--ckpt, --prompt ...)",
         "midtrain.cli.tools:generate_main",

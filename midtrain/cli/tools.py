@@ -1,5 +1,5 @@
 """midtrain's own tools behind the command table: prepare, similarity, experiment, demo,
-consolidate, export, generate, lm-eval."""
+consolidate, export, average, generate, lm-eval."""
 
 from __future__ import annotations
 
@@ -145,8 +145,29 @@ def export_main(args: Sequence[str]) -> None:
     parser.add_argument(
         "--max_shard_size", default=MAX_SHARD_SIZE, help="safetensors shard size, e.g. 5GB"
     )
+    parser.add_argument(
+        "--weights", default="live", help="live, or ema (the average of midtrain.callbacks.EMA)"
+    )
     a = _parse(parser, args, "export")
-    print(f"written {export(a.ckpt, a.out, a.dtype, a.tokenizer, a.eos, a.max_shard_size)}")
+    out = export(a.ckpt, a.out, a.dtype, a.tokenizer, a.eos, a.max_shard_size, a.weights)
+    print(f"written {out}")
+
+
+def average_main(args: Sequence[str]) -> None:
+    from midtrain.checkpoint.average import average_checkpoints
+
+    parser = _tool_parser(
+        "average",
+        "A uniform soup: the elementwise mean of the weights of several checkpoints of one "
+        "model, written as a new checkpoint file (for validate --ckpt_path, export, init_from).",
+    )
+    parser.add_argument("ckpts", nargs="*", help="checkpoint files (at least 2)")
+    parser.add_argument("--out", required=True, help="the new checkpoint file to write")
+    parser.add_argument(
+        "--weights", default="live", help="live, or ema (average the EMA weights of each)"
+    )
+    a = _parse(parser, args, "average")
+    print(f"written {average_checkpoints(a.ckpts, a.out, a.weights)}")
 
 
 def generate_main(args: Sequence[str]) -> None:

@@ -63,6 +63,14 @@ def publish_callback_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> 
         callback_metrics[k] = torch.tensor(v)
 
 
+def evaluation_log_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logger connector gives the ``val/...`` values of a validation
+    during fit, so that values logged beside them (``val_ema/...``) share their step: the fit
+    loop's count of batches that stepped, one behind ``global_step`` inside the loop. No public
+    API exposes it (LearningRateMonitor reads it the same way)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 

@@ -169,6 +169,9 @@ class CausalLM(L.LightningModule):
         # anneal starts: {"step": fork step, "lr": the checkpoint's LR}; both in checkpoints
         self.fork_record: dict[str, Any] | None = None
         self.anneal_from: dict[str, Any] | None = None
+        # which weights of a checkpoint validate/test load: "live", or "ema" (the average kept
+        # by midtrain.callbacks.EMA); set by `midtrain validate --weights`, not a hyperparameter
+        self.checkpoint_weights = "live"
 
     # -- construction ---------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -440,21 +443,29 @@ class CausalLM(L.LightningModule):
 
     test_step = validation_step
 
-    def on_validation_epoch_end(self, prefix: str = "val") -> None:
-        # A NaN loss is logged as NaN (never as a number: torchmetrics would make it 0).
+    def evaluation_results(self, prefix: str = "val") -> dict[str, float]:
+        """``<prefix>/<set>/{loss,ppl,bpb}`` of what the validation steps since the last call
+        added up (reduced over ranks), and reset the sums. A NaN loss stays NaN (never a
+        number: torchmetrics would make it 0)."""
+        results: dict[str, float] = {}
         for name, metrics in self.val_metrics.items():
             tokens = metrics["tokens"].compute()
             if tokens > 0:
                 loss = (metrics["loss"].compute() / tokens).item()
-                self.log(f"{prefix}/{name}/loss", loss, add_dataloader_idx=False)
+                results[f"{prefix}/{name}/loss"] = loss
                 ppl = math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan
-                self.log(f"{prefix}/{name}/ppl", ppl, add_dataloader_idx=False)
+                results[f"{prefix}/{name}/ppl"] = ppl
                 nbytes = metrics["bytes"].compute()
                 if nbytes > 0:  # bits per UTF-8 byte: comparable across tokenizers
                     bpb = (metrics["loss"].compute() / math.log(2) / nbytes).item()
-                    self.log(f"{prefix}/{name}/bpb", bpb, add_dataloader_idx=False)
+                    results[f"{prefix}/{name}/bpb"] = bpb
             for m in metrics.values():
                 m.reset()
+        return results
+
+    def on_validation_epoch_end(self, prefix: str = "val") -> None:
+        for key, value in self.evaluation_results(prefix).items():
+            self.log(key, value, add_dataloader_idx=False)
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end(prefix="test")
@@ -491,6 +502,10 @@ class CausalLM(L.LightningModule):
                         "val": {
                             "loss per set": ["Multiline", [r"val/.*/loss"]],
                             "bits per byte per set": ["Multiline", [r"val/.*/bpb"]],
+                        },
+                        "val_ema": {  # midtrain.callbacks.EMA's averaged weights
+                            "loss per set": ["Multiline", [r"val_ema/.*/loss"]],
+                            "bits per byte per set": ["Multiline", [r"val_ema/.*/bpb"]],
                         },
                     }
                 )
@@ -594,6 +609,11 @@ class CausalLM(L.LightningModule):
         self.tokens_seen.update(saved.get("tokens_seen", {}))
         self._restored = dict(saved.get("callback_metrics", {}))
         trainer = self._attached_trainer()
+        if self.checkpoint_weights == "ema" and trainer is not None and trainer.state.fn != "fit":
+            from midtrain.checkpoint.files import averaged_state
+
+            # Lightning loads checkpoint["state_dict"] right after this hook
+            checkpoint["state_dict"] = averaged_state(checkpoint, trainer.ckpt_path)["state_dict"]
         if trainer is None or trainer.state.fn != "fit" or "run" not in saved:
             return
         dm = trainer.datamodule

@@ -5,6 +5,7 @@ when, and asks them."""
 from midtrain.train.callbacks.adaptive import AdaptiveMixture
 from midtrain.train.callbacks.checkpoints import CheckpointAtSteps, ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
+from midtrain.train.callbacks.ema import EMA
 from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
 from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.summary import RunSummary
@@ -14,6 +15,7 @@ __all__ = [
     "AdaptiveMixture",
     "CheckpointAtSteps",
     "DivergenceGuard",
+    "EMA",
     "MixtureLogging",
     "MixtureSwitch",
     "ModelCheckpoint",
