@@ -430,13 +430,16 @@ def test_import_refuses_another_tokenizer(tmp_path: Path, builtin_store: Path) -
         CausalLM(init_from=f"hf:{directory}").connect(data)
 
 
-def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Path) -> None:
+@pytest.mark.parametrize("kind", ["pythia", "llama-gqa"])
+def test_continue_training_from_imported_model(
+    kind: str, tmp_path: Path, builtin_store: Path
+) -> None:
     """Loss at step 0 of `fit --model.init_from hf:<dir>` equals transformers' loss on the
-    same batch."""
+    same batch (float32), for Pythia and a GQA Llama 3 (llama3 rope, tied embeddings)."""
     import torch.nn.functional as F
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    directory = random_hf_model(kind, tmp_path / "hf", builtin_store)
     batch_file = tmp_path / "batch.pt"
     cfg = fit_config(tmp_path, builtin_store, "cont", {"init_from": f"hf:{directory}"}, steps=1)
     assert (
@@ -640,6 +643,38 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
         theirs.loglikelihood_rolling(rolling)[0], abs=1e-4
     )
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3"])
+def test_lm_eval_on_imported_gqa_model_equals_hf(
+    kind: str, tmp_path: Path, builtin_store: Path
+) -> None:
+    """The `midtrain` lm-eval model on hf:<dir> of a GQA model gives lm-eval's own `hf`
+    model's loglikelihood, loglikelihood_rolling and generate_until on the same directory."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from midtrain.evaluation.harness import MidtrainLM
+
+    directory = random_hf_model(kind, tmp_path / kind, builtin_store)
+    ours = MidtrainLM(checkpoint=f"hf:{directory}", batch_size=2)
+    theirs = HFLM(pretrained=str(directory), dtype="float32", batch_size=2, device="cpu")
+    pairs = [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")]
+    ll = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(ll), theirs.loglikelihood(ll), strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    text = "def f(x):\n    return x * 2\n" * 8  # longer than the 64-token context: windows
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        theirs.loglikelihood_rolling(rolling)[0], abs=1e-3
+    )
+    gen = [
+        Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12}), i)
+        for i, p in enumerate(["Question: 2 + 3 =", "def add(a, b):"])
+    ]
+    assert ours.generate_until(gen) == theirs.generate_until(gen)
 
 
 def test_lm_eval_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
