@@ -39,12 +39,18 @@ def fit(
     strategy: object = None,
     max_steps: int = 6,
     *extra: str,
+    model: dict | None = None,
 ) -> Path:
     cfg = {
         "seed_everything": 0,
         "model": {
-            "arch": "tiny",
-            "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
+            **(
+                model
+                or {
+                    "arch": "tiny",
+                    "model_config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
+                }
+            ),
             "lr": 3e-3,
             "warmup": 2,
         },
@@ -137,4 +143,33 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path: Path, builtin_s
         # Adam divides by sqrt(v): reduction-order noise in near-zero gradients shows up in
         # the weights at well under a tenth of one step (lr 3e-3); a broken sharding or init
         # would differ by ~1e-2 or more
+        assert torch.allclose(a[k], b[k], rtol=0, atol=5e-4), k
+
+
+# Today's bases: grouped-query attention with QK-norm (Qwen 3's per-head norm), SwiGLU, RMSNorm.
+GQA_MODEL = {
+    "arch": "llama-tiny",
+    "model_config": {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_query_groups": 2,
+        "qk_norm": "per_head",
+        "block_size": 64,
+    },
+}
+
+
+@pytest.mark.slow
+def test_fsdp2_gqa_model_on_two_processes_matches_one(tmp_path: Path, builtin_store: Path) -> None:
+    one = fit(tmp_path, builtin_store, "one", 1, None, 4, model=GQA_MODEL)
+    fsdp = fit(tmp_path, builtin_store, "fsdp", 2, FSDP2, 4, model=GQA_MODEL)
+    reference, got = losses(one), losses(fsdp)
+    assert sorted(got) == sorted(reference) == list(range(4))
+    for step, value in reference.items():
+        assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+    a = state(one / "checkpoints" / "last.ckpt", tmp_path)
+    b = state(fsdp / "checkpoints" / "last.ckpt", tmp_path)
+    assert a.keys() == b.keys() and any(k.endswith("q_norm.weight") for k in a)
+    for k in a:  # as above: reduction-order noise only
         assert torch.allclose(a[k], b[k], rtol=0, atol=5e-4), k

@@ -430,13 +430,16 @@ def test_import_refuses_another_tokenizer(tmp_path: Path, builtin_store: Path) -
         CausalLM(init_from=f"hf:{directory}").connect(data)
 
 
-def test_continue_training_from_imported_model(tmp_path: Path, builtin_store: Path) -> None:
+@pytest.mark.parametrize("kind", ["pythia", "llama-gqa"])
+def test_continue_training_from_imported_model(
+    kind: str, tmp_path: Path, builtin_store: Path
+) -> None:
     """Loss at step 0 of `fit --model.init_from hf:<dir>` equals transformers' loss on the
-    same batch."""
+    same batch (float32), for Pythia and a GQA Llama 3 (llama3 rope, tied embeddings)."""
     import torch.nn.functional as F
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    directory = random_hf_model(kind, tmp_path / "hf", builtin_store)
     batch_file = tmp_path / "batch.pt"
     cfg = fit_config(tmp_path, builtin_store, "cont", {"init_from": f"hf:{directory}"}, steps=1)
     assert (
@@ -642,6 +645,38 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3"])
+def test_lm_eval_on_imported_gqa_model_equals_hf(
+    kind: str, tmp_path: Path, builtin_store: Path
+) -> None:
+    """The `midtrain` lm-eval model on hf:<dir> of a GQA model gives lm-eval's own `hf`
+    model's loglikelihood, loglikelihood_rolling and generate_until on the same directory."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from midtrain.evaluation.harness import MidtrainLM
+
+    directory = random_hf_model(kind, tmp_path / kind, builtin_store)
+    ours = MidtrainLM(checkpoint=f"hf:{directory}", batch_size=2)
+    theirs = HFLM(pretrained=str(directory), dtype="float32", batch_size=2, device="cpu")
+    pairs = [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")]
+    ll = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(ll), theirs.loglikelihood(ll), strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    text = "def f(x):\n    return x * 2\n" * 8  # longer than the 64-token context: windows
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        theirs.loglikelihood_rolling(rolling)[0], abs=1e-3
+    )
+    gen = [
+        Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12}), i)
+        for i, p in enumerate(["Question: 2 + 3 =", "def add(a, b):"])
+    ]
+    assert ours.generate_until(gen) == theirs.generate_until(gen)
+
+
 def test_lm_eval_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one_arch(run)
     pytest.importorskip("lm_eval")
@@ -845,3 +880,179 @@ def test_fsdp2_import_and_distributed_export(tmp_path: Path, builtin_store: Path
     idx = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-5
+
+
+# -- released bases' tokenizers: EOS/BOS conventions and chat templates -------------------------
+
+_LLAMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+    "{{ '\\n\\n' }}{{ m.content | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\\n\\n' }}"
+    "{% endif %}"
+)
+# Qwen's layout, with the {% generation %} markers return_assistant_tokens_mask needs
+_QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}{{ '\\n' }}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m.content }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+# (special tokens, bos, eos, whether the post-processor adds BOS, chat template)
+BASE_TOKENIZERS = {
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+        + ["<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        True,
+        _LLAMA3_CHAT,
+    ),
+    "qwen": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|endoftext|>",
+        False,
+        _QWEN_CHAT,
+    ),
+}
+CHATS = [
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "It is 5."},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": " 8, the sum."},
+    ],
+    [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}],
+]
+
+
+def base_tokenizer(kind: str, directory: Path, chat_template: bool = True) -> Path:
+    """A small BPE saved by transformers as a released base saves its tokenizer (offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    special, bos, eos, adds_bos, template = BASE_TOKENIZERS[kind]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [f"{m['role']} {m['content']} the cat sat on the mat" for c in CHATS for m in c]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text * 5, trainer=trainer)
+    if adds_bos:  # as Llama 3's tokenizer.json: <|begin_of_text|> in front of every text
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    if chat_template:
+        fast.chat_template = template
+    fast.save_pretrained(directory)
+    return directory
+
+
+def _prepare(tmp_path: Path, name: str, records: list[dict], hub: str, **template: object) -> Path:
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    domain = DomainConfig(source={"path": str(data)}, val_fraction=0.0, **template)
+    config = PrepareConfig(
+        output=str(tmp_path / name), domains={"d": domain}, tokenizer=TokenizerConfig(hub=hub)
+    )
+    return Path(prepare(config))
+
+
+@pytest.mark.parametrize("kind", list(BASE_TOKENIZERS))
+def test_prepare_uses_the_models_eos_and_bos(kind: str, tmp_path: Path) -> None:
+    """Documents are what the model's own tokenizer makes of them (BOS where it adds one),
+    each followed by the model's EOS, read from its directory."""
+    from midtrain.data.store import Store
+
+    directory = base_tokenizer(kind, tmp_path / "tok")
+    texts = ["the cat sat", "on the mat, the end", "hello world"]
+    store = Store(_prepare(tmp_path, "store", [{"text": t} for t in texts], f"hf:{directory}"))
+    theirs = transformers.AutoTokenizer.from_pretrained(directory)
+    eos = BASE_TOKENIZERS[kind][2]
+    assert store.index.eos == eos and store.eos_id == theirs.convert_tokens_to_ids(eos)
+    split = store.domain("d").train
+    for i, text in enumerate(texts):
+        doc = split.tokens[split.doc_offsets[i] : split.doc_offsets[i + 1]].tolist()
+        assert doc == theirs(text).input_ids + [store.eos_id]
+    assert (split.tokens[0] == theirs.bos_token_id) == (kind == "llama3")
+    # the EOS can also come from generation_config.json / config.json alone
+    from midtrain.data.tokenizer import model_tokens
+
+    cfg = json.loads((directory / "tokenizer_config.json").read_text())
+    cfg.pop("eos_token")
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [store.eos_id]}))
+    from tokenizers import Tokenizer
+
+    found = model_tokens(directory, Tokenizer.from_file(str(directory / "tokenizer.json")))
+    assert found.eos == eos
+
+
+@pytest.mark.parametrize("kind", list(BASE_TOKENIZERS))
+def test_chat_template_sft_masks_exactly_the_assistant_tokens(kind: str, tmp_path: Path) -> None:
+    """`chat_template: tokenizer` gives apply_chat_template's tokens; the loss mask is on
+    the assistant turns only: transformers' assistant mask where the template has generation
+    markers (qwen), the hand-checked assistant text where spans come from prefixes (llama3)."""
+    from midtrain.data.store import Store
+
+    directory = base_tokenizer(kind, tmp_path / "tok")
+    records = [{"messages": c} for c in CHATS]
+    root = _prepare(
+        tmp_path, "sft", records, f"hf:{directory}", chat="messages", chat_template="tokenizer"
+    )
+    store = Store(root)
+    theirs = transformers.AutoTokenizer.from_pretrained(directory)
+    split = store.domain("d").train
+    for i, chat in enumerate(CHATS):
+        lo, hi = int(split.doc_offsets[i]), int(split.doc_offsets[i + 1])
+        tokens, mask = split.tokens[lo:hi].tolist(), split.loss_mask[lo:hi].tolist()
+        want = theirs.apply_chat_template(
+            chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert tokens == want["input_ids"] + [store.eos_id]  # no second BOS: the template's
+        assert mask[-1] == 1  # the EOS closing the example is learned
+        if kind == "qwen":
+            assert mask[:-1] == want["assistant_masks"]
+        else:
+            trained = [t for t, m in zip(tokens[:-1], mask[:-1], strict=True) if m]
+            replies = [m["content"].strip() for m in chat if m["role"] == "assistant"]
+            assert theirs.decode(trained) == "".join(r + "<|eot_id|>" for r in replies)
+
+
+def test_chat_template_refusals(tmp_path: Path, builtin_store: Path) -> None:
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+
+    records = [{"messages": c} for c in CHATS]
+    bare = base_tokenizer("qwen", tmp_path / "bare", chat_template=False)
+    with pytest.raises(MidtrainError, match=f"chat_template: {bare} has no chat template") as e:
+        _prepare(tmp_path, "a", records, f"hf:{bare}", chat="messages", chat_template="tokenizer")
+    assert "\n" not in str(e.value) and not (tmp_path / "a").exists()
+    data = tmp_path / "b.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    domain = DomainConfig(source={"path": str(data)}, chat="messages", chat_template="tokenizer")
+    tok = TokenizerConfig(path=str(builtin_store / "tokenizer.json"))
+    with pytest.raises(MidtrainError, match="model directory named by tokenizer.hub"):
+        prepare(PrepareConfig(output=str(tmp_path / "b"), domains={"d": domain}, tokenizer=tok))
+    # a template that cannot render the example's roles: the file and the record
+    strict = tmp_path / "strict.jinja"
+    strict.write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('no system role') }}{% endif %}{{ m.content }}{% endfor %}"
+    )
+    with pytest.raises(MidtrainError, match=rf"{strict} cannot render .*no system role") as e:
+        _prepare(tmp_path, "c", records, f"hf:{bare}", chat="messages", chat_template=str(strict))
+    assert "domains.d.chat_template" in str(e.value) and not (tmp_path / "c").exists()
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(MidtrainError, match=rf"{broken}:1: not a valid chat template"):
+        _prepare(tmp_path, "d", records, f"hf:{bare}", chat="messages", chat_template=str(broken))
+    with pytest.raises(MidtrainError, match="name its field with `chat`"):
+        DomainConfig(source={"path": str(data)}, chat_template="tokenizer")

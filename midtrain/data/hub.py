@@ -74,7 +74,15 @@ def resolve(
 def tokenizer_file(spec: str, where: str = "tokenizer") -> Path:
     """The ``tokenizer.json`` of an HF model ``hf:<dir or id>[@rev]`` (or a plain dir/id)."""
     directory = resolve(
-        spec, where, patterns=("tokenizer*", "special_tokens_map.json", "config.json")
+        spec,
+        where,
+        patterns=(
+            "tokenizer*",
+            "special_tokens_map.json",
+            "config.json",
+            "generation_config.json",
+            "chat_template.jinja",
+        ),
     )
     path = directory / "tokenizer.json"
     if not path.is_file():

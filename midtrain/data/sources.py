@@ -366,7 +366,9 @@ class Template:
       context. chat: the name of a field holding a list of turns, either dicts with
       ``role``/``content`` (or ShareGPT's ``from``/``value``) or plain strings alternating user
       and assistant; each turn is rendered with ``chat_turn`` and only ``train_roles`` are
-      trained on.
+      trained on. chat_template (with ``chat``): render the whole conversation with a Jinja
+      chat template instead, ``tokenizer`` (the model directory's own, from ``tokenizer.hub``)
+      or a ``.jinja`` file; see :mod:`midtrain.data.chat` for which text is trained on.
     """
 
     text: str | None = "{text}"
@@ -375,12 +377,27 @@ class Template:
     chat: str | None = None
     chat_turn: str = "{role}: {content}\n"
     train_roles: list[str] = field(default_factory=lambda: ["assistant"])
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) != (self.response is None):
             raise MidtrainError("template: `prompt` and `response` go together")
         if self.chat is not None and self.prompt is not None:
             raise MidtrainError("template: give either `chat` or `prompt`/`response`")
+        if self.chat_template is not None and self.chat is None:
+            raise MidtrainError(
+                "template: `chat_template` renders a list of turns; name its field with `chat`"
+            )
+        self._renderer: Any = None  # the ChatTemplate, bound once the tokenizer is known
+
+    @property
+    def renderer(self) -> Any:
+        """The bound chat template, or None."""
+        return self._renderer
+
+    def bind(self, renderer: Any) -> None:
+        """Attach the loaded chat template (a :class:`midtrain.data.chat.ChatTemplate`)."""
+        self._renderer = renderer
 
     def template(self) -> Template:
         """Only the keys that apply (``text`` is ignored with ``chat`` or ``prompt``)."""
@@ -390,6 +407,7 @@ class Template:
                 chat=self.chat,
                 chat_turn=self.chat_turn,
                 train_roles=list(self.train_roles),
+                chat_template=self.chat_template,
             )
         if self.prompt is not None:
             return Template(text=None, prompt=self.prompt, response=self.response)
@@ -440,19 +458,35 @@ class Template:
                     f"use `chat: {name}` for a list of turns"
                 )
 
+    def messages(self, record: Record) -> list[dict[str, Any]]:
+        """The turns of a chat record as ``{"role", "content", ...}`` messages."""
+        out = []
+        for i, turn in enumerate(record[self.chat] or []):  # type: ignore[index]
+            if isinstance(turn, str):
+                message: dict[str, Any] = {}
+                role, content = ("user" if i % 2 == 0 else "assistant"), turn
+            else:
+                message = {k: v for k, v in turn.items() if k not in ("from", "value")}
+                role = turn.get("role", turn.get("from", ""))
+                content = turn.get("content", turn.get("value", ""))
+            role = {"human": "user", "gpt": "assistant"}.get(role, role)
+            out.append({**message, "role": role, "content": content or ""})
+        return out
+
     def segments(self, record: Record) -> list[Segment]:
         if self.chat is not None:
-            out = []
-            for i, turn in enumerate(record[self.chat] or []):
-                if isinstance(turn, str):
-                    role, content = ("user" if i % 2 == 0 else "assistant"), turn
-                else:
-                    role = turn.get("role", turn.get("from", ""))
-                    content = turn.get("content", turn.get("value", ""))
-                role = {"human": "user", "gpt": "assistant"}.get(role, role)
-                text = self.chat_turn.format(role=role, content=content or "")
-                out.append((text, role in self.train_roles))
-            return out
+            messages = self.messages(record)
+            if self.chat_template is not None:
+                if self._renderer is None:
+                    raise MidtrainError("template: the chat template was not loaded")
+                return self._renderer.segments(messages, self.train_roles)
+            return [
+                (
+                    self.chat_turn.format(role=m["role"], content=m["content"]),
+                    m["role"] in self.train_roles,
+                )
+                for m in messages
+            ]
         rec = {k: ("" if v is None else v) for k, v in record.items()}
         if self.prompt is not None:
             return [(self.prompt.format_map(rec), False), (self.response.format_map(rec), True)]

@@ -27,7 +27,14 @@ from midtrain.data.prepare.plan import (
 )
 from midtrain.data.prepare.render import rendered
 from midtrain.data.prepare.shards import merge_domain, shard_dirs, shard_done, write_shard
-from midtrain.data.prepare.tokenizer import get_tokenizer, save_for_shards
+from midtrain.data.prepare.tokenizer import (
+    bind_chat_templates,
+    document_prefix,
+    get_tokenizer,
+    model_conventions,
+    save_for_shards,
+    with_model_eos,
+)
 from midtrain.data.store import StoreIndex
 from midtrain.data.tokenizer import eos_id, tokenizer_hash
 from midtrain.errors import MidtrainError
@@ -56,12 +63,17 @@ def _start(config: PrepareConfig, shard: tuple[int, int] | None, sharded: bool) 
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise MidtrainError(f"--shard: i/N needs 0 <= i < N, got {shard[0]}/{shard[1]}")
     check_output(root)
+    tokens = model_conventions(config)  # a released model's EOS, BOS and chat template
+    config = with_model_eos(config, tokens)
+    bind_chat_templates(plans, tokens, config.tokenizer.eos or "")
     for p in plans:  # fail on a bad source or template before spending time on a tokenizer
         next(rendered(p, 1), None)
     tok, tok_spec = get_tokenizer(config, plans, root, sharded)
-    eos = eos_id(tok, config.tokenizer.eos)
+    eos = eos_id(tok, config.tokenizer.eos or "")
     tok_hash = tokenizer_hash(tok)
+    prefix = document_prefix(tok, tokens)
     for p in plans:
+        p.prefix = prefix
         p.fingerprint = domain_fingerprint(p, tok_hash, config)
     reused = {p.name: m for p in plans if (m := reusable(p, root / p.name)) is not None}
     return _Run(config, plans, root, tok, tok_spec, eos, tok_hash, reused, started)

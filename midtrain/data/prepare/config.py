@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from midtrain.data.sources import Template
-from midtrain.data.tokenizer import DEFAULT_EOS
 from midtrain.errors import MidtrainError
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -25,12 +24,15 @@ class TrainTokenizerConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Exactly one of ``path`` (a tokenizer.json), ``hub`` (a hub name) or ``train``."""
+    """Exactly one of ``path`` (a tokenizer.json), ``hub`` (a hub name, or a model as
+    ``hf:<dir or id>[@revision]``) or ``train``. ``eos`` ends every document: default the
+    model's own EOS when ``hub`` names a model (its tokenizer_config.json, else its
+    generation_config.json / config.json), else ``<|endoftext|>``."""
 
     path: str | None = None
     hub: str | None = None
     train: TrainTokenizerConfig | None = None
-    eos: str = DEFAULT_EOS
+    eos: str | None = None
 
 
 @dataclass(kw_only=True)

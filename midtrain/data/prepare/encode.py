@@ -20,7 +20,7 @@ from midtrain.data.prepare.config import PrepareConfig
 from midtrain.data.prepare.plan import Plan
 from midtrain.data.prepare.render import Document, rendered, validation_split
 from midtrain.data.prepare.shards import merge_shards
-from midtrain.data.prepare.tokenizer import encoder
+from midtrain.data.prepare.tokenizer import chat_encoder, encoder
 from midtrain.data.store import SPLITS, SplitWriter, token_dtype
 
 Progress = Callable[[int, int], None]  # (documents, tokens) of a batch just written
@@ -31,8 +31,8 @@ _Job = tuple[Plan, str, int, int, int, Path, int, int]
 class _SplitBatch:
     """One batch's documents of one split, gathered as ``SplitWriter.add_batch`` takes them."""
 
-    def __init__(self, eos: int, with_mask: bool) -> None:
-        self.eos, self.with_mask = eos, with_mask
+    def __init__(self, eos: int, with_mask: bool, prefix: list[int]) -> None:
+        self.eos, self.with_mask, self.prefix = eos, with_mask, prefix
         self.ids: list[int] = []
         self.lengths: list[int] = []
         self.bytes: list[int] = []
@@ -41,8 +41,10 @@ class _SplitBatch:
         self.runs: list[int] = []  # ... and its length in tokens
 
     def add(self, record: int, segments: list[tuple[str, bool]], pieces: list[list[int]]) -> int:
-        """Append a document: its segments' token ids, then EOS; returns its length."""
-        n = 1
+        """Append a document: the prefix (BOS), its segments' token ids, then EOS; returns
+        its length."""
+        self.ids += self.prefix
+        n = 1 + len(self.prefix)
         for piece in pieces:
             self.ids += piece
             n += len(piece)
@@ -50,9 +52,9 @@ class _SplitBatch:
         self.lengths.append(n)
         self.bytes.append(sum(len(t.encode("utf-8")) for t, _ in segments))
         self.records.append(record)
-        if self.with_mask:
-            self.flags += [int(train) for _, train in segments] + [1]
-            self.runs += [len(piece) for piece in pieces] + [1]
+        if self.with_mask:  # the prefix is context: nothing predicts a document's BOS
+            self.flags += [0] + [int(train) for _, train in segments] + [1]
+            self.runs += [len(self.prefix)] + [len(piece) for piece in pieces] + [1]
         return n
 
     def write(self, writer: SplitWriter) -> None:
@@ -74,6 +76,11 @@ class _Encoder:
     def __init__(self, plan: Plan, tokenizer_json: str, eos: int, seed: int) -> None:
         tok = Tokenizer.from_str(tokenizer_json)
         self.encode, self.eos = encoder(tok), eos
+        # a chat template's rendering is tokenized whole (special tokens parsed), and it
+        # writes the BOS itself where the model wants one (Llama 3's {{ bos_token }})
+        self.chat = plan.template.renderer is not None
+        self.encode_chat = chat_encoder(Tokenizer.from_str(tokenizer_json)) if self.chat else None
+        self.prefix = [] if self.chat else list(plan.prefix)
         self.dtype = token_dtype(tok.get_vocab_size())
         self.with_mask = plan.template.has_context and plan.config.mask_prompt
         self.in_val = validation_split(plan.config.val_fraction, seed)
@@ -86,8 +93,12 @@ class _Encoder:
 
     def batch(self, docs: list[Document], writers: dict[str, SplitWriter]) -> tuple[int, int]:
         """Encode and write one batch; (documents, tokens) written."""
-        flat = self.encode([t for _, segs in docs for t, _ in segs])
-        groups = {s: _SplitBatch(self.eos, self.with_mask) for s in SPLITS}
+        if self.encode_chat is not None:
+            per_doc = self.encode_chat([[t for t, _ in segs] for _, segs in docs])
+            flat = [piece for pieces in per_doc for piece in pieces]
+        else:
+            flat = self.encode([t for _, segs in docs for t, _ in segs])
+        groups = {s: _SplitBatch(self.eos, self.with_mask, self.prefix) for s in SPLITS}
         k, n_docs, before = 0, 0, self.tokens
         for i, segments in docs:
             pieces = flat[k : k + len(segments)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,15 @@ SHARDS = ".shards"  # under the store root: the output of `--shard i/N` runs unt
 
 @dataclass
 class Plan:
-    """One domain to prepare; ``fingerprint`` is set once the tokenizer is known."""
+    """One domain to prepare; ``fingerprint`` and ``prefix`` (token ids put in front of each
+    document: the model's BOS, if its tokenizer adds one) are set once the tokenizer is known."""
 
     name: str
     config: DomainConfig
     source: dict[str, Any]
     template: Template
     fingerprint: str = ""
+    prefix: list[int] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -47,14 +49,22 @@ def make_plans(config: PrepareConfig) -> list[Plan]:
 
 def domain_fingerprint(plan: Plan, tok_hash: str, config: PrepareConfig) -> str:
     """Everything a domain's bytes depend on: a changed fingerprint means a rebuild."""
-    spec = {
+    domain = asdict(plan.config)
+    if domain.get("chat_template") is None:  # added later: older stores keep their fingerprint
+        domain.pop("chat_template", None)
+    spec: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "source": source_fingerprint(plan.source),
-        "config": asdict(plan.config),
+        "config": domain,
         "tokenizer": tok_hash,
         "eos": config.tokenizer.eos,
         "seed": config.seed,
     }
+    if plan.prefix:
+        spec["prefix"] = plan.prefix
+    chat = plan.template.renderer
+    if chat is not None:  # the template's text, not only its name, decides the bytes
+        spec["chat_template"] = [chat.source, chat.special]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
+from midtrain.data.chat import ChatRenderError
 from midtrain.data.prepare.plan import Plan
 from midtrain.data.sources import record_batches
+from midtrain.errors import MidtrainError
 
 Document = tuple[int, list[tuple[str, bool]]]  # (source record index, segments)
 
@@ -32,7 +34,12 @@ def rendered(
         docs, skipped = [], []
         for k, rec in enumerate(records):
             plan.template.check_values(rec, plan.where, start + k)
-            segments = [(t, train) for t, train in plan.template.segments(rec) if t]
+            try:
+                segments = [(t, train) for t, train in plan.template.segments(rec) if t]
+            except ChatRenderError as e:
+                raise MidtrainError(
+                    f"{plan.where}.chat_template: {e} (record {start + k})"
+                ) from None
             if not any(not t.isspace() for t, _ in segments):
                 skipped.append(start + k)  # nothing to learn from (e.g. empty source files)
                 continue

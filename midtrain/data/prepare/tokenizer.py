@@ -7,25 +7,35 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from itertools import islice
+from dataclasses import asdict, replace
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
+from midtrain.data.chat import ChatTemplate
 from midtrain.data.prepare.config import PrepareConfig
 from midtrain.data.prepare.plan import SHARDS, Plan
 from midtrain.data.prepare.render import documents, validation_split
 from midtrain.data.sources import source_fingerprint
 from midtrain.data.store import StoreIndex
-from midtrain.data.tokenizer import load_tokenizer, train_bpe
+from midtrain.data.tokenizer import (
+    DEFAULT_EOS,
+    ModelTokens,
+    is_model_spec,
+    load_tokenizer,
+    model_directory,
+    model_tokens,
+    train_bpe,
+)
 from midtrain.errors import MidtrainError
 
 
 def tokenizer_spec_hash(config: PrepareConfig, plans: list[Plan]) -> str:
     """What the tokenizer depends on (for a trained one: its sample's sources too)."""
     spec: dict[str, Any] = {"tokenizer": asdict(config.tokenizer), "seed": config.seed}
+    spec["tokenizer"]["eos"] = config.tokenizer.eos or DEFAULT_EOS  # what None means
     if config.tokenizer.path is not None and Path(config.tokenizer.path).is_file():
         spec["file"] = hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest()
     if config.tokenizer.train is not None:  # a trained tokenizer depends on its sample
@@ -33,7 +43,7 @@ def tokenizer_spec_hash(config: PrepareConfig, plans: list[Plan]) -> str:
             (
                 p.name,
                 source_fingerprint(p.source),
-                asdict(p.template),
+                _without_none(asdict(p.template), "chat_template"),
                 p.config.val_fraction,
                 p.config.max_docs,
             )
@@ -80,7 +90,83 @@ def get_tokenizer(
                 yield "".join(t for t, _ in segments)
 
     print(f"training a byte-level BPE tokenizer (vocab {tk.train.vocab_size}) on a sample...")
-    return train_bpe(sample(), tk.train.vocab_size, tk.eos, tk.train.min_frequency), spec_hash
+    eos = tk.eos or DEFAULT_EOS
+    return train_bpe(sample(), tk.train.vocab_size, eos, tk.train.min_frequency), spec_hash
+
+
+def _without_none(values: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Keys added later, dropped when unset: older stores keep their fingerprints."""
+    return {k: v for k, v in values.items() if not (k in keys and v is None)}
+
+
+def model_conventions(config: PrepareConfig) -> ModelTokens | None:
+    """EOS, BOS and chat template of the model directory ``tokenizer.hub`` names, if it names
+    one (a bare hub name or a tokenizer file says none of these)."""
+    hub = config.tokenizer.hub
+    if hub is None or not is_model_spec(hub):
+        return None
+    directory = model_directory(hub)
+    return model_tokens(directory, Tokenizer.from_file(str(directory / "tokenizer.json")))
+
+
+def with_model_eos(config: PrepareConfig, tokens: ModelTokens | None) -> PrepareConfig:
+    """The config with ``tokenizer.eos`` resolved: as given, else the model's, else the
+    default ``<|endoftext|>``."""
+    eos = config.tokenizer.eos or (tokens.eos if tokens is not None else None) or DEFAULT_EOS
+    return replace(config, tokenizer=replace(config.tokenizer, eos=eos))
+
+
+def document_prefix(tok: Tokenizer, tokens: ModelTokens | None) -> list[int]:
+    """Token ids in front of every document: the BOS where the model's tokenizer adds one,
+    else whatever the tokenizer's post-processor puts in front of a text (usually nothing)."""
+    if tokens is not None:
+        bos = tok.token_to_id(tokens.bos) if tokens.add_bos and tokens.bos else None
+        return [bos] if bos is not None else []
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    n = len(full) - len(plain)
+    return list(full[:n]) if n > 0 and full[n:] == plain else []
+
+
+def bind_chat_templates(plans: list[Plan], tokens: ModelTokens | None, eos: str) -> None:
+    """Load each ``chat_template`` (``tokenizer``: the model directory's; else a file) and
+    bind it to its domain's template; a missing or invalid one is refused in one line."""
+    for p in plans:
+        value = p.template.chat_template
+        if value is None:
+            continue
+        where = f"{p.where}.chat_template"
+        if value == "tokenizer":
+            source, name = _tokenizer_template(tokens, where)
+        else:
+            if not Path(value).is_file():
+                raise MidtrainError(
+                    f"{where}: file not found: {value}; give `tokenizer` or a .jinja file"
+                )
+            source, name = Path(value).read_text(encoding="utf-8"), value
+        special = tokens.special if tokens is not None else {"eos_token": eos}
+        renderer = ChatTemplate(source, name, special)
+        try:
+            renderer.compile()
+        except MidtrainError as e:
+            raise MidtrainError(f"{where}: {e}") from None
+        p.template.bind(renderer)
+
+
+def _tokenizer_template(tokens: ModelTokens | None, where: str) -> tuple[str, str]:
+    if tokens is None:
+        raise MidtrainError(
+            f"{where}: `tokenizer` means the chat template of the model directory named by "
+            "tokenizer.hub (hf:<dir or id>); give that, or a .jinja file"
+        )
+    if tokens.chat_template is None:
+        raise MidtrainError(
+            f"{where}: {tokens.directory} has no chat template (no chat_template.jinja, no "
+            "chat_template in tokenizer_config.json); give a .jinja file"
+        )
+    file = tokens.directory / "chat_template.jinja"
+    name = file if file.is_file() else tokens.directory / "tokenizer_config.json"
+    return tokens.chat_template, str(name)
 
 
 def save_for_shards(root: Path, tok: Tokenizer, spec_hash: str) -> Path:
@@ -91,6 +177,29 @@ def save_for_shards(root: Path, tok: Tokenizer, spec_hash: str) -> Path:
     (root / SHARDS / "tokenizer.spec").write_text(spec_hash)
     os.replace(tmp, root / SHARDS / "tokenizer.json")
     return root / SHARDS / "tokenizer.json"
+
+
+def chat_encoder(tok: Tokenizer) -> Callable[[list[list[str]]], list[list[list[int]]]]:
+    """Per document (its segments' texts): the whole text's token ids, special tokens parsed
+    as ``apply_chat_template(tokenize=True)`` parses them, cut where the segments meet (a
+    token belongs to the segment holding its first character)."""
+    tok.encode_special_tokens = False  # the template's <|im_start|> etc. are special tokens
+
+    def run(docs: list[list[str]]) -> list[list[list[int]]]:
+        out = []
+        encodings = tok.encode_batch(["".join(d) for d in docs], add_special_tokens=False)
+        for texts, enc in zip(docs, encodings, strict=True):
+            ends = list(accumulate(len(t) for t in texts))
+            pieces: list[list[int]] = [[] for _ in texts]
+            k = 0
+            for token, (start, _) in zip(enc.ids, enc.offsets, strict=True):
+                while k < len(ends) - 1 and start >= ends[k]:
+                    k += 1
+                pieces[k].append(token)
+            out.append(pieces)
+        return out
+
+    return run
 
 
 def encoder(tok: Tokenizer) -> Callable[[list[str]], list[list[int]]]:
