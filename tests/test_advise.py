@@ -20,6 +20,7 @@ from midtrain.study import advise, calibrate
 from midtrain.study.advisor import PREDICTORS
 from midtrain.study.stats import kendall, spearman
 from tests.conftest import prepare_store
+from tests.test_experiment import study  # noqa: F401  (the micro study, for the slow test)
 
 BRANCHES = {
     "mid": {"grid": {"domain": "same", "start": [0], "weight": [0.5]}},
@@ -312,12 +313,12 @@ def test_check_equals_an_independent_recomputation(constructed_store: Path, tmp_
 def test_check_command_writes_the_table_and_figure(
     constructed_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    study = _study_dir(tmp_path / "study", constructed_store)
+    study_dir = _study_dir(tmp_path / "study", constructed_store)
     args = ["--num_docs", "60", "--top_k", "200", "--bootstrap", "5"]
-    assert main(["advise", "--check", str(study), *args]) == 0
+    assert main(["advise", "--check", str(study_dir), *args]) == 0
     printed = capsys.readouterr().out
     assert "| t | in_domain | proximity_seen | 4 | 6 | +1.000 | +1.000 |" in printed
-    out = study / "advise"
+    out = study_dir / "advise"
     with (out / "calibration.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 2 * len(PREDICTORS)
     with (out / "advice.csv").open() as f:
@@ -334,12 +335,37 @@ def test_check_command_writes_the_table_and_figure(
 def test_check_refuses_a_study_without_a_summary(
     constructed_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    study = _study_dir(tmp_path / "study", constructed_store)
-    (study / "summary.csv").unlink()
-    assert main(["advise", "--check", str(study)]) == 2
+    study_dir = _study_dir(tmp_path / "study", constructed_store)
+    (study_dir / "summary.csv").unlink()
+    assert main(["advise", "--check", str(study_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"midtrain advise: error: advise --check: {study} has no finished study (no "
+        f"midtrain advise: error: advise --check: {study_dir} has no finished study (no "
         "summary.csv); run `midtrain experiment --config <study.yaml>` to the end first"
     )
-    assert not (study / "advise").exists()
+    assert not (study_dir / "advise").exists()
+
+
+@pytest.mark.slow
+def test_check_reads_a_real_study_and_its_paper_measure_is_the_studys(
+    study: Path,  # noqa: F811  (the fixture imported above)
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """On test_experiment's micro study (run here): the advisor's ``proximity`` of each branch
+    equals the study's own proximity advantage (same samples, same measure, one place)."""
+    out = study / "out"
+    args = ["--num_docs", "20", "--top_k", "200", "--min_tokens", "50", "--bootstrap", "5"]
+    assert main(["advise", "--check", str(out), *args]) == 0
+    assert "| qa | in_domain | proximity_seen | 2 | 1 |" in capsys.readouterr().out
+    with (out / "summary.csv").open() as f:
+        summary = {r["branch"]: r for r in csv.DictReader(f)}
+    with (out / "advise" / "advice.csv").open() as f:
+        advice = {r["candidate"]: r for r in csv.DictReader(f)}
+    assert advice.keys() == summary.keys() == {"baseline", "mid-s4-w0.5"}
+    assert advice["mid-s4-w0.5"]["start"] == "4"
+    assert float(advice["mid-s4-w0.5"]["proximity"]) == pytest.approx(
+        float(summary["mid-s4-w0.5"]["proximity_advantage"]), abs=1e-12
+    )
+    assert float(advice["mid-s4-w0.5"]["measured_in_domain"]) == pytest.approx(
+        float(summary["mid-s4-w0.5"]["in_domain_rel_improvement"])
+    )
