@@ -180,6 +180,7 @@ def test_rank_correlations_of_known_orders() -> None:
         ({"targets": {"t": {"target": "nope"}}}, "targets.t.target: unknown domain 'nope'"),
         ({"targets": {"t": {"file": "missing.jsonl"}}}, "targets.t.file: file not found"),
         ({"targets": {"t": {"target": "target", "extra": 1}}}, "targets.t: give `target`"),
+        ({"targets": {"t": {"file": __file__}}}, "targets.t.file: "),
         (
             {"branches": {"x": {"grid": {"domain": "poetry", "start": [0], "weight": [0.5]}}}},
             "branches.x: candidate domain 'poetry' is not in the store",

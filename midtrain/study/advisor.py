@@ -202,6 +202,8 @@ def target_documents(
         )
     if "file" in spec:
         texts = file_texts(str(spec["file"]), str(spec.get("text", "{text}")), where)
+        if not texts:
+            raise MidtrainError(f"{where}.file: {spec['file']} holds no documents")
         from midtrain.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(str(store.tokenizer_path))
