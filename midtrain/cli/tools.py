@@ -110,7 +110,11 @@ def advise_main(args: Sequence[str]) -> None:
         written = calibration.write_calibration(cal, Path(a.out or Path(a.check) / "advise"))
         print("written " + ", ".join(str(p) for p in written))
         return
-    parser = _tool_parser("advise", advisor.advise.__doc__.splitlines()[0])
+    parser = _tool_parser(
+        "advise",
+        advisor.advise.__doc__.splitlines()[0]
+        + " `midtrain advise --check <study output>` compares it with a finished study.",
+    )
     parser.add_function_arguments(advisor.advise)
     parser.add_argument("--out", type=str, default="results/advise", help="where advice.csv goes")
     a = _parse(parser, args, "advise config")
