@@ -48,6 +48,10 @@ COMMANDS: dict[str, Command] = {
         "token-statistics similarity of a store's domains and mixtures (CSV, markdown)",
         "midtrain.cli.tools:similarity_main",
     ),
+    "advise": Command(
+        "rank candidate midtraining mixtures per SFT target (--config); --check <study>",
+        "midtrain.cli.tools:advise_main",
+    ),
     "experiment": Command(
         "a whole study: pretrain once, fork branches, SFT grid, results table",
         "midtrain.cli.tools:experiment_main",

@@ -1,4 +1,4 @@
-"""midtrain's own tools behind the command table: prepare, similarity, experiment, demo,
+"""midtrain's own tools behind the command table: prepare, similarity, advise, experiment, demo,
 consolidate, export, average, generate, lm-eval."""
 
 from __future__ import annotations
@@ -90,6 +90,37 @@ def similarity_main(args: Sequence[str]) -> None:
     parser.add_function_arguments(run)
     init = _parse(parser, args, "similarity")
     run(**{k: v for k, v in vars(init).items() if k != "config"})
+
+
+def advise_main(args: Sequence[str]) -> None:
+    """`midtrain advise --config <yaml>` ranks candidates; `--check <study output>` calibrates."""
+    from pathlib import Path
+
+    from midtrain.study import advisor, calibration
+
+    if "--check" in args or any(a.startswith("--check=") for a in args):
+        parser = _tool_parser("advise", calibration.calibrate.__doc__.splitlines()[0])
+        parser.add_argument("--check", required=True, help="a finished study's output directory")
+        parser.add_argument("--out", type=str | None, default=None, help="default <study>/advise")
+        parser.add_function_arguments(calibration.calibrate, skip={"study"})
+        a = _parse(parser, args, "advise --check")
+        kwargs = {k: v for k, v in vars(a).items() if k not in ("config", "check", "out")}
+        cal = calibration.calibrate(a.check, **kwargs)
+        print(advisor.to_markdown(cal.advice) + "\n\n" + calibration.to_markdown(cal))
+        written = calibration.write_calibration(cal, Path(a.out or Path(a.check) / "advise"))
+        print("written " + ", ".join(str(p) for p in written))
+        return
+    parser = _tool_parser(
+        "advise",
+        advisor.advise.__doc__.splitlines()[0]
+        + " `midtrain advise --check <study output>` compares it with a finished study.",
+    )
+    parser.add_function_arguments(advisor.advise)
+    parser.add_argument("--out", type=str, default="results/advise", help="where advice.csv goes")
+    a = _parse(parser, args, "advise config")
+    advice = advisor.advise(**{k: v for k, v in vars(a).items() if k not in ("config", "out")})
+    print(advisor.to_markdown(advice))
+    print(f"written {advisor.write_advice(advice, Path(a.out))} and advice.md")
 
 
 def experiment_main(args: Sequence[str]) -> None:

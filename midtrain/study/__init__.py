@@ -15,7 +15,10 @@ Stages, each a ``midtrain fit`` run in its own directory with its saved, reprodu
    Written as results.csv, summary.csv, results.md and TensorBoard HParams.
 
 Modules: ``config`` (the YAML, the resolved pretraining config, branches), ``plan`` (stages and
-token plan), ``run`` (subprocess stages, fingerprints), ``stats`` (Welch), ``report``.
+token plan), ``run`` (subprocess stages, fingerprints), ``stats`` (Welch, Spearman, Kendall),
+``report``; ``similarity`` (the proximity measure), ``advisor`` (``midtrain advise``: ranks
+candidate mixtures per SFT target before training) and ``calibration`` (``advise --check``:
+the advisor against a finished study).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from midtrain.study.advisor import Advice, Candidate, Prediction, advise
+from midtrain.study.calibration import Calibration, CalibrationRow, calibrate
 from midtrain.study.config import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
 from midtrain.study.plan import Stage, Study, describe_plan, plan_study
 from midtrain.study.report import (
@@ -36,6 +41,13 @@ from midtrain.study.report import (
 from midtrain.study.run import check_stages, run_stage
 
 __all__ = [
+    "Advice",
+    "Calibration",
+    "CalibrationRow",
+    "Candidate",
+    "Prediction",
+    "advise",
+    "calibrate",
     "ExperimentConfig",
     "PretrainConfig",
     "SFTConfig",

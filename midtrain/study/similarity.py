@@ -33,23 +33,34 @@ def token_counts(
     s = store.domain(domain).split(split)
     if s.num_docs == 0:
         raise MidtrainError(f"similarity: domain {domain!r} has no {split} documents")
-    n = min(num_docs, s.num_docs)
-    docs = permute(np.arange(n), s.num_docs, key=seed * 7919 + 17)
     counts = np.zeros(store.vocab_size, dtype=np.int64)
-    for d in docs:
+    for d in sample_documents(s.num_docs, num_docs, seed):
         counts += np.bincount(s.document(int(d)), minlength=store.vocab_size)
     return counts
 
 
-def _top(counts: np.ndarray, k: int) -> set[int]:
+def sample_documents(available: int, num_docs: int, seed: int = 0) -> np.ndarray:
+    """The seeded sample of ``min(num_docs, available)`` document indices every token
+    statistic of a dataset is taken on."""
+    return permute(np.arange(min(num_docs, available)), available, key=seed * 7919 + 17)
+
+
+def _top(counts: np.ndarray, k: int) -> frozenset[int]:
     nonzero = np.flatnonzero(counts)
     order = nonzero[np.argsort(-counts[nonzero], kind="stable")]
-    return set(order[:k].tolist())
+    return frozenset(order[:k].tolist())
 
 
 def similarity(a: np.ndarray, b: np.ndarray, top_k: int = 1000) -> float:
     """0.4 cosine + 0.3 Jaccard of top-K vocabularies + 0.3 / (1 + JSD in bits)."""
-    top_a, top_b = _top(a, top_k), _top(b, top_k)
+    return _similarity(a, _top(a, top_k), b, _top(b, top_k))
+
+
+def _similarity(
+    a: np.ndarray, top_a: frozenset[int], b: np.ndarray, top_b: frozenset[int]
+) -> float:
+    """``similarity`` given each side's top-K vocabulary (the costly part, so callers comparing
+    one dataset with many can compute it once)."""
     vocab = np.array(sorted(top_a | top_b), dtype=np.int64)
     if vocab.size == 0:
         raise MidtrainError("similarity: empty token counts")
@@ -102,6 +113,35 @@ def distance(a: np.ndarray, b: np.ndarray, top_k: int = 1000) -> float:
     return 1.0 - similarity(a, b, top_k)
 
 
+class Proximity:
+    """dist(P, T) − dist(M, T) of many mixtures M for many targets T over one set of domain
+    counts, P the pretraining mixture: each blend and each top-K vocabulary is computed once."""
+
+    def __init__(
+        self,
+        counts: Mapping[str, np.ndarray],
+        pretraining: Mapping[str, float],
+        top_k: int = 1000,
+    ) -> None:
+        self.counts, self.top_k = counts, top_k
+        self._mixtures: dict[tuple[tuple[str, float], ...], tuple[np.ndarray, frozenset[int]]] = {}
+        self.pretraining = self.mixture(pretraining)
+
+    def mixture(self, weights: Mapping[str, float]) -> tuple[np.ndarray, frozenset[int]]:
+        """A mixture's blended counts and top-K vocabulary."""
+        key = tuple(sorted((d, float(w)) for d, w in weights.items()))
+        if key not in self._mixtures:
+            b = blend(self.counts, weights)
+            self._mixtures[key] = (b, _top(b, self.top_k))
+        return self._mixtures[key]
+
+    def advantages(self, mixes: Sequence[Mapping[str, float]], target: np.ndarray) -> np.ndarray:
+        """The proximity advantage of every mix for one target (positive: closer than P)."""
+        top = _top(target, self.top_k)
+        base = 1.0 - _similarity(*self.pretraining, target, top)
+        return np.array([base - (1.0 - _similarity(*self.mixture(m), target, top)) for m in mixes])
+
+
 def proximity_advantage(
     counts: Mapping[str, np.ndarray],
     pretraining: Mapping[str, float],
@@ -112,9 +152,7 @@ def proximity_advantage(
     """How much closer a midtraining mixture brings the data to an SFT target than the
     pretraining mixture it replaces: dist(blend(pretraining), T) − dist(blend(mix), T), each
     mixture the blend of its domains' token ``counts`` (positive: the mix is closer)."""
-    return distance(blend(counts, pretraining), target, top_k) - distance(
-        blend(counts, mix), target, top_k
-    )
+    return float(Proximity(counts, pretraining, top_k).advantages([mix], target)[0])
 
 
 def to_markdown(names: list[str], matrix: np.ndarray) -> str:

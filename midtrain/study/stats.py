@@ -1,4 +1,5 @@
-"""Statistics of the report: Welch's unequal-variance t-test (no SciPy dependency)."""
+"""Statistics of the report and the advisor's calibration: Welch's unequal-variance t-test,
+Spearman's rho and Kendall's tau-b (no SciPy dependency)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,34 @@ def welch_t_test(x: list[float], y: list[float]) -> float:
     t = (mx - my) / math.sqrt(vx + vy)
     df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
     return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of the ranks they span."""
+    _, inverse, counts = np.unique(
+        np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True
+    )
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: Pearson's correlation of the average ranks; nan when a side is constant
+    or has fewer than 2 values."""
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / denominator if denominator > 0 else float("nan")
+
+
+def kendall(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b over all pairs: (concordant - discordant) / sqrt(pairs not tied in x *
+    pairs not tied in y); nan when a side is constant or has fewer than 2 values."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    upper = np.triu_indices(len(x), k=1)
+    sx = np.sign(x[:, None] - x[None, :])[upper]
+    sy = np.sign(y[:, None] - y[None, :])[upper]
+    denominator = math.sqrt(float(np.count_nonzero(sx)) * float(np.count_nonzero(sy)))
+    return float((sx * sy).sum()) / denominator if denominator > 0 else float("nan")

@@ -490,6 +490,7 @@ def bench_gpu(store: Path) -> dict:
 
 
 def main() -> None:
+    from tests.benchmarks import advise as advise_bench
     from tests.benchmarks import breakdown
     from tests.benchmarks import prepare as prepare_bench
 
@@ -513,6 +514,7 @@ def main() -> None:
             "loss_memory": bench_loss_memory(),
             "step_breakdown": breakdown.in_fresh_process(),
             "gpu": bench_gpu(store),
+            "advise": advise_bench.bench_advise(store),
         }
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -595,6 +597,7 @@ def main() -> None:
     ]
     rows += prepare_bench.rows(results["prepare_parallel"])
     rows += breakdown.rows(results["step_breakdown"])
+    rows += advise_bench.rows(results["advise"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
         print(f"{name:<52} {fig:>12}  {detail:<22} {goal}")
