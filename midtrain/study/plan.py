@@ -110,6 +110,15 @@ def plan_study(cfg: ExperimentConfig) -> Study:
         Stage(f"prepare {p}", "prepare", ["--config", c], root / "prepare")
         for p, c in zip(cfg.prepare, fit_args(cfg.prepare, [], "prepare")[1::2], strict=True)
     ]
+    stages += _pretrain_stages(root, pre_args, branches)
+    stages += _sft_stages(cfg, root, branches)
+    return Study(cfg, settings, base, branches, stages, data)
+
+
+def _pretrain_stages(
+    root: Path, pre_args: list[str], branches: dict[str, dict[str, Any]]
+) -> list[Stage]:
+    """The baseline (saving a checkpoint at every fork step) and one forked run per branch."""
     fork_steps = sorted({b["step"] for b in branches.values() if b["step"] is not None})
     base_dir = stage_dir(root, "baseline")
     callbacks = []
@@ -118,7 +127,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
             "--trainer.callbacks+=midtrain.callbacks.CheckpointAtSteps",
             f"--trainer.callbacks.steps={json.dumps(fork_steps)}",
         ]
-    stages.append(
+    stages = [
         Stage(
             "pretrain baseline",
             "pretrain",
@@ -126,7 +135,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
             base_dir,
             meta={"branch": "baseline"},
         )
-    )
+    ]
     for name, b in branches.items():
         if b["step"] is None:
             continue
@@ -147,7 +156,15 @@ def plan_study(cfg: ExperimentConfig) -> Study:
                 meta={"branch": name, **b},
             )
         )
+    return stages
+
+
+def _sft_stages(
+    cfg: ExperimentConfig, root: Path, branches: dict[str, dict[str, Any]]
+) -> list[Stage]:
+    """One SFT run per branch, target, learning rate and seed, from the branch's last checkpoint."""
     sft_args = fit_args(cfg.sft.config, cfg.sft.args, "sft.config")
+    stages = []
     for name in branches:
         parent = "pretrain baseline" if name == "baseline" else f"branch {name}"
         init_from = run_checkpoints(stage_dir(root, name)) / LAST
@@ -183,7 +200,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
                         },
                     )
                 )
-    return Study(cfg, settings, base, branches, stages, data)
+    return stages
 
 
 def describe_plan(study: Study) -> str:
