@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
@@ -52,7 +53,7 @@ def say(line: str) -> None:
 # -- pure pieces of the config hooks ------------------------------------------------------------
 
 
-def evaluation_defaults(cfg: Any, subcommand: str) -> None:
+def evaluation_defaults(cfg: Namespace, subcommand: str) -> None:
     """validate/test evaluate trained weights, on the whole validation sets."""
     if subcommand not in ("validate", "test"):
         return
@@ -69,7 +70,7 @@ def evaluation_defaults(cfg: Any, subcommand: str) -> None:
         cfg.trainer[key] = 1.0
 
 
-def trainer_defaults(trainer: Any, subcommand: str) -> None:
+def trainer_defaults(trainer: Namespace, subcommand: str) -> None:
     """A run directory by default; ``max_steps`` must be set for fit (schedules are in steps)."""
     trainer.default_root_dir = trainer.default_root_dir or DEFAULT_ROOT
     if trainer.get("max_steps") is None:  # `--trainer.max_steps null`
@@ -103,7 +104,7 @@ def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | N
     return logger
 
 
-def check_val_limits(trainer: Any, datamodule: Any) -> None:
+def check_val_limits(trainer: pl.Trainer, datamodule: LightningDataModule | None) -> None:
     """A validation set is the same blocks for any world size: its size comes from the data
     module, never from Lightning's per-process batch limits."""
     if not isinstance(datamodule, StepDataModule):
@@ -240,7 +241,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         """Refuse a bad schedule before anything is written: the switches register now
         (``MixtureSwitch.setup`` registers them again, idempotently, inside fit)."""
         max_steps = require_max_steps(self.trainer, "midtrain schedules data by steps")
-        for cb in self.trainer.callbacks:
+        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
             if isinstance(cb, MixtureSwitch):
                 cb.register(datamodule, max_steps)
         datamodule.resolve_schedule(self.trainer)

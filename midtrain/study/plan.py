@@ -8,7 +8,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from midtrain.checkpoint.layout import LAST, run_checkpoints, step_checkpoint
 from midtrain.data.mixture import MixtureSchedule, Phase, format_plan, plan_rows
@@ -22,6 +22,9 @@ from midtrain.study.config import (
     pretraining_weights,
     resolved_fit_config,
 )
+
+if TYPE_CHECKING:
+    from midtrain.data.datamodule import MixtureDataModule
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Study:
     base_weights: dict[str, float]
     branches: dict[str, dict[str, Any]]
     stages: list[Stage]
-    data: Any = None  # the baseline's MixtureDataModule when its store is prepared
+    data: MixtureDataModule | None = None  # the baseline's, when its store is prepared
 
     def mixture_rows(self) -> dict[str, list[dict[str, Any]]]:
         """Branch -> the rows of its mixture plan (``plan_rows``): the baseline's schedule with
@@ -93,6 +96,7 @@ def stage_dir(
     """The study's layout: ``pretrain/<branch>`` and ``sft/<branch>/<target>/lr<lr>-seed<s>``."""
     if target is None:
         return root / "pretrain" / branch
+    assert lr is not None  # an SFT run's directory names its learning rate
     return root / "sft" / branch / target / f"lr{_fmt(lr)}-seed{seed}"
 
 

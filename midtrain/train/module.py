@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics.aggregation import SumMetric
 
 from midtrain.checkpoint.files import load_weights
@@ -34,6 +36,10 @@ from midtrain.train.optim import (
     param_groups,
     warmup_steps,
 )
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
+    from tokenizers import Tokenizer
 
 
 class CausalLM(L.LightningModule):
@@ -68,6 +74,12 @@ class CausalLM(L.LightningModule):
     per block with FSDP2 and then initialised shard by shard (``midtrain.model.parallelize``); under
     any other strategy (single device, DDP) it is built directly.
     """
+
+    if TYPE_CHECKING:
+        # save_hyperparameters stores them as an AttributeDict (Lightning types the property
+        # as any MutableMapping): `self.hparams.lr` type-checks.
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def __init__(
         self,
@@ -157,6 +169,7 @@ class CausalLM(L.LightningModule):
         if self.hparams.compile:
             parallel.apply_compile(model, per_block=mesh is not None)
         if mesh is not None:
+            assert isinstance(strategy, ModelParallelStrategy)  # the mesh is its
             parallel.apply_fsdp(model, mesh)
             parallel.materialize(model, strategy.root_device)
         if self.hparams.init_from:
@@ -180,7 +193,11 @@ class CausalLM(L.LightningModule):
                     set_model_state_dict,
                 )
 
-                set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+                set_model_state_dict(
+                    model,
+                    state,  # type: ignore[arg-type]  # torch types it dict[str, ValueType]: invariant
+                    options=StateDictOptions(full_state_dict=True),
+                )
             else:
                 model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -190,13 +207,19 @@ class CausalLM(L.LightningModule):
                 f"{self.hparams.arch!r}: {first}"
             ) from None
 
+    def _built(self) -> GPT:
+        """The model ``configure_model`` built."""
+        if self.model is None:
+            raise RuntimeError("CausalLM: the model is not built yet (configure_model builds it)")
+        return self.model
+
     def _attached_trainer(self) -> L.Trainer | None:
         try:
             return self.trainer
         except RuntimeError:  # not attached: built outside a Trainer
             return None
 
-    def connect(self, datamodule: Any) -> None:
+    def connect(self, datamodule: object) -> None:
         """Take what the model needs from a data module implementing ``DataContract`` (a
         one-line error names what is missing), and refuse data the model cannot take: a larger
         vocabulary or longer rows than its context. The one place these are checked; the CLI
@@ -232,18 +255,18 @@ class CausalLM(L.LightningModule):
                 )
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
         if dm is not None:  # plain dataloaders work too, without per-domain metrics
             self.connect(dm)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         opt = torch.optim.AdamW(
-            param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
+            param_groups(self._built(), hp.weight_decay, hp.decay_1d_params),
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,
-            fused=fused_adamw_supported(self.model),  # one kernel for all params
+            fused=fused_adamw_supported(self._built()),  # one kernel for all params
         )
         max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
         sched = lr_scheduler(
@@ -258,7 +281,7 @@ class CausalLM(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+        return self._built()(input_ids)
 
     def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if "doc_ids" in batch:
@@ -270,17 +293,18 @@ class CausalLM(L.LightningModule):
         return torch.cumsum(ends, dim=1) - ends  # an EOS still belongs to the document it ends
 
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self._built()
         if getattr(self, "_chunked_loss", False):
-            features = self.model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
+            features = model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
             losses = chunked_cross_entropy(
                 features,
-                self.model.lm_head.weight,
+                model.lm_head.weight,
                 batch["targets"],
                 batch["loss_mask"],
                 self.hparams.loss_chunk_size,
             )
             return losses, batch["loss_mask"].to(losses.dtype)
-        logits = self.model(batch["input_ids"], doc_ids=self._doc_ids(batch))
+        logits = model(batch["input_ids"], doc_ids=self._doc_ids(batch))
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none"
         ).view_as(batch["targets"])
@@ -296,7 +320,7 @@ class CausalLM(L.LightningModule):
         b, t = batch["input_ids"].shape
         if self._flops_shape != (b, t):  # the model's FLOPs per token, cached
             self._flops_shape = (b, t)
-            self._flops_per_batch = self.model.flops_per_token(t) * b * t
+            self._flops_per_batch = self._built().flops_per_token(t) * b * t
         losses, mask = self._token_losses(batch)
         loss = losses.sum() / mask.sum().clamp_min(1)
         self._accumulate(batch, losses.detach(), mask)
@@ -321,7 +345,8 @@ class CausalLM(L.LightningModule):
         """Whether optimizer step ``step`` logs training metrics (``midtrain.train.metrics``)."""
         trainer = self.trainer
         starts = self.data.phase_starts() if self.data is not None else [0]
-        return is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps or 0, starts)
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        return is_logging_step(step, every, trainer.max_steps or 0, starts)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.is_logging_step(self.global_step):
@@ -352,6 +377,7 @@ class CausalLM(L.LightningModule):
         """Log step ``step``: ``train/loss``, and per domain ``train/loss/<d>`` and
         ``train/tokens/<d>`` only if the domain had tokens in this step (no stale values:
         a domain without tokens has no point at that step)."""
+        assert self._step_sums is not None  # this step's training_step set them
         sums = DomainSums.from_stacked(
             self.trainer.strategy.reduce(self._step_sums.stacked(), reduce_op="sum").cpu()
         )
@@ -392,7 +418,7 @@ class CausalLM(L.LightningModule):
     ) -> None:
         losses, mask = self._token_losses(batch)
         name = list(self.val_metrics)[dataloader_idx]
-        metrics = self.val_metrics[name]
+        metrics = _sums(self.val_metrics[name])
         metrics["loss"].update(losses.sum().double())
         metrics["tokens"].update(mask.sum().double())
         if name in self.val_bytes_per_token:
@@ -403,7 +429,8 @@ class CausalLM(L.LightningModule):
 
     def on_validation_epoch_end(self, prefix: str = "val") -> None:
         # A NaN loss is logged as NaN (never as a number: torchmetrics would make it 0).
-        for name, metrics in self.val_metrics.items():
+        for name, module in self.val_metrics.items():
+            metrics = _sums(module)
             tokens = metrics["tokens"].compute()
             if tokens > 0:
                 loss = (metrics["loss"].compute() / tokens).item()
@@ -459,7 +486,7 @@ class CausalLM(L.LightningModule):
         top_p: float | None = None,
         seed: int | None = None,
         stop: list[str] | None = None,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | str | Path | None = None,
         stop_at_eos: bool = True,
     ) -> str | list[str]:
         """Completions of ``prompts`` (one string or a batch), greedy by default, with a KV
@@ -475,9 +502,9 @@ class CausalLM(L.LightningModule):
             if store is not None:
                 tokenizer = str(store.tokenizer_path)
             elif (self.hparams.init_from or "").startswith("hf:"):
-                from midtrain.model import hf
+                from midtrain.data.hub import tokenizer_file
 
-                tokenizer = str(hf.tokenizer_file(self.hparams.init_from))
+                tokenizer = str(tokenizer_file(self.hparams.init_from))
             else:
                 raise MidtrainError(
                     "generate: give tokenizer= (no data module or HF model to take it from)"
@@ -502,7 +529,7 @@ class CausalLM(L.LightningModule):
             self.configure_model()
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         out = generate_text(
-            self.model,
+            self._built(),
             tokenizer,
             batch,
             sampling,
@@ -520,7 +547,8 @@ class CausalLM(L.LightningModule):
         checkpoint["midtrain"] = {"tokens_seen": dict(self.tokens_seen)}
         trainer = self._attached_trainer()
         if trainer is not None:  # what a resume must agree with (midtrain.checkpoint.resume)
-            checkpoint["midtrain"]["run"] = run_record(self, trainer.datamodule, trainer)
+            dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
+            checkpoint["midtrain"]["run"] = run_record(self, dm, trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from midtrain.checkpoint.resume import fork_optimizer_state, refuse_differences, run_record
@@ -530,7 +558,7 @@ class CausalLM(L.LightningModule):
         trainer = self._attached_trainer()
         if trainer is None or trainer.state.fn != "fit" or "run" not in saved:
             return
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
         fork = isinstance(dm, StepDataModule) and dm.fork_step is not None
         where = f"{'--fork' if fork else '--ckpt_path'} {trainer.ckpt_path}"
         refuse_differences(saved["run"], run_record(self, dm, trainer), fork, where)
@@ -560,3 +588,9 @@ class CausalLM(L.LightningModule):
             schedule=hp.lr_schedule,
             decay_fraction=hp.decay_fraction,
         )
+
+
+def _sums(metrics: torch.nn.Module) -> Mapping[str, SumMetric]:
+    """A validation set's ``loss``/``tokens``/``bytes`` sums (a ModuleDict, which types its
+    items as plain modules)."""
+    return cast("Mapping[str, SumMetric]", metrics)

@@ -20,6 +20,8 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job stopped
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; the process exits with its code."""
 
+    code: int
+
 
 def _signal_number(name: str) -> signal.Signals:
     sig = getattr(
@@ -111,6 +113,6 @@ class Preemption(Callback):
             f"{path}; continue with `midtrain fit ... --ckpt_path last`"
         )
         previous = self._previous.get(self.received) if self.received is not None else None
-        if self.received != signal.SIGTERM and callable(previous):
+        if self.received is not None and self.received != signal.SIGTERM and callable(previous):
             previous(int(self.received), None)  # e.g. Lightning's SLURM requeue handler
         raise Preempted(self.exit_code)
