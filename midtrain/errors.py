@@ -29,9 +29,10 @@ def recording_errors() -> Iterator[list[MidtrainError]]:
     """The ``MidtrainError``s raised inside the block, in order: for a caller that receives
     them wrapped by a library without the exception chain (jsonargparse < 4.50 reports an error
     of one of a Union's subtypes only in its own message)."""
-    token = _raised.set([])
+    recorded: list[MidtrainError] = []
+    token = _raised.set(recorded)
     try:
-        yield _raised.get()  # type: ignore[misc]
+        yield recorded
     finally:
         _raised.reset(token)
 

@@ -533,6 +533,18 @@ def test_generate_command_and_method(
     assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--max_new_tokens", "100"]) == 2
 
 
+def test_generate_method_takes_the_tokenizer_of_an_hf_init(
+    tmp_path: Path, builtin_store: Path
+) -> None:
+    """``CausalLM(init_from="hf:<dir>").generate`` with no tokenizer uses the HF model's own."""
+    from midtrain.train.module import CausalLM
+
+    directory = random_hf_model("pythia", tmp_path / "hf", builtin_store)
+    lm = CausalLM(init_from=f"hf:{directory}")
+    given = lm.generate("x", max_new_tokens=3, tokenizer=builtin_store / "tokenizer.json")
+    assert lm.generate("x", max_new_tokens=3) == given
+
+
 # -- lm-evaluation-harness ----------------------------------------------------------------------
 
 MC_TASK = """task: mt_arith_mc

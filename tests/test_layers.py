@@ -96,3 +96,60 @@ def test_the_rule_catches_upward_and_sideways_imports(tmp_path: Path) -> None:
     assert [line.split(":")[1].split()[0] for line in found] == ["3", "5"]
     assert "midtrain.cli.fit" in found[0] and "midtrain.study.plan" in found[1]
     assert violations(bad, "cli") == []
+
+
+# The size rule: no function in midtrain/ has a body over MAX_BODY_LINES lines, counted from its
+# first statement after the docstring to the end of its last one (blank and comment lines
+# inside count; the signature, decorators and docstring do not); a nested function counts in
+# its parent too. No class is defined inside a function: a class is a module-level name.
+MAX_BODY_LINES = 60
+
+
+def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    body = fn.body
+    first = body[0]
+    if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+        body = body[1:]
+    if not body:
+        return 0
+    return (body[-1].end_lineno or body[-1].lineno) - body[0].lineno + 1
+
+
+def habit_violations(path: Path) -> list[str]:
+    """Every function of ``path`` over the size rule and every class inside a function."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        lines = _body_lines(node)
+        if lines > MAX_BODY_LINES:
+            found.append(
+                f"{path.name}:{node.lineno} {node.name}() has {lines} body lines "
+                f"(at most {MAX_BODY_LINES}): split it"
+            )
+        found += [
+            f"{path.name}:{inner.lineno} class {inner.name} is defined inside {node.name}(): "
+            "move it to module level"
+            for inner in ast.walk(node)
+            if isinstance(inner, ast.ClassDef)
+        ]
+    return found
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_functions_are_short_and_classes_top_level(path: Path) -> None:
+    assert habit_violations(path) == []
+
+
+def test_the_size_rule_catches_long_functions_and_inner_classes(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_BODY_LINES))
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        f'def fits():\n    """A docstring does not count."""\n{body}'
+        f"def too_long():\n{body}    return x0\n"
+        "class Top:\n    def method(self):\n        class Inner:\n            pass\n"
+    )
+    found = habit_violations(bad)
+    assert len(found) == 2, found
+    assert "too_long() has 61 body lines" in found[0]
+    assert "class Inner is defined inside method()" in found[1]

@@ -121,6 +121,18 @@ CASES: list[tuple[str, Callable[[Path], dict[str, Any]], str]] = [
         "--shard i/N` for every i in 0..N-1 first",
     ),
     ("num-proc-zero", lambda tmp: {"num_proc": 0}, "num_proc: must be at least 1, got 0"),
+    (
+        "null-template-text",
+        lambda tmp: {
+            "domains": {
+                "bad": {
+                    "source": {"path": str(write_jsonl(tmp / "t.jsonl", [{"text": "x"}]))},
+                    "text": None,
+                }
+            }
+        },
+        "template: `text` is null; give it, `prompt`/`response` or `chat`",
+    ),
 ]
 
 

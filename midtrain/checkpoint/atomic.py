@@ -26,7 +26,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
+def atomic_save(obj: object, path: str | Path) -> Path:
     """``torch.save`` to a temp file in ``path``'s directory, fsync, then ``os.replace``: a
     reader (or a crash) sees the old file or the complete new one, never a partial file."""
     path = Path(path)
@@ -67,7 +67,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and a kill during it leaves a truncated checkpoint in place of the good one."""
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         if "://" in str(path):  # remote storage: fsspec's transaction is the right tool there
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -85,17 +85,19 @@ def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
     if isinstance(strategy, ModelParallelStrategy):  # writes sharded directories in place
-        strategy.save_checkpoint = _atomic_directory_save(strategy)
+        strategy.save_checkpoint = _atomic_directory_save(strategy)  # type: ignore[method-assign]  # this instance's
 
 
-def _atomic_directory_save(strategy: Any) -> Callable[..., None]:
+def _atomic_directory_save(strategy: ModelParallelStrategy) -> Callable[..., None]:
     """Wrap ``ModelParallelStrategy.save_checkpoint`` (which writes shards in place): every rank
     writes into ``.<name>.tmp-<pid>`` next to the destination; rank 0 then swaps it in. A crash
     leaves the old checkpoint (or, between the two renames, ``.<name>.tmp-old``: resume falls
     back to the newest other checkpoint)."""
     save = strategy.save_checkpoint
 
-    def atomic(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+    def atomic(
+        checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
+    ) -> None:
         path = Path(strategy.broadcast(str(filepath)))
         tmp = path.parent / f".{path.name}{TEMP_MARK}{strategy.broadcast(os.getpid())}"
         save(checkpoint, tmp, storage_options)

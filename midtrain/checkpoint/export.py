@@ -23,6 +23,14 @@ from midtrain.errors import MidtrainError
 from midtrain.model.hf import _require, hf_architecture, to_hf_config, to_hf_state_dict
 
 MAX_SHARD_SIZE = "5GB"  # safetensors shards above this size, as transformers' save_pretrained
+DTYPES = {  # --dtype: the names it takes
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def export(
@@ -44,15 +52,7 @@ def export(
     out = Path(out)
     if out.exists():
         raise MidtrainError(f"--out: {out} exists; choose a new directory")
-    dtypes = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if dtype not in dtypes:
+    if dtype not in DTYPES:
         raise MidtrainError(f"--dtype: {dtype!r} is not one of float32, bf16, fp16")
     config, state, meta = load_checkpoint(ckpt, weights=weights)
     hf_architecture(config)  # refuse before any work
@@ -63,13 +63,13 @@ def export(
     check_tokenizer(tok, config, "--tokenizer")
     eos_token = _eos_token(tok, eos or run_eos, "--eos")
     eos_id = tok.token_to_id(eos_token)
-    hf_state = {k: v.to(dtypes[dtype]) for k, v in to_hf_state_dict(state, config).items()}
+    hf_state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state_dict(state, config).items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf_config = to_hf_config(config, bos_id=eos_id, eos_id=eos_id)
-        hf_config.dtype = str(dtypes[dtype]).removeprefix("torch.")
+        hf_config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
         hf_config.save_pretrained(tmp)
         hub.save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size)
         transformers.GenerationConfig(

@@ -43,8 +43,9 @@ def run_checkpoints(run_dir: str | Path) -> Path:
 def checkpoint_dir(trainer: pl.Trainer) -> Path:
     """Where a trainer's checkpoints go: its checkpoint callback's directory, or the default."""
     ckpt = trainer.checkpoint_callback
-    if ckpt is not None and getattr(ckpt, "dirpath", None):
-        return Path(ckpt.dirpath)
+    dirpath = getattr(ckpt, "dirpath", None)
+    if dirpath:
+        return Path(dirpath)
     return run_checkpoints(trainer.default_root_dir)
 
 

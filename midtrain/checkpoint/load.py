@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from midtrain.model.gpt import GPT
 from midtrain.model.hf import load
 
 AVERAGED_FROM = "averaged_from"  # a soup's record of its inputs (midtrain.checkpoint.average)
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
@@ -101,7 +104,7 @@ def tokenizer_source(given: str) -> tuple[Path, str | None]:
     raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")
 
 
-def _eos_token(tok: Any, eos: str | None, where: str) -> str:
+def _eos_token(tok: Tokenizer, eos: str | None, where: str) -> str:
     from midtrain.data.tokenizer import DEFAULT_EOS
 
     for candidate in (eos, DEFAULT_EOS, "</s>", "<eos>"):
@@ -110,7 +113,7 @@ def _eos_token(tok: Any, eos: str | None, where: str) -> str:
     raise MidtrainError(f"{where}: the tokenizer has no end-of-text token; give one with --eos")
 
 
-def check_tokenizer(tok: Any, config: ModelConfig, where: str) -> None:
+def check_tokenizer(tok: Tokenizer, config: ModelConfig, where: str) -> None:
     size = tok.get_vocab_size(with_added_tokens=True)
     if size > config.padded_vocab_size:
         raise MidtrainError(
@@ -125,7 +128,7 @@ def load_model(
     device: str = "cpu",
     dtype: str | None = None,
     where: str = "--ckpt",
-) -> tuple[GPT, Any, int | None]:
+) -> tuple[GPT, Tokenizer, int | None]:
     """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
     dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
     unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""

@@ -60,7 +60,9 @@ PAST_KEYS = (
 )
 
 
-def run_record(model: Any, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
+def run_record(
+    model: pl.LightningModule, datamodule: pl.LightningDataModule | None, trainer: pl.Trainer
+) -> dict[str, Any]:
     """Everything that shapes a run's data stream and optimisation, by config key."""
     record: dict[str, Any] = {}
     if isinstance(datamodule, StepDataModule):

@@ -70,7 +70,7 @@ def show_config(name: str) -> str:
     return path.read_text()
 
 
-def copy_configs(name: str, dest: str) -> list[Path]:
+def copy_configs(name: str, dest: str | Path) -> list[Path]:
     """Copy a shipped config (or a folder of them, or ``all``) out of the package. A file goes
     to ``dest`` (or into it, when it is a folder); a folder's files keep their names under
     ``dest``. Refuses to overwrite anything, before writing anything."""

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
@@ -63,7 +64,7 @@ def say(line: str) -> None:
 # -- pure pieces of the config hooks ------------------------------------------------------------
 
 
-def evaluation_defaults(cfg: Any, subcommand: str) -> None:
+def evaluation_defaults(cfg: Namespace, subcommand: str) -> None:
     """validate/test evaluate trained weights, on the whole validation sets."""
     if subcommand not in ("validate", "test"):
         return
@@ -80,7 +81,7 @@ def evaluation_defaults(cfg: Any, subcommand: str) -> None:
         cfg.trainer[key] = 1.0
 
 
-def trainer_defaults(trainer: Any, subcommand: str) -> None:
+def trainer_defaults(trainer: Namespace, subcommand: str) -> None:
     """A run directory by default; ``max_steps`` must be set for fit (schedules are in steps)."""
     trainer.default_root_dir = trainer.default_root_dir or DEFAULT_ROOT
     if trainer.get("max_steps") is None:  # `--trainer.max_steps null`
@@ -134,7 +135,7 @@ def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | N
     return logger
 
 
-def check_val_limits(trainer: Any, datamodule: Any) -> None:
+def check_val_limits(trainer: pl.Trainer, datamodule: LightningDataModule | None) -> None:
     """A validation set is the same blocks for any world size: its size comes from the data
     module, never from Lightning's per-process batch limits."""
     if not isinstance(datamodule, StepDataModule):
@@ -243,7 +244,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         if is_local_checkpoint(ckpt):
             self.resume.checkpoint_metadata(ckpt, "ckpt_path")  # missing, truncated, not one
         self._check_weights(ckpt)
-        for cb in self.trainer.callbacks:
+        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
             if isinstance(cb, EMA):
                 cb.check(self.trainer)
         check_val_limits(self.trainer, self.datamodule)
@@ -340,11 +341,11 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         """Refuse a bad schedule before anything is written: the switches register now
         (``MixtureSwitch.setup`` registers them again, idempotently, inside fit)."""
         max_steps = require_max_steps(self.trainer, "midtrain schedules data by steps")
-        for cb in self.trainer.callbacks:
+        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
             if isinstance(cb, MixtureSwitch):
                 cb.register(datamodule, max_steps)
         datamodule.resolve_schedule(self.trainer)
-        for cb in self.trainer.callbacks:
+        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
             if isinstance(cb, AdaptiveMixture):
                 cb.check(self.trainer, datamodule)
 
@@ -362,8 +363,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             refuse_differences(saved, now, fork, where)
         if not fork:
             check_fork_options((saved or {}).get("fork"), self._fork_options(), where)
-        check_ema_resume(meta, self.trainer.callbacks, fork, where)
-        for cb in self.trainer.callbacks:
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        check_ema_resume(meta, callbacks, fork, where)
+        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
             if isinstance(cb, AdaptiveMixture):
                 cb.continues(meta.get("callbacks", {}).get(cb.state_key), fork)
         if self.datamodule is None:

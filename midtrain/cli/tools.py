@@ -6,13 +6,16 @@ from __future__ import annotations
 import codecs
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from midtrain.cli.errors import config_error
 from midtrain.errors import MidtrainError
 
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
 
-def _tool_parser(command: str, description: str) -> Any:
+
+def _tool_parser(command: str, description: str) -> ArgumentParser:
     """A jsonargparse parser for a tool subcommand: --config files, no prefix matching, and
     errors raised (not printed with usage) so they become one line."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -24,7 +27,7 @@ def _tool_parser(command: str, description: str) -> Any:
     return parser
 
 
-def _parse(parser: Any, args: Sequence[str], what: str) -> Any:
+def _parse(parser: ArgumentParser, args: Sequence[str], what: str) -> Namespace:
     """Parse, letting --help / --print_config print and exit; any error is one line."""
     if any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
         parser.parse_args(list(args))  # prints and exits
@@ -86,7 +89,7 @@ def prepare_main(args: Sequence[str]) -> None:
 def similarity_main(args: Sequence[str]) -> None:
     from midtrain.study.similarity import run
 
-    parser = _tool_parser("similarity", run.__doc__.splitlines()[0])
+    parser = _tool_parser("similarity", (run.__doc__ or "").split("\n")[0])
     parser.add_function_arguments(run)
     init = _parse(parser, args, "similarity")
     run(**{k: v for k, v in vars(init).items() if k != "config"})
@@ -99,7 +102,7 @@ def advise_main(args: Sequence[str]) -> None:
     from midtrain.study import advisor, calibration
 
     if "--check" in args or any(a.startswith("--check=") for a in args):
-        parser = _tool_parser("advise", calibration.calibrate.__doc__.splitlines()[0])
+        parser = _tool_parser("advise", (calibration.calibrate.__doc__ or "").splitlines()[0])
         parser.add_argument("--check", required=True, help="a finished study's output directory")
         parser.add_argument("--out", type=str | None, default=None, help="default <study>/advise")
         parser.add_function_arguments(calibration.calibrate, skip={"study"})
@@ -112,7 +115,7 @@ def advise_main(args: Sequence[str]) -> None:
         return
     parser = _tool_parser(
         "advise",
-        advisor.advise.__doc__.splitlines()[0]
+        (advisor.advise.__doc__ or "").splitlines()[0]
         + " `midtrain advise --check <study output>` compares it with a finished study.",
     )
     parser.add_function_arguments(advisor.advise)

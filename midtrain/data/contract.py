@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from midtrain.errors import MidtrainError
+
+if TYPE_CHECKING:
+    from midtrain.data.store import Store
 
 
 @runtime_checkable
@@ -62,7 +65,7 @@ CONTRACT_MEMBERS = (
 )
 
 
-def require_contract(datamodule: Any) -> DataContract:
+def require_contract(datamodule: object) -> DataContract:
     """``datamodule`` as a ``DataContract``, or one line naming the members it lacks."""
     missing = [m for m in CONTRACT_MEMBERS if not hasattr(datamodule, m)]
     if missing:
@@ -70,7 +73,7 @@ def require_contract(datamodule: Any) -> DataContract:
             f"data: {type(datamodule).__name__} does not implement midtrain's data contract "
             f"(midtrain.data.contract.DataContract); missing: {', '.join(missing)}"
         )
-    return datamodule
+    return cast(DataContract, datamodule)
 
 
 def require_max_steps(trainer: L.Trainer | None, why: str) -> int:
@@ -119,7 +122,8 @@ class StepLoader(DataLoader):
         )
         self.handed_out = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    # torch annotates its private iterator class; a generator serves every caller (a for loop)
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self.handed_out = 0
         for batch in super().__iter__():
             self.handed_out += 1
@@ -128,7 +132,7 @@ class StepLoader(DataLoader):
     def produced(self) -> int:
         """Batches of this iteration that may exist already: handed out, plus what the workers
         have been asked for in advance (num_workers x prefetch_factor)."""
-        ahead = self.num_workers * self.prefetch_factor if self.num_workers > 0 else 0
+        ahead = self.num_workers * (self.prefetch_factor or 0)  # None without workers
         return self.handed_out + ahead
 
 
@@ -140,7 +144,7 @@ class StepDataModule(L.LightningDataModule):
     ``val_datasets()`` and ``fingerprint()``.
     """
 
-    store: Any
+    store: Store
 
     def __init__(
         self, micro_batch_size: int, seed: int, num_workers: int, prefetch_factor: int
@@ -186,6 +190,7 @@ class StepDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         require_max_steps(trainer, "midtrain schedules data by steps")
+        assert trainer is not None  # refused above
         self.train_loader = StepLoader(
             self.train_stream(trainer), self.num_workers, self.prefetch_factor
         )

@@ -92,7 +92,7 @@ class MixtureDataModule(StepDataModule):
         check_weights(weights, names, "data.weights")
         self.weights = dict(weights)
         self.max_repeat = max_repeat
-        self._switches: dict[Any, Phase] = {}  # registered by add_switch, keyed by owner
+        self._switches: dict[object, Phase] = {}  # registered by add_switch, keyed by owner
         self.runtime_phases: list[Phase] = []  # from change_weights(); part of checkpoint state
         self._resolved_for: tuple | None = None
         self._path: tuple[tuple, WeightPath] | None = None  # weights per step, by phase keys
@@ -115,7 +115,7 @@ class MixtureDataModule(StepDataModule):
         self.val_set_names = list(val_sets)
         self._check_domains(self.weights, "data.weights")
 
-    def _check_domains(self, weights: dict[str, float], where: str) -> None:
+    def _check_domains(self, weights: Mapping[str, float], where: str) -> None:
         for name, w in weights.items():
             split = self.store.domain(name).train
             if w > 0 and split.num_blocks(self.seq_len) == 0:
@@ -202,7 +202,7 @@ class MixtureDataModule(StepDataModule):
         step: int,
         weights: Mapping[str, float],
         max_steps: int,
-        owner: Any = None,
+        owner: object = None,
         ramp_steps: int = 0,
         ramp: str = "linear",
     ) -> None:
@@ -279,7 +279,8 @@ class MixtureDataModule(StepDataModule):
         self._check_domains(weights, "change_weights")
         # The stream's own accounting: the first micro-batch index (counted from step 0) that
         # its loader cannot have produced yet.
-        stream: MixtureStream = loader.dataset  # type: ignore[assignment]
+        stream = loader.dataset
+        assert isinstance(stream, MixtureStream)  # train_stream made it
         first_free = stream.start_step * stream.accumulation + loader.produced()
         step = max(-(-first_free // stream.accumulation), trainer.global_step + 1)
         self.runtime_phases = [p for p in self.runtime_phases if p.start_step != step]
@@ -290,16 +291,18 @@ class MixtureDataModule(StepDataModule):
         return step
 
     def _write_table(self) -> None:
+        table, count = self._table, self._table_len
+        assert table is not None and count is not None  # made by train_dataloader
         phases = self.phases
-        if len(phases) > self._table.shape[0]:
-            raise MidtrainError(f"change_weights: at most {self._table.shape[0]} phases")
+        if len(phases) > table.shape[0]:
+            raise MidtrainError(f"change_weights: at most {table.shape[0]} phases")
         for i, p in enumerate(phases):
-            self._table[i, :3] = torch.tensor(
+            table[i, :3] = torch.tensor(
                 [p.start_step, p.ramp_steps, RAMP_CODES[p.ramp]], dtype=torch.float64
             )
-            self._table[i, 3:] = torch.tensor([float(p.weights.get(n, 0.0)) for n in self.domains])
-        self._table_len[0] = len(phases)
-        self._table_len[1] += 1  # last: a worker that sees the new version sees the whole table
+            table[i, 3:] = torch.tensor([float(p.weights.get(n, 0.0)) for n in self.domains])
+        count[0] = len(phases)
+        count[1] += 1  # last: a worker that sees the new version sees the whole table
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree with to resume this data stream exactly."""

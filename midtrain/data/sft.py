@@ -41,7 +41,9 @@ def example_rows(
     order = permute(np.arange(n), n, key=(key * 1_000_003 + seed * 7919 + epoch) & (2**63 - 1))
     if not packing:
         return [order[i : i + 1] for i in range(n)]
-    rows, current, used = [], [], 0
+    rows: list[np.ndarray] = []
+    current: list[int] = []
+    used = 0
     for i in order:
         size = min(int(lengths[i]), max_tokens)
         if current and used + size > max_tokens:

@@ -384,6 +384,8 @@ class Template:
             raise MidtrainError("template: `prompt` and `response` go together")
         if self.chat is not None and self.prompt is not None:
             raise MidtrainError("template: give either `chat` or `prompt`/`response`")
+        if self.text is None and self.prompt is None and self.chat is None:
+            raise MidtrainError("template: `text` is null; give it, `prompt`/`response` or `chat`")
         if self.chat_template is not None and self.chat is None:
             raise MidtrainError(
                 "template: `chat_template` renders a list of turns; name its field with `chat`"
@@ -488,6 +490,8 @@ class Template:
                 for m in messages
             ]
         rec = {k: ("" if v is None else v) for k, v in record.items()}
-        if self.prompt is not None:
+        if self.prompt is not None and self.response is not None:  # together (__post_init__)
             return [(self.prompt.format_map(rec), False), (self.response.format_map(rec), True)]
-        return [(self.text.format_map(rec), True)]  # type: ignore[union-attr]
+        plain = self.text
+        assert plain is not None  # __post_init__: text unless prompt or chat
+        return [(plain.format_map(rec), True)]

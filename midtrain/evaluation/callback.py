@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -10,7 +10,11 @@ from lightning.pytorch.callbacks import Callback
 
 from midtrain.errors import MidtrainError
 from midtrain.evaluation.local import LocalTask
+from midtrain.model.gpt import GPT
 from midtrain.train._lightning import publish_callback_metrics
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 class DownstreamEval(Callback):
@@ -96,13 +100,18 @@ class DownstreamEval(Callback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         from tokenizers import Tokenizer
 
-        store = getattr(trainer.datamodule, "store", None)
+        store = getattr(trainer.datamodule, "store", None)  # type: ignore[attr-defined]  # set by Lightning, undeclared
         if store is None:
             raise MidtrainError(
                 "DownstreamEval: the data module has no token store to take the tokenizer from"
             )
         tokenizer = Tokenizer.from_file(str(store.tokenizer_path))
-        model, eos_id = pl_module.model, store.eos_id
+        model, eos_id = getattr(pl_module, "model", None), store.eos_id
+        if not isinstance(model, GPT):
+            raise MidtrainError(
+                f"DownstreamEval: {type(pl_module).__name__} has no midtrain GPT in `.model`; "
+                "use it with midtrain.CausalLM"
+            )
         metrics: dict[str, float] = {}
         for task in self.local:
             for k, v in task.evaluate(
@@ -118,7 +127,7 @@ class DownstreamEval(Callback):
             logger.log_metrics(metrics, step=step)
         return metrics
 
-    def _run_harness(self, model: Any, tokenizer: Any, eos_id: int) -> dict[str, float]:
+    def _run_harness(self, model: GPT, tokenizer: Tokenizer, eos_id: int) -> dict[str, float]:
         import lm_eval
 
         from midtrain.evaluation.harness import MidtrainLM

@@ -13,7 +13,7 @@ Python users ``import midtrain.evaluation.harness`` before ``lm_eval.simple_eval
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lm_eval.models  # noqa: F401  (fills lm-eval's registry first: it imports it only when empty)
 import torch
@@ -26,6 +26,9 @@ from tqdm import tqdm
 from midtrain.evaluation.scoring import continuation_logprobs
 from midtrain.model.generation import Sampling, generate_ids
 from midtrain.model.gpt import GPT
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 @register_model("midtrain")
@@ -47,7 +50,7 @@ class MidtrainLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         model: GPT | None = None,
-        tokenizer_object: Any = None,
+        tokenizer_object: Tokenizer | None = None,
         eos_id: int | None = None,
         **unused: Any,
     ) -> None:
@@ -64,6 +67,10 @@ class MidtrainLM(TemplateLM):
             model, tokenizer_object, eos_id = load_model(
                 str(checkpoint), tokenizer, device, dtype, where="model_args checkpoint"
             )
+        if tokenizer_object is None:
+            from midtrain.errors import MidtrainError
+
+            raise MidtrainError("MidtrainLM: a model given directly needs its tokenizer_object")
         self.model = model
         self.tok = tokenizer_object
         self._eos_id = eos_id if eos_id is not None else 0
@@ -193,7 +200,7 @@ class MidtrainLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
         bar.close()
-        return out  # type: ignore[return-value]
+        return cast("list[str]", out)  # every slot is filled above
 
     def get_model_info(self) -> dict[str, Any]:
         return {

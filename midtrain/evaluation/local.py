@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from midtrain.errors import MidtrainError
 from midtrain.evaluation.scoring import continuation_logprobs
 from midtrain.model.generation import Sampling, generate_ids
 from midtrain.model.gpt import GPT
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 KINDS = ("multiple_choice", "exact_match")
 
@@ -75,7 +78,7 @@ class LocalTask:
     def evaluate(
         self,
         model: GPT,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         eos_id: int | None,
         limit: int | None = None,
         batch_size: int = 8,
@@ -91,7 +94,8 @@ class LocalTask:
             raise MidtrainError(f"{self.path}: field {e} missing (task {self.name})") from None
         encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
         if self.kind == "multiple_choice":
-            pairs, spans = [], []
+            pairs: list[tuple[list[int], list[int]]] = []
+            spans: list[tuple[int, int]] = []
             for ctx, options in zip(contexts, choices, strict=True):
                 start = len(pairs)
                 for option in options:  # split the whole string at the context, as lm-eval

@@ -9,14 +9,19 @@ would alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from midtrain.errors import MidtrainError
 from midtrain.model.gpt import GPT
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+Decode = Callable[[list[int]], str]  # token ids -> text (for stop strings)
 
 
 @dataclass
@@ -72,7 +77,7 @@ def generate_ids(
     sampling: Sampling,
     vocab_size: int | None = None,
     use_cache: bool = True,
-    decode: Any = None,
+    decode: Decode | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (stop ids and anything after a stop string cut off).
 
@@ -104,11 +109,11 @@ def generate_ids(
     return out
 
 
-def _stopped(ids: list[int], s: Sampling, decode: Any) -> tuple[bool, list[int]]:
+def _stopped(ids: list[int], s: Sampling, decode: Decode | None) -> tuple[bool, list[int]]:
     """Whether a row is done, and its output cut at the stop (the stop itself excluded)."""
     if ids and ids[-1] in s.stop_ids:
         return True, ids[:-1]
-    if s.stop:
+    if s.stop and decode is not None:  # generate_ids refuses stop strings without it
         text = decode(ids)
         hits = [text.find(x) for x in s.stop if x in text]
         if hits:
@@ -117,7 +122,7 @@ def _stopped(ids: list[int], s: Sampling, decode: Any) -> tuple[bool, list[int]]
 
 
 def _generate_uncached(
-    model: GPT, prompt: Sequence[int], s: Sampling, vocab_size: int | None, decode: Any
+    model: GPT, prompt: Sequence[int], s: Sampling, vocab_size: int | None, decode: Decode | None
 ) -> list[int]:
     device = model.embed.weight.device
     generator = _generator(s.seed)
@@ -136,7 +141,11 @@ def _generate_uncached(
 
 
 def _generate_cached(
-    model: GPT, prompts: Sequence[Sequence[int]], s: Sampling, vocab_size: int | None, decode: Any
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    s: Sampling,
+    vocab_size: int | None,
+    decode: Decode | None,
 ) -> list[list[int]]:
     device = model.embed.weight.device
     generator = _generator(s.seed)
@@ -178,7 +187,7 @@ def _generate_cached(
 
 def generate_text(
     model: GPT,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     prompts: Sequence[str],
     sampling: Sampling,
     vocab_size: int | None = None,

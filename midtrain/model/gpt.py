@@ -144,11 +144,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # decoding: attend to every cached key as well
             k, v = kv_cache.update(k, v)
         # grouped keys/values are shared by their group's query heads inside SDPA (no copy)
-        gqa = {"enable_gqa": True} if self.n_kv != self.n_head else {}
+        gqa = self.n_kv != self.n_head
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # packed sequences: causal within each document only
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
 
 

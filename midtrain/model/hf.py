@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,8 +32,11 @@ from midtrain.errors import MidtrainError
 from midtrain.model.config import ModelConfig
 from midtrain.model.gpt import GPT
 
+if TYPE_CHECKING:
+    from midtrain.data.store import Store
 
-def _require(module: str) -> Any:
+
+def _require(module: str) -> ModuleType:
     import importlib
 
     try:
@@ -98,7 +102,7 @@ def hf_architecture(config: ModelConfig) -> str:
         return "gpt_neox"
     _refuse_llama_family(config)
     if config.norm_placement == "post" or config.qk_norm == "whole":
-        arch, needs = "olmo2", dict(norm_placement="post", qk_norm="whole")
+        arch, needs = "olmo2", dict[str, Any](norm_placement="post", qk_norm="whole")
     elif config.qk_norm == "per_head":
         arch, needs = "qwen3", {}
     elif config.has_qkv_bias and not config.bias:
@@ -388,7 +392,7 @@ def _per_layer(config: ModelConfig, arch: str) -> dict[str, tuple[str, tuple[str
     layout = _LAYOUTS[arch]
     suffixes = ("weight", "bias") if config.bias or arch == "gpt_neox" else ("weight",)
     norm_suffixes = ("weight", "bias") if config.norm == "layernorm" else ("weight",)
-    per_layer = {
+    per_layer: dict[str, tuple[str, tuple[str, ...]]] = {
         **{ours: (theirs, norm_suffixes) for ours, theirs in layout["norms"].items()},
         **{ours: (theirs, suffixes) for ours, theirs in layout["linears"].items()},
     }
@@ -540,7 +544,7 @@ def config_for_init(init_from: str, model_config: dict[str, Any] | None) -> Mode
     return config
 
 
-def check_store(init_from: str, store: Any) -> None:
+def check_store(init_from: str, store: Store) -> None:
     """Refuse a token store that does not line up with the HF model: another vocabulary than
     the model's tokenizer, or another end-of-text id than its config's."""
     from tokenizers import Tokenizer
@@ -578,5 +582,7 @@ def load_into(model: GPT, init_from: str, sharded: bool) -> None:
 
     state = load(init_from, where)[1] if dist.get_rank() == 0 else {}
     set_model_state_dict(
-        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        model,
+        state,  # type: ignore[arg-type]  # torch types it dict[str, ValueType]: invariant
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )

@@ -16,6 +16,8 @@ mask are not supported by this path (use the plain cross-entropy for those).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         features: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
@@ -60,7 +62,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             sum_exp = probs.sum(1, keepdim=True)
             lse = (row_max + sum_exp.log()).squeeze(1)
             losses[start:end] = (lse - target_logit) * m_c
-            if want_x or want_w:
+            if grad_x is not None or grad_w is not None:
                 # d(sum_t m_t * ce_t)/d logits = m_t * (softmax - onehot)
                 grad_logits = probs.div_(sum_exp)
                 grad_logits.scatter_add_(
@@ -69,9 +71,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.mul_(m_c.unsqueeze(1))
                 if buf32 is not buf:
                     grad_logits = buf[: end - start].copy_(grad_logits)
-                if want_x:
+                if grad_x is not None:
                     torch.mm(grad_logits, w, out=grad_x[start:end])
-                if want_w:
+                if grad_w is not None:
                     grad_w.addmm_(grad_logits.T.float(), x_c.float())  # fp32 accumulation
                 del grad_logits
             del logits, probs
@@ -80,7 +82,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx, grad_losses: torch.Tensor):
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x, grad_w, mask = ctx.saved_tensors
         # The forward assumed one weight for every loss token; read it off the incoming
         # gradient without a host sync (mean over the loss tokens).

@@ -7,6 +7,9 @@ block and the root, then a meta-device model is materialised shard by shard.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -19,7 +22,9 @@ def apply_activation_checkpointing(model: GPT) -> None:
     for block in model.blocks:
         forward = block.forward
 
-        def checkpointed(*args: object, _forward=forward, **kwargs: object) -> torch.Tensor:
+        def checkpointed(
+            *args: Any, _forward: Callable[..., torch.Tensor] = forward, **kwargs: Any
+        ) -> torch.Tensor:
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
@@ -35,7 +40,7 @@ def apply_compile(model: GPT, per_block: bool = False) -> None:
         for block in model.blocks:
             block.compile()
         return
-    model.features = torch.compile(model.features)
+    model.features = torch.compile(model.features)  # type: ignore[method-assign]  # in place
 
 
 def apply_fsdp(

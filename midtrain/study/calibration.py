@@ -116,7 +116,7 @@ def study_inputs(
         if branch != "baseline":
             step, weights = _switch(_config(stage_dir(study, branch) / CONFIG), settings.max_steps)
             gain = {d: w / sum(weights.values()) - pre.get(d, 0.0) for d, w in weights.items()}
-            candidates.append(Candidate(branch, max(gain, key=gain.get), step, weights))
+            candidates.append(Candidate(branch, max(gain, key=lambda d: gain[d]), step, weights))
     targets = {}
     for target in dict.fromkeys(r["target"] for r in rows):
         runs = sorted((study / "sft" / "baseline" / target).glob(f"*/{CONFIG}"))
@@ -218,9 +218,9 @@ def write_calibration(cal: Calibration, out: Path) -> list[Path]:
         for p in cal.advice.predictions
     ]
     with (out / "advice.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        table = csv.DictWriter(f, fieldnames=list(rows[0]))
+        table.writeheader()
+        table.writerows(rows)
     written = [out / "calibration.csv", out / "calibration.md", out / "advice.csv"]
     figure = plot(cal, out / "calibration.png")
     return written + ([figure] if figure else [])

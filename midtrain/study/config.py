@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from midtrain.configs import resolve_config
 from midtrain.errors import MidtrainError
+
+if TYPE_CHECKING:
+    from midtrain.data.datamodule import MixtureDataModule
 
 
 @dataclass
@@ -173,7 +176,7 @@ def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, 
             out[name] = {
                 "step": int(sw["step"]),
                 "weights": weights,
-                "domain": max(weights, key=weights.get),
+                "domain": max(weights, key=weights.__getitem__),
             }
             continue
         g = b["grid"]
@@ -195,7 +198,7 @@ def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, 
     return out
 
 
-def pretraining_data(settings: FitSettings) -> Any:
+def pretraining_data(settings: FitSettings) -> MixtureDataModule | None:
     """The baseline's ``MixtureDataModule`` as its fit run builds it (no trainer, no loaders),
     or None when the store is not prepared yet (a dry run before the prepare stages)."""
     from midtrain.data.store import StoreIndex

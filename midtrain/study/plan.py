@@ -8,7 +8,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from midtrain.checkpoint.layout import LAST, run_checkpoints, step_checkpoint
 from midtrain.data.mixture import MixtureSchedule, Phase, format_plan, plan_rows
@@ -22,6 +22,9 @@ from midtrain.study.config import (
     pretraining_weights,
     resolved_fit_config,
 )
+
+if TYPE_CHECKING:
+    from midtrain.data.datamodule import MixtureDataModule
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Study:
     base_weights: dict[str, float]
     branches: dict[str, dict[str, Any]]
     stages: list[Stage]
-    data: Any = None  # the baseline's MixtureDataModule when its store is prepared
+    data: MixtureDataModule | None = None  # the baseline's, when its store is prepared
 
     def mixture_rows(self) -> dict[str, list[dict[str, Any]]]:
         """Branch -> the rows of its mixture plan (``plan_rows``): the baseline's schedule with
@@ -93,6 +96,7 @@ def stage_dir(
     """The study's layout: ``pretrain/<branch>`` and ``sft/<branch>/<target>/lr<lr>-seed<s>``."""
     if target is None:
         return root / "pretrain" / branch
+    assert lr is not None  # an SFT run's directory names its learning rate
     return root / "sft" / branch / target / f"lr{_fmt(lr)}-seed{seed}"
 
 
@@ -110,6 +114,15 @@ def plan_study(cfg: ExperimentConfig) -> Study:
         Stage(f"prepare {p}", "prepare", ["--config", c], root / "prepare")
         for p, c in zip(cfg.prepare, fit_args(cfg.prepare, [], "prepare")[1::2], strict=True)
     ]
+    stages += _pretrain_stages(root, pre_args, branches)
+    stages += _sft_stages(cfg, root, branches)
+    return Study(cfg, settings, base, branches, stages, data)
+
+
+def _pretrain_stages(
+    root: Path, pre_args: list[str], branches: dict[str, dict[str, Any]]
+) -> list[Stage]:
+    """The baseline (saving a checkpoint at every fork step) and one forked run per branch."""
     fork_steps = sorted({b["step"] for b in branches.values() if b["step"] is not None})
     base_dir = stage_dir(root, "baseline")
     callbacks = []
@@ -118,7 +131,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
             "--trainer.callbacks+=midtrain.callbacks.CheckpointAtSteps",
             f"--trainer.callbacks.steps={json.dumps(fork_steps)}",
         ]
-    stages.append(
+    stages = [
         Stage(
             "pretrain baseline",
             "pretrain",
@@ -126,7 +139,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
             base_dir,
             meta={"branch": "baseline"},
         )
-    )
+    ]
     for name, b in branches.items():
         if b["step"] is None:
             continue
@@ -147,7 +160,15 @@ def plan_study(cfg: ExperimentConfig) -> Study:
                 meta={"branch": name, **b},
             )
         )
+    return stages
+
+
+def _sft_stages(
+    cfg: ExperimentConfig, root: Path, branches: dict[str, dict[str, Any]]
+) -> list[Stage]:
+    """One SFT run per branch, target, learning rate and seed, from the branch's last checkpoint."""
     sft_args = fit_args(cfg.sft.config, cfg.sft.args, "sft.config")
+    stages = []
     for name in branches:
         parent = "pretrain baseline" if name == "baseline" else f"branch {name}"
         init_from = run_checkpoints(stage_dir(root, name)) / LAST
@@ -183,7 +204,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
                         },
                     )
                 )
-    return Study(cfg, settings, base, branches, stages, data)
+    return stages
 
 
 def describe_plan(study: Study) -> str:

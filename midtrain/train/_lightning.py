@@ -9,12 +9,15 @@ is the one to update.
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
 
 # -- the CLI and checkpoint contents -------------------------------------------------------------
 
@@ -28,7 +31,7 @@ def checkpoint_datamodule_state(
     return checkpoint.get(type(datamodule).__qualname__)
 
 
-def set_run_argument(cli: Any, subcommand: str, name: str, value: Any) -> None:
+def set_run_argument(cli: LightningCLI, subcommand: str, name: str, value: Any) -> None:
     """Change an argument of the trainer method LightningCLI is about to call (e.g. ``fit``'s
     ``ckpt_path`` for ``--fork``): LightningCLI reads them from ``config_init[subcommand]``
     and has no hook to change them after parsing."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics.aggregation import SumMetric
 
 from midtrain.checkpoint.files import load_weights
@@ -40,6 +42,10 @@ from midtrain.train.optim import (
 )
 
 FORK_OPTIMIZER = ("keep", "reset")
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
+    from tokenizers import Tokenizer
 
 
 class CausalLM(L.LightningModule):
@@ -81,6 +87,12 @@ class CausalLM(L.LightningModule):
     any other strategy (single device, DDP) it is built directly.
     """
 
+    if TYPE_CHECKING:
+        # save_hyperparameters stores them as an AttributeDict (Lightning types the property
+        # as any MutableMapping): `self.hparams.lr` type-checks.
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     def __init__(
         self,
         arch: str = "pythia-70m",
@@ -103,38 +115,8 @@ class CausalLM(L.LightningModule):
         rewarm: bool = False,
     ) -> None:
         super().__init__()
-        overrides = dict(model_config or {})
-        if vocab_size is not None:  # linked from the data; an explicit model_config wins
-            overrides.setdefault("vocab_size", vocab_size)
-        if init_from is not None and init_from.startswith("hf:"):
-            from midtrain.model import hf
-
-            # the shape comes from the HF config; the weights load in configure_model
-            self.config = hf.config_for_init(init_from, model_config)
-        else:
-            try:
-                self.config = ModelConfig.from_name(arch, **overrides)
-            except ValueError as e:
-                raise MidtrainError(f"model: {e}") from None
-        if lr <= 0:
-            raise MidtrainError(f"model.lr: must be positive, got {lr}")
-        check_schedule(lr_schedule)
-        if rewarm and lr_schedule not in ANNEALS:
-            raise MidtrainError(
-                f"model.rewarm: re-warms an anneal from its fork step; with lr_schedule "
-                f"{lr_schedule!r} warmup already runs from step 0: set model.lr_schedule: "
-                "anneal (or anneal_wsd), or drop model.rewarm"
-            )
-        if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
-            raise MidtrainError(
-                f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}"
-            )
-        if (
-            init_from is not None
-            and not init_from.startswith("hf:")
-            and not Path(init_from).exists()
-        ):
-            raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")
+        self.config = _model_config(arch, model_config, vocab_size, init_from)
+        _check_training_arguments(lr, lr_schedule, rewarm, loss_chunk_size, init_from)
         self.save_hyperparameters()
         if init_from is not None and init_from.startswith("hf:"):
             # the resolved shape, so a checkpoint of this run describes its model by itself
@@ -191,6 +173,7 @@ class CausalLM(L.LightningModule):
         if self.hparams.compile:
             parallel.apply_compile(model, per_block=mesh is not None)
         if mesh is not None:
+            assert isinstance(strategy, ModelParallelStrategy)  # the mesh is its
             parallel.apply_fsdp(model, mesh)
             parallel.materialize(model, strategy.root_device)
         if self.hparams.init_from:
@@ -214,7 +197,11 @@ class CausalLM(L.LightningModule):
                     set_model_state_dict,
                 )
 
-                set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+                set_model_state_dict(
+                    model,
+                    state,  # type: ignore[arg-type]  # torch types it dict[str, ValueType]: invariant
+                    options=StateDictOptions(full_state_dict=True),
+                )
             else:
                 model.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -224,13 +211,19 @@ class CausalLM(L.LightningModule):
                 f"{self.hparams.arch!r}: {first}"
             ) from None
 
+    def _built(self) -> GPT:
+        """The model ``configure_model`` built."""
+        if self.model is None:
+            raise RuntimeError("CausalLM: the model is not built yet (configure_model builds it)")
+        return self.model
+
     def _attached_trainer(self) -> L.Trainer | None:
         try:
             return self.trainer
         except RuntimeError:  # not attached: built outside a Trainer
             return None
 
-    def connect(self, datamodule: Any) -> None:
+    def connect(self, datamodule: object) -> None:
         """Take what the model needs from a data module implementing ``DataContract`` (a
         one-line error names what is missing), and refuse data the model cannot take: a larger
         vocabulary or longer rows than its context. The one place these are checked; the CLI
@@ -266,18 +259,18 @@ class CausalLM(L.LightningModule):
                 )
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
         if dm is not None:  # plain dataloaders work too, without per-domain metrics
             self.connect(dm)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         opt = torch.optim.AdamW(
-            param_groups(self.model, hp.weight_decay, hp.decay_1d_params),
+            param_groups(self._built(), hp.weight_decay, hp.decay_1d_params),
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,
-            fused=fused_adamw_supported(self.model),  # one kernel for all params
+            fused=fused_adamw_supported(self._built()),  # one kernel for all params
         )
         max_steps = require_max_steps(self.trainer, "the LR schedule is in optimizer steps")
         if hp.lr_schedule in ANNEALS and self.anneal_from is None and not self.trainer.ckpt_path:
@@ -287,7 +280,7 @@ class CausalLM(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+        return self._built()(input_ids)
 
     def _doc_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if "doc_ids" in batch:
@@ -299,17 +292,18 @@ class CausalLM(L.LightningModule):
         return torch.cumsum(ends, dim=1) - ends  # an EOS still belongs to the document it ends
 
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self._built()
         if getattr(self, "_chunked_loss", False):
-            features = self.model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
+            features = model.features(batch["input_ids"], doc_ids=self._doc_ids(batch))
             losses = chunked_cross_entropy(
                 features,
-                self.model.lm_head.weight,
+                model.lm_head.weight,
                 batch["targets"],
                 batch["loss_mask"],
                 self.hparams.loss_chunk_size,
             )
             return losses, batch["loss_mask"].to(losses.dtype)
-        logits = self.model(batch["input_ids"], doc_ids=self._doc_ids(batch))
+        logits = model(batch["input_ids"], doc_ids=self._doc_ids(batch))
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none"
         ).view_as(batch["targets"])
@@ -325,7 +319,7 @@ class CausalLM(L.LightningModule):
         b, t = batch["input_ids"].shape
         if self._flops_shape != (b, t):  # the model's FLOPs per token, cached
             self._flops_shape = (b, t)
-            self._flops_per_batch = self.model.flops_per_token(t) * b * t
+            self._flops_per_batch = self._built().flops_per_token(t) * b * t
         losses, mask = self._token_losses(batch)
         loss = losses.sum() / mask.sum().clamp_min(1)
         self._accumulate(batch, losses.detach(), mask)
@@ -351,7 +345,8 @@ class CausalLM(L.LightningModule):
         """Whether optimizer step ``step`` logs training metrics (``midtrain.train.metrics``)."""
         trainer = self.trainer
         starts = self.data.phase_starts() if self.data is not None else [0]
-        return is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps or 0, starts)
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        return is_logging_step(step, every, trainer.max_steps or 0, starts)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.is_logging_step(self.global_step):
@@ -386,6 +381,7 @@ class CausalLM(L.LightningModule):
         first, ``on_save_checkpoint``)."""
         if self._early is not None and self._early[0] == step:
             return self._early[1]
+        assert self._step_sums is not None  # this step's training_step set them
         sums = DomainSums.from_stacked(
             self.trainer.strategy.reduce(self._step_sums.stacked(), reduce_op="sum").cpu()
         )
@@ -434,7 +430,7 @@ class CausalLM(L.LightningModule):
     ) -> None:
         losses, mask = self._token_losses(batch)
         name = list(self.val_metrics)[dataloader_idx]
-        metrics = self.val_metrics[name]
+        metrics = _sums(self.val_metrics[name])
         metrics["loss"].update(losses.sum().double())
         metrics["tokens"].update(mask.sum().double())
         if name in self.val_bytes_per_token:
@@ -448,7 +444,8 @@ class CausalLM(L.LightningModule):
         added up (reduced over ranks), and reset the sums. A NaN loss stays NaN (never a
         number: torchmetrics would make it 0)."""
         results: dict[str, float] = {}
-        for name, metrics in self.val_metrics.items():
+        for name, module in self.val_metrics.items():
+            metrics = _sums(module)
             tokens = metrics["tokens"].compute()
             if tokens > 0:
                 loss = (metrics["loss"].compute() / tokens).item()
@@ -521,7 +518,7 @@ class CausalLM(L.LightningModule):
         top_p: float | None = None,
         seed: int | None = None,
         stop: list[str] | None = None,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | str | Path | None = None,
         stop_at_eos: bool = True,
     ) -> str | list[str]:
         """Completions of ``prompts`` (one string or a batch), greedy by default, with a KV
@@ -537,9 +534,9 @@ class CausalLM(L.LightningModule):
             if store is not None:
                 tokenizer = str(store.tokenizer_path)
             elif (self.hparams.init_from or "").startswith("hf:"):
-                from midtrain.model import hf
+                from midtrain.data.hub import tokenizer_file
 
-                tokenizer = str(hf.tokenizer_file(self.hparams.init_from))
+                tokenizer = str(tokenizer_file(self.hparams.init_from))
             else:
                 raise MidtrainError(
                     "generate: give tokenizer= (no data module or HF model to take it from)"
@@ -564,7 +561,7 @@ class CausalLM(L.LightningModule):
             self.configure_model()
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         out = generate_text(
-            self.model,
+            self._built(),
             tokenizer,
             batch,
             sampling,
@@ -587,7 +584,8 @@ class CausalLM(L.LightningModule):
             checkpoint["midtrain"]["anneal"] = dict(self.anneal_from)
         trainer = self._attached_trainer()
         if trainer is not None:  # what a resume must agree with (midtrain.checkpoint.resume)
-            checkpoint["midtrain"]["run"] = run_record(self, trainer.datamodule, trainer)
+            dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
+            checkpoint["midtrain"]["run"] = run_record(self, dm, trainer)
 
     def _metrics_after_step(self) -> dict[str, float]:
         """The train/* values ``callback_metrics`` holds once the step just taken is done.
@@ -613,10 +611,12 @@ class CausalLM(L.LightningModule):
             from midtrain.checkpoint.files import averaged_state
 
             # Lightning loads checkpoint["state_dict"] right after this hook
-            checkpoint["state_dict"] = averaged_state(checkpoint, trainer.ckpt_path)["state_dict"]
+            checkpoint["state_dict"] = averaged_state(
+                checkpoint, trainer.ckpt_path or "--ckpt_path"
+            )["state_dict"]
         if trainer is None or trainer.state.fn != "fit" or "run" not in saved:
             return
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
         fork = isinstance(dm, StepDataModule) and dm.fork_step is not None
         where = f"{'--fork' if fork else '--ckpt_path'} {trainer.ckpt_path}"
         refuse_differences(saved["run"], run_record(self, dm, trainer), fork, where)
@@ -679,3 +679,46 @@ class CausalLM(L.LightningModule):
     def _lr_at(self, step: int) -> float:
         """This run's learning rate at optimizer ``step`` (its own schedule)."""
         return lr_at(step, lr=self.hparams.lr, **self._schedule(self.trainer.max_steps))
+
+
+def _sums(metrics: torch.nn.Module) -> Mapping[str, SumMetric]:
+    """A validation set's ``loss``/``tokens``/``bytes`` sums (a ModuleDict, which types its
+    items as plain modules)."""
+    return cast("Mapping[str, SumMetric]", metrics)
+
+
+def _model_config(
+    arch: str, model_config: dict[str, Any] | None, vocab_size: int | None, init_from: str | None
+) -> ModelConfig:
+    """The model's shape: a preset with overrides, or an HF model's own config."""
+    if init_from is not None and init_from.startswith("hf:"):
+        from midtrain.model import hf
+
+        # the shape comes from the HF config; the weights load in configure_model
+        return hf.config_for_init(init_from, model_config)
+    overrides = dict(model_config or {})
+    if vocab_size is not None:  # linked from the data; an explicit model_config wins
+        overrides.setdefault("vocab_size", vocab_size)
+    try:
+        return ModelConfig.from_name(arch, **overrides)
+    except ValueError as e:
+        raise MidtrainError(f"model: {e}") from None
+
+
+def _check_training_arguments(
+    lr: float, lr_schedule: str, rewarm: bool, loss_chunk_size: int, init_from: str | None
+) -> None:
+    """Refuse, in one line naming the key, what CausalLM cannot train with."""
+    if lr <= 0:
+        raise MidtrainError(f"model.lr: must be positive, got {lr}")
+    check_schedule(lr_schedule)
+    if rewarm and lr_schedule not in ANNEALS:
+        raise MidtrainError(
+            f"model.rewarm: re-warms an anneal from its fork step; with lr_schedule "
+            f"{lr_schedule!r} warmup already runs from step 0: set model.lr_schedule: "
+            "anneal (or anneal_wsd), or drop model.rewarm"
+        )
+    if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
+        raise MidtrainError(f"model.loss_chunk_size: must be an int >= 0, got {loss_chunk_size!r}")
+    if init_from is not None and not init_from.startswith("hf:") and not Path(init_from).exists():
+        raise MidtrainError(f"model.init_from: checkpoint not found: {init_from}")

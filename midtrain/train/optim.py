@@ -129,12 +129,12 @@ def lr_at(
     return SCHEDULES[schedule](step, lr, min_lr, warmup, max_steps, decay_fraction)
 
 
-def _factor(step: int, base_lr: float, **kwargs: float) -> float:
-    return lr_at(step, lr=base_lr, **kwargs) / base_lr  # type: ignore[arg-type]
+def _factor(step: int, base_lr: float, **kwargs: Any) -> float:
+    return lr_at(step, lr=base_lr, **kwargs) / base_lr
 
 
 def lr_scheduler(
-    optimizer: torch.optim.Optimizer, **kwargs: float | int | str
+    optimizer: torch.optim.Optimizer, **kwargs: Any
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over ``lr_at``. Its state is just the step, so resume continues the curve;
     a partial (not a closure) keeps LambdaLR from pickling stale settings into a fork."""
@@ -153,7 +153,8 @@ def reschedule(scheduler: object, base_lr: float, **kwargs: Any) -> None:
 
 def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:
     """Weight decay on matrices (embeddings and linear weights) only, unless ``decay_1d``."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 or decay_1d else no_decay).append(p)

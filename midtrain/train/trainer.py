@@ -9,6 +9,8 @@ them ``int | float`` keeps integers integers; ``0.5`` and ``1.0`` stay fractions
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +18,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 
 from midtrain.train.host import keep_freed_memory
 from midtrain.train.summary_table import ModelSummary
@@ -130,14 +133,45 @@ class Trainer(pl.Trainer):
             # on the CPU, each step reuses the previous step's freed blocks (midtrain.train.host)
             keep_freed_memory()
 
-    def validate(self, *args: Any, verbose: bool = True, **kwargs: Any) -> list[dict[str, float]]:
-        results = super().validate(*args, verbose=False, **kwargs)
+    # Lightning's own parameters up to ``verbose`` (so it is never given twice), the rest as given.
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: EVAL_DATALOADERS | pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        *args: Any,
+        **kwargs: Any,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``validate``, its results printed as one table.
+
+        Args:
+            ckpt_path: ``"best"``, ``"last"`` or the path of a checkpoint to validate; ``None``:
+                the model's current weights (or the best checkpoint of a previous ``fit``).
+            verbose: print the results table (on rank 0).
+        """
+        results = super().validate(model, dataloaders, ckpt_path, False, *args, **kwargs)
         if verbose and self.is_global_zero:
             print(results_table(results))
         return results
 
-    def test(self, *args: Any, verbose: bool = True, **kwargs: Any) -> list[dict[str, float]]:
-        results = super().test(*args, verbose=False, **kwargs)
+    def test(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: EVAL_DATALOADERS | pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        *args: Any,
+        **kwargs: Any,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``test``, its results printed as one table.
+
+        Args:
+            ckpt_path: ``"best"``, ``"last"`` or the path of a checkpoint to test; ``None``:
+                the model's current weights (or the best checkpoint of a previous ``fit``).
+            verbose: print the results table (on rank 0).
+        """
+        results = super().test(model, dataloaders, ckpt_path, False, *args, **kwargs)
         if verbose and self.is_global_zero:
             print(results_table(results))
         return results
@@ -169,7 +203,7 @@ def _clamp_log_interval(kwargs: dict[str, Any]) -> None:
         kwargs["log_every_n_steps"] = max_steps
 
 
-def results_table(results: list[dict[str, float]]) -> str:
+def results_table(results: Sequence[Mapping[str, float]]) -> str:
     """``<stage>/<set>/<metric>`` results as one table: a row per metric, a column per set.
     Lightning repeats every epoch-level metric in each dataloader's dict; they are merged."""
     merged: dict[str, float] = {}

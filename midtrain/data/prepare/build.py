@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _run_shard(run: _Run, builder: Builder, index: int, count: int) -> None:
                 index,
                 count,
                 run.config.batch_size,
-                lambda out, p=p, bar=bar: builder.shard(p, out, index, count, bar),
+                partial(builder.shard, p, index=index, count=count, progress=bar),
             )
         finally:
             bar.finish(done)

@@ -73,7 +73,8 @@ def get_tokenizer(
     if found is not None:
         return found, spec_hash
     tk = config.tokenizer
-    if tk.train is None:
+    train = tk.train
+    if train is None:
         return load_tokenizer(tk.path, tk.hub), spec_hash
     if sharded:  # N nodes must not train N (possibly different) tokenizers
         raise MidtrainError(
@@ -86,12 +87,12 @@ def get_tokenizer(
         for p in plans:
             in_val = validation_split(p.config.val_fraction, config.seed)
             train_docs = ((i, segs) for i, segs in documents(p) if not in_val(i))
-            for _, segments in islice(train_docs, tk.train.sample_docs):
+            for _, segments in islice(train_docs, train.sample_docs):
                 yield "".join(t for t, _ in segments)
 
-    print(f"training a byte-level BPE tokenizer (vocab {tk.train.vocab_size}) on a sample...")
+    print(f"training a byte-level BPE tokenizer (vocab {train.vocab_size}) on a sample...")
     eos = tk.eos or DEFAULT_EOS
-    return train_bpe(sample(), tk.train.vocab_size, eos, tk.train.min_frequency), spec_hash
+    return train_bpe(sample(), train.vocab_size, eos, train.min_frequency), spec_hash
 
 
 def _without_none(values: dict[str, Any], *keys: str) -> dict[str, Any]:

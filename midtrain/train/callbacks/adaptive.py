@@ -238,10 +238,11 @@ class AdaptiveMixture(Callback):
                 f"{WHERE}: the data module {type(datamodule).__name__} has no runtime mixture "
                 "(change_weights); use it with midtrain.MixtureDataModule"
             )
-        if sum(isinstance(c, AdaptiveMixture) for c in trainer.callbacks) > 1:
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        if sum(isinstance(c, AdaptiveMixture) for c in callbacks) > 1:
             raise MidtrainError(f"{WHERE}: give at most one AdaptiveMixture callback")
         max_steps = require_max_steps(trainer, "AdaptiveMixture steps are optimizer steps")
-        log_every = trainer.log_every_n_steps
+        log_every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
         if log_every < 1 or self.every_n_steps % log_every:
             raise MidtrainError(
                 f"{WHERE}.every_n_steps: {self.every_n_steps} is not a multiple of "
@@ -299,11 +300,11 @@ class AdaptiveMixture(Callback):
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.check(trainer, trainer.datamodule)
+            self.check(trainer, trainer.datamodule)  # type: ignore[attr-defined]  # set by Lightning, undeclared
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a checkpoint is restored and every switch registered: the schedule is whole
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
         self._restore(datamodule)
         if self.domains:
             return
@@ -360,7 +361,8 @@ class AdaptiveMixture(Callback):
 
     def decide(self, trainer: pl.Trainer, step: int) -> int:
         """One decision before optimizer step ``step``; returns the step it applies from."""
-        datamodule, metrics = trainer.datamodule, trainer.callback_metrics
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        metrics = trainer.callback_metrics
         losses = self.measured(metrics)
         scores = self.scores(losses)
         last = self.history[-1]["effective"] if self.history else step

@@ -121,7 +121,8 @@ class DivergenceGuard(Callback):
             return
         if self._step is not None:
             self._step += 1
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        if trainer.global_step % max(every, 1) == 0:
             self.check(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

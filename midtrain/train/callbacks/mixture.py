@@ -4,8 +4,6 @@ register with it and read it."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -63,9 +61,10 @@ class MixtureSwitch(Callback):
     def resolve_step(self, max_steps: int) -> int:
         if self.step is not None:
             return int(self.step)
-        return int(round(self.fraction * max_steps))  # type: ignore[operator]
+        assert self.fraction is not None  # __init__: exactly one of step, fraction
+        return int(round(self.fraction * max_steps))
 
-    def register(self, datamodule: Any, max_steps: int) -> None:
+    def register(self, datamodule: object, max_steps: int) -> None:
         """Register this switch with the data module that owns the schedule (idempotent)."""
         if not hasattr(datamodule, "add_switch"):
             raise MidtrainError(
@@ -84,7 +83,7 @@ class MixtureSwitch(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             max_steps = require_max_steps(trainer, "MixtureSwitch steps are optimizer steps")
-            self.register(trainer.datamodule, max_steps)
+            self.register(trainer.datamodule, max_steps)  # type: ignore[attr-defined]  # set by Lightning, undeclared
 
     def on_train_batch_end(
         self,
@@ -122,12 +121,14 @@ class MixtureLogging(Callback):
         batch: object,
         batch_idx: int,
     ) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.datamodule is None:
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or dm is None:
             return
-        data = require_contract(trainer.datamodule)
+        data = require_contract(dm)
         step = trainer.global_step - 1  # the optimizer step just taken
         starts = data.phase_starts()
-        if not is_logging_step(step, trainer.log_every_n_steps, trainer.max_steps, starts):
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        if not is_logging_step(step, every, trainer.max_steps, starts):
             return
         used = {d for s in starts for d, w in data.weights_at(s).items() if w > 0}
         weights = {f"mixture/weight/{d}": w for d, w in data.weights_at(step).items() if d in used}

@@ -23,6 +23,8 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job stopped
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; the process exits with its code."""
 
+    code: int
+
 
 def _signal_number(name: str) -> signal.Signals:
     sig = getattr(

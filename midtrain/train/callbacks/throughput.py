@@ -111,7 +111,8 @@ class Throughput(Callback):
 def _logs(trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
     """The model's logging steps when it defines them (``CausalLM.is_logging_step``), else
     every ``log_every_n_steps``-th step."""
-    if hasattr(pl_module, "is_logging_step"):
-        return pl_module.is_logging_step(step)
-    n = trainer.log_every_n_steps
+    is_logging_step = getattr(pl_module, "is_logging_step", None)
+    if is_logging_step is not None:
+        return bool(is_logging_step(step))
+    n = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
     return n > 0 and (step + 1) % n == 0
