@@ -350,8 +350,14 @@ def test_ablation_study_end_to_end(
     assert (ramped["start_step"], ramped["weight"], ramped["ramp_steps"]) == (3, 0.5, 3)
     assert check_figures_equal_summary(out, summary) == ["mid-qa-timing", "ramped-qa-ramp"]
     assert "![figure-mid-qa-timing](figure-mid-qa-timing.png)" in (out / "results.md").read_text()
-    log = (out / "pretrain" / "ramped-s3-w0.5-r3" / "stage.log").read_text()
-    assert "--trainer.callbacks.ramp_steps=3" in log and "a linear ramp of 3 steps" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = out / "pretrain" / "ramped-s3-w0.5-r3"
+    assert "--trainer.callbacks.ramp_steps=3" in (run / "stage.log").read_text()
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    code = {e.step: e.value for e in events.Scalars("mixture/weight/code")}
+    assert [code[k] for k in (3, 4, 5, 6)] == pytest.approx([0.5 / 3, 1 / 3, 0.5, 0.5], abs=1e-6)
     capsys.readouterr()
     assert main(["experiment", "--config", str(tmp_path / "study.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
