@@ -12,13 +12,15 @@ Stages, each a ``midtrain fit`` run in its own directory with its saved, reprodu
    seeds of in-domain loss and forgetting (general-corpus validation loss after SFT); relative
    improvement vs baseline and a Welch t-test p-value; the proximity advantage of the branch's
    mixture over the pretraining mixture for the target; any ``eval/*`` downstream scores.
-   Written as results.csv, summary.csv, results.md and TensorBoard HParams.
+   Written as results.csv, summary.csv, results.md and TensorBoard HParams; for every grid
+   of more than one point, figures (``figures``: in-domain loss and forgetting against start
+   step, one line per weight; against ramp length when it varies) as PNG and CSV.
 
 Modules: ``config`` (the YAML, the resolved pretraining config, branches), ``plan`` (stages and
 token plan), ``run`` (subprocess stages, fingerprints), ``stats`` (Welch, Spearman, Kendall),
-``report``; ``similarity`` (the proximity measure), ``advisor`` (``midtrain advise``: ranks
-candidate mixtures per SFT target before training) and ``calibration`` (``advise --check``:
-the advisor against a finished study).
+``report``, ``figures`` (the ablation's PNG + CSV); ``similarity`` (the proximity measure),
+``advisor`` (``midtrain advise``: ranks candidate mixtures per SFT target before training) and
+``calibration`` (``advise --check``: the advisor against a finished study).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from midtrain.study.advisor import Advice, Candidate, Prediction, advise
 from midtrain.study.calibration import Calibration, CalibrationRow, calibrate
 from midtrain.study.config import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
+from midtrain.study.figures import write_figures
 from midtrain.study.plan import Stage, Study, describe_plan, plan_study
 from midtrain.study.report import (
     collect,
@@ -81,10 +84,15 @@ def run_experiment(
         study = plan_study(cfg)
     rows = collect(study.stages, cfg.general)
     advantage = proximity(study, sft_target_counts(study))
-    table = write_report(cfg.output, cfg.general, rows, summarize(rows, advantage))
+    summary = summarize(rows, advantage, study.branches)
+    figures, hint = write_figures(cfg.output, summary)
+    table = write_report(cfg.output, cfg.general, rows, summary, figures)
     print("\n" + table)
     print(
-        f"\nwritten {Path(cfg.output) / 'results.csv'}, summary.csv, results.md; "
-        f"HParams table: tensorboard --logdir {hparams_dir(cfg.output)}"
+        f"\nwritten {Path(cfg.output) / 'results.csv'}, summary.csv, results.md"
+        + "".join(f", {f}" for f in figures)
+        + f"; HParams table: tensorboard --logdir {hparams_dir(cfg.output)}"
     )
+    if hint:
+        print(hint)
     return table

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from midtrain.configs import resolve_config
+from midtrain.data.mixture import check_ramp
 from midtrain.errors import MidtrainError
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ class ExperimentConfig:
     general: str
     pretrain: PretrainConfig
     sft: SFTConfig
-    # name -> {grid: {domain, start: [steps], weight: [weights]}} or {switch: {step, weights}}
+    # name -> {grid: {domain, start: [steps], weight: [weights], ramp_steps: [steps], ramp}}
+    # or {switch: {step, weights}}
     branches: dict[str, dict[str, Any]] = field(default_factory=dict)
     prepare: list[str] = field(default_factory=list)
     similarity_docs: int = 200
@@ -79,6 +81,8 @@ def check(cfg: ExperimentConfig) -> None:
             raise MidtrainError(f"sft.targets.{target}: give `target`, the SFT domain")
     if not cfg.sft.lrs or not cfg.sft.seeds:
         raise MidtrainError("sft.lrs and sft.seeds need at least one value each")
+    # the branches' shape now, before the fit config is resolved (steps vs max_steps: later)
+    expand_branches(cfg, {cfg.general: 1.0})
 
 
 def fit_args(files: list[str], args: list[str], where: str) -> list[str]:
@@ -157,10 +161,90 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Branch name -> {step, weights, domain} (the baseline has no switch). A grid point mixes
-    its domain in at weight w and scales the pretraining mixture ``base`` by (1 - w)."""
+GRID_KEYS = {"domain", "start", "weight"}  # required; `ramp_steps` and `ramp` are optional
+
+
+def _values(g: dict[str, Any], key: str, where: str, what: str) -> list[Any]:
+    """A grid axis: a non-empty list without repeats (a repeat would name two runs alike)."""
+    values = g.get(key)
+    if not isinstance(values, list) or not values:
+        raise MidtrainError(f"{where}.{key}: give a non-empty list of {what}")
+    if len(set(values)) != len(values):
+        raise MidtrainError(f"{where}.{key}: {values} repeats a value")
+    return values
+
+
+def _step(value: Any, key: str, max_steps: int | None) -> int:
+    """A switch step of the pretraining run: 0 < step < trainer.max_steps."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MidtrainError(f"{key}: {value!r} is not an optimizer step > 0")
+    if max_steps is not None and value >= max_steps:
+        raise MidtrainError(
+            f"{key}: step {value} is not before the pretraining run's end "
+            f"(trainer.max_steps={max_steps}); give a step below it"
+        )
+    return value
+
+
+def check_grid(g: Any, where: str, max_steps: int | None) -> tuple[list, list, list, str]:
+    """One-line errors for a grid; its start steps, weights, ramp lengths and ramp shape."""
+    if (
+        not isinstance(g, dict)
+        or not set(g) >= GRID_KEYS
+        or set(g) - GRID_KEYS - {"ramp_steps", "ramp"}
+    ):
+        raise MidtrainError(
+            f"{where}: give `domain`, `start` (steps), `weight` and optionally `ramp_steps`, `ramp`"
+        )
+    starts = [_step(s, f"{where}.start", max_steps) for s in _values(g, "start", where, "steps")]
+    weights = []
+    for w in _values(g, "weight", where, "weights in (0, 1]"):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < float(w) <= 1:
+            raise MidtrainError(f"{where}.weight: {w} is not in (0, 1]")
+        weights.append(float(w))
+    ramps = _values(g, "ramp_steps", where, "ramp lengths (steps)") if "ramp_steps" in g else [0]
+    ramp = g.get("ramp", "linear")
+    for r in ramps:
+        check_ramp(r, ramp, where)
+        if max_steps is not None and max(starts) + r > max_steps:
+            raise MidtrainError(
+                f"{where}.ramp_steps: a ramp of {r} steps from start step {max(starts)} runs past "
+                f"trainer.max_steps={max_steps}; shorten it to at most {max_steps - max(starts)}"
+            )
+    return starts, weights, ramps, ramp
+
+
+def grid_name(name: str, start: int, weight: float, ramp_steps: int) -> str:
+    """A grid point's branch name: ``<grid>-s<start>-w<weight>``, ``-r<ramp steps>`` when it
+    ramps (a jump keeps the name it had before ramps existed, so old studies resume)."""
+    return f"{name}-s{start}-w{_fmt(weight)}" + (f"-r{ramp_steps}" if ramp_steps else "")
+
+
+def expand_grid(
+    name: str, g: Any, base: dict[str, float], max_steps: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """The grid's points, start step x weight x ramp length in that order, each a branch: its
+    domain at weight w, the pretraining mixture ``base`` scaled by (1 - w)."""
+    where = f"branches.{name}.grid"
+    starts, weights, ramps, ramp = check_grid(g, where, max_steps)
     total = sum(base.values())
+    out = {}
+    for start, w, r in itertools.product(starts, weights, ramps):
+        mix = {d: round(v / total * (1 - w), 10) for d, v in base.items() if w < 1}
+        mix[g["domain"]] = round(mix.get(g["domain"], 0.0) + w, 10)
+        point = {"step": start, "weights": mix, "domain": g["domain"], "grid": name, "weight": w}
+        if r:
+            point.update(ramp_steps=r, ramp=ramp)
+        out[grid_name(name, start, w, r)] = point
+    return out
+
+
+def expand_branches(
+    cfg: ExperimentConfig, base: dict[str, float], max_steps: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Branch name -> {step, weights, domain} (the baseline has no switch); a grid point also
+    has ``grid``, ``weight`` and, when it ramps, ``ramp_steps`` and ``ramp``. Steps are checked
+    against ``max_steps`` (the pretraining run's) when given."""
     out: dict[str, dict[str, Any]] = {"baseline": {"step": None, "weights": None}}
     for name, b in cfg.branches.items():
         where = f"branches.{name}"
@@ -174,27 +258,15 @@ def expand_branches(cfg: ExperimentConfig, base: dict[str, float]) -> dict[str, 
                 raise MidtrainError(f"{where}.switch: give `step` and `weights`")
             weights = {str(k): float(v) for k, v in sw["weights"].items()}
             out[name] = {
-                "step": int(sw["step"]),
+                "step": _step(sw["step"], f"{where}.switch.step", max_steps),
                 "weights": weights,
                 "domain": max(weights, key=weights.__getitem__),
             }
             continue
-        g = b["grid"]
-        if not isinstance(g, dict) or set(g) != {"domain", "start", "weight"}:
-            raise MidtrainError(f"{where}.grid: give `domain`, `start` (steps), `weight`")
-        if not g["start"] or not g["weight"]:
-            raise MidtrainError(f"{where}.grid: `start` and `weight` need values")
-        for start, w in itertools.product(g["start"], g["weight"]):
-            if not 0 < float(w) <= 1:
-                raise MidtrainError(f"{where}.grid.weight: {w} is not in (0, 1]")
-            w = float(w)
-            weights = {d: round(v / total * (1 - w), 10) for d, v in base.items() if w < 1}
-            weights[g["domain"]] = round(weights.get(g["domain"], 0.0) + w, 10)
-            out[f"{name}-s{start}-w{_fmt(w)}"] = {
-                "step": int(start),
-                "weights": weights,
-                "domain": g["domain"],
-            }
+        for point, spec in expand_grid(name, b["grid"], base, max_steps).items():
+            if point in out:
+                raise MidtrainError(f"{where}: its point {point} is also another branch's name")
+            out[point] = spec
     return out
 
 

@@ -66,7 +66,8 @@ class Study:
         for name, b in self.branches.items():
             phases = [Phase(0, self.base_weights)]
             if b["step"] is not None:
-                phases.append(Phase(b["step"], b["weights"]))
+                ramp = (b.get("ramp_steps", 0), b.get("ramp", "linear"))
+                phases.append(Phase(b["step"], b["weights"], *ramp))
             domains = (
                 self.data.domains
                 if self.data is not None
@@ -108,7 +109,7 @@ def plan_study(cfg: ExperimentConfig) -> Study:
     settings = FitSettings.of(resolved_fit_config(pre_args))
     data = pretraining_data(settings)
     base = pretraining_weights(settings)
-    branches = expand_branches(cfg, base)
+    branches = expand_branches(cfg, base, settings.max_steps)
 
     stages = [
         Stage(f"prepare {p}", "prepare", ["--config", c], root / "prepare")
@@ -149,6 +150,11 @@ def _pretrain_stages(
             f"--trainer.callbacks.step={b['step']}",
             f"--trainer.callbacks.weights={json.dumps(b['weights'])}",
         ]
+        if b.get("ramp_steps"):  # only then: a jump's argv (and fingerprint) stays as it was
+            switch += [
+                f"--trainer.callbacks.ramp_steps={b['ramp_steps']}",
+                f"--trainer.callbacks.ramp={b['ramp']}",
+            ]
         stages.append(
             Stage(
                 f"branch {name}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,51 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+# summary.csv's columns, in this order, always (blank where a value does not apply), then
+# `<eval tag>_mean`, `<eval tag>_std` per downstream evaluation; documented in docs/study.md
+SUMMARY_COLUMNS = [
+    "target",
+    "branch",
+    "grid",
+    "start_step",
+    "weight",
+    "ramp_steps",
+    "ramp",
+    "best_lr",
+    "seeds",
+    "in_domain_mean",
+    "in_domain_std",
+    "forgetting_mean",
+    "forgetting_std",
+    "in_domain_rel_improvement",
+    "forgetting_rel_improvement",
+    "in_domain_p",
+    "forgetting_p",
+    "proximity_advantage",
+]
+
+
+def branch_columns(branch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Where a branch sits in its grid: grid name, start step, weight of its domain, ramp
+    length and shape (a one-switch branch: its step and its domain's weight; baseline: blank)."""
+    if not branch or branch.get("step") is None:
+        return {}
+    return {
+        "grid": branch.get("grid", ""),
+        "start_step": branch["step"],
+        "weight": branch.get("weight", branch["weights"][branch["domain"]]),
+        "ramp_steps": branch.get("ramp_steps", 0),
+        "ramp": branch.get("ramp", "") if branch.get("ramp_steps") else "",
+    }
+
+
 def summarize(
-    rows: list[dict[str, Any]], advantage: Mapping[tuple[str, str], float] | None = None
+    rows: list[dict[str, Any]],
+    advantage: Mapping[tuple[str, str], float] | None = None,
+    branches: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per branch and target, at the LR with the best mean in-domain loss."""
+    """Per branch and target, at the LR with the best mean in-domain loss; with ``branches``
+    (``expand_branches``), each row also says where its branch sits in its grid."""
     out = []
     keys = sorted(
         {(r["branch"], r["target"]) for r in rows}, key=lambda k: (k[1], k[0] != "baseline", k[0])
@@ -112,6 +153,7 @@ def summarize(
         row: dict[str, Any] = {
             "target": target,
             "branch": branch,
+            **branch_columns((branches or {}).get(branch)),
             "best_lr": runs[0]["lr"],
             "seeds": len(runs),
         }
@@ -179,15 +221,22 @@ def sft_target_counts(study: Study) -> dict[str, np.ndarray]:
 
 
 def write_report(
-    output: str | Path, general: str, rows: list[dict[str, Any]], summary: list[dict[str, Any]]
+    output: str | Path,
+    general: str,
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    figures: Sequence[str] = (),
 ) -> str:
+    """results.csv, summary.csv, results.md (linking ``figures``, PNG names in ``output``) and
+    the HParams sessions; returns the markdown table."""
     root = Path(output)
     with (root / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     with (root / "summary.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in summary for k in r)))
+        columns = SUMMARY_COLUMNS + [k for r in summary for k in r if k not in SUMMARY_COLUMNS]
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(columns)), restval="")
         w.writeheader()
         w.writerows(summary)
 
@@ -231,7 +280,8 @@ def write_report(
             f"{opt(r, 'proximity_advantage', '+.4f')} |" + evals
         )
     table = "\n".join(lines)
-    (root / "results.md").write_text(table + "\n")
+    links = [f"![{Path(f).stem}]({f})" for f in figures]
+    (root / "results.md").write_text(table + "\n" + "".join(f"\n{x}\n" for x in links))
     write_hparams(root, rows)
     return table
 
