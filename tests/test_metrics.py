@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from midtrain import CausalLM
+from midtrain import CausalLM, MixtureDataModule
 from midtrain.cli import main
 from midtrain.errors import MidtrainError
 from midtrain.train.optim import SCHEDULES, lr_at
@@ -208,18 +208,18 @@ def test_no_host_syncs_in_non_logging_steps(tmp_path: Path, builtin_store: Path)
     assert [s for s, _ in scalars(tmp_path / "sync")["train/loss"]] == sorted(logging)
 
 
-@pytest.mark.parametrize("num_workers,expected", [(0, 3), (2, 4)])
-def test_change_weights_step_comes_from_the_loaders_own_count(
-    builtin_store: Path, tmp_path: Path, num_workers: int, expected: int
-) -> None:
-    """Called after optimizer step 1 (accumulation 2): the loader has handed out micro-batches
-    0-3 and, with 2 workers x prefetch 2, asked for 4-7 in advance, so the first micro-batch it
-    cannot have produced is 4 (no workers: step 2, but step 2 has begun, so 3) or 8 (step 4)."""
-    from midtrain import MixtureDataModule
-    from tests.helpers import ChangeWeightsAt
-
+def _fit_prose(
+    store: Path,
+    tmp_path: Path,
+    num_workers: int,
+    accumulation: int,
+    max_steps: int,
+    callbacks: list[pl.Callback],
+) -> MixtureDataModule:
+    """A tiny fit on prose only (prefetch 2, micro-batches of 2) with the given callbacks; its
+    data module, whose schedule the callbacks may have changed."""
     dm = MixtureDataModule(
-        str(builtin_store),
+        str(store),
         weights={"prose": 1.0},
         seq_len=16,
         micro_batch_size=2,
@@ -227,7 +227,6 @@ def test_change_weights_step_comes_from_the_loaders_own_count(
         prefetch_factor=2,
         val_max_blocks=2,
     )
-    change = ChangeWeightsAt(step=2, weights={"math": 1.0})
     model = CausalLM(
         arch="tiny",
         model_config={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
@@ -235,17 +234,31 @@ def test_change_weights_step_comes_from_the_loaders_own_count(
     )
     trainer = Trainer(
         accelerator="cpu",
-        max_steps=6,
-        accumulate_grad_batches=2,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulation,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[change],
+        callbacks=callbacks,
         default_root_dir=str(tmp_path),
     )
     trainer.fit(model, dm)
+    return dm
+
+
+@pytest.mark.parametrize("num_workers,expected", [(0, 3), (2, 4)])
+def test_change_weights_step_comes_from_the_loaders_own_count(
+    builtin_store: Path, tmp_path: Path, num_workers: int, expected: int
+) -> None:
+    """Called after optimizer step 1 (accumulation 2): the loader has handed out micro-batches
+    0-3 and, with 2 workers x prefetch 2, asked for 4-7 in advance, so the first micro-batch it
+    cannot have produced is 4 (no workers: step 2, but step 2 has begun, so 3) or 8 (step 4)."""
+    from tests.helpers import ChangeWeightsAt
+
+    change = ChangeWeightsAt(step=2, weights={"math": 1.0})
+    dm = _fit_prose(builtin_store, tmp_path, num_workers, 2, 6, [change])
     assert change.effective == expected
     assert dm.weights_at(expected) == {"prose": 0.0, "code": 0.0, "math": 1.0}
 
@@ -257,38 +270,11 @@ def test_a_change_that_replaces_a_pending_change_reaches_the_workers(
     land on step 3, the second replacing the first. The workers have produced batches under the
     first change in between (the sleep), and must still feed step 3 from the second: the phase
     count did not move, only the table's version did."""
-    from midtrain import MixtureDataModule
     from tests.helpers import ChangeWeightsAtBatches, RecordDomains, SlowDown
 
-    dm = MixtureDataModule(
-        str(builtin_store),
-        weights={"prose": 1.0},
-        seq_len=16,
-        micro_batch_size=2,
-        num_workers=2,
-        prefetch_factor=2,
-        val_max_blocks=2,
-    )
     change = ChangeWeightsAtBatches({4: {"math": 1.0}, 5: {"code": 1.0}})
     record = RecordDomains()
-    model = CausalLM(
-        arch="tiny",
-        model_config={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
-        vocab_size=dm.vocab_size,
-    )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        accumulate_grad_batches=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[change, SlowDown(0.3), record],
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(model, dm)
+    dm = _fit_prose(builtin_store, tmp_path, 2, 4, 5, [change, SlowDown(0.3), record])
     assert change.effective == [3, 3]
     fed = {dm.domains[d] for step, ids in record.rows if step >= 3 for d in ids}
     assert fed == {"code"}
