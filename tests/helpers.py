@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+
+from midtrain.train.trainer import Trainer
 
 
 class RecordDomains(pl.Callback):
@@ -100,3 +103,22 @@ class NaNGradientAt(pl.Callback):
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float(
                 "nan"
             )
+
+
+def fit_or_fork(
+    trainer: Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    ckpt_path: str | None,
+    fork_step: int | None,
+    fork_optimizer: str = "keep",
+    fork_data: str = "keep",
+) -> None:
+    """``trainer.fit``, or with ``fork_step`` a fork from ``ckpt_path`` (a checkpoint of that
+    step): what ``midtrain fit --ckpt_path`` and ``midtrain fit --fork`` do."""
+    if fork_step is None:
+        trainer.fit(model, datamodule, ckpt_path=ckpt_path)
+        return
+    assert ckpt_path is not None
+    assert torch.load(ckpt_path, weights_only=False)["global_step"] == fork_step
+    trainer.fork(model, datamodule, ckpt_path, optimizer=fork_optimizer, data=fork_data)

@@ -22,7 +22,7 @@ from midtrain.errors import MidtrainError
 from midtrain.train.callbacks.adaptive import AdaptiveMixture, bounded, multiplicative_update
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.trainer import Trainer
-from tests.helpers import RecordDomains
+from tests.helpers import RecordDomains, fit_or_fork
 from tests.test_bad_input import assert_untouched, error_line, snapshot
 from tests.test_kill_resume import config as kill_config
 from tests.test_kill_resume import finish, midtrain
@@ -48,7 +48,6 @@ def fit(
     **trainer_kwargs,
 ) -> tuple[Trainer, MixtureDataModule]:
     dm = MixtureDataModule(str(store), weights=START, seq_len=16, micro_batch_size=4)
-    dm.fork_step = fork_step
     torch.manual_seed(0)
     model = CausalLM(arch="tiny", model_config=TINY, vocab_size=dm.vocab_size, lr=1e-3, warmup=0)
     trainer = Trainer(
@@ -72,7 +71,7 @@ def fit(
         ],  # fmt: skip
         **trainer_kwargs,
     )
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    fit_or_fork(trainer, model, dm, ckpt_path, fork_step)
     return trainer, dm
 
 

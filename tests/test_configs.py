@@ -13,6 +13,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 STACKS = [
     ("pretrain/demo.yaml", None, None),
+    # the README's main job: a fraction, so a shorter try switches at 70% of it too
+    ("pretrain/demo.yaml", "midtrain/demo.yaml", (None, {"prose": 0.4, "code": 0.3, "math": 0.3})),
     ("pretrain/cpu.yaml", None, None),
     ("pretrain/cpu.yaml", "midtrain/cpu-code.yaml", (40, {"prose": 0.8, "code": 0.2})),
     ("pretrain/cpu.yaml", "midtrain/cpu-math.yaml", (131, {"prose": 0.88, "math": 0.12})),

@@ -25,7 +25,7 @@ from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.mixture import MixtureSwitch
 from midtrain.train.optim import lr_at
 from midtrain.train.trainer import Trainer
-from tests.helpers import SaveBatches
+from tests.helpers import SaveBatches, fit_or_fork
 from tests.test_training import fit_config, scalars, weights
 
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}
@@ -72,11 +72,9 @@ def run(
         str(store), weights=weights or {"prose": 1.0, "code": 1.0}, seq_len=SEQ,
         micro_batch_size=MICRO, val_max_blocks=2,
     )  # fmt: skip
-    dm.fork_step, dm.fork_data = fork_step, fork_data
     torch.manual_seed(0)
     kwargs = {"lr": LR, "min_lr": MIN_LR, "warmup": 2, **model_kwargs}
     model = CausalLM(arch="tiny", model_config=TINY, vocab_size=dm.vocab_size, **kwargs)
-    model.fork_optimizer = fork_optimizer
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root),
         logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -87,7 +85,7 @@ def run(
             *callbacks,
         ],
     )  # fmt: skip
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    fit_or_fork(trainer, model, dm, ckpt_path, fork_step, fork_optimizer, fork_data)
     return model, dm
 
 

@@ -1,7 +1,7 @@
 """The package layout's import rule, checked on the source with ``ast``: each layer imports
 only from the layers below it (and itself), so the tree says who owns what.
 
-    errors, configs  <-  data  <-  model  <-  checkpoint  <-  train  <-  evaluation, study  <-  cli
+    errors  <-  run_state, configs  <-  data  <-  model  <-  checkpoint  <-  train  <-  evaluation, study  <-  cli
 
 The facades users import (``midtrain``, ``midtrain.callbacks``, ``midtrain.lm``) sit on top.
 Function-level imports count too: a deferred import is still a dependency."""
@@ -16,14 +16,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "midtrain"
 RANK = {
     "errors": 0,
+    "run_state": 1,
     "configs": 1,
-    "data": 1,
-    "model": 2,
-    "checkpoint": 3,
-    "train": 4,
-    "evaluation": 5,
-    "study": 5,
-    "cli": 6,
+    "data": 2,
+    "model": 3,
+    "checkpoint": 4,
+    "train": 5,
+    "evaluation": 6,
+    "study": 6,
+    "cli": 7,
 }
 FACADES = {"__init__", "__main__", "callbacks", "lm"}
 

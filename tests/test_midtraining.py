@@ -15,7 +15,7 @@ from midtrain.errors import MidtrainError
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.mixture import MixtureSwitch
 from midtrain.train.trainer import Trainer
-from tests.helpers import ChangeWeightsAt, RecordDomains
+from tests.helpers import ChangeWeightsAt, RecordDomains, fit_or_fork
 from tests.test_training import fit_config, scalars, weights
 
 DOMAINS = ["prose", "code", "math"]
@@ -44,7 +44,6 @@ def run(
         val_max_blocks=2,
         **dm_kwargs,
     )
-    dm.fork_step = fork_step
     torch.manual_seed(0)
     model = CausalLM(arch="tiny", model_config=TINY, vocab_size=dm.vocab_size, lr=1e-3, warmup=0)
     trainer = Trainer(
@@ -68,7 +67,7 @@ def run(
             *callbacks,
         ],
     )
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    fit_or_fork(trainer, model, dm, ckpt_path, fork_step)
     return trainer, dm
 
 

@@ -4,16 +4,16 @@ weights, and the tokenizer its run trained with."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from midtrain.data.hub import HF_PREFIX, tokenizer_file
+from midtrain.data.hub import HF_PREFIX, is_hf, tokenizer_file
 from midtrain.data.store import StoreIndex
 from midtrain.errors import MidtrainError
-from midtrain.model.config import ModelConfig
+from midtrain.model.config import ModelConfig, config_from_hparams
 from midtrain.model.gpt import GPT
 from midtrain.model.hf import load
 
@@ -25,17 +25,16 @@ if TYPE_CHECKING:
 
 def checkpoint_config(hparams: dict[str, Any], where: str) -> ModelConfig:
     """The ModelConfig a CausalLM with these hyperparameters builds."""
-    init_from = hparams.get("init_from") or ""
-    overrides = dict(hparams.get("model_config") or {})
-    full = {f.name for f in fields(ModelConfig)} <= set(overrides)
-    if init_from.startswith(HF_PREFIX) and full:
-        return ModelConfig(**overrides)  # resolved at construction (see CausalLM)
-    if hparams.get("vocab_size") is not None:
-        overrides.setdefault("vocab_size", hparams["vocab_size"])
-    try:
-        return ModelConfig.from_name(hparams.get("arch", "pythia-70m"), **overrides)
-    except ValueError as e:
-        raise MidtrainError(f"{where}: {e}") from None
+    return config_from_hparams(hparams, where)
+
+
+def weights_record(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What reading a checkpoint's weights needs (``model.shape``), from its hyperparameters:
+    for a checkpoint without a run record (a soup, a weights-only save)."""
+    hparams = metadata.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        return {}
+    return {"model.shape": checkpoint_config(hparams, "--ckpt_path").shape()}
 
 
 def load_checkpoint(
@@ -63,6 +62,20 @@ def load_checkpoint(
     return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
 
 
+def model_tokenizer(
+    store: str | Path | None, init_from: str | None
+) -> tuple[Path, str | None] | None:
+    """The tokenizer a model trains with, and its EOS token: its store's, else that of the HF
+    model it was initialised from; None when it has neither. The one lookup ``generate`` of a
+    live ``CausalLM`` and the tools reading a checkpoint share."""
+    if store and StoreIndex.exists(store) and (Path(store) / "tokenizer.json").is_file():
+        return Path(store) / "tokenizer.json", StoreIndex.read(store, any_format=True).eos
+    if is_hf(init_from):
+        assert init_from is not None
+        return tokenizer_file(init_from), None
+    return None
+
+
 def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
     """The tokenizer a checkpoint's run trained with, and its EOS token: the store named in
     the run's config.yaml (next to ``checkpoints/``), else the HF model it was imported from."""
@@ -72,14 +85,13 @@ def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
 
     run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
     config_path = run_dir / CONFIG
+    store = None
     if config_path.is_file():
         data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
         store = (data.get("init_args") or data).get("store")
-        if store and (Path(store) / "tokenizer.json").is_file():
-            return Path(store) / "tokenizer.json", StoreIndex.read(store, any_format=True).eos
-    init_from = (meta.get("hyper_parameters") or {}).get("init_from") or ""
-    if init_from.startswith(HF_PREFIX):
-        return tokenizer_file(init_from), None
+    found = model_tokenizer(store, (meta.get("hyper_parameters") or {}).get("init_from"))
+    if found is not None:
+        return found
     sources = (meta.get(AVERAGED_FROM) or {}).get("sources") or []
     if sources and Path(sources[0]).exists():  # a soup (midtrain average): its inputs' run
         from midtrain.checkpoint.files import read_metadata

@@ -1,9 +1,13 @@
 """``midtrain fit | validate | test | predict``: LightningCLI with midtrain's defaults, its
 resume planning and its checks before anything is written.
 
-The hooks only order the steps; what they decide lives in pure functions elsewhere
-(``midtrain.checkpoint.resume.plan_resume`` / ``refuse_differences``,
-``midtrain.checkpoint.layout.check_run_dir``, ``evaluation_defaults``, ``default_logger``)."""
+The hooks only order the steps; what they decide lives elsewhere: which checkpoint
+``--ckpt_path last`` means (``midtrain.checkpoint.resume.plan_resume``), what the command does
+with it and what it refuses (one ``RunPlan``, checked by ``midtrain.checkpoint.plan`` and
+handed to the trainer), where a run or an evaluation writes
+(``midtrain.checkpoint.layout.check_run_dir``, ``evaluation_dir``, ``default_logger``).
+``fit`` is the only command that writes into a run directory; validate, test and predict of a
+run write into ``<run>/<command>/`` (or the ``--trainer.default_root_dir`` given)."""
 
 from __future__ import annotations
 
@@ -16,22 +20,25 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.core.datamodule import LightningDataModule
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from midtrain.checkpoint.atomic import remove_stale_temps, use_atomic_checkpoints
-from midtrain.checkpoint.files import averaged_state, check_weights_choice, read_metadata
-from midtrain.checkpoint.layout import check_run_dir, run_checkpoints
-from midtrain.checkpoint.resume import (
-    ResumePlan,
+from midtrain.checkpoint.files import check_weights_choice
+from midtrain.checkpoint.layout import CHECKPOINTS, check_run_dir, run_checkpoints
+from midtrain.checkpoint.plan import (
+    Fork,
+    RunPlan,
+    check_checkpoint,
     check_fork_options,
-    plan_resume,
-    refuse_differences,
-    run_record,
+    check_start,
+    parts_of,
+    plan_of,
 )
+from midtrain.checkpoint.resume import ResumePlan, plan_resume
 from midtrain.cli.errors import translate_cli_error
-from midtrain.data.contract import StepDataModule, fresh_data_unsupported, require_max_steps
+from midtrain.data.contract import StepDataModule
 from midtrain.data.datamodule import MixtureDataModule
 from midtrain.errors import MidtrainError, recording_errors
 from midtrain.train._lightning import (
@@ -39,21 +46,20 @@ from midtrain.train._lightning import (
     checkpoint_datamodule_state,
     set_run_argument,
 )
-from midtrain.train.callbacks.adaptive import AdaptiveMixture
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint
 from midtrain.train.callbacks.divergence import DivergenceGuard
-from midtrain.train.callbacks.ema import EMA, check_ema_resume
-from midtrain.train.callbacks.mixture import MixtureLogging, MixtureSwitch
+from midtrain.train.callbacks.mixture import MixtureLogging
 from midtrain.train.callbacks.preemption import Preemption
 from midtrain.train.callbacks.summary import RunSummary
 from midtrain.train.callbacks.throughput import Throughput
 from midtrain.train.module import CausalLM
-from midtrain.train.optim import ANNEALS, anneal_without_checkpoint
 from midtrain.train.trainer import Trainer
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+EVALUATIONS = ("validate", "test", "predict")  # commands that read a run
 DEFAULT_ROOT = "runs/midtrain"
 FORK_OPTIONS = ("fork_optimizer", "fork_data")
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 def say(line: str) -> None:
@@ -113,19 +119,22 @@ def check_slurm_tasks(trainer: Any) -> None:
         )
 
 
-def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | None) -> Any:
-    """The logger config: one fixed TensorBoard directory per run, unless the user chose one.
+def tensorboard_logger(directory: str | Path) -> Namespace:
+    """TensorBoard writing straight into ``directory``: its events, config.yaml and (for fit)
+    checkpoints live together. No placeholder ``hp_metric`` (Lightning's -1)."""
+    return Namespace(
+        class_path=TENSORBOARD,
+        init_args=Namespace(save_dir=str(directory), name="", version="", default_hp_metric=False),
+    )
 
-    TensorBoard events, config.yaml and checkpoints live together, and ``--ckpt_path last``
-    finds the run's own last checkpoint. Evaluation gets its own subdirectory: the run's
-    config, hparams and events stay as training left them. On resume TensorBoard drops the
-    events a killed run wrote after its checkpoint (``purge_step``): no step shows twice."""
+
+def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | None) -> Any:
+    """fit's logger config: one fixed TensorBoard directory per run, unless the user chose a
+    logger; ``--ckpt_path last`` finds the run's own last checkpoint. On resume TensorBoard
+    drops the events a killed run wrote after its checkpoint (``purge_step``): no step shows
+    twice."""
     if logger in (None, True):
-        version = "" if subcommand == "fit" else subcommand
-        logger = Namespace(
-            class_path="lightning.pytorch.loggers.TensorBoardLogger",
-            init_args=Namespace(save_dir=root, name="", version=version),
-        )
+        logger = tensorboard_logger(root)
     if (
         subcommand == "fit"
         and resume_step is not None
@@ -133,6 +142,48 @@ def default_logger(logger: Any, root: str, subcommand: str, resume_step: int | N
     ):
         logger.init_args.purge_step = resume_step
     return logger
+
+
+def given_on_command_line(key: str, argv: Sequence[str]) -> bool:
+    """Whether ``--<key>`` was given on the command line (not only in a --config file)."""
+    return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
+
+
+def evaluation_dir(cfg: Namespace, subcommand: str, argv: Sequence[str]) -> Path:
+    """Where validate/test/predict write: ``--trainer.default_root_dir`` when given on the
+    command line, else ``<run>/<command>``, where the run is the evaluated checkpoint's (the
+    directory above its ``checkpoints/``) or the config's ``trainer.default_root_dir``. So a
+    run's own config.yaml, hparams.yaml, summary and events stay as fit left them."""
+    if given_on_command_line("trainer.default_root_dir", argv):
+        return Path(cfg.trainer.default_root_dir)
+    ckpt = Path(str(cfg.get("ckpt_path") or ""))
+    if ckpt.parent.name == CHECKPOINTS:
+        return ckpt.parent.parent / subcommand
+    return Path(cfg.trainer.default_root_dir) / subcommand
+
+
+def evaluation_logger(logger: Any, directory: Path) -> Any:
+    """The logger config of an evaluation: TensorBoard (or the user's own loggers) writing
+    into ``directory``; ``false`` stays off (config.yaml still goes there)."""
+    if logger is False:
+        return False
+    if logger in (None, True):
+        return tensorboard_logger(directory)
+    for one in logger if isinstance(logger, list) else [logger]:
+        args = getattr(one, "init_args", None)
+        if args is not None and "save_dir" in args:
+            args.save_dir = str(directory)
+            for key in ("name", "version"):
+                if key in args:
+                    args[key] = ""
+            if "purge_step" in args:
+                args.purge_step = None
+    return logger
+
+
+def fork_arguments(options: dict[str, str]) -> dict[str, str]:
+    """``--fork_optimizer``/``--fork_data`` as ``Fork``'s arguments."""
+    return {k.removeprefix("fork_"): v for k, v in options.items()}
 
 
 def check_val_limits(trainer: pl.Trainer, datamodule: LightningDataModule | None) -> None:
@@ -167,11 +218,26 @@ def is_local_checkpoint(ckpt: str) -> bool:
 # -- the CLI ------------------------------------------------------------------------------------
 
 
+class RunConfig(SaveConfigCallback):
+    """``config.yaml``, written by the command that creates its directory: a new run, a fork,
+    an evaluation's own directory. A resume keeps its run's, so the run's saved config always
+    continues it with ``midtrain fit --config <run>/config.yaml --ckpt_path last``."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if plan_of(trainer).mode == "resume":
+            log_dir = trainer.log_dir  # a broadcast: every rank asks
+            kept = log_dir is not None and (Path(log_dir) / self.config_filename).is_file()
+            if trainer.strategy.broadcast(kept):
+                self.already_saved = True
+        super().setup(trainer, pl_module, stage)
+
+
 class MidtrainCLI(KeepConfigOnResume, LightningCLI):
     """LightningCLI with midtrain's callbacks, defaults, ``--fork`` and checks."""
 
     resume: ResumePlan
     checkpoint_dir: Path
+    trainer: Trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -211,8 +277,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             "--weights",
             type=str,
             default="live",
-            help="validate/test: which weights of --ckpt_path to evaluate: live (default), or "
-            "ema (the average kept by midtrain.callbacks.EMA)",
+            help="which weights of a checkpoint to read: live (default), or ema (the average "
+            "kept by midtrain.callbacks.EMA): of --ckpt_path for validate/test, of "
+            "model.init_from for fit",
         )
 
     def _cfg(self) -> Any:
@@ -231,71 +298,123 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         # own errors
         self.resume = plan_resume(cfg.get("ckpt_path"), self.checkpoint_dir, self.subcommand)
         cfg.ckpt_path = self.resume.ckpt_path
-        cfg.trainer.logger = default_logger(
-            cfg.trainer.logger, cfg.trainer.default_root_dir, subcommand, self.resume.step
-        )
+        if subcommand in EVALUATIONS:
+            # an evaluation reads a run and writes only its own directory
+            where = evaluation_dir(cfg, subcommand, sys.argv[1:])
+            cfg.trainer.default_root_dir = str(where)
+            cfg.trainer.logger = evaluation_logger(cfg.trainer.logger, where)
+        else:
+            cfg.trainer.logger = default_logger(
+                cfg.trainer.logger, cfg.trainer.default_root_dir, subcommand, self.resume.step
+            )
 
-    def _check(self) -> None:
-        if self.datamodule is not None:  # the data contract, checked before any write
+    # -- the plan: built once, checked before anything is written, handed to the trainer ----
+    def _plan(self) -> RunPlan:
+        """What this command does with a checkpoint."""
+        cfg = self._cfg()
+        weights = cfg.get("weights", "live")
+        check_weights_choice(weights)
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand != "fit":
+            if weights != "live" and self.subcommand not in ("validate", "test"):
+                raise MidtrainError(f"--weights: {weights} is for validate and test only")
+            if weights != "live" and not is_local_checkpoint(str(ckpt or "")):
+                raise MidtrainError("--weights ema: give the checkpoint with --ckpt_path <file>")
+            return RunPlan(str(self.subcommand), ckpt, weights=weights)
+        fork, options = cfg.get("fork"), self._fork_options()
+        if fork and not ckpt:
+            step = int(self.resume.checkpoint_metadata(fork, "fork")["global_step"])
+            return RunPlan("fit", fork, Fork(step, **fork_arguments(options)), weights)
+        if options and not ckpt:
+            key = next(iter(options))
+            raise MidtrainError(
+                f"{key}: {options[key]} is an option of a fork; add --fork <checkpoint>, or "
+                f"drop --{key}"
+            )
+        return RunPlan("fit", ckpt, weights=weights)
+
+    def _check(self) -> RunPlan:
+        """Every check of this command, before anything is written; then the trainer gets
+        the plan."""
+        if self.datamodule is not None:  # the data contract
             self.model.connect(self.datamodule)
         if self.resume.error:
             raise MidtrainError(self.resume.error)
         ckpt = str(self._cfg().get("ckpt_path") or "")  # a missing file would fail after logging
         if is_local_checkpoint(ckpt):
             self.resume.checkpoint_metadata(ckpt, "ckpt_path")  # missing, truncated, not one
-        self._check_weights(ckpt)
-        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
-            if isinstance(cb, EMA):
-                cb.check(self.trainer)
+        plan = self._plan()
+        self.trainer.run_plan = plan
+        if self.datamodule is not None:
+            # as fit attaches them (again): the parts read the plan and each other through it
+            self.datamodule.trainer = self.trainer
+            self.trainer.datamodule = self.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        parts = parts_of(self.model, self.datamodule, self.trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        check_start(plan, parts, self.trainer)
+        if plan.checkpoint is not None and os.path.exists(plan.checkpoint):
+            meta = self.resume.checkpoint_metadata(plan.checkpoint, "ckpt_path")
+            if plan.mode == "resume":
+                self._check_branch_resume(meta, plan)
+            check_checkpoint(plan, meta, parts, self.trainer)
         check_val_limits(self.trainer, self.datamodule)
-        if self.subcommand in ("validate", "test") and self.trainer.is_global_zero:
-            print(f"midtrain {self.subcommand}: {self._evaluated_weights(ckpt)}")
+        return plan
 
-    def _check_weights(self, ckpt: str) -> None:
-        """``--weights ema``: validate/test of a checkpoint holding an EMA average."""
-        weights = self._cfg().get("weights", "live")
-        check_weights_choice(weights)
-        if weights == "live":
-            return
-        if self.subcommand not in ("validate", "test"):
-            raise MidtrainError(f"--weights: {weights} is for validate and test only")
-        if not is_local_checkpoint(ckpt):
-            raise MidtrainError("--weights ema: give the checkpoint with --ckpt_path <file>")
-        averaged_state(self.resume.checkpoint_metadata(ckpt, "ckpt_path"), ckpt)
-        self.model.checkpoint_weights = weights
+    def _check_branch_resume(self, meta: dict[str, Any], plan: RunPlan) -> None:
+        """A resume states how its run was forked only through ``--fork`` and ``--fork_*``
+        (a branch's own config.yaml holds them): they must be what the run was forked with."""
+        saved = ((meta.get("midtrain") or {}).get("run") or {}).get("fork")
+        fork = self._cfg().get("fork")
+        if fork:
+            if saved is None:
+                raise MidtrainError(
+                    f"fork: {plan.where} continues a run that was not forked; drop --fork "
+                    "(a resume), or drop --ckpt_path (a new fork)"
+                )
+            if os.path.exists(fork):
+                step = self.resume.checkpoint_metadata(fork, "fork")["global_step"]
+                if step != saved.get("step"):
+                    raise MidtrainError(
+                        f"fork: {fork} is a checkpoint of step {step}, but {plan.where} "
+                        f"continues a run forked at step {saved.get('step')}; drop --fork"
+                    )
+        check_fork_options(saved, plan, self._fork_options())
 
-    def _evaluated_weights(self, ckpt: str) -> str:
+    def _fork_options(self) -> dict[str, str]:
+        """The ``--fork_*`` options given (None: not given)."""
+        cfg = self._cfg()
+        return {k: cfg[k] for k in FORK_OPTIONS if cfg.get(k) is not None}
+
+    def _evaluate(self) -> None:
+        plan = self._check()
+        if self.trainer.is_global_zero:
+            print(f"midtrain {self.subcommand}: {self._evaluated_weights(plan)}")
+
+    def _evaluated_weights(self, plan: RunPlan) -> str:
         """Which weights validate/test evaluate, for the first line of their output."""
+        init_from = str(self._cfg().model.init_from)
         what, path = (
-            ("checkpoint", ckpt)
-            if ckpt
-            else ("model.init_from (weights only)", str(self._cfg().model.init_from))
+            ("checkpoint", plan.checkpoint)
+            if plan.checkpoint
+            else ("model.init_from (weights only)", init_from)
         )
-        if self.model.checkpoint_weights == "ema":
+        if plan.weights == "ema":
             what = f"the averaged (EMA) weights of {what}"
         if os.path.exists(path):
-            step = (
-                self.resume.checkpoint_metadata(path, "ckpt_path") if ckpt else read_metadata(path)
-            ).get("global_step")
+            meta = self.resume.checkpoint_metadata(path, "ckpt_path")
+            step = meta.get("global_step")
             if step is not None:
                 return f"evaluating {what} {path} (trained {step} steps)"
         return f"evaluating {what} {path}"
 
     def before_fit(self) -> None:
-        self._check()
-        fork = self.config["fit"].get("fork")
-        if fork:
-            self._start_fork(fork)
-        else:
-            self._check_not_forking()
+        plan = self._check()
+        if plan.fork is not None:
+            set_run_argument(self, "fit", "ckpt_path", plan.checkpoint)
         check_run_dir(
-            Path(self.trainer.default_root_dir),
-            self.checkpoint_dir,
-            fresh=not self.config["fit"].get("ckpt_path"),
+            Path(self.trainer.default_root_dir), self.checkpoint_dir, fresh=plan.mode != "resume"
         )
-        if isinstance(self.datamodule, MixtureDataModule):
-            self._register_schedule(self.datamodule)
-        self._check_resume(fork=bool(fork))
+        if plan.mode == "resume":
+            self._restore_data_early(plan)
         # every check passed: from here on the run may write
         for line in self.resume.lines:
             say(line)
@@ -303,78 +422,17 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         for stale in remove_stale_temps(self.checkpoint_dir):
             say(f"midtrain: removed {stale}, left by a save that was killed")
 
-    def _start_fork(self, fork: str) -> None:
-        if self.config["fit"].get("ckpt_path"):
-            raise MidtrainError("fork: give either --fork or --ckpt_path, not both")
-        step = self.resume.checkpoint_metadata(fork, "fork")["global_step"]
-        options = self._fork_options()
-        self.model.fork_optimizer = options.get("fork_optimizer", "keep")
-        fork_data = options.get("fork_data", "keep")
-        if fork_data != "keep" and not getattr(self.datamodule, "fresh_data", False):
-            raise fresh_data_unsupported(self.datamodule)
-        if isinstance(self.datamodule, StepDataModule):
-            self.datamodule.fork_step = step
-            self.datamodule.fork_data = fork_data
-        set_run_argument(self, "fit", "ckpt_path", fork)
-
-    def _fork_options(self) -> dict[str, str]:
-        """The ``--fork_*`` options given (None: not given)."""
-        cfg = self.config["fit"]
-        return {k: cfg[k] for k in FORK_OPTIONS if cfg.get(k) is not None}
-
-    def _check_not_forking(self) -> None:
-        """Without --fork: fork options only restate how a resumed run was forked (checked
-        against its run record in ``_check_resume``), and an anneal has nothing to start at."""
-        resuming = bool(self.config["fit"].get("ckpt_path"))
-        options = self._fork_options()
-        if options and not resuming:
-            key = next(iter(options))
-            raise MidtrainError(
-                f"{key}: {options[key]} is an option of a fork; add --fork <checkpoint>, or "
-                f"drop --{key}"
-            )
-        schedule = self.model.hparams.get("lr_schedule")
-        if schedule in ANNEALS and not resuming:
-            raise anneal_without_checkpoint(schedule)
-
-    def _register_schedule(self, datamodule: MixtureDataModule) -> None:
-        """Refuse a bad schedule before anything is written: the switches register now
-        (``MixtureSwitch.setup`` registers them again, idempotently, inside fit)."""
-        max_steps = require_max_steps(self.trainer, "midtrain schedules data by steps")
-        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
-            if isinstance(cb, MixtureSwitch):
-                cb.register(datamodule, max_steps)
-        datamodule.resolve_schedule(self.trainer)
-        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
-            if isinstance(cb, AdaptiveMixture):
-                cb.check(self.trainer, datamodule)
-
-    def _check_resume(self, fork: bool) -> None:
-        """Refuse a checkpoint this run cannot continue exactly (or a fork that would change
-        the past), before Lightning writes anything into the run directory."""
-        ckpt = self.config_init["fit"].get("ckpt_path")
-        if not ckpt or not os.path.exists(ckpt):
+    def _restore_data_early(self, plan: RunPlan) -> None:
+        """The data module's runtime changes before training, so the schedule printed and
+        checked is the whole one (Lightning restores it again, the same way)."""
+        if self.datamodule is None or plan.checkpoint is None:
             return
-        meta = self.resume.checkpoint_metadata(ckpt, "ckpt_path")
-        saved = meta.get("midtrain", {}).get("run")
-        where = f"{'--fork' if fork else '--ckpt_path'} {ckpt}"
-        if saved is not None:
-            now = run_record(self.model, self.datamodule, self.trainer)
-            refuse_differences(saved, now, fork, where)
-        if not fork:
-            check_fork_options((saved or {}).get("fork"), self._fork_options(), where)
-        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
-        check_ema_resume(meta, callbacks, fork, where)
-        for cb in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared
-            if isinstance(cb, AdaptiveMixture):
-                cb.continues(meta.get("callbacks", {}).get(cb.state_key), fork)
-        if self.datamodule is None:
-            return
-        data_state = checkpoint_datamodule_state(meta, self.datamodule)
-        if data_state is not None:
-            self.datamodule.load_state_dict(data_state)
+        meta = self.resume.checkpoint_metadata(plan.checkpoint, "ckpt_path")
+        state = checkpoint_datamodule_state(meta, self.datamodule)
+        if state is not None:
+            self.datamodule.load_state_dict(state)
 
-    before_validate = before_test = before_predict = _check
+    before_validate = before_test = before_predict = _evaluate
 
 
 def trainer_main(argv: Sequence[str]) -> None:
@@ -391,6 +449,7 @@ def trainer_main(argv: Sequence[str]) -> None:
                     LightningDataModule,
                     subclass_mode_data=True,
                     trainer_class=Trainer,
+                    save_config_callback=RunConfig,
                     save_config_kwargs={"overwrite": True},
                     auto_configure_optimizers=False,  # CausalLM owns its optimizer and LR schedule
                     parser_kwargs={k: dict(parser_kwargs) for k in TRAINER_COMMANDS}

@@ -18,6 +18,7 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from midtrain.errors import MidtrainError
+from midtrain.run_state import Rule, RunPlan, Setting
 
 if TYPE_CHECKING:
     from midtrain.data.store import Store
@@ -51,6 +52,14 @@ class DataContract(Protocol):
     def phase_starts(self) -> list[int]:
         """Optimizer steps at which a mixture phase starts (0 first)."""
         ...
+
+
+@runtime_checkable
+class ScheduleSource(Protocol):
+    """A callback that adds a phase to a data module's mixture schedule before training
+    (``midtrain.callbacks.MixtureSwitch``): registering again replaces its phase."""
+
+    def register(self, datamodule: object, max_steps: int) -> None: ...
 
 
 CONTRACT_MEMBERS = (
@@ -160,11 +169,6 @@ class StepDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.train_loader: StepLoader | None = None  # the loader of the running fit
-        # the optimizer step a `midtrain fit --fork` starts from (None: a new run or a resume)
-        self.fork_step: int | None = None
-        # `--fork_data`: "keep" continues the checkpoint's stream; "fresh" starts the new
-        # schedule's own stream at the fork step (data modules whose fresh_data is True)
-        self.fork_data = "keep"
 
     fresh_data = False  # whether this data module can start a fresh stream at a fork
 
@@ -184,7 +188,26 @@ class StepDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
+        """What the stream depends on, by ``data.<key>``: the past of a run (a resume and a
+        fork keep it)."""
         raise NotImplementedError
+
+    # -- run state (midtrain.checkpoint.plan) -----------------------------------------------
+    def run_settings(self, trainer: L.Trainer) -> dict[str, Setting]:
+        """``fingerprint`` (the stream's past) and how the global batch is split: its size is
+        the past, the micro-batch may change on a resume (with accumulation or world size)."""
+        settings = {f"data.{k}": Setting(v, Rule.PAST) for k, v in self.fingerprint().items()}
+        micro = self.micro_batch_size
+        settings["data.global_batch_size"] = Setting(
+            micro * trainer.accumulate_grad_batches * trainer.world_size, Rule.PAST
+        )
+        settings["data.micro_batch_size"] = Setting(micro, Rule.ELASTIC)
+        return settings
+
+    def check_plan(self, plan: RunPlan, trainer: L.Trainer) -> None:
+        """A fork with ``--fork_data fresh`` needs a schedule to restart."""
+        if plan.fork is not None and plan.fork.data != "keep" and not self.fresh_data:
+            raise fresh_data_unsupported(self)
 
     # -- Lightning hooks ------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import IterableDataset
 
-from midtrain.data.contract import StepDataModule, require_max_steps
+from midtrain.data.contract import ScheduleSource, StepDataModule, require_max_steps
 from midtrain.data.mixture import (
     RAMP_CODES,
     MixtureSchedule,
@@ -26,9 +26,9 @@ from midtrain.data.mixture import (
 from midtrain.data.store import Store
 from midtrain.data.streams import MixtureStream, ValidationBlocks
 from midtrain.errors import MidtrainError
+from midtrain.run_state import Fork, Rule, RunPlan, Setting, plan_of
 
 MAX_PHASES = 1024  # rows of the phase table shared with loader workers
-FORK_DATA = ("keep", "fresh")
 
 
 class MixtureDataModule(StepDataModule):
@@ -56,10 +56,11 @@ class MixtureDataModule(StepDataModule):
     reproduces them).
     The data module owns the schedule; it implements ``midtrain.data.contract.DataContract``.
 
-    A fork (``fork_step`` set) keeps the checkpoint's data position by default; with
-    ``fork_data = "fresh"`` its stream restarts at the fork step: optimizer step S + k draws
-    what step k of a new run with the schedule from S on (``shift_phases``) would draw. That
-    step origin (``data_origin``) is part of the checkpoint state.
+    A fork (the plan of ``midtrain fit --fork``, ``midtrain.run_state.Fork``) keeps the
+    checkpoint's data position by default; with ``data="fresh"`` its stream restarts at the
+    fork step: optimizer step S + k draws what step k of a new run with the schedule from S on
+    (``shift_phases``) would draw. That step origin (``data_origin``) is part of the
+    checkpoint state.
     """
 
     fresh_data = True
@@ -187,10 +188,11 @@ class MixtureDataModule(StepDataModule):
         phases = shift_phases(self.phases, origin)
         return MixtureSchedule(self.domains, phases, global_batch_size, self.seed)
 
-    def _plan_origin(self) -> int:
+    def _plan_origin(self, trainer: L.Trainer | None) -> int:
         """The stream origin the plan shows: a fresh fork's step before its checkpoint is read."""
-        if self.fork_step is not None and self.fork_data == "fresh":
-            return self.fork_step
+        fork = plan_of(trainer).fork
+        if fork is not None and fork.data == "fresh":
+            return fork.step
         return self.data_origin
 
     def global_batch_size(self, trainer: L.Trainer) -> int:
@@ -241,21 +243,24 @@ class MixtureDataModule(StepDataModule):
             max_steps,
             self.global_batch_size(trainer),
             tuple(repr(p.key()) for p in self.phases),
-            self._plan_origin(),
+            self._plan_origin(trainer),
         )
         if self._resolved_for == key:
             return
         self._resolved_for = key
-        rows = self.plan(self.global_batch_size(trainer), max_steps)
+        rows = self.plan(self.global_batch_size(trainer), max_steps, key[-1])
         if trainer.is_global_zero:
             print(format_plan(rows, self.seq_len))
         check_repeat(rows, self.max_repeat)
 
-    def plan(self, global_batch_size: int, max_steps: int) -> list[dict[str, Any]]:
+    def plan(
+        self, global_batch_size: int, max_steps: int, origin: int | None = None
+    ) -> list[dict[str, Any]]:
         """Per phase and domain: sequences and tokens drawn, realized share, tokens available,
-        and how many times the domain has been read by the end of the phase (``plan_rows``)."""
+        and how many times the domain has been read by the end of the phase (``plan_rows``),
+        for a stream starting at ``origin`` (default: ``data_origin``)."""
         blocks = {n: self.store.domain(n).train.num_blocks(self.seq_len) for n in self.domains}
-        origin = self._plan_origin()
+        origin = self.data_origin if origin is None else origin
         schedule = self.stream_schedule(global_batch_size, origin)
         rows = plan_rows(schedule, max_steps - origin, self.seq_len, blocks)
         for row in rows:  # a fresh stream's steps, shown as the run's optimizer steps
@@ -305,13 +310,36 @@ class MixtureDataModule(StepDataModule):
         count[1] += 1  # last: a worker that sees the new version sees the whole table
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must agree with to resume this data stream exactly."""
+        """What the stream's past depends on (a resume and a fork keep it)."""
         return {
             "store": self.store.fingerprint(self.domains),
             "seq_len": self.seq_len,
             "seed": self.seed,
-            "phases": [p.key() for p in self.phases],
         }
+
+    def run_settings(self, trainer: L.Trainer) -> dict[str, Setting]:
+        """``StepDataModule``'s, and the configured schedule (``weights`` and the switches;
+        runtime changes are checkpoint state): a resume keeps it, a fork keeps the phases
+        before its step."""
+        settings = super().run_settings(trainer)
+        configured = {0: Phase(0, self.weights), **{p.start_step: p for p in self.switch_phases}}
+        schedule = [configured[k].key() for k in sorted(configured)]
+        settings["data.schedule"] = Setting(schedule, Rule.SCHEDULE)
+        return settings
+
+    def check_plan(self, plan: RunPlan, trainer: L.Trainer) -> None:
+        """Before anything is written, for fit: the schedule is registered (every
+        ``MixtureSwitch``), checked and planned, and a fresh fork can restart it."""
+        super().check_plan(plan, trainer)
+        if plan.command != "fit":
+            return
+        max_steps = require_max_steps(trainer, "midtrain schedules data by steps")
+        for cb in getattr(trainer, "callbacks", []):
+            if isinstance(cb, ScheduleSource):
+                cb.register(self, max_steps)
+        self.resolve_schedule(trainer)
+        if plan.fork is not None and plan.fork.data == "fresh":
+            shift_phases(self.phases, plan.fork.step)
 
     # -- streams (StepDataModule makes the loaders) -----------------------------------------
     def train_stream(self, trainer: L.Trainer) -> IterableDataset:
@@ -359,44 +387,27 @@ class MixtureDataModule(StepDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, now = state_dict.get("fingerprint"), self.fingerprint()
-        if saved is None:
+        """Restore what the command needs (``midtrain.checkpoint.plan`` checked the rest): a
+        resume, the runtime changes and the stream origin; a fork, the changes before its step
+        and the origin its ``data`` option gives; an evaluation, nothing (it reads no
+        schedule)."""
+        plan = plan_of(self.trainer)
+        if plan.mode not in ("resume", "fork"):
             return
-        for key in ("store", "seq_len", "seed"):
-            if saved[key] != now[key]:
-                raise MidtrainError(
-                    f"data.{key}: the checkpoint was trained with {key} {saved[key]!r}, this run "
-                    f"has {now[key]!r}; resuming would not continue the same data stream"
-                )
         step = state_dict.get("step") or 0
         runtime = [Phase.from_key(k) for k in state_dict.get("runtime_phases", [])]
-        if self.fork_step is not None:
-            # A fork keeps the past (so the data position) and may change what comes after.
-            self.runtime_phases = [p for p in runtime if p.start_step < step]
-            past = [p.key() for p in self.phases if p.start_step < step]
-            if [tuple(x) for x in saved["phases"] if x[0] < step] != past:
-                raise MidtrainError(
-                    f"fork: the schedule before the fork point (step {step}) differs from the "
-                    "checkpoint's; a fork may only change phases from the fork step on"
-                )
-            self.data_origin = self._fork_origin(step, state_dict.get("origin", 0))
+        saved_origin = state_dict.get("origin", 0)
+        if plan.fork is None:
+            self.runtime_phases, self.data_origin = runtime, saved_origin
             return
-        self.data_origin = state_dict.get("origin", 0)
-        self.runtime_phases = runtime
-        now_phases = [p.key() for p in self.phases]
-        if [tuple(x) for x in saved["phases"]] != now_phases:
-            raise MidtrainError(
-                "data: the checkpoint was trained with a different mixture schedule "
-                f"({saved['phases']} vs {now_phases}); "
-                "to continue with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
-            )
+        # A fork keeps the past (so the data position) and may change what comes after.
+        self.runtime_phases = [p for p in runtime if p.start_step < step]
+        self.data_origin = self._fork_origin(plan.fork, step, saved_origin)
 
-    def _fork_origin(self, step: int, saved_origin: int) -> int:
+    def _fork_origin(self, fork: Fork, step: int, saved_origin: int) -> int:
         """A fork's stream origin: the checkpoint's (keep), or the fork step (fresh), whose
         shifted schedule is checked now (a ramp across the fork step has no fresh start)."""
-        if self.fork_data not in FORK_DATA:
-            raise MidtrainError(f"fork_data: {self.fork_data!r}; use one of {', '.join(FORK_DATA)}")
-        if self.fork_data == "keep":
+        if fork.data == "keep":
             return saved_origin
         shift_phases(self.phases, step)
         return step

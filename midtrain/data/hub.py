@@ -18,6 +18,11 @@ WEIGHT_FILES = (
 )
 
 
+def is_hf(spec: object) -> bool:
+    """Whether a model or tokenizer source names a Hugging Face model (``hf:...``)."""
+    return isinstance(spec, str) and spec.startswith(HF_PREFIX)
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``hf:<dir or hub id>[@revision]`` -> (dir or id, revision)."""
     body = spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else spec

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import IterableDataset
 
-from midtrain.data.contract import StepDataModule, fresh_data_unsupported
+from midtrain.data.contract import StepDataModule
 from midtrain.data.mixture import domain_key, permute
 from midtrain.data.store import Split, Store
 from midtrain.data.streams import StepStream, ValidationBlocks, rank_share
@@ -331,11 +331,6 @@ class SFTDataModule(StepDataModule):
         return {"fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.fork_step is not None and self.fork_data != "keep":
-            raise fresh_data_unsupported(self)
-        saved = state_dict.get("fingerprint")
-        if saved is not None and saved != self.fingerprint():
-            raise MidtrainError(
-                f"data: the checkpoint was fine-tuned on other data ({saved} vs "
-                f"{self.fingerprint()}); resuming would not continue the same stream"
-            )
+        """Nothing to restore: the stream is a pure function of the step (the planner,
+        ``midtrain.checkpoint.plan``, compared ``fingerprint`` with the checkpoint's)."""
+        return None

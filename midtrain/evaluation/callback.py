@@ -12,6 +12,7 @@ from midtrain.errors import MidtrainError
 from midtrain.evaluation.local import LocalTask
 from midtrain.model.gpt import GPT
 from midtrain.train._lightning import publish_callback_metrics
+from midtrain.train.callbacks.base import optimizer_step_ended
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -88,7 +89,7 @@ class DownstreamEval(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        stepped = optimizer_step_ended(trainer, batch_idx)
         if stepped and trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 

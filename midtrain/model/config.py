@@ -3,8 +3,11 @@ SmolLM2, Qwen3, Llama 3.2, OLMo 2, and test shapes). Plain Python: nothing here 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
+
+from midtrain.errors import MidtrainError
 
 _PYTHIA: dict[str, Any] = dict(
     vocab_size=50304,
@@ -287,3 +290,43 @@ class ModelConfig:
         unknown = sorted(set(rs) - {"rope_type", *_LLAMA3_KEYS})
         if unknown:
             self._fail("rope_scaling", f"unknown key {unknown[0]!r}")
+
+
+def build_config(
+    arch: str,
+    model_config: Mapping[str, Any] | None,
+    vocab_size: int | None,
+    init_from: str | None,
+    where: str = "model",
+) -> ModelConfig:
+    """The one builder of a ``CausalLM``'s shape from its arguments (its hyperparameters): a
+    preset with overrides (``vocab_size`` linked from the data unless ``model_config`` fixes
+    it), or an HF model's own config (``init_from: hf:...``; a checkpoint's hyperparameters
+    hold it resolved, so it is not read again)."""
+    from midtrain.data.hub import is_hf
+
+    overrides = dict(model_config or {})
+    if is_hf(init_from):
+        assert init_from is not None
+        if {f.name for f in fields(ModelConfig)} <= set(overrides):
+            return ModelConfig(**overrides)
+        from midtrain.model import hf
+
+        return hf.config_for_init(init_from, overrides)
+    if vocab_size is not None:
+        overrides.setdefault("vocab_size", vocab_size)
+    try:
+        return ModelConfig.from_name(arch, **overrides)
+    except ValueError as e:
+        raise MidtrainError(f"{where}: {e}") from None
+
+
+def config_from_hparams(hparams: Mapping[str, Any], where: str = "model") -> ModelConfig:
+    """``build_config`` from a checkpoint's ``hyper_parameters``."""
+    return build_config(
+        hparams.get("arch", "pythia-70m"),
+        hparams.get("model_config"),
+        hparams.get("vocab_size"),
+        hparams.get("init_from"),
+        where,
+    )

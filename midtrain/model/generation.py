@@ -207,3 +207,35 @@ def generate_text(
         cuts = [text.find(x) for x in sampling.stop if x in text]
         texts.append(text[: min(cuts)] if cuts else text)
     return texts
+
+
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    eos_id: int | None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    stop_at_eos: bool = True,
+) -> list[str]:
+    """``generate_text`` with a model's tokenizer: stops at its EOS (``eos_id``; by default
+    the tokenizer's ``DEFAULT_EOS``), samples only ids both the model and the tokenizer have."""
+    if eos_id is None:
+        from midtrain.data.tokenizer import DEFAULT_EOS
+
+        eos_id = tokenizer.token_to_id(DEFAULT_EOS)
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop or []),
+        stop_ids=[eos_id] if stop_at_eos and eos_id is not None else [],
+    )
+    vocab = min(model.config.padded_vocab_size, tokenizer.get_vocab_size(with_added_tokens=True))
+    return generate_text(model, tokenizer, list(prompts), sampling, vocab_size=vocab)

@@ -105,3 +105,39 @@ def slurm_requeue_signal(trainer: pl.Trainer) -> signal.Signals | None:
     if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
         return environment.requeue_signal
     return None
+
+
+# -- logging ------------------------------------------------------------------------------------
+
+
+def log_without_epoch(trainer: pl.Trainer) -> None:
+    """Values logged through ``LightningModule.log`` reach the loggers without the ``epoch``
+    Lightning adds beside them (a flat 0 chart at the top of TensorBoard for runs in optimizer
+    steps), at the step Lightning would give them.
+
+    The logger connector's ``log_metrics`` adds ``epoch`` whenever it picks the step itself;
+    there is no switch for it, so this wraps that method of this trainer's connector and picks
+    the step the same way (a logged ``step`` value, else the fit loop's count of batches that
+    stepped)."""
+    connector = trainer._logger_connector
+    log_metrics = connector.log_metrics
+
+    def without_epoch(metrics: Any, step: int | None = None) -> None:
+        if step is None:
+            given = metrics.pop("step", None) if isinstance(metrics, dict) else None
+            step = (
+                int(given)
+                if given is not None
+                else trainer.fit_loop.epoch_loop._batches_that_stepped
+            )
+        log_metrics(metrics, step=step)
+
+    connector.log_metrics = without_epoch  # type: ignore[method-assign]  # this trainer's only
+
+
+def set_evaluation_step(trainer: pl.Trainer, step: int) -> None:
+    """The step validate/test results of a checkpoint are logged at: its optimizer step (so
+    evaluations of several checkpoints of a run draw a curve). Lightning restores the fit
+    loop's counters only for fit, and logs evaluation at the fit loop's count of batches that
+    stepped."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step

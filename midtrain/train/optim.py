@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -149,6 +149,30 @@ def reschedule(scheduler: object, base_lr: float, **kwargs: Any) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         factor = partial(_factor, base_lr=base_lr, **kwargs)
         scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
+
+
+def adamw_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """AdamW's settings from a ``CausalLM``'s hyperparameters: the one place an AdamW option
+    is read, for building the optimizer and for giving a fork's optimizer state the branch's
+    settings (``midtrain.train.branch.fork_optimizer_state``). ``weight_decay`` applies to the
+    decayed parameter group only (``param_groups``)."""
+    return {
+        "lr": hparams["lr"],
+        "betas": tuple(hparams["betas"]),
+        "eps": hparams["eps"],
+        "weight_decay": hparams["weight_decay"],
+    }
+
+
+def build_adamw(model: nn.Module, hparams: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` with ``adamw_settings``."""
+    settings = adamw_settings(hparams)
+    decay = settings.pop("weight_decay")
+    return torch.optim.AdamW(
+        param_groups(model, decay, hparams["decay_1d_params"]),
+        **settings,
+        fused=fused_adamw_supported(model),  # one kernel for all params
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:

@@ -20,6 +20,9 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 
+from midtrain.checkpoint.files import check_checkpoint
+from midtrain.run_state import Fork, RunPlan
+from midtrain.train._lightning import log_without_epoch
 from midtrain.train.host import keep_freed_memory
 from midtrain.train.summary_table import ModelSummary
 
@@ -83,7 +86,15 @@ class Trainer(pl.Trainer):
     On the CPU it also keeps freed host memory in the process (``midtrain.train.host``).
 
     ``validate`` and ``test`` print one results table, one column per validation set.
+
+    ``run_plan`` is what the running command does with a checkpoint
+    (``midtrain.run_state.RunPlan``: a resume, a fork, an evaluation of live or averaged
+    weights, e.g. ``RunPlan("validate", ckpt, weights="ema")`` before ``validate``); ``fork``
+    starts a branch from a checkpoint. Without a plan, Lightning's own arguments say it
+    (``fit(ckpt_path=...)`` resumes, ``validate(ckpt_path=...)`` evaluates the live weights).
     """
+
+    run_plan: RunPlan | None = None
 
     def __init__(
         self,
@@ -132,6 +143,28 @@ class Trainer(pl.Trainer):
         if isinstance(self.accelerator, CPUAccelerator):
             # on the CPU, each step reuses the previous step's freed blocks (midtrain.train.host)
             keep_freed_memory()
+        log_without_epoch(self)  # runs in optimizer steps: no flat `epoch` chart
+        self.run_plan = None
+
+    def fork(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None,
+        ckpt_path: str | Path,
+        optimizer: str = "keep",
+        data: str = "keep",
+    ) -> None:
+        """``fit`` as a branch from the checkpoint ``ckpt_path`` (what ``midtrain fit --fork``
+        does): its weights, its optimizer state (``optimizer="reset"``: a new optimizer's) and
+        its data position (``data="fresh"``: this run's schedule as a new stream from the fork
+        step), with this run's settings from the fork step on."""
+        meta = check_checkpoint(ckpt_path, "fork")
+        fork = Fork(int(meta["global_step"]), optimizer, data)
+        self.run_plan = RunPlan("fit", str(ckpt_path), fork)
+        try:
+            self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        finally:
+            self.run_plan = None
 
     # Lightning's own parameters up to ``verbose`` (so it is never given twice), the rest as given.
     def validate(

@@ -26,11 +26,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import yaml
-from lightning.pytorch.callbacks import Callback
 
 from midtrain.data.contract import require_max_steps
 from midtrain.data.datamodule import MAX_PHASES
 from midtrain.errors import MidtrainError
+from midtrain.run_state import RunPlan, Setting, plan_of
+from midtrain.train.callbacks.base import StepCallback
 
 RULES = ("excess_loss", "thompson")
 WHERE = "AdaptiveMixture"
@@ -135,7 +136,7 @@ def read_reference(reference: Any) -> dict[str, float]:
     return out
 
 
-class AdaptiveMixture(Callback):
+class AdaptiveMixture(StepCallback):
     """Change the data mixture during training from the per-domain training losses.
 
     Decisions are taken before optimizer step G runs, for every G that is a multiple of
@@ -219,6 +220,16 @@ class AdaptiveMixture(Callback):
             "seed": self.seed,
         }
 
+    # -- run state (midtrain.checkpoint.plan) -----------------------------------------------
+    def run_settings(self, trainer: pl.Trainer) -> dict[str, Setting]:
+        """Every setting (``config``): a resume keeps them; a fork with other settings adapts
+        afresh from its fork step."""
+        return {f"{WHERE}.{k}": Setting(v) for k, v in self.config().items()}
+
+    def check_plan(self, plan: RunPlan, trainer: pl.Trainer) -> None:
+        if plan.command == "fit":
+            self.check(trainer, trainer.datamodule)  # type: ignore[attr-defined]  # set by Lightning, undeclared
+
     # -- checks ---------------------------------------------------------------------------
     def _bound(self, bound: float | dict[str, float], name: str, default: float) -> float:
         return bound if isinstance(bound, float) else bound.get(name, default)
@@ -231,8 +242,8 @@ class AdaptiveMixture(Callback):
         return [d for d in datamodule.domains if start.get(d, 0.0) > 0 or named.get(d, 0.0) > 0]
 
     def check(self, trainer: pl.Trainer, datamodule: Any) -> None:
-        """One-line errors for settings this run cannot honour; called by the CLI before
-        anything is written, and again in ``setup``."""
+        """One-line errors for settings this run cannot honour (``check_plan``: before
+        anything is written, and again in ``setup``)."""
         if not hasattr(datamodule, "change_weights"):
             raise MidtrainError(
                 f"{WHERE}: the data module {type(datamodule).__name__} has no runtime mixture "
@@ -305,7 +316,7 @@ class AdaptiveMixture(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a checkpoint is restored and every switch registered: the schedule is whole
         datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
-        self._restore(datamodule)
+        self._restore(trainer)
         if self.domains:
             return
         self.domains = self.adapted_domains(datamodule)
@@ -317,12 +328,10 @@ class AdaptiveMixture(Callback):
         self.alpha = dict.fromkeys(self.domains, 1.0)
         self.beta = dict.fromkeys(self.domains, 1.0)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    def on_optimizer_step_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
-        if batch_idx % trainer.accumulate_grad_batches:
-            return  # decisions come before an optimizer step's first micro-batch
-        step = trainer.global_step
+        # decisions come before an optimizer step's first micro-batch
         due = step % self.every_n_steps == 0 and self.start_step < step < trainer.max_steps - 1
         if due and not (self.history and self.history[-1]["step"] == step):
             self.decide(trainer, step)
@@ -400,29 +409,18 @@ class AdaptiveMixture(Callback):
         # applied in on_train_start, where the trainer says whether this is a fork
         self._loaded = dict(state_dict)
 
-    def continues(self, state: Mapping[str, Any] | None, fork: bool) -> bool:
-        """Whether this callback continues a checkpoint's ``state`` (same settings). Other
-        settings: a fork starts afresh, a resume is refused in one line (the CLI asks before
-        anything is written)."""
+    def continues(self, state: Mapping[str, Any] | None) -> bool:
+        """Whether this callback continues a checkpoint's ``state``: the same settings (a
+        resume with others was refused by the planner; a fork with others adapts afresh)."""
         if state is None:
             return False
-        saved, now = state.get("config", {}), self.config()
-        changed = [k for k, v in now.items() if saved.get(k) != v]
-        if changed and not fork:
-            raise MidtrainError(
-                f"{WHERE}.{changed[0]}: the checkpoint's AdaptiveMixture had "
-                f"{saved.get(changed[0])!r}, this run has {now[changed[0]]!r}; resume with the "
-                "same settings, or start a branch with `midtrain fit --fork <ckpt>`"
-            )
-        return not changed
+        return state.get("config", {}) == self.config()
 
-    def _restore(self, datamodule: Any) -> None:
+    def _restore(self, trainer: pl.Trainer) -> None:
         state, self._loaded = self._loaded, None
-        if state is None:
+        plan = plan_of(trainer)
+        if state is None or plan.mode not in ("resume", "fork") or not self.continues(state):
             return
-        fork_step = getattr(datamodule, "fork_step", None)
-        if not self.continues(state, fork=fork_step is not None):
-            return  # a branch with other settings adapts afresh from the fork point
         self.domains = list(state["domains"])
         self.initial = dict(state["initial"])
         self.alpha, self.beta = dict(state["alpha"]), dict(state["beta"])
@@ -430,5 +428,5 @@ class AdaptiveMixture(Callback):
         self.history = [dict(h) for h in state["history"]]
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        if fork_step is not None:  # a fork drops runtime changes from its fork step on
-            self.history = [h for h in self.history if h["effective"] < fork_step]
+        if plan.fork is not None:  # a fork drops runtime changes from its fork step on
+            self.history = [h for h in self.history if h["effective"] < plan.fork.step]

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 
 from midtrain.checkpoint.layout import checkpoint_dir, step_checkpoint
+from midtrain.train.callbacks.base import StepCallback
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
@@ -27,7 +27,7 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             save_final_checkpoint(self, trainer)
 
 
-class CheckpointAtSteps(Callback):
+class CheckpointAtSteps(StepCallback):
     """Save ``step=<N>.ckpt`` when optimizer step N is reached (before step N runs): fork
     points for branches, e.g. every midtraining start step of a study's shared prefix."""
 
@@ -35,16 +35,10 @@ class CheckpointAtSteps(Callback):
         self.steps = sorted(set(int(s) for s in steps))
         self.dirpath = dirpath
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: object,
-        batch: object,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if stepped and trainer.global_step in self.steps:
+        if trainer.global_step in self.steps:  # the state right before that step runs
             directory = Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer)
             # a full, resumable checkpoint (unset, Lightning says so in an info line)
             trainer.save_checkpoint(

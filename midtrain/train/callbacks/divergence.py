@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.checkpoint.layout import LAST, checkpoint_dir
 from midtrain.errors import MidtrainError
+from midtrain.train.callbacks.base import optimizer_step_ended
 
 
 class Diverged(MidtrainError):
@@ -117,7 +118,7 @@ class DivergenceGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.on_nonfinite == "stop" and isinstance(loss, torch.Tensor):
             self._record(loss, 0)
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not optimizer_step_ended(trainer, batch_idx):
             return
         if self._step is not None:
             self._step += 1

@@ -27,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from midtrain.checkpoint.files import EMA_KEY
 from midtrain.errors import MidtrainError
 from midtrain.model.gpt import GPT
+from midtrain.run_state import RunPlan, Setting, plan_of
 from midtrain.train._lightning import evaluation_log_step, publish_callback_metrics
 
 PREFIX = "val_ema"  # TensorBoard family of the averaged weights' validation
@@ -54,27 +55,6 @@ def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
     copy.reset_buffers()
     copy.load_state_dict(module.state_dict())
     return copy
-
-
-def check_ema_resume(
-    checkpoint: dict[str, Any], callbacks: list[Any], fork: bool, where: str
-) -> None:
-    """Refuse, before anything is written, a resume that would drop a checkpoint's average or
-    continue it with another decay (a fork may do either)."""
-    saved = checkpoint.get(EMA_KEY)
-    if fork or not isinstance(saved, dict):
-        return
-    ema = [cb for cb in callbacks if isinstance(cb, EMA)]
-    if not ema:
-        raise MidtrainError(
-            f"{where}: it holds an EMA average but this run has no midtrain.callbacks.EMA; "
-            "resume with the same EMA callback, or start a new run from it with --fork"
-        )
-    if saved.get("decay") != ema[0].decay:
-        raise MidtrainError(
-            f"{where}: its EMA average was made with decay {saved.get('decay')}, this run has "
-            f"EMA.decay {ema[0].decay}; resume with the same decay, or --fork"
-        )
 
 
 class EMA(EMAWeightAveraging):
@@ -117,11 +97,19 @@ class EMA(EMAWeightAveraging):
         self.decay = decay
         self.validate = validate
 
-    # -- construction -----------------------------------------------------------------------
-    @staticmethod
-    def check(trainer: pl.Trainer) -> None:
-        """Refuse what the callback cannot do (the CLI calls it before anything is written)."""
-        if isinstance(trainer.strategy, ModelParallelStrategy):
+    # -- run state (midtrain.checkpoint.plan) -----------------------------------------------
+    def run_settings(self, trainer: pl.Trainer) -> dict[str, Setting]:
+        """What shaped the average: a resume keeps it (and may not drop the callback), a fork
+        may change it (the average then starts afresh from the fork's weights)."""
+        return {
+            "EMA.decay": Setting(self.decay),
+            "EMA.update_every_n_steps": Setting(self.update_every_n_steps),
+            "EMA.update_starting_at_step": Setting(self.update_starting_at_step),
+        }
+
+    def check_plan(self, plan: RunPlan, trainer: pl.Trainer) -> None:
+        """Refuse what the callback cannot do (the CLI asks before anything is written)."""
+        if plan.command == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
             raise MidtrainError(
                 "trainer.callbacks: midtrain.callbacks.EMA does not support FSDP2 "
                 "(ModelParallelStrategy: the average would be a full unsharded copy on every "
@@ -131,7 +119,7 @@ class EMA(EMAWeightAveraging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.check(trainer)
+        self.check_plan(plan_of(trainer), trainer)
         pl_module.configure_model()  # idempotent; the GPT must exist to be copied
         module = _averaged_module(pl_module)
         self._average_model = AveragedModel(
@@ -239,17 +227,15 @@ class EMA(EMAWeightAveraging):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Resume the average exactly; a checkpoint without one (a fork from a run without
-        EMA) starts it at the next update, from the live weights."""
+        """Resume (or fork) the average exactly; a checkpoint without one (a fork from a run
+        without EMA) starts it at the next update, from the live weights. The planner
+        (``midtrain.checkpoint.plan``) refused a resume that would change or drop it."""
         if self._average_model is None:
-            return  # validate/test: the module reads the weights (CausalLM.checkpoint_weights)
+            return  # validate/test: the module reads the weights (the plan's `weights`)
         saved = checkpoint.get(EMA_KEY)
         if saved is None:
             self._latest_update_step = int(checkpoint.get("global_step", 0))
             return
-        dm = getattr(trainer, "datamodule", None)
-        fork = getattr(dm, "fork_step", None) is not None
-        check_ema_resume(checkpoint, [self], fork, f"--ckpt_path {trainer.ckpt_path}")
         prefix = _prefix(pl_module)
         state = {k.removeprefix(prefix): v for k, v in saved["state_dict"].items()}
         self._average_model.module.load_state_dict(state)

@@ -5,17 +5,17 @@ register with it and read it."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.checkpoint.layout import checkpoint_dir, switch_checkpoint
 from midtrain.data.contract import require_contract, require_max_steps
 from midtrain.data.mixture import check_ramp
 from midtrain.errors import MidtrainError
+from midtrain.train.callbacks.base import StepCallback
 from midtrain.train.metrics import is_logging_step
 
 
-class MixtureSwitch(Callback):
+class MixtureSwitch(StepCallback):
     """Switch the data mixture at an optimizer step.
 
     The first batch of optimizer step ``step`` (or ``round(fraction * max_steps)``) is drawn
@@ -85,47 +85,35 @@ class MixtureSwitch(Callback):
             max_steps = require_max_steps(trainer, "MixtureSwitch steps are optimizer steps")
             self.register(trainer.datamodule, max_steps)  # type: ignore[attr-defined]  # set by Lightning, undeclared
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: object,
-        batch: object,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
-        step = self.resolve_step(trainer.max_steps)
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if not stepped or trainer.global_step != step:
+        switch = self.resolve_step(trainer.max_steps)
+        if step + 1 != switch:  # the switch's step runs next
             return
         ramp = f" (a {self.ramp} ramp of {self.ramp_steps} steps)" if self.ramp_steps > 1 else ""
-        rank_zero_info(f"mixture switch before step {step}: {self.weights}{ramp}")
+        rank_zero_info(f"mixture switch before step {switch}: {self.weights}{ramp}")
         if self.save_checkpoint:
             # a full, resumable checkpoint (unset, Lightning says so in an info line)
             trainer.save_checkpoint(
-                checkpoint_dir(trainer) / switch_checkpoint(step), weights_only=False
+                checkpoint_dir(trainer) / switch_checkpoint(switch), weights_only=False
             )
 
 
-class MixtureLogging(Callback):
+class MixtureLogging(StepCallback):
     """Logs ``mixture/weight/<domain>`` (the schedule's normalised weight, from the data
     module's ``weights_at``; inside a ramp, the step's interpolated weight) for every domain
     with weight in some phase, on logging steps and always on both sides of a phase start and
     a ramp end, so the curve steps exactly at the switch whatever ``log_every_n_steps`` is. A weight of 0 here is the schedule, not a stale measurement.
     The ``midtrain`` command adds it by default."""
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: object,
-        batch: object,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
         dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or dm is None:
+        if dm is None:
             return
         data = require_contract(dm)
-        step = trainer.global_step - 1  # the optimizer step just taken
         starts = data.phase_starts()
         every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared
         if not is_logging_step(step, every, trainer.max_steps, starts):

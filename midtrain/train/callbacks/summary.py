@@ -79,9 +79,11 @@ def format_count(n: float) -> str:
 
 
 def losses_line(metrics: dict[str, float], stage: str) -> str | None:
-    """``train/loss 3.21 | val/prose/loss 3.40 | ...``: the final loss of each set."""
+    """``train/loss 3.21 | val/prose/loss 3.40 | ...``: the final loss of each set, then of
+    the averaged weights' (``val_ema/<set>/loss``, midtrain.callbacks.EMA) where validated."""
     keys = [k for k in metrics if k == "train/loss"]
-    keys += sorted(k for k in metrics if k.startswith(f"{stage}/") and k.endswith("/loss"))
+    for family in (stage, f"{stage}_ema"):
+        keys += sorted(k for k in metrics if k.startswith(f"{family}/") and k.endswith("/loss"))
     if not keys:
         return None
     return "  ".join(f"{k} {format_value(metrics[k])}" for k in keys)

@@ -11,6 +11,8 @@ from lightning.fabric.utilities.throughput import Throughput as FabricThroughput
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
+from midtrain.train.callbacks.base import optimizer_step_ended
+
 # compute dtype of a Trainer precision, for the device's peak FLOP/s (MFU)
 _PRECISION_DTYPES = {
     "bf16-mixed": torch.bfloat16,
@@ -63,7 +65,7 @@ class Throughput(Callback):
     ) -> None:
         if self._throughput is None or not trainer.is_global_zero:
             return
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        stepped = optimizer_step_ended(trainer, batch_idx)
         step = trainer.global_step - 1 if stepped else None  # the optimizer step just taken
         logging = step is not None and _logs(trainer, pl_module, step)
         if logging and trainer.strategy.root_device.type == "cuda":
