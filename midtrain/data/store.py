@@ -379,7 +379,9 @@ def verify(root: str | os.PathLike) -> list[tuple[str, str]]:
     """(domain, problem or "ok") for every domain of a store, rehashing every file; the
     files of a pretokenized domain are read whole and every token id checked."""
     store = Store(root)
-    return [(name, _verify_domain(store.root / name, store.vocab_size)) for name in store.domain_names]
+    return [
+        (name, _verify_domain(store.root / name, store.vocab_size)) for name in store.domain_names
+    ]
 
 
 def _verify_domain(path: Path, vocab_size: int) -> str:
@@ -394,7 +396,9 @@ def _verify_domain(path: Path, vocab_size: int) -> str:
             "re-run `midtrain prepare` to verify it"
         )
     bad = [
-        f for f, entry in sorted(manifest["files"].items()) if file_digest(path / f) != entry["sha256"]
+        f
+        for f, entry in sorted(manifest["files"].items())
+        if file_digest(path / f) != entry["sha256"]
     ]
     if bad:
         return f"{path / bad[0]}: content differs from its manifest (sha256); re-run `midtrain prepare`"

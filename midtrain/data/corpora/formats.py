@@ -255,7 +255,11 @@ def _megatron_arrays(idx: Path, count: int, docs: int) -> dict[str, np.ndarray]:
     at += 4 * count
     pointers = mm[at : at + 8 * count].view(np.int64)
     at += 8 * count
-    return {"sizes": sizes, "pointers": pointers, "documents": mm[at : at + 8 * docs].view(np.int64)}
+    return {
+        "sizes": sizes,
+        "pointers": pointers,
+        "documents": mm[at : at + 8 * docs].view(np.int64),
+    }
 
 
 def _megatron_check(idx: Path, index: dict[str, np.ndarray], itemsize: int) -> int:
@@ -401,7 +405,10 @@ class LitdataCorpus(Corpus):
         """litdata's ``ChunksConfig`` of this process (its downloader is not shared across a
         fork)."""
         if self._config is None or self._config[0] != os.getpid():
-            self._config = (os.getpid(), _chunks_config(self.spec["path"], self.spec.get("cache_dir")))
+            self._config = (
+                os.getpid(),
+                _chunks_config(self.spec["path"], self.spec.get("cache_dir")),
+            )
         return self._config[1]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -495,4 +502,3 @@ def _litdata_dtype(data_format: str, path: str) -> np.dtype:
     if dtype.kind not in "iu":
         raise MidtrainError(f"{path}: tokens of type {dtype.name}; token ids are integers")
     return dtype
-

@@ -87,7 +87,13 @@ def file_records(corpus: Corpus) -> dict[str, list[dict[str, Any]]]:
     index = []
     for path in corpus.index_files:
         size = _index_size(corpus, path)
-        index.append({"path": path, "bytes": size, "sha256": _digest(corpus, path, size, _index_ranges(size))})
+        index.append(
+            {
+                "path": path,
+                "bytes": size,
+                "sha256": _digest(corpus, path, size, _index_ranges(size)),
+            }
+        )
     return {"files": data, "index": index}
 
 
@@ -96,7 +102,10 @@ def corpus_from_manifest(manifest: dict[str, Any]) -> Corpus:
     from midtrain.data.corpora.formats import CORPORA
 
     spec = manifest["source"]
-    files = [TokenFile(f["path"], f["bytes"], f["offset"], f["tokens"]) for f in manifest["corpus"]["files"]]
+    files = [
+        TokenFile(f["path"], f["bytes"], f["offset"], f["tokens"])
+        for f in manifest["corpus"]["files"]
+    ]
     index = [f["path"] for f in manifest["corpus"]["index"]]
     return CORPORA[spec["format"]](spec, files, np.dtype(manifest["dtype"]), index)
 
@@ -124,9 +133,13 @@ def check_files(corpus: Corpus, records: dict[str, list[dict[str, Any]]], domain
         except MidtrainError:
             raise
         except Exception as e:  # a remote object gone or unreadable
-            raise MidtrainError(f"{path}: cannot be read ({' '.join(str(e).split())}); {redo}") from None
+            raise MidtrainError(
+                f"{path}: cannot be read ({' '.join(str(e).split())}); {redo}"
+            ) from None
         if digest != record["sha256"]:
-            raise MidtrainError(f"{path}: its content changed since prepare (sampled sha256); {redo}")
+            raise MidtrainError(
+                f"{path}: its content changed since prepare (sampled sha256); {redo}"
+            )
 
 
 def scan_tokens(corpus: Corpus, vocab_size: int) -> None:

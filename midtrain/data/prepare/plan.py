@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from midtrain.data.prepare.config import DomainConfig, PrepareConfig, check_config, check_domain
 from midtrain.data.corpora import resolve_corpus_spec
+from midtrain.data.prepare.config import DomainConfig, PrepareConfig, check_config, check_domain
 from midtrain.data.sources import Template, resolve_source, source_fingerprint
 from midtrain.data.store import FORMAT_VERSION, StoreIndex, check_sizes
 from midtrain.errors import MidtrainError

@@ -61,7 +61,11 @@ class _SplitIndex:
         gap = np.concatenate([[starts[0] != self.last_end], starts[1:] != ends[:-1]])
         spans = np.stack([starts[gap], (offsets - lengths)[gap]], axis=1).astype(np.int64)
         spans.tofile(self._spans)
-        self.tokens, self.docs, self.last_end = int(offsets[-1]), self.docs + len(starts), int(ends[-1])
+        self.tokens, self.docs, self.last_end = (
+            int(offsets[-1]),
+            self.docs + len(starts),
+            int(ends[-1]),
+        )
 
     def close(self) -> None:
         self._docs.close()
@@ -106,7 +110,9 @@ def _check_samples(corpus: Corpus, vocab_size: int) -> None:
         corpus.read(int(at), min(int(at) + per, corpus.num_tokens), vocab_size)
 
 
-def _split_documents(plan: Plan, corpus: Corpus, out: Path, eos: int, vocab: int, seed: int) -> tuple[dict[str, _SplitIndex], int]:
+def _split_documents(
+    plan: Plan, corpus: Corpus, out: Path, eos: int, vocab: int, seed: int
+) -> tuple[dict[str, _SplitIndex], int]:
     """Every document of the corpus to its split's index files; (the indexes, empty docs)."""
     index = {s: _SplitIndex(out, s) for s in SPLITS}
     caps = _Caps(plan.config.max_docs, plan.config.max_tokens)
