@@ -71,6 +71,7 @@ class Corpus:
         self.dtype = np.dtype(dtype)
         self.index_files = index  # files that describe the tokens (checksummed, not read)
         self.starts = np.concatenate([[0], np.cumsum([f.tokens for f in files], dtype=np.int64)])
+        self._paths: list[Path] = []  # local files as Paths, made on first read
 
     @classmethod
     def open(cls, spec: dict[str, Any], where: str) -> Corpus:
@@ -84,6 +85,14 @@ class Corpus:
     def local_path(self, i: int) -> str:
         """File ``i`` on this machine (a remote litdata chunk: fetched into the cache first)."""
         return self.files[i].path
+
+    def _local(self, i: int) -> Path:
+        paths = self.__dict__.get("_paths")
+        if paths is None or self.remote_files:
+            return Path(self.local_path(i))
+        if len(paths) != len(self.files):
+            paths = self.__dict__["_paths"] = [Path(f.path) for f in self.files]
+        return paths[i]
 
     def read_bytes(self, path: str, offset: int, length: int) -> bytes:
         """Raw bytes of a file of this corpus (its index files included)."""
@@ -109,7 +118,7 @@ class Corpus:
             n = min(hi, end) - lo
             if n > 0:
                 first = lo - int(self.starts[i])
-                data = _pread(Path(self.local_path(i)), n * size, f.offset + first * size)
+                data = _pread(self._local(i), n * size, f.offset + first * size)
                 part = np.frombuffer(data, self.dtype)
                 if len(part) != n:
                     raise MidtrainError(f"{f.path}: shorter than at prepare; the file changed")
@@ -341,6 +350,12 @@ def check_ids(tokens: np.ndarray, vocab_size: int, path: str, at: int) -> None:
     file and the token's position in it."""
     if not len(tokens):
         return
+    if (
+        tokens.dtype.kind in "iu"
+        and tokens.max() < vocab_size
+        and (tokens.dtype.kind == "u" or tokens.min() >= 0)
+    ):
+        return  # the common case: one pass over the block
     bad = (tokens >= vocab_size) | (tokens < 0)
     if tokens.dtype.kind == "f":
         bad |= tokens != np.floor(tokens)
