@@ -79,6 +79,7 @@ def _run(store: Path, name: str) -> tuple[float, float]:
 
 
 def bench_corpora(root: Path, tokens: int = 500_000_000, repeats: int = 3) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
     megatron_domain(root, tokens)
     runs: dict[str, list[tuple[float, float]]] = {"megatron": [], "native": []}
     for _ in range(repeats):  # interleaved: both see the same page cache and machine load
