@@ -33,6 +33,8 @@ STACKS = [
     ("pretrain/paper.yaml", "midtrain/paper-dclm.yaml", (40000, {"c4": 0.8, "dclm": 0.2})),
     ("pretrain/paper.yaml", "cpt/paper-code.yaml", (40000, {"starcoder": 1.0})),
     ("pretrain/paper.yaml", "cpt/paper-math.yaml", (56000, {"math": 1.0})),
+    ("midtrain/paper-pythia-pile.yaml", None, (2000, {"pile": 0.8, "code": 0.2})),
+    ("midtrain/cpu-pythia-pile.yaml", None, (8, {"pile": 0.8, "code": 0.2})),
     ("pretrain/paper.yaml", "strategy/fsdp2.yaml", None),
     ("pretrain/paper.yaml", "strategy/ddp.yaml", None),
 ]
@@ -57,14 +59,16 @@ def test_config_parses(
         assert switches == []
     else:
         assert [(s["step"], s["weights"]) for s in switches] == [switch]
-    if base.endswith("paper.yaml"):
+    if base.endswith(("paper.yaml", "paper-pythia-pile.yaml")):
         steps, micro = cfg["trainer"]["max_steps"], cfg["data"]["init_args"]["micro_batch_size"]
-        assert steps == 61035 and cfg["data"]["init_args"]["seq_len"] == 2048
+        assert steps == (43000 if "pythia" in base else 61035)
+        assert cfg["data"]["init_args"]["seq_len"] == 2048
         assert micro * cfg["trainer"]["accumulate_grad_batches"] * cfg["trainer"]["devices"] == 1024
 
 
 def test_prepare_configs_parse(capsys: pytest.CaptureFixture) -> None:
-    for name in ("prepare/demo.yaml", "prepare/paper.yaml"):
+    names = ("demo", "paper", "pythia-pile", "cpu-pythia-pile")
+    for name in (f"prepare/{n}.yaml" for n in names):
         with pytest.raises(SystemExit):
             main(["prepare", "--config", str(CONFIGS / name), "--print_config"])
         cfg = yaml.safe_load(capsys.readouterr().out)

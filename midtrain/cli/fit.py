@@ -413,7 +413,7 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         check_run_dir(
             Path(self.trainer.default_root_dir), self.checkpoint_dir, fresh=plan.mode != "resume"
         )
-        if plan.mode == "resume":
+        if plan.mode in ("resume", "fork"):
             self._restore_data_early(plan)
         # every check passed: from here on the run may write
         for line in self.resume.lines:
@@ -423,8 +423,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
             say(f"midtrain: removed {stale}, left by a save that was killed")
 
     def _restore_data_early(self, plan: RunPlan) -> None:
-        """The data module's runtime changes before training, so the schedule printed and
-        checked is the whole one (Lightning restores it again, the same way)."""
+        """The data module's state before anything is written: its own refusals (a changed
+        ``start_items``) come now, and the schedule is the whole one (Lightning restores it
+        again, the same way)."""
         if self.datamodule is None or plan.checkpoint is None:
             return
         meta = self.resume.checkpoint_metadata(plan.checkpoint, "ckpt_path")

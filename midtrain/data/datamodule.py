@@ -23,7 +23,7 @@ from midtrain.data.mixture import (
     plan_rows,
     shift_phases,
 )
-from midtrain.data.store import Store
+from midtrain.data.store import Store, num_items
 from midtrain.data.streams import MixtureStream, ValidationBlocks
 from midtrain.errors import MidtrainError
 from midtrain.run_state import Fork, Rule, RunPlan, Setting, plan_of
@@ -49,6 +49,13 @@ class MixtureDataModule(StepDataModule):
         val_batch_size: default micro_batch_size.
         max_repeat: refuse a schedule that would read any domain more than this many times
             (epochs); None disables the check. The plan is printed at the start of fit.
+        start_items: domain -> item n, for domains prepared with ``order: sequential``: the
+            run (or a ``--fork_data fresh`` fork) reads them from their item n on (item i is
+            tokens [i(seq_len+1), (i+1)(seq_len+1)) of the domain; default 0). Their
+            sequences are then items n, n+1, ... in step order and, within a step, in slot
+            order (accumulation micro-step, rank, row), whatever the weights, switches,
+            ramps, runtime changes, resumes and ``--fork_data keep`` forks (which continue at
+            the next unread item).
 
     Phases come from three places: ``weights`` (from step 0), switches registered with
     ``add_switch`` before training (``MixtureSwitch`` callbacks do so in their ``setup``; a
@@ -78,12 +85,14 @@ class MixtureDataModule(StepDataModule):
         val_max_blocks: int | None = 64,
         val_batch_size: int | None = None,
         max_repeat: float | None = 10.0,
+        start_items: dict[str, int] | None = None,
     ) -> None:
         super().__init__(micro_batch_size, seed, num_workers, prefetch_factor)
         self.store = Store(store)
         if seq_len <= 0:
             raise MidtrainError(f"data.seq_len: must be positive, got {seq_len}")
         self.seq_len = seq_len
+        self.start_items = self._check_start_items(dict(start_items or {}))
         self.val_max_blocks = val_max_blocks
         self.val_batch_size = val_batch_size or micro_batch_size
         names = self.store.domain_names
@@ -116,10 +125,45 @@ class MixtureDataModule(StepDataModule):
         self.val_set_names = list(val_sets)
         self._check_domains(self.weights, "data.weights")
 
+    def _check_start_items(self, start_items: dict[str, int]) -> dict[str, int]:
+        """One line for a start item the store cannot honour."""
+        names = self.store.domain_names
+        for name, n in start_items.items():
+            where = f"data.start_items.{name}"
+            if name not in names:
+                raise MidtrainError(f"{where}: unknown domain {name!r}; known: {', '.join(names)}")
+            if self.store.domain(name).order != "sequential":
+                raise MidtrainError(
+                    f"{where}: domain {name!r} is read in a shuffled order, so it has no item "
+                    "to start at; prepare it with `order: sequential`"
+                )
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise MidtrainError(f"{where}: an item number >= 0, got {n!r}")
+            items = self.units(name)
+            if n >= items:
+                raise MidtrainError(
+                    f"{where}: item {n:,} is past the end of the domain ({items:,} items of "
+                    f"seq_len {self.seq_len} + 1 tokens)"
+                )
+        return start_items
+
+    def sequential(self, name: str) -> bool:
+        return self.store.domain(name).order == "sequential"
+
+    def units(self, name: str) -> int:
+        """What the schedule draws from a domain's training split: blocks (shuffled) or
+        items (sequential)."""
+        split = self.store.domain(name).train
+        return (
+            num_items(split, self.seq_len)
+            if self.sequential(name)
+            else split.num_blocks(self.seq_len)
+        )
+
     def _check_domains(self, weights: Mapping[str, float], where: str) -> None:
         for name, w in weights.items():
             split = self.store.domain(name).train
-            if w > 0 and split.num_blocks(self.seq_len) == 0:
+            if w > 0 and self.units(name) == 0:
                 raise MidtrainError(
                     f"{where}.{name}: empty domain: {split.num_tokens} training tokens, fewer "
                     f"than one sequence of seq_len {self.seq_len} + 1"
@@ -143,11 +187,7 @@ class MixtureDataModule(StepDataModule):
     def domains(self) -> list[str]:
         """Domains a schedule may draw from (every domain with training data), in store order.
         Fixed for a store, so runtime changes and forks keep domain ids stable."""
-        return [
-            n
-            for n in self.store.domain_names
-            if self.store.domain(n).train.num_blocks(self.seq_len) > 0
-        ]
+        return [n for n in self.store.domain_names if self.units(n) > 0]
 
     @property
     def active_domains(self) -> list[str]:
@@ -259,10 +299,10 @@ class MixtureDataModule(StepDataModule):
         """Per phase and domain: sequences and tokens drawn, realized share, tokens available,
         and how many times the domain has been read by the end of the phase (``plan_rows``),
         for a stream starting at ``origin`` (default: ``data_origin``)."""
-        blocks = {n: self.store.domain(n).train.num_blocks(self.seq_len) for n in self.domains}
+        blocks = {n: self.units(n) for n in self.domains}
         origin = self.data_origin if origin is None else origin
         schedule = self.stream_schedule(global_batch_size, origin)
-        rows = plan_rows(schedule, max_steps - origin, self.seq_len, blocks)
+        rows = plan_rows(schedule, max_steps - origin, self.seq_len, blocks, self.start_items)
         for row in rows:  # a fresh stream's steps, shown as the run's optimizer steps
             row["start"] += origin
             row["end"] += origin
@@ -310,18 +350,37 @@ class MixtureDataModule(StepDataModule):
         count[1] += 1  # last: a worker that sees the new version sees the whole table
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the stream's past depends on (a resume and a fork keep it)."""
-        return {
+        """What the stream depends on. With sequential or pretokenized domains also: each
+        sequential domain (``order``), where it starts (``start_items``) and the content hash
+        of each pretokenized domain's files (``corpora``; all three are part of ``store`` too).
+        Runs without them keep the three-key form."""
+        out: dict[str, Any] = {
             "store": self.store.fingerprint(self.domains),
             "seq_len": self.seq_len,
             "seed": self.seed,
         }
+        order = {n: "sequential" for n in self.domains if self.sequential(n)}
+        corpora = {
+            n: self.store.domain(n).manifest["content_hash"]
+            for n in self.domains
+            if self.store.domain(n).corpus is not None
+        }
+        if order or self.start_items:
+            out["order"] = order
+            out["start_items"] = dict(sorted(self.start_items.items()))
+        if corpora:
+            out["corpora"] = corpora
+        return out
 
     def run_settings(self, trainer: L.Trainer) -> dict[str, Setting]:
         """``StepDataModule``'s, and the configured schedule (``weights`` and the switches;
         runtime changes are checkpoint state): a resume keeps it, a fork keeps the phases
         before its step."""
         settings = super().run_settings(trainer)
+        if "data.start_items" in settings:
+            # a resume keeps it; a fork may change it where load_state_dict allows (a domain
+            # not read yet, or --fork_data fresh)
+            settings["data.start_items"] = Setting(self.start_items, Rule.RESUME)
         configured = {0: Phase(0, self.weights), **{p.start_step: p for p in self.switch_phases}}
         schedule = [configured[k].key() for k in sorted(configured)]
         settings["data.schedule"] = Setting(schedule, Rule.SCHEDULE)
@@ -350,6 +409,9 @@ class MixtureDataModule(StepDataModule):
         self._table_len.share_memory_()
         self._write_table()
         schedule = self.stream_schedule(self.global_batch_size(trainer))
+        sequential = [
+            self.start_items.get(n, 0) if self.sequential(n) else None for n in schedule.domains
+        ]
         return MixtureStream(
             [self.store.domain(n).train for n in schedule.domains],
             schedule,
@@ -362,6 +424,7 @@ class MixtureDataModule(StepDataModule):
             max_steps=trainer.max_steps,
             phase_table=(self._table, self._table_len),
             origin=self.data_origin,
+            sequential=sequential,
         )
 
     def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
@@ -383,6 +446,7 @@ class MixtureDataModule(StepDataModule):
             "fingerprint": self.fingerprint(),
             "step": step,
             "runtime_phases": [p.key() for p in self.runtime_phases],
+            "phases": [p.key() for p in self.phases],  # all of them: which domains were read
             "origin": self.data_origin,
         }
 
@@ -395,6 +459,7 @@ class MixtureDataModule(StepDataModule):
         if plan.mode not in ("resume", "fork"):
             return
         step = state_dict.get("step") or 0
+        self._check_start_items_agree(plan, state_dict, step)
         runtime = [Phase.from_key(k) for k in state_dict.get("runtime_phases", [])]
         saved_origin = state_dict.get("origin", 0)
         if plan.fork is None:
@@ -403,6 +468,29 @@ class MixtureDataModule(StepDataModule):
         # A fork keeps the past (so the data position) and may change what comes after.
         self.runtime_phases = [p for p in runtime if p.start_step < step]
         self.data_origin = self._fork_origin(plan.fork, step, saved_origin)
+
+    def _check_start_items_agree(self, plan: RunPlan, state: dict[str, Any], step: int) -> None:
+        """A resume reads on from the checkpoint's items, so its ``start_items`` must be the
+        checkpoint's; a ``keep`` fork too for every domain read before the fork step (one not
+        read yet may start anywhere); a ``fresh`` fork starts at its own."""
+        if plan.fork is not None and plan.fork.data == "fresh":
+            return
+        saved = state.get("fingerprint") or {}
+        was, now = saved.get("start_items", {}), self.start_items
+        phases = state.get("phases", saved.get("phases", []))
+        read = {
+            name for key in phases if key[0] < step for name, w in dict(key[1]).items() if w > 0
+        }
+        for name in sorted(set(was) | set(now)):
+            if was.get(name, 0) == now.get(name, 0):
+                continue
+            if plan.fork is None or name in read:
+                raise MidtrainError(
+                    f"data.start_items.{name}: the checkpoint read domain {name!r} from item "
+                    f"{was.get(name, 0):,}, this run says {now.get(name, 0):,}; it continues at "
+                    "the checkpoint's next unread item: drop the change, or fork with "
+                    "--fork_data fresh to start the stream at start_items"
+                )
 
     def _fork_origin(self, fork: Fork, step: int, saved_origin: int) -> int:
         """A fork's stream origin: the checkpoint's (keep), or the fork step (fresh), whose

@@ -280,15 +280,20 @@ def plan_segments(schedule: MixtureSchedule, max_steps: int) -> list[tuple[int, 
 
 
 def plan_rows(
-    schedule: MixtureSchedule, max_steps: int, seq_len: int, blocks: Mapping[str, int] | None = None
+    schedule: MixtureSchedule,
+    max_steps: int,
+    seq_len: int,
+    blocks: Mapping[str, int] | None = None,
+    start_items: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Per stretch of steps (a phase, or the ramp that opens it and the steady rest) and domain
     drawn from: sequences and tokens drawn, the realized share of every global batch
     (``per_batch / batch``, which rounding to whole sequences may move away from the configured
     ``weight``; over a ramp, that of its last step, and ``weight_from``/``per_batch_from`` those of
     its first), and, given the training blocks of each domain, tokens available and how many
-    times the domain has been read by the end of the stretch (``None`` without ``blocks``).
-    Pure: the data module and the study's dry run print the same rows."""
+    times the domain has been read by the end of the stretch (``None`` without ``blocks``); a
+    sequential domain starting at item ``start_items[d]`` counts from there (where in its files the
+    stretch ends, in passes). Pure: the data module and the study's dry run print the same rows."""
     rows = []
     for i, start, end, is_ramp in plan_segments(schedule, max_steps):
         drawn = schedule.draws_between(start, end)
@@ -315,7 +320,9 @@ def plan_rows(
                     "sequences": int(drawn[d]),
                     "tokens": int(drawn[d]) * seq_len,
                     "available": None if n_blocks is None else n_blocks * seq_len,
-                    "epochs": None if not n_blocks else float(total[d]) / n_blocks,
+                    "epochs": None
+                    if not n_blocks
+                    else float(total[d] + (start_items or {}).get(name, 0)) / n_blocks,
                 }
             )
     return rows

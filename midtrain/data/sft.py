@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset
 
 from midtrain.data.contract import StepDataModule
 from midtrain.data.mixture import domain_key, permute
-from midtrain.data.store import Split, Store
+from midtrain.data.store import Store, TokenSplit
 from midtrain.data.streams import StepStream, ValidationBlocks, rank_share
 from midtrain.errors import MidtrainError
 
@@ -56,7 +56,7 @@ def example_rows(
 
 
 def build_row(
-    split: Split, examples: np.ndarray, max_tokens: int
+    split: TokenSplit, examples: np.ndarray, max_tokens: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, target mask, doc ids) of a row; each example truncated to ``max_tokens``.
     The mask is aligned with tokens: mask[t] says whether token t counts as a target."""
@@ -105,7 +105,7 @@ class SFTStream(StepStream):
 
     def __init__(
         self,
-        split: Split,
+        split: TokenSplit,
         name: str,
         max_length: int,
         packing: bool,
@@ -151,7 +151,7 @@ class ValidationExamples(IterableDataset):
 
     def __init__(
         self,
-        split: Split,
+        split: TokenSplit,
         max_length: int,
         batch_size: int,
         pad_id: int,

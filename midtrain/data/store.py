@@ -23,14 +23,18 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from midtrain.errors import MidtrainError
 
+if TYPE_CHECKING:
+    from midtrain.data.corpora import Corpus
+
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
+ORDERS = ("shuffled", "sequential")  # a domain's `order`: how the mixture reads its train split
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -104,6 +108,37 @@ class Split:
         return np.asarray(self.tokens[self.doc_offsets[i] : self.doc_offsets[i + 1] - 1])
 
 
+class TokenSplit(Protocol):
+    """What readers use of a split: ``Split`` (a prepared domain's own files) and
+    ``midtrain.data.corpora.ExternalSplit`` (pretokenized files read in place)."""
+
+    @property
+    def doc_offsets(self) -> np.ndarray: ...
+
+    @property
+    def loss_mask(self) -> np.ndarray | None: ...
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_docs(self) -> int: ...
+
+    @property
+    def num_bytes(self) -> int: ...
+
+    def num_blocks(self, seq_len: int) -> int: ...
+
+    def document(self, i: int) -> np.ndarray: ...
+
+
+def num_items(split: TokenSplit, seq_len: int) -> int:
+    """Sequences of ``order: sequential``: item i is tokens [i(seq_len+1), (i+1)(seq_len+1))."""
+    return split.num_tokens // (seq_len + 1)
+
+
 def open_split(directory: Path, split: str, dtype: np.dtype) -> Split:
     """The files of one split in ``directory`` (a domain, or a prepare shard), memory-mapped."""
     mask_path = directory / f"{split}.mask"
@@ -137,21 +172,39 @@ class DomainStore:
         )
         self.name: str = self.manifest["name"]
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.order: str = self.manifest.get("order", "shuffled")
         check_sizes(self.path, self.manifest)
+        self.corpus: Corpus | None = None
+        if "corpus" in self.manifest:  # pretokenized files, read where they lie
+            from midtrain.data.corpora import check_files
+            from midtrain.data.corpora.split import corpus_from_manifest
 
-    def split(self, name: str) -> Split:
+            self.corpus = corpus_from_manifest(self.manifest)
+            check_files(self.corpus, self.manifest["corpus"], self.name)
+
+    def split(self, name: str) -> TokenSplit:
         return self._splits[name]
 
     @cached_property
-    def _splits(self) -> dict[str, Split]:
-        return {s: open_split(self.path, s, self.dtype) for s in SPLITS}
+    def _splits(self) -> dict[str, TokenSplit]:
+        if self.corpus is None:
+            return {s: open_split(self.path, s, self.dtype) for s in SPLITS}
+        from midtrain.data.corpora import ExternalSplit
+
+        m = self.manifest
+        return {
+            s: ExternalSplit(
+                self.corpus, self.path, s, m["vocab_size"], m["eos_id"], m["splits"][s]["bytes"]
+            )
+            for s in SPLITS
+        }
 
     @property
-    def train(self) -> Split:
+    def train(self) -> TokenSplit:
         return self.split("train")
 
     @property
-    def val(self) -> Split:
+    def val(self) -> TokenSplit:
         return self.split("val")
 
 
@@ -263,6 +316,8 @@ class Store:
         for name in sorted(domains if domains is not None else self.domain_names):
             h.update(name.encode())
             h.update(self.domain(name).manifest["content_hash"].encode())
+            if self.domain(name).order != "shuffled":  # the same tokens, another stream
+                h.update(self.domain(name).order.encode())
         return h.hexdigest()[:16]
 
 
@@ -321,40 +376,40 @@ def content_hash(files: dict[str, dict[str, Any]]) -> str:
 
 
 def verify(root: str | os.PathLike) -> list[tuple[str, str]]:
-    """(domain, problem or "ok") for every domain of a store, rehashing every file."""
+    """(domain, problem or "ok") for every domain of a store, rehashing every file; the
+    files of a pretokenized domain are read whole and every token id checked."""
     store = Store(root)
-    out = []
-    for name in store.domain_names:
-        path = store.root / name
-        try:
-            manifest = DomainStore(path).manifest  # sizes checked on open
-        except MidtrainError as e:
-            out.append((name, str(e)))
-            continue
-        if "files" not in manifest:
-            out.append(
-                (
-                    name,
-                    f"{path}: made by an older midtrain without file hashes; "
-                    "re-run `midtrain prepare` to verify it",
-                )
-            )
-            continue
-        bad = [
-            f
-            for f, entry in sorted(manifest["files"].items())
-            if file_digest(path / f) != entry["sha256"]
-        ]
-        out.append(
-            (
-                name,
-                f"{path / bad[0]}: content differs from its manifest (sha256); "
-                "re-run `midtrain prepare`"
-                if bad
-                else "ok",
-            )
+    return [
+        (name, _verify_domain(store.root / name, store.vocab_size)) for name in store.domain_names
+    ]
+
+
+def _verify_domain(path: Path, vocab_size: int) -> str:
+    try:
+        domain = DomainStore(path)  # sizes checked on open (a corpus: its sampled checksums)
+    except MidtrainError as e:
+        return str(e)
+    manifest = domain.manifest
+    if "files" not in manifest:
+        return (
+            f"{path}: made by an older midtrain without file hashes; "
+            "re-run `midtrain prepare` to verify it"
         )
-    return out
+    bad = [
+        f
+        for f, entry in sorted(manifest["files"].items())
+        if file_digest(path / f) != entry["sha256"]
+    ]
+    if bad:
+        return f"{path / bad[0]}: content differs from its manifest (sha256); re-run `midtrain prepare`"
+    if domain.corpus is not None:
+        from midtrain.data.corpora import scan_tokens
+
+        try:
+            scan_tokens(domain.corpus, vocab_size)
+        except MidtrainError as e:
+            return str(e)
+    return "ok"
 
 
 class SplitWriter:

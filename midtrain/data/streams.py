@@ -22,16 +22,22 @@ from midtrain.data.mixture import (
     domain_key,
     shift_phases,
 )
-from midtrain.data.store import Split
+from midtrain.data.store import TokenSplit, num_items
 
 
 def read_blocks(
-    split: Split, blocks: np.ndarray, seq_len: int, tokens_out: np.ndarray, mask_out: np.ndarray
+    split: TokenSplit,
+    blocks: np.ndarray,
+    seq_len: int,
+    tokens_out: np.ndarray,
+    mask_out: np.ndarray,
+    stride: int | None = None,
 ) -> None:
-    """Blocks of seq_len + 1 tokens (stride seq_len) into ``tokens_out``; the loss mask of their
-    targets into ``mask_out`` (ones where the split has no mask). One pread per block."""
+    """Blocks of seq_len + 1 tokens (stride seq_len, or ``stride``: seq_len + 1 for the items of
+    a sequential domain) into ``tokens_out``; the loss mask of their targets into ``mask_out``
+    (ones where the split has no mask). One pread per block."""
     for row, block in enumerate(np.asarray(blocks, dtype=np.int64)):
-        lo = int(block) * seq_len
+        lo = int(block) * (stride or seq_len)
         tokens, mask = split.read(lo, lo + seq_len + 1)
         tokens_out[row] = tokens
         mask_out[row] = 1.0 if mask is None else mask[1:]
@@ -99,11 +105,14 @@ class MixtureStream(StepStream):
     """The pretraining stream: each slot's (domain, block) from a ``MixtureSchedule``.
 
     ``origin``: the optimizer step that is the schedule's step 0 (``--fork_data fresh``; the
-    schedule is then ``shift_phases`` of the run's phases). 0 for every other run."""
+    schedule is then ``shift_phases`` of the run's phases). 0 for every other run.
+    ``sequential``: per domain, None (its blocks in a keyed permutation per epoch) or the item
+    its draw 0 reads (``order: sequential``): draw n reads item ``(start + n) mod items``, so
+    its sequences are consecutive items in slot order, step after step."""
 
     def __init__(
         self,
-        splits: Sequence[Split],
+        splits: Sequence[TokenSplit],
         schedule: MixtureSchedule,
         seq_len: int,
         micro_batch_size: int,
@@ -114,13 +123,18 @@ class MixtureStream(StepStream):
         max_steps: int,
         phase_table: tuple[torch.Tensor, torch.Tensor] | None = None,
         origin: int = 0,
+        sequential: Sequence[int | None] | None = None,
     ) -> None:
         super().__init__(micro_batch_size, accumulation, rank, world_size, start_step, max_steps)
         self.origin = origin
         self.splits = list(splits)
         self.schedule = schedule
         self.seq_len = seq_len
-        self.num_blocks = [s.num_blocks(seq_len) for s in self.splits]
+        self.sequential = list(sequential or [None] * len(self.splits))
+        self.num_blocks = [
+            s.num_blocks(seq_len) if start is None else num_items(s, seq_len)
+            for s, start in zip(self.splits, self.sequential, strict=True)
+        ]
         # Shared-memory phases (start step, ramp steps, ramp code (RAMP_CODES), weight per
         # domain) and (phase count, version), written by the datamodule when the mixture changes
         # at runtime; workers rebuild their schedule when the version moves (a change that
@@ -142,14 +156,19 @@ class MixtureStream(StepStream):
         mask = np.empty((self.micro, self.seq_len), dtype=np.float32)
         for d in np.unique(domain):
             sel = np.flatnonzero(domain == d)
-            blocks = block_indices(
-                draw[sel],
-                self.num_blocks[d],
-                self.schedule.seed,
-                domain_key(self.schedule.domains[d]),
-            )
+            start = self.sequential[d]
+            if start is None:
+                blocks = block_indices(
+                    draw[sel],
+                    self.num_blocks[d],
+                    self.schedule.seed,
+                    domain_key(self.schedule.domains[d]),
+                )
+            else:  # file order: the next items, wrapping to item 0 past the end
+                blocks = (start + draw[sel]) % self.num_blocks[d]
             t, m = tokens[sel], mask[sel]
-            read_blocks(self.splits[d], blocks, self.seq_len, t, m)
+            stride = None if start is None else self.seq_len + 1
+            read_blocks(self.splits[d], blocks, self.seq_len, t, m, stride)
             tokens[sel], mask[sel] = t, m
         return to_batch(tokens, mask, domain)
 
@@ -200,7 +219,7 @@ class ValidationBlocks(IterableDataset):
 
     def __init__(
         self,
-        split: Split,
+        split: TokenSplit,
         seq_len: int,
         batch_size: int,
         max_blocks: int | None,

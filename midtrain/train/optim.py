@@ -49,6 +49,19 @@ def constant(
     return lr
 
 
+def continued_cosine(
+    step: int, offset: int, total: int, lr: float, min_lr: float, warmup: int
+) -> float:
+    """The learning rate of step ``offset + step`` of a finished run's own schedule (linear
+    warmup over ``warmup`` steps, then a cosine from lr to min_lr at ``total``): a released
+    checkpoint of step ``offset`` continued on its own schedule. Pythia-160M: lr 6e-4, min_lr
+    6e-5, warmup 1,430, total 143,000; at step 100,000 it is 1.738e-4."""
+    at = offset + step
+    if at < warmup:
+        return lr * (at + 1) / warmup
+    return cosine(at, lr, min_lr, warmup, total, 0.0)
+
+
 def _to_last_step(step: int, start: int, lr: float, min_lr: float, max_steps: int) -> float:
     """Linear from lr at ``start`` to exactly min_lr at the last step (max_steps - 1)."""
     progress = min(1.0, (step - start) / max(1, max_steps - 1 - start))

@@ -492,6 +492,7 @@ def bench_gpu(store: Path) -> dict:
 def main() -> None:
     from tests.benchmarks import advise as advise_bench
     from tests.benchmarks import breakdown
+    from tests.benchmarks import corpora as corpora_bench
     from tests.benchmarks import prepare as prepare_bench
 
     parser = argparse.ArgumentParser()
@@ -515,6 +516,7 @@ def main() -> None:
             "step_breakdown": breakdown.in_fresh_process(),
             "gpu": bench_gpu(store),
             "advise": advise_bench.bench_advise(store),
+            "corpora": corpora_bench.bench_corpora(Path(tmp) / "corpora"),
         }
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -598,6 +600,7 @@ def main() -> None:
     rows += prepare_bench.rows(results["prepare_parallel"])
     rows += breakdown.rows(results["step_breakdown"])
     rows += advise_bench.rows(results["advise"])
+    rows += corpora_bench.rows(results["corpora"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
         print(f"{name:<52} {fig:>12}  {detail:<22} {goal}")

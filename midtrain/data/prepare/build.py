@@ -26,6 +26,7 @@ from midtrain.data.prepare.plan import (
     make_plans,
     reusable,
 )
+from midtrain.data.prepare.pretokenized import build_pretokenized
 from midtrain.data.prepare.render import rendered
 from midtrain.data.prepare.shards import merge_domain, shard_dirs, shard_done, write_shard
 from midtrain.data.prepare.tokenizer import (
@@ -68,7 +69,8 @@ def _start(config: PrepareConfig, shard: tuple[int, int] | None, sharded: bool) 
     config = with_model_eos(config, tokens)
     bind_chat_templates(plans, tokens, config.tokenizer.eos or "")
     for p in plans:  # fail on a bad source or template before spending time on a tokenizer
-        next(rendered(p, 1), None)
+        if not p.config.pretokenized:
+            next(rendered(p, 1), None)
     tok, tok_spec = get_tokenizer(config, plans, root, sharded)
     eos = eos_id(tok, config.tokenizer.eos or "")
     tok_hash = tokenizer_hash(tok)
@@ -100,7 +102,7 @@ def prepare(
     shard_sets = {
         p.name: shard_dirs(run.root, p, config.batch_size)
         for p in run.plans
-        if merge and p.name not in run.reused
+        if merge and p.name not in run.reused and not p.config.pretokenized
     }
     created = not run.root.exists()
     run.root.mkdir(parents=True, exist_ok=True)
@@ -126,6 +128,9 @@ def _run_shard(run: _Run, builder: Builder, index: int, count: int) -> None:
     for p in run.plans:
         if p.name in run.reused:
             print(f"[{p.name}] unchanged in the store: nothing to do")
+            continue
+        if p.config.pretokenized:
+            print(f"[{p.name}] pretokenized: nothing to tokenize; indexed by --merge")
             continue
         if shard_done(run.root, p, index, count):
             print(f"[{p.name}] shard {index}/{count} done already")
@@ -159,7 +164,9 @@ def _build_domain(
     why = "new" if not old.is_file() else "source, config or tokenizer changed"
     print(f"[{p.name}] building ({why})")
     t0 = time.perf_counter()
-    if shards is not None:
+    if p.config.pretokenized:  # no token is copied: the store indexes the files
+        result = build_pretokenized(p, out, run.tok, run.eos, run.config.seed)
+    elif shards is not None:
         result = merge_domain(p, shards, out, run.config.batch_size)
     else:
         bar, done = DomainProgress(p), None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from midtrain.data.sources import Template
+from midtrain.data.store import ORDERS
 from midtrain.errors import MidtrainError
 
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -43,8 +44,13 @@ class DomainConfig(Template):
     source: ``datasets.load_dataset`` keyword arguments (``path`` may be a local .jsonl/.json/
       .parquet/.csv/.txt file), or ``{builtin: python-docs|python-stdlib|arithmetic, ...}``.
     mask_prompt: give context tokens (the prompt; chat turns of other roles) loss-mask 0.
+      Or pretokenized files read in place: ``{format: megatron|npy|litdata, path: ...}``
+      (``midtrain.data.corpora``).
+    mask_prompt: give context tokens (the prompt; chat turns of other roles) loss-mask 0.
     val_fraction: this share of documents, evenly spaced, goes to validation (1.0 = eval-only).
     max_docs / max_tokens: stop after this many documents / tokens (useful with streaming).
+    order: how training reads the domain: ``shuffled`` (a keyed permutation of its blocks) or
+      ``sequential`` (file order: sequence i is tokens [i(seq_len+1), (i+1)(seq_len+1))).
     """
 
     source: dict[str, Any]
@@ -52,6 +58,12 @@ class DomainConfig(Template):
     val_fraction: float = 0.05
     max_docs: int | None = None
     max_tokens: int | None = None
+    order: str = "shuffled"
+
+    @property
+    def pretokenized(self) -> bool:
+        """Whether the source is token files (``format:``) rather than records to render."""
+        return "format" in self.source
 
 
 @dataclass
@@ -77,6 +89,12 @@ def check_config(config: PrepareConfig) -> None:
         raise MidtrainError(f"num_proc: must be at least 1, got {config.num_proc}")
     if config.batch_size < 1:
         raise MidtrainError(f"batch_size: must be at least 1, got {config.batch_size}")
+    tokenized = [n for n, d in config.domains.items() if d.pretokenized]
+    if tokenized and tk.train is not None:
+        raise MidtrainError(
+            f"tokenizer.train: domain {tokenized[0]!r} is already tokenized; give the tokenizer "
+            "its files were made with (tokenizer.path or tokenizer.hub)"
+        )
 
 
 def check_domain(name: str, d: DomainConfig) -> None:
@@ -89,3 +107,10 @@ def check_domain(name: str, d: DomainConfig) -> None:
     for cap in ("max_docs", "max_tokens"):
         if getattr(d, cap) is not None and getattr(d, cap) <= 0:
             raise MidtrainError(f"{where}.{cap}: must be positive")
+    if d.order not in ORDERS:
+        raise MidtrainError(f"{where}.order: one of {', '.join(ORDERS)}, got {d.order!r}")
+    if d.pretokenized and (d.template() != Template() or d.chat_template is not None):
+        raise MidtrainError(
+            f"{where}: a pretokenized source (format: {d.source['format']}) has no template; "
+            "drop text, prompt/response and chat"
+        )

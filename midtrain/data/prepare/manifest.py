@@ -9,8 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from midtrain.data.prepare.plan import Plan
-from midtrain.data.sources import source_fingerprint
+from midtrain.data.prepare.plan import Plan, plan_source_fingerprint
 from midtrain.data.store import FORMAT_VERSION, content_hash, file_digest, verify
 from midtrain.errors import MidtrainError
 
@@ -31,13 +30,18 @@ def write_manifest(
                 else ""
             )
         )
+    hashed = dict(files)
+    if "corpus" in built:  # the files read in place are part of the content, by position
+        for i, f in enumerate(built["corpus"]["files"] + built["corpus"]["index"]):
+            hashed[f"corpus:{i}"] = f
     manifest = {
         "name": plan.name,
         "format_version": FORMAT_VERSION,
         "fingerprint": plan.fingerprint,
-        "content_hash": content_hash(files),
+        "content_hash": content_hash(hashed),
         "source": plan.source,
-        "source_fingerprint": source_fingerprint(plan.source),
+        "source_fingerprint": plan_source_fingerprint(plan),
+        "order": plan.config.order,
         "template": asdict(plan.template),
         "mask_prompt": built["with_mask"],
         "val_fraction": plan.config.val_fraction,
@@ -48,6 +52,9 @@ def write_manifest(
         "skipped_empty": built["skipped"],
         "files": files,
     }
+    if "corpus" in built:
+        manifest["corpus"] = built["corpus"]
+        manifest["vocab_size"] = built["vocab_size"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from midtrain.data.corpora import resolve_corpus_spec
 from midtrain.data.prepare.config import DomainConfig, PrepareConfig, check_config, check_domain
 from midtrain.data.sources import Template, resolve_source, source_fingerprint
 from midtrain.data.store import FORMAT_VERSION, StoreIndex, check_sizes
@@ -41,20 +42,23 @@ def make_plans(config: PrepareConfig) -> list[Plan]:
     plans = []
     for name, d in config.domains.items():
         check_domain(name, d)
-        plans.append(
-            Plan(name, d, resolve_source(d.source, f"domains.{name}.source"), d.template())
-        )
+        where = f"domains.{name}.source"
+        source = resolve_corpus_spec(d.source, where) if d.pretokenized else None
+        plans.append(Plan(name, d, source or resolve_source(d.source, where), d.template()))
     return plans
 
 
 def domain_fingerprint(plan: Plan, tok_hash: str, config: PrepareConfig) -> str:
     """Everything a domain's bytes depend on: a changed fingerprint means a rebuild."""
     domain = asdict(plan.config)
-    if domain.get("chat_template") is None:  # added later: older stores keep their fingerprint
+    # keys added later, at their defaults: older stores keep their fingerprint
+    if domain.get("chat_template") is None:
         domain.pop("chat_template", None)
+    if domain.get("order") == "shuffled":
+        domain.pop("order", None)
     spec: dict[str, Any] = {
         "format": FORMAT_VERSION,
-        "source": source_fingerprint(plan.source),
+        "source": plan_source_fingerprint(plan),
         "config": domain,
         "tokenizer": tok_hash,
         "eos": config.tokenizer.eos,
@@ -66,6 +70,15 @@ def domain_fingerprint(plan: Plan, tok_hash: str, config: PrepareConfig) -> str:
     if chat is not None:  # the template's text, not only its name, decides the bytes
         spec["chat_template"] = [chat.source, chat.special]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_source_fingerprint(plan: Plan) -> str:
+    """The source's identity: local files by size and mtime (pretokenized files too)."""
+    if plan.config.pretokenized:
+        from midtrain.data.prepare.pretokenized import corpus_identity
+
+        return corpus_identity(plan.source)
+    return source_fingerprint(plan.source)
 
 
 def check_output(root: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
+import numpy as np
+
 from midtrain.data.chat import ChatRenderError
 from midtrain.data.prepare.plan import Plan
 from midtrain.data.sources import record_batches
@@ -57,15 +59,28 @@ def documents(plan: Plan) -> Iterator[Document]:
         yield from docs
 
 
+def _split_fraction(fraction: float, seed: int) -> tuple[Fraction, int]:
+    f = Fraction(fraction).limit_denominator(1_000_000)
+    return f, (seed % f.denominator if f.denominator > 1 else 0)
+
+
 def validation_split(fraction: float, seed: int) -> Callable[[int], bool]:
     """Record i goes to validation iff floor((i+1+o)f) > floor((i+o)f): exactly round(n f) of
     any n consecutive records, evenly spaced, decided record by record (streaming-friendly).
     Exact rational arithmetic, so 0.3 means 30%; the offset o comes from the seed."""
-    f = Fraction(fraction).limit_denominator(1_000_000)
-    offset = seed % f.denominator if f.denominator > 1 else 0
+    f, offset = _split_fraction(fraction, seed)
 
     def in_val(i: int) -> bool:
         j = i + offset
         return (j + 1) * f.numerator // f.denominator > j * f.numerator // f.denominator
 
     return in_val
+
+
+def validation_mask(fraction: float, seed: int, records: np.ndarray) -> np.ndarray:
+    """``validation_split`` of many record numbers at once (int64 arithmetic: exact for
+    record numbers below 9e12)."""
+    f, offset = _split_fraction(fraction, seed)
+    j = np.asarray(records, dtype=np.int64) + offset
+    num, den = f.numerator, f.denominator
+    return (j + 1) * num // den > j * num // den
