@@ -19,6 +19,7 @@ from midtrain.checkpoint.load import (
     run_tokenizer,
     tokenizer_source,
 )
+from midtrain.data.tokenizer import Bos
 from midtrain.errors import MidtrainError
 from midtrain.model.hf import _require, hf_architecture, to_hf_config, to_hf_state_dict
 
@@ -56,32 +57,37 @@ def export(
         raise MidtrainError(f"--dtype: {dtype!r} is not one of float32, bf16, fp16")
     config, state, meta = load_checkpoint(ckpt, weights=weights)
     hf_architecture(config)  # refuse before any work
-    tok_path, run_eos = (
-        tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(ckpt), meta)
-    )
-    tok = Tokenizer.from_file(str(tok_path))
+    source = tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(ckpt), meta)
+    tok = Tokenizer.from_file(str(source.path))
     check_tokenizer(tok, config, "--tokenizer")
-    eos_token = _eos_token(tok, eos or run_eos, "--eos")
+    eos_token = _eos_token(tok, eos or source.eos, "--eos")
     eos_id = tok.token_to_id(eos_token)
+    bos = source.bos(tok)
+    # a tokenizer without a BOS of its own (GPT-2, Pythia, a trained BPE): the EOS is both
+    bos_id = eos_id if bos.id is None else bos.id
+    bos_token = eos_token if bos.id is None else tok.id_to_token(bos.id)
+    # the exported tokenizer adds the BOS exactly where the documents had one
+    adds = {} if Bos.of(tok).added == bos.added else {"add_bos_token": bos.added}
     hf_state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state_dict(state, config).items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        hf_config = to_hf_config(config, bos_id=eos_id, eos_id=eos_id)
+        hf_config = to_hf_config(config, bos_id=bos_id, eos_id=eos_id)
         hf_config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
         hf_config.save_pretrained(tmp)
         hub.save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size)
         transformers.GenerationConfig(
-            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id
         ).save_pretrained(tmp)
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=tok,
-            bos_token=eos_token,
+            bos_token=bos_token,
             eos_token=eos_token,
             unk_token=None,
             pad_token=None,
             model_max_length=config.block_size,
+            **adds,
         )
         fast.save_pretrained(tmp)
         (tmp / "midtrain.json").write_text(
