@@ -8,7 +8,10 @@ Python users ``import midtrain.evaluation.harness`` before ``lm_eval.simple_eval
     midtrain lm-eval run --model midtrain --model_args checkpoint=<ckpt>,batch_size=8 --tasks ...
 
 ``checkpoint`` is a checkpoint file, a distributed checkpoint directory or
-``hf:<dir or hub id>[@revision]``. Needs the ``eval`` extra (``pip install midtrain[eval]``).
+``hf:<dir or hub id>[@revision]``; ``weights=ema`` scores a checkpoint's averaged weights
+(``midtrain.callbacks.EMA``). Texts get the BOS exactly where lm-eval's ``hf`` model gives them
+one on the export (``add_bos_token`` and ``prefix_token_id`` as there). Needs the ``eval`` extra
+(``pip install midtrain[eval]``).
 """
 
 from __future__ import annotations
