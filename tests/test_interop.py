@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -657,23 +658,30 @@ def test_lm_eval_midtrain_and_hf_agree(run: Path, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3"])
-def test_lm_eval_on_imported_gqa_model_equals_hf(
-    kind: str, tmp_path: Path, builtin_store: Path
-) -> None:
-    """The `midtrain` lm-eval model on hf:<dir> of a GQA model gives lm-eval's own `hf`
-    model's loglikelihood, loglikelihood_rolling and generate_until on the same directory."""
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("accelerate")
+def llama3_model(directory: Path) -> Path:
+    """A random GQA Llama with a Llama 3-style tokenizer: <|begin_of_text|> in front of every
+    text, <|end_of_text|> its EOS (offline: a small BPE, see ``base_tokenizer``)."""
+    base_tokenizer("llama3", directory)
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    config = NEW_KINDS["llama-gqa"]()
+    config.vocab_size = len(tok)
+    config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return directory
+
+
+def assert_lm_eval_equal(ours: Any, theirs: Any, bos: str | None = None) -> None:
+    """loglikelihood (an empty context too, and one that starts with the BOS text),
+    loglikelihood_rolling over several windows and generate_until, as lm-eval calls them."""
     from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
 
-    from midtrain.evaluation.harness import MidtrainLM
-
-    directory = random_hf_model(kind, tmp_path / kind, builtin_store)
-    ours = MidtrainLM(checkpoint=f"hf:{directory}", batch_size=2)
-    theirs = HFLM(pretrained=str(directory), dtype="float32", batch_size=2, device="cpu")
     pairs = [("Question: 2 + 3 =", " 5"), ("def f(x):", "\n    return x"), ("", "The end")]
+    pairs += [(f"{bos}Question: 2 + 3 =", " 5")] if bos else []
     ll = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     for (a, ga), (b, gb) in zip(ours.loglikelihood(ll), theirs.loglikelihood(ll), strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
@@ -687,6 +695,45 @@ def test_lm_eval_on_imported_gqa_model_equals_hf(
         for i, p in enumerate(["Question: 2 + 3 =", "def add(a, b):"])
     ]
     assert ours.generate_until(gen) == theirs.generate_until(gen)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3", "llama3-bos"])
+def test_lm_eval_on_imported_gqa_model_equals_hf(
+    kind: str, tmp_path: Path, builtin_store: Path
+) -> None:
+    """The `midtrain` lm-eval model on hf:<dir> of a GQA model gives lm-eval's own `hf`
+    model's loglikelihood, loglikelihood_rolling and generate_until on the same directory;
+    with a Llama 3-style tokenizer both put its BOS in front of every text."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    from midtrain.evaluation.harness import MidtrainLM
+
+    if kind == "llama3-bos":
+        directory = llama3_model(tmp_path / kind)
+    else:
+        directory = random_hf_model(kind, tmp_path / kind, builtin_store)
+    ours = MidtrainLM(checkpoint=f"hf:{directory}", batch_size=2)
+    theirs = HFLM(pretrained=str(directory), dtype="float32", batch_size=2, device="cpu")
+    bos = theirs.tokenizer.bos_token
+    for text in ("The end", f"{bos}The end"):
+        assert ours.tok_encode(text) == theirs.tok_encode(text)
+    assert (ours.tok_encode("x")[0] == theirs.tokenizer.bos_token_id) == (kind == "llama3-bos")
+    assert ours.prefix_token_id == theirs.prefix_token_id
+    assert_lm_eval_equal(ours, theirs, bos)
+    if kind == "llama3-bos":  # lm-eval's add_bos_token=False: no BOS for either
+        ours = MidtrainLM(checkpoint=f"hf:{directory}", batch_size=2, add_bos_token=False)
+        theirs = HFLM(
+            pretrained=str(directory),
+            dtype="float32",
+            batch_size=2,
+            device="cpu",
+            add_bos_token=False,
+        )
+        assert ours.tok_encode("x") == theirs.tok_encode("x")
+        assert theirs.tok_encode("x")[0] != theirs.tokenizer.bos_token_id
+        assert_lm_eval_equal(ours, theirs, bos)
 
 
 def test_lm_eval_command(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1068,3 +1115,147 @@ def test_chat_template_refusals(tmp_path: Path, builtin_store: Path) -> None:
         _prepare(tmp_path, "d", records, f"hf:{bare}", chat="messages", chat_template=str(broken))
     with pytest.raises(MidtrainError, match="name its field with `chat`"):
         DomainConfig(source={"path": str(data)}, chat_template="tokenizer")
+
+
+def test_export_and_lm_eval_follow_the_stores_bos(tmp_path: Path) -> None:
+    """A run on a Llama 3-style store exports the tokenizer's BOS and EOS (not EOS as both),
+    a tokenizer that adds the BOS as the documents had it, and scores in lm-eval as the
+    exported model does in lm-eval's `hf` model. A store whose model says not to add a BOS,
+    and a store made before the BOS was recorded, export what their documents are."""
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+    from midtrain.data.store import Store, StoreIndex
+
+    directory = base_tokenizer("llama3", tmp_path / "tok")
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    bos, eos = theirs_tok.bos_token_id, theirs_tok.convert_tokens_to_ids("<|end_of_text|>")
+    code = DomainConfig(source={"builtin": "python-stdlib"}, max_docs=30, val_fraction=0.2)
+    store = prepare(
+        PrepareConfig(
+            output=str(tmp_path / "store"),
+            domains={"code": code},
+            tokenizer=TokenizerConfig(hub=f"hf:{directory}"),
+        )
+    )
+    index = StoreIndex.read(store)
+    assert (index.bos_id, index.add_bos, index.eos_id) == (bos, True, eos)
+    # no padded vocabulary rows: lm-eval's hf model would generate them, ours never does
+    llama = ARCHS["llama"]
+    model = {**llama, "model_config": {**llama["model_config"], "pad_vocab_multiple": 64}}
+    assert main(["fit", "--config", str(fit_config(tmp_path, store, "run", model))]) == 0
+    ckpt = perturbed(tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+    def exported_ids(out: Path) -> tuple[int, int, list[int]]:
+        config = json.loads((out / "config.json").read_text())
+        generation = json.loads((out / "generation_config.json").read_text())
+        assert generation["bos_token_id"] == config["bos_token_id"]
+        assert generation["eos_token_id"] == config["eos_token_id"] == eos
+        ids = transformers.AutoTokenizer.from_pretrained(out)("def f(x):").input_ids
+        return config["bos_token_id"], config["eos_token_id"], ids
+
+    text_ids = theirs_tok("def f(x):", add_special_tokens=False).input_ids
+    assert exported_ids(exported(ckpt)) == (bos, eos, [bos, *text_ids])
+    split = Store(store).domain("code").train
+    assert split.tokens[0] == bos and split.tokens[split.doc_offsets[1]] == bos
+
+    # the same model directory saying add_bos_token: false: documents without a BOS
+    config_file = directory / "tokenizer_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "add_bos_token": False})
+    )
+    plain = _prepare(tmp_path, "plain", [{"text": "def f(x): return x"}], f"hf:{directory}")
+    assert (StoreIndex.read(plain).bos_id, StoreIndex.read(plain).add_bos) == (bos, False)
+    out = tmp_path / "hf-plain"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--tokenizer", str(plain)]) == 0
+    assert exported_ids(out) == (bos, eos, text_ids)
+    # a store made before the BOS was recorded: what its tokenizer's post-processor does
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.json").write_bytes((Path(store) / "tokenizer.json").read_bytes())
+    record = json.loads((Path(store) / "store.json").read_text())
+    (old / "store.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k not in ("bos_id", "add_bos")})
+    )
+    assert StoreIndex.read(old).add_bos is None
+    out = tmp_path / "hf-old"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--tokenizer", str(old)]) == 0
+    assert exported_ids(out) == (bos, eos, [bos, *text_ids])
+
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    from midtrain.evaluation.harness import MidtrainLM
+
+    ours = MidtrainLM(checkpoint=str(ckpt), batch_size=2)
+    theirs = HFLM(pretrained=str(exported(ckpt)), dtype="float32", batch_size=2, device="cpu")
+    assert ours.tok_encode("x")[0] == bos and ours.prefix_token_id == theirs.prefix_token_id
+    assert_lm_eval_equal(ours, theirs, "<|begin_of_text|>")
+
+
+def test_generate_and_lm_eval_read_the_ema_weights(
+    run: Path, tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`midtrain generate --weights ema` and lm-eval's `weights=ema` use the average kept by
+    midtrain.callbacks.EMA; a checkpoint without one, an HF model or another choice is
+    refused in one line naming it."""
+    one_arch(run)
+    from tokenizers import Tokenizer
+
+    from midtrain.model.generation import generate_text
+
+    cfg = fit_config(tmp_path, builtin_store, "ema", ARCHS["pythia"], steps=4)
+    data = yaml.safe_load(cfg.read_text())
+    data["model"]["lr"] = 3e-2  # the average visibly behind the live weights in 4 steps
+    data["trainer"]["callbacks"] = [
+        {"class_path": "midtrain.callbacks.EMA", "init_args": {"decay": 0.5}}
+    ]
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    ckpt = tmp_path / "ema" / "checkpoints" / "last.ckpt"
+    tok = Tokenizer.from_file(str(builtin_store / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    prompt = "def add(a, b):"
+    printed, expected = {}, {}
+    for weights in ("live", "ema"):
+        capsys.readouterr()
+        argv = ["generate", "--ckpt", str(ckpt), "--prompt", prompt, "--max_new_tokens", "12"]
+        assert main([*argv, "--weights", weights]) == 0
+        printed[weights] = capsys.readouterr().out
+        config, state, _ = load_checkpoint(ckpt, weights=weights)
+        model = GPT(config).eval()
+        model.load_state_dict(state)
+        sampling = Sampling(max_new_tokens=12, stop_ids=[eos])
+        vocab = min(config.padded_vocab_size, tok.get_vocab_size(with_added_tokens=True))
+        expected[weights] = prompt + generate_text(model, tok, [prompt], sampling, vocab)[0] + "\n"
+    assert printed == expected and printed["live"] != printed["ema"]
+
+    bad = [
+        (str(run), "ema", f"--weights ema: {run} has no averaged weights"),
+        (str(ckpt), "average", "--weights: 'average' is not one of live, ema"),
+        (f"hf:{exported(run)}", "ema", f"--weights ema: hf:{exported(run)} is a Hugging Face"),
+    ]
+    for source, weights, message in bad:
+        assert main(["generate", "--ckpt", source, "--prompt", "x", "--weights", weights]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from midtrain.evaluation.harness import MidtrainLM
+
+    request = [Instance("loglikelihood", {}, ("def f(x):", "\n    return x"), 0)]
+    scores = {
+        w: MidtrainLM(checkpoint=str(ckpt), weights=w).loglikelihood(request)[0][0]
+        for w in ("live", "ema")
+    }
+    config, state, _ = load_checkpoint(ckpt, weights="ema")
+    model = GPT(config).eval()
+    model.load_state_dict(state)
+    context, whole = tok.encode("def f(x):").ids, tok.encode("def f(x):\n    return x").ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).float(), -1)[0]
+    direct = sum(float(logp[i - 1, whole[i]]) for i in range(len(context), len(whole)))
+    assert scores["ema"] == pytest.approx(direct, abs=1e-5) and scores["live"] != scores["ema"]
+    with pytest.raises(MidtrainError, match=f"{run} has no averaged weights"):
+        MidtrainLM(checkpoint=str(run), weights="ema")

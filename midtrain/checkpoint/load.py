@@ -5,6 +5,7 @@ weights, and the tokenizer its run trained with."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ import torch
 
 from midtrain.data.hub import HF_PREFIX, is_hf, tokenizer_file
 from midtrain.data.store import StoreIndex
+from midtrain.data.tokenizer import Bos, model_tokens
 from midtrain.errors import MidtrainError
 from midtrain.model.config import ModelConfig, config_from_hparams
 from midtrain.model.gpt import GPT
@@ -35,6 +37,38 @@ def weights_record(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(hparams, dict):
         return {}
     return {"model.shape": checkpoint_config(hparams, "--ckpt_path").shape()}
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """A tokenizer file and the conventions of the texts a model saw: the EOS token that ends
+    a document (None: not recorded, see ``_eos_token``), the BOS token id and whether a BOS
+    starts every document (``add_bos`` None: not recorded, see ``Bos.of``)."""
+
+    path: Path
+    eos: str | None = None
+    bos_id: int | None = None
+    add_bos: bool | None = None
+
+    @classmethod
+    def of_store(cls, store: str | Path) -> TokenizerSource:
+        index = StoreIndex.read(store, any_format=True)
+        return cls(Path(store) / "tokenizer.json", index.eos, index.bos_id, index.add_bos)
+
+    @classmethod
+    def of_model(cls, spec: str) -> TokenizerSource:
+        """An HF model's tokenizer (``hf:<dir or hub id>[@revision]``), with the EOS and BOS
+        its directory names (as ``midtrain prepare`` reads them)."""
+        from tokenizers import Tokenizer
+
+        path = tokenizer_file(spec)
+        tok = Tokenizer.from_file(str(path))
+        tokens = model_tokens(path.parent, tok)
+        bos_id = tok.token_to_id(tokens.bos) if tokens.bos else None
+        return cls(path, tokens.eos, bos_id, tokens.add_bos and bos_id is not None)
+
+    def bos(self, tok: Tokenizer) -> Bos:
+        return Bos.of(tok, self.bos_id, self.add_bos)
 
 
 def load_checkpoint(
@@ -62,22 +96,20 @@ def load_checkpoint(
     return config, {k: v for k, v in state.items() if not k.startswith("rope_")}, meta
 
 
-def model_tokenizer(
-    store: str | Path | None, init_from: str | None
-) -> tuple[Path, str | None] | None:
-    """The tokenizer a model trains with, and its EOS token: its store's, else that of the HF
-    model it was initialised from; None when it has neither. The one lookup ``generate`` of a
-    live ``CausalLM`` and the tools reading a checkpoint share."""
+def model_tokenizer(store: str | Path | None, init_from: str | None) -> TokenizerSource | None:
+    """The tokenizer a model trains with, and its conventions: its store's, else that of the
+    HF model it was initialised from; None when it has neither. The one lookup ``generate`` of
+    a live ``CausalLM`` and the tools reading a checkpoint share."""
     if store and StoreIndex.exists(store) and (Path(store) / "tokenizer.json").is_file():
-        return Path(store) / "tokenizer.json", StoreIndex.read(store, any_format=True).eos
+        return TokenizerSource.of_store(store)
     if is_hf(init_from):
         assert init_from is not None
-        return tokenizer_file(init_from), None
+        return TokenizerSource.of_model(init_from)
     return None
 
 
-def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
-    """The tokenizer a checkpoint's run trained with, and its EOS token: the store named in
+def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> TokenizerSource:
+    """The tokenizer a checkpoint's run trained with, and its EOS and BOS: the store named in
     the run's config.yaml (next to ``checkpoints/``), else the HF model it was imported from."""
     import yaml
 
@@ -104,15 +136,15 @@ def run_tokenizer(ckpt: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
     )
 
 
-def tokenizer_source(given: str) -> tuple[Path, str | None]:
-    """--tokenizer: a tokenizer.json, a store directory or an HF model -> (file, eos token)."""
+def tokenizer_source(given: str) -> TokenizerSource:
+    """--tokenizer: a tokenizer.json, a store directory or an HF model."""
     p = Path(given)
     if p.is_file():
-        return p, None
+        return TokenizerSource(p)
     if StoreIndex.exists(p):
-        return p / "tokenizer.json", StoreIndex.read(p, any_format=True).eos
-    if given.startswith(HF_PREFIX) or (p / "tokenizer.json").is_file():
-        return tokenizer_file(given if given.startswith(HF_PREFIX) else HF_PREFIX + given), None
+        return TokenizerSource.of_store(p)
+    if is_hf(given) or (p / "tokenizer.json").is_file():
+        return TokenizerSource.of_model(given if is_hf(given) else HF_PREFIX + given)
     raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")
 
 
@@ -134,29 +166,47 @@ def check_tokenizer(tok: Tokenizer, config: ModelConfig, where: str) -> None:
         )
 
 
-def load_model(
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run: the GPT in eval mode, its tokenizer, the EOS id and the BOS
+    convention its texts follow."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    eos_id: int | None
+    bos: Bos
+
+
+def open_model(
     source: str,
     tokenizer: str | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     where: str = "--ckpt",
-) -> tuple[GPT, Tokenizer, int | None]:
-    """(GPT in eval mode, tokenizers.Tokenizer, EOS id) of a checkpoint (file or distributed
-    dir) or ``hf:<dir or hub id>[@revision]``; the tokenizer is the run's (or HF model's)
-    unless ``tokenizer`` (a tokenizer.json, store dir or hf:model) is given."""
+    weights: str = "live",
+) -> LoadedModel:
+    """The model of a checkpoint (file or distributed dir) or ``hf:<dir or hub id>[@revision]``;
+    the tokenizer is the run's (or HF model's) unless ``tokenizer`` (a tokenizer.json, store
+    dir or hf:model) is given. ``weights="ema"``: a checkpoint's averaged weights."""
     from tokenizers import Tokenizer
 
-    if source.startswith(HF_PREFIX):
+    from midtrain.checkpoint.files import check_weights_choice
+
+    check_weights_choice(weights)
+    if is_hf(source):
+        if weights != "live":
+            raise MidtrainError(
+                f"--weights {weights}: {source} is a Hugging Face model, which holds one set "
+                "of weights; use --weights live (averaged weights are in midtrain checkpoints)"
+            )
         config, state = load(source, where)
-        tok_path, eos = tokenizer_source(tokenizer) if tokenizer else (tokenizer_file(source), None)
+        src = tokenizer_source(tokenizer) if tokenizer else TokenizerSource.of_model(source)
     else:
-        config, state, meta = load_checkpoint(source, where)
-        tok_path, eos = (
-            tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(source), meta)
-        )
-    tok = Tokenizer.from_file(str(tok_path))
+        config, state, meta = load_checkpoint(source, where, weights)
+        src = tokenizer_source(tokenizer) if tokenizer else run_tokenizer(Path(source), meta)
+    tok = Tokenizer.from_file(str(src.path))
     check_tokenizer(tok, config, "--tokenizer")
-    eos_token = _eos_token(tok, eos, "--tokenizer")
+    eos_token = _eos_token(tok, src.eos, "--tokenizer")
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -164,4 +214,17 @@ def load_model(
     model.load_state_dict(state)
     if dtype is not None:
         model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[dtype])
-    return model.eval(), tok, tok.token_to_id(eos_token)
+    return LoadedModel(model.eval(), tok, tok.token_to_id(eos_token), src.bos(tok))
+
+
+def load_model(
+    source: str,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    where: str = "--ckpt",
+    weights: str = "live",
+) -> tuple[GPT, Tokenizer, int | None]:
+    """(GPT in eval mode, tokenizers.Tokenizer, EOS id): :func:`open_model` as a tuple."""
+    loaded = open_model(source, tokenizer, device, dtype, where, weights)
+    return loaded.model, loaded.tokenizer, loaded.eos_id

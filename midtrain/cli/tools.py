@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
 
+WEIGHTS_HELP = "live, or ema (the average of midtrain.callbacks.EMA)"  # export, generate
+
+
 def _tool_parser(command: str, description: str) -> ArgumentParser:
     """A jsonargparse parser for a tool subcommand: --config files, no prefix matching, and
     errors raised (not printed with usage) so they become one line."""
@@ -179,9 +182,7 @@ def export_main(args: Sequence[str]) -> None:
     parser.add_argument(
         "--max_shard_size", default=MAX_SHARD_SIZE, help="safetensors shard size, e.g. 5GB"
     )
-    parser.add_argument(
-        "--weights", default="live", help="live, or ema (the average of midtrain.callbacks.EMA)"
-    )
+    parser.add_argument("--weights", default="live", help=WEIGHTS_HELP)
     a = _parse(parser, args, "export")
     out = export(a.ckpt, a.out, a.dtype, a.tokenizer, a.eos, a.max_shard_size, a.weights)
     print(f"written {out}")
@@ -221,8 +222,9 @@ def generate_main(args: Sequence[str]) -> None:
     parser.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
     parser.add_argument("--tokenizer", type=str | None, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default="live", help=WEIGHTS_HELP)
     a = _parse(parser, args, "generate")
-    model, tok, eos = load_model(a.ckpt, a.tokenizer, a.device)
+    model, tok, eos = load_model(a.ckpt, a.tokenizer, a.device, weights=a.weights)
     # a shell passes "\n" as two characters: read escapes, so --stop "\n\n" means a blank line
     stops = [codecs.decode(s, "unicode_escape") for s in a.stop]
     sampling = Sampling(

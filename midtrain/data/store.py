@@ -223,6 +223,8 @@ class StoreIndex:
     eos: str | None = None  # the EOS token's string (stores made before it was kept: None)
     tokenizer_spec: str | None = None  # prepare's hash of its tokenizer config, for reuse
     format_version: int = FORMAT_VERSION
+    bos_id: int | None = None  # the tokenizer's BOS token (None: it has none)
+    add_bos: bool | None = None  # whether every document starts with it (None: not recorded)
 
     @staticmethod
     def exists(root: str | os.PathLike) -> bool:
@@ -251,6 +253,8 @@ class StoreIndex:
             eos=data.get("eos"),
             tokenizer_spec=data.get("tokenizer_spec"),
             format_version=data.get("format_version", 0),
+            bos_id=data.get("bos_id"),
+            add_bos=data.get("add_bos"),
         )
 
     @classmethod
@@ -269,6 +273,8 @@ class StoreIndex:
                 "eos": self.eos,
                 "tokenizer_hash": self.tokenizer_hash,
                 "tokenizer_spec": self.tokenizer_spec,
+                "bos_id": self.bos_id,
+                "add_bos": self.add_bos,
             },
             indent=2,
         )

@@ -46,14 +46,16 @@ def load_tokenizer(path: str | None = None, hub: str | None = None) -> Tokenizer
 def is_model_spec(hub: str) -> bool:
     """Whether ``tokenizer.hub`` names a model (``hf:``, ``@revision`` or a local directory),
     whose directory also says its EOS/BOS and chat template, rather than a bare hub name."""
-    return hub.startswith("hf:") or "@" in hub or Path(hub).is_dir()
+    from midtrain.data.hub import is_hf
+
+    return is_hf(hub) or "@" in hub or Path(hub).is_dir()
 
 
 def model_directory(hub: str) -> Path:
     """The local directory of the model ``tokenizer.hub`` names (see :func:`is_model_spec`)."""
-    from midtrain.data.hub import HF_PREFIX, tokenizer_file
+    from midtrain.data.hub import HF_PREFIX, is_hf, tokenizer_file
 
-    spec = hub if hub.startswith(HF_PREFIX) else HF_PREFIX + hub
+    spec = hub if is_hf(hub) else HF_PREFIX + hub
     return tokenizer_file(spec, "tokenizer.hub").parent
 
 
@@ -153,6 +155,36 @@ def _adds_bos(tok: Tokenizer, bos: str | None, tk_config: dict[str, Any]) -> boo
         return bool(tk_config["add_bos_token"])
     with_special = tok.encode("a", add_special_tokens=True).ids
     return bool(with_special) and with_special[0] == tok.token_to_id(bos)
+
+
+def post_processor_prefix(tok: Tokenizer) -> list[int]:
+    """The token ids the tokenizer's post-processor puts in front of every text (Llama 3's:
+    ``<|begin_of_text|>``; most tokenizers: none)."""
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    n = len(full) - len(plain)
+    return list(full[:n]) if n > 0 and full[n:] == plain else []
+
+
+@dataclass(frozen=True)
+class Bos:
+    """A tokenizer's BOS convention: its BOS token id (None: it has none) and whether a BOS
+    starts every text, as the model saw its training documents."""
+
+    id: int | None = None
+    added: bool = False
+
+    @classmethod
+    def of(cls, tok: Tokenizer, bos_id: int | None = None, added: bool | None = None) -> Bos:
+        """The convention recorded (by ``midtrain prepare``, or a model directory), or where
+        none is (``added`` None: a store made before it was recorded, a bare tokenizer.json)
+        what the tokenizer's post-processor does."""
+        if added is None:
+            prefix = post_processor_prefix(tok)
+            if len(prefix) == 1:
+                return cls(prefix[0], True)
+            return cls(bos_id, False)
+        return cls(bos_id, added and bos_id is not None)
 
 
 def model_tokens(directory: Path, tok: Tokenizer) -> ModelTokens:

@@ -8,7 +8,10 @@ Python users ``import midtrain.evaluation.harness`` before ``lm_eval.simple_eval
     midtrain lm-eval run --model midtrain --model_args checkpoint=<ckpt>,batch_size=8 --tasks ...
 
 ``checkpoint`` is a checkpoint file, a distributed checkpoint directory or
-``hf:<dir or hub id>[@revision]``. Needs the ``eval`` extra (``pip install midtrain[eval]``).
+``hf:<dir or hub id>[@revision]``; ``weights=ema`` scores a checkpoint's averaged weights
+(``midtrain.callbacks.EMA``). Texts get the BOS exactly where lm-eval's ``hf`` model gives them
+one on the export (``add_bos_token`` and ``prefix_token_id`` as there). Needs the ``eval`` extra
+(``pip install midtrain[eval]``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from midtrain.model.gpt import GPT
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+
+    from midtrain.checkpoint.load import LoadedModel
 
 
 @register_model("midtrain")
@@ -52,21 +57,19 @@ class MidtrainLM(TemplateLM):
         model: GPT | None = None,
         tokenizer_object: Tokenizer | None = None,
         eos_id: int | None = None,
+        weights: str = "live",
+        add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
         **unused: Any,
     ) -> None:
         super().__init__()
+        from midtrain.data.tokenizer import Bos
+
+        bos = None
         if model is None:
-            from midtrain.checkpoint.load import load_model
-
-            if checkpoint is None:
-                from midtrain.errors import MidtrainError
-
-                raise MidtrainError("--model_args: give checkpoint=<checkpoint or hf:model>")
-            if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
-                device = "cpu"  # lm-eval's CLI passes --device cuda by default
-            model, tokenizer_object, eos_id = load_model(
-                str(checkpoint), tokenizer, device, dtype, where="model_args checkpoint"
-            )
+            loaded = _open(checkpoint, tokenizer, device, dtype, weights)
+            model, tokenizer_object, eos_id = loaded.model, loaded.tokenizer, loaded.eos_id
+            bos = loaded.bos
         if tokenizer_object is None:
             from midtrain.errors import MidtrainError
 
@@ -74,6 +77,13 @@ class MidtrainLM(TemplateLM):
         self.model = model
         self.tok = tokenizer_object
         self._eos_id = eos_id if eos_id is not None else 0
+        # the BOS where the tokenizer adds one (recorded by prepare; a model given directly:
+        # what its post-processor does), unless add_bos_token says otherwise, as lm-eval's hf
+        bos = bos or Bos.of(self.tok)
+        self._bos_id = bos.id
+        added = bos.added if add_bos_token is None else bool(add_bos_token)
+        self._adds_bos = added and bos.id is not None
+        self._prefix_token_id = prefix_token_id
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._max_length = int(max_length) if max_length else model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
@@ -106,6 +116,14 @@ class MidtrainLM(TemplateLM):
         return self._eos_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """The one-token context of an empty one (and of rolling windows), as lm-eval's hf
+        model: ``prefix_token_id`` if given, else the BOS token, else the EOS."""
+        if self._prefix_token_id is not None:
+            return int(self._prefix_token_id)
+        return self._bos_id if self._bos_id is not None else self.eot_token_id
+
+    @property
     def max_length(self) -> int:
         return self._max_length
 
@@ -116,7 +134,16 @@ class MidtrainLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs: Any
     ) -> list[int]:
-        return self.tok.encode(string, add_special_tokens=False).ids
+        """As lm-eval's hf model: the BOS in front where the tokenizer adds one, unless
+        ``add_special_tokens`` is False or (when it is not given) the text already starts with
+        the prefix token's text."""
+        ids = self.tok.encode(string, add_special_tokens=False).ids
+        special = add_special_tokens
+        if special is None:
+            special = not string.startswith(self.tok_decode([self.prefix_token_id]))
+        if special and self._adds_bos and self._bos_id is not None:
+            return [self._bos_id, *ids]
+        return ids
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -193,7 +220,8 @@ class MidtrainLM(TemplateLM):
                     self.model, contexts, sampling, self.vocab_size, decode=self.tok_decode
                 )
                 for i, ids in zip(chunk, rows, strict=True):
-                    text = self.tok_decode(ids)
+                    # as lm-eval's hf model: special tokens (a BOS, the EOS) are not text
+                    text = self.tok.decode(ids, skip_special_tokens=True)
                     for term in until:  # as lm-eval's hf model: cut at every stop sequence
                         text = text.split(term)[0]
                     out[i] = text
@@ -207,6 +235,19 @@ class MidtrainLM(TemplateLM):
             "model_num_parameters": self.model.num_parameters(),
             "model_dtype": str(next(self.model.parameters()).dtype),
         }
+
+
+def _open(
+    checkpoint: str | None, tokenizer: str | None, device: str, dtype: str | None, weights: str
+) -> LoadedModel:
+    from midtrain.checkpoint.load import open_model
+    from midtrain.errors import MidtrainError
+
+    if checkpoint is None:
+        raise MidtrainError("--model_args: give checkpoint=<checkpoint or hf:model>")
+    if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        device = "cpu"  # lm-eval's CLI passes --device cuda by default
+    return open_model(str(checkpoint), tokenizer, device, dtype, "model_args checkpoint", weights)
 
 
 def run_cli(args: list[str]) -> None:

@@ -450,7 +450,7 @@ class CausalLM(L.LightningModule):
             raise MidtrainError(
                 "generate: give tokenizer= (no data module or HF model to take it from)"
             )
-        return found[0]
+        return found.path
 
     # -- checkpoint state -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from midtrain.data.prepare.render import rendered
 from midtrain.data.prepare.shards import merge_domain, shard_dirs, shard_done, write_shard
 from midtrain.data.prepare.tokenizer import (
     bind_chat_templates,
+    document_bos,
     document_prefix,
     get_tokenizer,
     model_conventions,
@@ -38,7 +39,7 @@ from midtrain.data.prepare.tokenizer import (
     with_model_eos,
 )
 from midtrain.data.store import StoreIndex
-from midtrain.data.tokenizer import eos_id, tokenizer_hash
+from midtrain.data.tokenizer import Bos, eos_id, tokenizer_hash
 from midtrain.errors import MidtrainError
 
 
@@ -52,6 +53,7 @@ class _Run:
     tok: Tokenizer
     tok_spec: str
     eos: int
+    bos: Bos
     tok_hash: str
     reused: dict[str, dict[str, Any]]
     started: float
@@ -79,7 +81,8 @@ def _start(config: PrepareConfig, shard: tuple[int, int] | None, sharded: bool) 
         p.prefix = prefix
         p.fingerprint = domain_fingerprint(p, tok_hash, config)
     reused = {p.name: m for p in plans if (m := reusable(p, root / p.name)) is not None}
-    return _Run(config, plans, root, tok, tok_spec, eos, tok_hash, reused, started)
+    bos = document_bos(tok, tokens, prefix)
+    return _Run(config, plans, root, tok, tok_spec, eos, bos, tok_hash, reused, started)
 
 
 def prepare(
@@ -238,6 +241,8 @@ def _swap_in(run: _Run, staging: Path, built: dict[str, dict[str, Any]]) -> bool
         tokenizer_hash=run.tok_hash,
         eos=run.config.tokenizer.eos,
         tokenizer_spec=run.tok_spec,
+        bos_id=run.bos.id,
+        add_bos=run.bos.added,
     )
     index.write(root)
     return bool(built or dropped) or old != index

@@ -22,11 +22,13 @@ from midtrain.data.sources import source_fingerprint
 from midtrain.data.store import StoreIndex
 from midtrain.data.tokenizer import (
     DEFAULT_EOS,
+    Bos,
     ModelTokens,
     is_model_spec,
     load_tokenizer,
     model_directory,
     model_tokens,
+    post_processor_prefix,
     train_bpe,
 )
 from midtrain.errors import MidtrainError
@@ -123,10 +125,16 @@ def document_prefix(tok: Tokenizer, tokens: ModelTokens | None) -> list[int]:
     if tokens is not None:
         bos = tok.token_to_id(tokens.bos) if tokens.add_bos and tokens.bos else None
         return [bos] if bos is not None else []
-    plain = tok.encode("a", add_special_tokens=False).ids
-    full = tok.encode("a", add_special_tokens=True).ids
-    n = len(full) - len(plain)
-    return list(full[:n]) if n > 0 and full[n:] == plain else []
+    return post_processor_prefix(tok)
+
+
+def document_bos(tok: Tokenizer, tokens: ModelTokens | None, prefix: list[int]) -> Bos:
+    """The store's BOS convention (recorded in its index): the token in front of every
+    document, else the BOS the model's directory names (not added, e.g. SmolLM2's)."""
+    if prefix:
+        return Bos(prefix[0], True)
+    named = tokens.bos if tokens is not None else None
+    return Bos(tok.token_to_id(named) if named else None, False)
 
 
 def bind_chat_templates(plans: list[Plan], tokens: ModelTokens | None, eos: str) -> None:
