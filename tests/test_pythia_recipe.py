@@ -15,18 +15,19 @@ pytest.importorskip("transformers")
 pytest.importorskip("megatron.core", reason="megatron-core: pip install 'midtrain[corpora-test]'")
 
 from midtrain.cli import main  # noqa: E402
-from midtrain.train.optim import continued_cosine  # noqa: E402
+from midtrain.train.optim import lr_at  # noqa: E402
 from tests.corpora import items, tokenizer_and_documents, write_megatron, write_npy  # noqa: E402
 from tests.test_interop import random_hf_model  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_continued_cosine_is_pythias_schedule() -> None:
-    pythia = {"offset": 100_000, "total": 143_000, "lr": 6e-4, "min_lr": 6e-5, "warmup": 1430}
-    assert continued_cosine(0, **pythia) == pytest.approx(1.738e-4, rel=1e-3)
-    assert continued_cosine(43_000, **pythia) == pytest.approx(6e-5)
-    assert continued_cosine(0, **{**pythia, "offset": 0}) == pytest.approx(6e-4 / 1430)
+def test_schedule_offset_continues_pythias_schedule() -> None:
+    pythia = {"lr": 6e-4, "min_lr": 6e-5, "warmup": 1430, "max_steps": 43_000}
+    pythia |= {"schedule": "cosine", "offset": 100_000}
+    assert lr_at(0, **pythia) == pytest.approx(1.738e-4, rel=1e-3)
+    assert lr_at(43_000, **pythia) == pytest.approx(6e-5)
+    assert lr_at(0, **{**pythia, "offset": 0}) == pytest.approx(6e-4 / 1430)
 
 
 def test_the_cpu_twin_runs_as_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,3 +50,7 @@ def test_the_cpu_twin_runs_as_shipped(tmp_path: Path, monkeypatch: pytest.Monkey
     assert data["fingerprint"]["start_items"] == {"pile": 256}
     assert data["fingerprint"]["order"] == {"pile": "sequential"}
     assert state["global_step"] == 20
+    # the miniature's own schedule continued from step 16 (a 36-step cosine with 2 warmup steps)
+    lr = state["optimizer_states"][0]["param_groups"][0]["lr"]  # that of step 20, the next
+    expected = lr_at(20, lr=1e-3, min_lr=1e-4, warmup=2, max_steps=20, schedule="cosine", offset=16)
+    assert lr == pytest.approx(expected)

@@ -98,12 +98,14 @@ class Branch:
             start = self.anneal
         warmup = hparams["warmup"] if not anneal or hparams.get("rewarm") else 0
         min_lr = hparams["min_lr"]
+        offset = int(hparams.get("schedule_offset") or 0)  # a schedule continued (not anneals)
         return {
             "min_lr": min_lr if min_lr is not None else hparams["lr"] / 10,
-            "warmup": warmup_steps(warmup, max_steps - start["step"]),
+            "warmup": warmup_steps(warmup, max_steps + offset - start["step"]),
             "max_steps": max_steps,
             "schedule": name,
             "decay_fraction": hparams["decay_fraction"],
             "origin": start["step"],
             "start_lr": start["lr"] if anneal else None,
+            "offset": offset,
         }

@@ -79,6 +79,11 @@ class CausalLM(L.LightningModule):
             last step) or ``anneal_wsd`` (hold the checkpoint's LR, then WSD's linear decay).
         decay_fraction: with ``wsd`` and ``anneal_wsd``, the final fraction of steps that
             decays (of the steps after the fork for ``anneal_wsd``).
+        schedule_offset: continue another run's learning-rate schedule: step k of this run
+            takes the schedule's step ``schedule_offset + k``, of a schedule of
+            ``schedule_offset + trainer.max_steps`` steps (``warmup`` < 1 is a fraction of
+            that whole schedule). For a released checkpoint of step N continued on its own
+            schedule (Pythia's: ``schedule_offset: 100000``); not with an anneal.
         rewarm: with an anneal, warm up again from the fork step, to the checkpoint's LR over
             ``warmup`` steps (a fraction < 1: of the steps after the fork); without it an
             anneal has no warmup.
@@ -129,10 +134,12 @@ class CausalLM(L.LightningModule):
         document_masking: bool = False,
         loss_chunk_size: int = 1024,
         rewarm: bool = False,
+        schedule_offset: int = 0,
     ) -> None:
         super().__init__()
         self.config = build_config(arch, model_config, vocab_size, init_from)
         _check_training_arguments(lr, lr_schedule, rewarm, loss_chunk_size, init_from)
+        _check_schedule_offset(schedule_offset, lr_schedule)
         self.save_hyperparameters()
         if is_hf(init_from):
             # the resolved shape, so a checkpoint of this run describes its model by itself
@@ -486,6 +493,16 @@ class CausalLM(L.LightningModule):
                 self.hparams.lr,
                 **self.branch.schedule(self.hparams, trainer.max_steps),
             )
+
+
+def _check_schedule_offset(offset: int, lr_schedule: str) -> None:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise MidtrainError(f"model.schedule_offset: must be an int >= 0, got {offset!r}")
+    if offset and lr_schedule in ANNEALS:
+        raise MidtrainError(
+            f"model.schedule_offset: an {lr_schedule} starts at its fork step's LR and has no "
+            "schedule to continue; drop model.schedule_offset"
+        )
 
 
 def _check_training_arguments(

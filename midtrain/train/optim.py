@@ -49,19 +49,6 @@ def constant(
     return lr
 
 
-def continued_cosine(
-    step: int, offset: int, total: int, lr: float, min_lr: float, warmup: int
-) -> float:
-    """The learning rate of step ``offset + step`` of a finished run's own schedule (linear
-    warmup over ``warmup`` steps, then a cosine from lr to min_lr at ``total``): a released
-    checkpoint of step ``offset`` continued on its own schedule. Pythia-160M: lr 6e-4, min_lr
-    6e-5, warmup 1,430, total 143,000; at step 100,000 it is 1.738e-4."""
-    at = offset + step
-    if at < warmup:
-        return lr * (at + 1) / warmup
-    return cosine(at, lr, min_lr, warmup, total, 0.0)
-
-
 def _to_last_step(step: int, start: int, lr: float, min_lr: float, max_steps: int) -> float:
     """Linear from lr at ``start`` to exactly min_lr at the last step (max_steps - 1)."""
     progress = min(1.0, (step - start) / max(1, max_steps - 1 - start))
@@ -126,12 +113,17 @@ def lr_at(
     decay_fraction: float = 0.2,
     origin: int = 0,
     start_lr: float | None = None,
+    offset: int = 0,
 ) -> float:
     """Learning rate for the update made at optimizer step ``step`` (0-based): linear warmup
     over ``warmup`` steps, then ``SCHEDULES[schedule]``. An anneal (``ANNEALS``) runs from
     optimizer step ``origin`` (the fork step) at ``start_lr`` (the checkpoint's LR) instead of
-    step 0 at ``lr``."""
+    step 0 at ``lr``. ``offset`` continues another run's schedule: step ``s`` is that
+    schedule's step ``offset + s``, which ends at ``offset + max_steps`` (a released
+    checkpoint of step N continued on its own schedule: Pythia-160M's cosine from 6e-4 with
+    1,430 warmup steps to 6e-5 at 143,000 is 1.738e-4 at offset 100,000)."""
     check_schedule(schedule)
+    step, max_steps = step + offset, max_steps + offset
     if schedule in ANNEALS:
         if start_lr is None:
             raise anneal_without_checkpoint(schedule)
