@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from midtrain.data.datamodule import MixtureDataModule
 from midtrain.data.mixture import MixtureSchedule, Phase, largest_remainder, permute
-from midtrain.data.streams import MixtureStream
+from midtrain.data.streams import BatchLayout, MixtureStream
 from midtrain.errors import MidtrainError
 
 
@@ -43,10 +43,7 @@ def _stream(
         [dm.store.domain(n).train for n in sched.domains],
         sched,
         dm.seq_len,
-        dm.micro_batch_size,
-        accumulation,
-        rank,
-        world,
+        BatchLayout(dm.micro_batch_size, accumulation, rank, world),
         start,
         max_steps,
     )

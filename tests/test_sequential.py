@@ -27,7 +27,7 @@ from midtrain import CausalLM, MixtureDataModule  # noqa: E402
 from midtrain.data.contract import StepLoader  # noqa: E402
 from midtrain.data.mixture import MixtureSchedule, Phase  # noqa: E402
 from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare  # noqa: E402
-from midtrain.data.streams import MixtureStream  # noqa: E402
+from midtrain.data.streams import BatchLayout, MixtureStream  # noqa: E402
 from midtrain.errors import MidtrainError  # noqa: E402
 from midtrain.train.callbacks.checkpoints import ModelCheckpoint  # noqa: E402
 from midtrain.train.callbacks.mixture import MixtureSwitch  # noqa: E402
@@ -98,7 +98,7 @@ def global_rows(
     slots: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
     for rank in range(world):
         stream = MixtureStream(
-            splits, schedule, SEQ, micro, acc, rank, world, 0, steps, sequential=starts
+            splits, schedule, SEQ, BatchLayout(micro, acc, rank, world), 0, steps, sequential=starts
         )
         loader = StepLoader(stream, num_workers=workers) if workers else stream
         for k, batch in enumerate(loader):

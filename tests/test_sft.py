@@ -17,6 +17,7 @@ from midtrain.cli import main
 from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
 from midtrain.data.sft import SFTStream, example_rows
 from midtrain.data.store import Store
+from midtrain.data.streams import BatchLayout
 from midtrain.errors import MidtrainError
 from tests.test_training import fit_config, scalars
 
@@ -53,10 +54,7 @@ def stream(dm: SFTDataModule, start: int = 0, steps: int = 4, accumulation: int 
         dm.packing,
         dm.seed,
         dm.store.eos_id,
-        dm.micro_batch_size,
-        accumulation,
-        0,
-        1,
+        BatchLayout(dm.micro_batch_size, accumulation),
         start,
         steps,
     )

@@ -218,13 +218,9 @@ def open_model(
 
 
 def load_model(
-    source: str,
-    tokenizer: str | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
-    where: str = "--ckpt",
-    weights: str = "live",
+    source: str, tokenizer: str | None = None, **options: Any
 ) -> tuple[GPT, Tokenizer, int | None]:
-    """(GPT in eval mode, tokenizers.Tokenizer, EOS id): :func:`open_model` as a tuple."""
-    loaded = open_model(source, tokenizer, device, dtype, where, weights)
+    """(GPT in eval mode, tokenizers.Tokenizer, EOS id): :func:`open_model` (with its
+    ``device``, ``dtype``, ``where`` and ``weights`` options) as a tuple."""
+    loaded = open_model(source, tokenizer, **options)
     return loaded.model, loaded.tokenizer, loaded.eos_id

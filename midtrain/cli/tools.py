@@ -207,7 +207,7 @@ def average_main(args: Sequence[str]) -> None:
 
 def generate_main(args: Sequence[str]) -> None:
     from midtrain.checkpoint.load import load_model
-    from midtrain.model.generation import Sampling, generate_text
+    from midtrain.model.generation import complete
 
     parser = _tool_parser("generate", "Generate text from a checkpoint or an HF model.")
     parser.add_argument("--ckpt", required=True, help="checkpoint, or hf:<dir or id>[@revision]")
@@ -224,22 +224,14 @@ def generate_main(args: Sequence[str]) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weights", default="live", help=WEIGHTS_HELP)
     a = _parse(parser, args, "generate")
-    model, tok, eos = load_model(a.ckpt, a.tokenizer, a.device, weights=a.weights)
+    model, tok, eos = load_model(a.ckpt, a.tokenizer, device=a.device, weights=a.weights)
     # a shell passes "\n" as two characters: read escapes, so --stop "\n\n" means a blank line
     stops = [codecs.decode(s, "unicode_escape") for s in a.stop]
-    sampling = Sampling(
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        seed=a.seed,
-        stop=stops,
-        stop_ids=[eos] if eos is not None else [],
-    )
-    vocab = min(model.config.padded_vocab_size, tok.get_vocab_size(with_added_tokens=True))
-    for prompt, text in zip(
-        a.prompt, generate_text(model, tok, a.prompt, sampling, vocab), strict=True
-    ):
+    texts = complete(
+        model, tok, a.prompt, eos, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
+        stops, stop_at_eos=eos is not None,
+    )  # fmt: skip
+    for prompt, text in zip(a.prompt, texts, strict=True):
         print(prompt + text)
         if len(a.prompt) > 1:
             print("---")

@@ -24,7 +24,7 @@ from midtrain.data.mixture import (
     shift_phases,
 )
 from midtrain.data.store import Store, num_items
-from midtrain.data.streams import MixtureStream, ValidationBlocks
+from midtrain.data.streams import BatchLayout, MixtureStream, validation_blocks
 from midtrain.errors import MidtrainError
 from midtrain.run_state import Fork, Rule, RunPlan, Setting, plan_of
 
@@ -416,10 +416,7 @@ class MixtureDataModule(StepDataModule):
             [self.store.domain(n).train for n in schedule.domains],
             schedule,
             self.seq_len,
-            self.micro_batch_size,
-            trainer.accumulate_grad_batches,
-            trainer.global_rank,
-            trainer.world_size,
+            BatchLayout.of(trainer, self.micro_batch_size),
             start_step=trainer.global_step,
             max_steps=trainer.max_steps,
             phase_table=(self._table, self._table_len),
@@ -428,17 +425,17 @@ class MixtureDataModule(StepDataModule):
         )
 
     def val_datasets(self, rank: int, world_size: int) -> list[IterableDataset]:
-        return [
-            ValidationBlocks(
-                self.store.domain(n).val,
+        return list(
+            validation_blocks(
+                self.store,
+                self.val_set_names,
                 self.seq_len,
                 self.val_batch_size,
                 self.val_max_blocks,
                 rank,
                 world_size,
-            )
-            for n in self.val_set_names
-        ]
+            )  # fmt: skip
+        )
 
     def state_dict(self) -> dict[str, Any]:
         step = self.trainer.global_step if self.trainer is not None else None

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset
 from midtrain.data.contract import StepDataModule
 from midtrain.data.mixture import domain_key, permute
 from midtrain.data.store import Store, TokenSplit
-from midtrain.data.streams import StepStream, ValidationBlocks, rank_share
+from midtrain.data.streams import BatchLayout, StepStream, rank_share, validation_blocks
 from midtrain.errors import MidtrainError
 
 PAD_DOC = -1  # doc id of padding positions: they attend only to each other
@@ -111,14 +111,11 @@ class SFTStream(StepStream):
         packing: bool,
         seed: int,
         pad_id: int,
-        micro_batch_size: int,
-        accumulation: int,
-        rank: int,
-        world_size: int,
+        layout: BatchLayout,
         start_step: int,
         max_steps: int,
     ) -> None:
-        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step, max_steps)
+        super().__init__(layout, start_step, max_steps)
         self.split, self.max_tokens, self.packing = split, max_length + 1, packing
         self.seed, self.key, self.pad_id = seed, domain_key(name), pad_id
         self.lengths = np.diff(np.asarray(split.doc_offsets))
@@ -295,10 +292,7 @@ class SFTDataModule(StepDataModule):
             self.packing,
             self.seed,
             self.store.eos_id,
-            self.micro_batch_size,
-            trainer.accumulate_grad_batches,
-            trainer.global_rank,
-            trainer.world_size,
+            BatchLayout.of(trainer, self.micro_batch_size),
             start_step=trainer.global_step,
             max_steps=trainer.max_steps,
         )
@@ -314,17 +308,15 @@ class SFTDataModule(StepDataModule):
                 rank,
                 world_size,
             ),
-            *(
-                ValidationBlocks(
-                    self.general.domain(name).val,
-                    self.max_length,
-                    self.micro_batch_size,
-                    self.general_val_max_blocks,
-                    rank,
-                    world_size,
-                )
-                for name in self.general_val_sets
-            ),
+            *validation_blocks(
+                self.general,
+                self.general_val_sets,
+                self.max_length,
+                self.micro_batch_size,
+                self.general_val_max_blocks,
+                rank,
+                world_size,
+            ),  # fmt: skip
         ]
 
     def state_dict(self) -> dict[str, Any]:

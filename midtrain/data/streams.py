@@ -9,6 +9,8 @@ is exact because every micro-batch is a pure function of its index.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +24,10 @@ from midtrain.data.mixture import (
     domain_key,
     shift_phases,
 )
-from midtrain.data.store import TokenSplit, num_items
+from midtrain.data.store import Store, TokenSplit, num_items
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def read_blocks(
@@ -53,6 +58,26 @@ def to_batch(tokens: np.ndarray, mask: np.ndarray, domains: np.ndarray) -> dict[
     }
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where one data-parallel rank's micro-batches sit in each optimizer step's global batch:
+    slot ``(a * world_size + rank) * micro + i`` is sample i of accumulation micro-step a on
+    ``rank``."""
+
+    micro: int
+    accumulation: int = 1
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, trainer: L.Trainer, micro_batch_size: int) -> BatchLayout:
+        """The layout of a trainer's fit: its gradient accumulation, rank and world size."""
+        return cls(
+            micro_batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
+            trainer.world_size,
+        )  # fmt: skip
+
+
 class StepStream(IterableDataset):
     """Micro-batches of one data-parallel rank, from optimizer step ``start_step`` on: the
     shared mechanism of exact resume. Every micro-batch is a pure function of its index.
@@ -63,22 +88,14 @@ class StepStream(IterableDataset):
     implement ``micro_batch(index)``.
     """
 
-    def __init__(
-        self,
-        micro_batch_size: int,
-        accumulation: int,
-        rank: int,
-        world_size: int,
-        start_step: int,
-        max_steps: int,
-    ) -> None:
-        self.micro = micro_batch_size
-        self.accumulation = accumulation
-        self.rank = rank
-        self.world_size = world_size
+    def __init__(self, layout: BatchLayout, start_step: int, max_steps: int) -> None:
+        self.micro = layout.micro
+        self.accumulation = layout.accumulation
+        self.rank = layout.rank
+        self.world_size = layout.world_size
         self.start_step = start_step
         self.max_steps = max_steps
-        self.batch_size = micro_batch_size * accumulation * world_size
+        self.batch_size = layout.micro * layout.accumulation * layout.world_size
 
     def slots(self, index: int) -> tuple[int, int]:
         """(optimizer step, first slot of this rank's micro-batch within the global batch)."""
@@ -115,17 +132,14 @@ class MixtureStream(StepStream):
         splits: Sequence[TokenSplit],
         schedule: MixtureSchedule,
         seq_len: int,
-        micro_batch_size: int,
-        accumulation: int,
-        rank: int,
-        world_size: int,
+        layout: BatchLayout,
         start_step: int,
         max_steps: int,
         phase_table: tuple[torch.Tensor, torch.Tensor] | None = None,
         origin: int = 0,
         sequential: Sequence[int | None] | None = None,
     ) -> None:
-        super().__init__(micro_batch_size, accumulation, rank, world_size, start_step, max_steps)
+        super().__init__(layout, start_step, max_steps)
         self.origin = origin
         self.splits = list(splits)
         self.schedule = schedule
@@ -246,3 +260,19 @@ class ValidationBlocks(IterableDataset):
             read_blocks(self.split, blocks, self.seq_len, tokens, mask)
             mask[max(real - lo, 0) :] = 0.0  # padding rows count nothing
             yield to_batch(tokens, mask, np.zeros(len(blocks), dtype=np.int64))
+
+
+def validation_blocks(
+    store: Store,
+    names: Sequence[str],
+    seq_len: int,
+    batch_size: int,
+    max_blocks: int | None,
+    rank: int,
+    world_size: int,
+) -> list[ValidationBlocks]:
+    """``ValidationBlocks`` of each named domain's validation split, in order."""
+    return [
+        ValidationBlocks(store.domain(n).val, seq_len, batch_size, max_blocks, rank, world_size)
+        for n in names
+    ]

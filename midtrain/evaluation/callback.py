@@ -6,19 +6,18 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from midtrain.errors import MidtrainError
 from midtrain.evaluation.local import LocalTask
 from midtrain.model.gpt import GPT
 from midtrain.train._lightning import publish_callback_metrics
-from midtrain.train.callbacks.base import optimizer_step_ended
+from midtrain.train.callbacks.base import StepCallback
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-class DownstreamEval(Callback):
+class DownstreamEval(StepCallback):
     """Run downstream tasks every ``every_n_steps`` optimizer steps (and at the end of fit).
 
     Args:
@@ -81,16 +80,10 @@ class DownstreamEval(Callback):
             )
         return manager
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
-        stepped = optimizer_step_ended(trainer, batch_idx)
-        if stepped and trainer.global_step % self.every_n_steps == 0:
+        if trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -59,12 +59,7 @@ class StepProgressBar(TQDMProgressBar):
         bar.refresh()
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         bar = self.train_progress_bar
         step = trainer.global_step

@@ -22,12 +22,12 @@ LOADER = (
     + r"""
 import resource, sys, time
 from torch.utils.data import DataLoader
-from midtrain.data.streams import MixtureStream
+from midtrain.data.streams import BatchLayout, MixtureStream
 from midtrain.data.mixture import MixtureSchedule, Phase
 from midtrain.data.store import Store
 s, name = Store(sys.argv[1]), sys.argv[2]
 sched = MixtureSchedule([name], [Phase(0, {name: 1.0})], batch_size=16, seed=0)
-stream = MixtureStream([s.domain(name).train], sched, 2048, 16, 1, 0, 1, 0, 300)
+stream = MixtureStream([s.domain(name).train], sched, 2048, BatchLayout(16), 0, 300)
 t0 = time.perf_counter(); n = 0
 for batch in DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2):
     n += batch["input_ids"].shape[0]

@@ -27,7 +27,7 @@ PHASES = [
 FIRST_BATCH = r"""
 import sys, time
 t_import = time.perf_counter()
-from midtrain.data.streams import MixtureStream
+from midtrain.data.streams import BatchLayout, MixtureStream
 from midtrain.data.mixture import MixtureSchedule, Phase
 from midtrain.data.store import Store
 from torch.utils.data import DataLoader
@@ -35,7 +35,7 @@ store, start, phases = sys.argv[1], int(sys.argv[2]), eval(sys.argv[3])
 s = Store(store)
 domains = ["prose", "code", "math"]
 sched = MixtureSchedule(domains, [Phase(a, w) for a, w in phases], batch_size=64, seed=0)
-stream = MixtureStream([s.domain(d).train for d in domains], sched, 128, 16, 2, 0, 2,
+stream = MixtureStream([s.domain(d).train for d in domains], sched, 128, BatchLayout(16, 2, 0, 2),
                        start_step=start, max_steps=start + 100)
 batch = next(iter(DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2)))
 print("first-batch", batch["input_ids"].shape[0])
@@ -87,7 +87,7 @@ def _bench_sampler(store: Path, steps: int) -> dict:
 
     from midtrain.data.mixture import MixtureSchedule, Phase, block_indices, domain_key
     from midtrain.data.store import Store
-    from midtrain.data.streams import MixtureStream
+    from midtrain.data.streams import BatchLayout, MixtureStream
 
     s = Store(store)
     domains = ["prose", "code", "math"]
@@ -103,10 +103,7 @@ def _bench_sampler(store: Path, steps: int) -> dict:
         [s.domain(x).train for x in domains],
         sched,
         128,
-        64,
-        16,
-        0,
-        1,
+        BatchLayout(64, 16),
         start_step=20000,
         max_steps=20000 + steps,
     )
@@ -174,10 +171,15 @@ def bench_training_overhead(store: Path, steps: int = 30, warmup: int = 5) -> di
     def plain() -> float:
         dm = MixtureDataModule(str(store), seq_len=seq, micro_batch_size=micro)
         sched = dm.schedule(micro)
-        from midtrain.data.streams import MixtureStream
+        from midtrain.data.streams import BatchLayout, MixtureStream
 
         stream = MixtureStream(
-            [dm.store.domain(d).train for d in sched.domains], sched, seq, micro, 1, 0, 1, 0, steps
+            [dm.store.domain(d).train for d in sched.domains],
+            sched,
+            seq,
+            BatchLayout(micro),
+            0,
+            steps,
         )
         torch.manual_seed(0)
         lm = CausalLM(arch="tiny", model_config=shape, vocab_size=dm.vocab_size)
@@ -262,12 +264,12 @@ LOADER = (
     + r"""
 import resource, sys, time
 from torch.utils.data import DataLoader
-from midtrain.data.streams import MixtureStream
+from midtrain.data.streams import BatchLayout, MixtureStream
 from midtrain.data.mixture import MixtureSchedule, Phase
 from midtrain.data.store import Store
 s = Store(sys.argv[1])
 sched = MixtureSchedule(["big"], [Phase(0, {"big": 1.0})], batch_size=16, seed=0)
-stream = MixtureStream([s.domain("big").train], sched, 2048, 16, 1, 0, 1, 0, 200)
+stream = MixtureStream([s.domain("big").train], sched, 2048, BatchLayout(16), 0, 200)
 t0 = time.perf_counter(); n = 0
 for batch in DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2):
     n += batch["input_ids"].shape[0]

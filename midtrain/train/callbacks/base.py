@@ -25,15 +25,14 @@ def optimizer_step_starts(trainer: pl.Trainer, batch_idx: int) -> bool:
 
 
 class StepCallback(Callback):
-    """A callback with two per-optimizer-step events (subclasses override either):
+    """A callback with per-optimizer-step events (subclasses override any):
 
     - ``on_optimizer_step_start(trainer, pl_module, step)``: before the first micro-batch of
       optimizer step ``step`` (``trainer.global_step == step``);
+    - ``on_micro_batch_end(trainer, pl_module, outputs, batch, ended)``: after every
+      micro-batch, ``ended`` when it was the last of its optimizer step;
     - ``on_optimizer_step_end(trainer, pl_module, step)``: after optimizer step ``step`` was
-      taken (``trainer.global_step == step + 1``), before the model logs it.
-
-    A subclass that also needs every micro-batch overrides ``on_train_batch_end`` and calls
-    ``super().on_train_batch_end(...)``."""
+      taken (``trainer.global_step == step + 1``), before the model logs it."""
 
     def on_optimizer_step_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -42,6 +41,11 @@ class StepCallback(Callback):
 
     def on_optimizer_step_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> None:
+        return None
+
+    def on_micro_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, ended: bool
     ) -> None:
         return None
 
@@ -59,5 +63,7 @@ class StepCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if optimizer_step_ended(trainer, batch_idx):
+        ended = optimizer_step_ended(trainer, batch_idx)
+        self.on_micro_batch_end(trainer, pl_module, outputs, batch, ended)
+        if ended:
             self.on_optimizer_step_end(trainer, pl_module, trainer.global_step - 1)

@@ -8,12 +8,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.checkpoint.layout import LAST, checkpoint_dir
 from midtrain.errors import MidtrainError
-from midtrain.train.callbacks.base import optimizer_step_ended
+from midtrain.train.callbacks.base import StepCallback
 
 
 class Diverged(MidtrainError):
@@ -22,7 +21,7 @@ class Diverged(MidtrainError):
     exit_code = 3
 
 
-class DivergenceGuard(Callback):
+class DivergenceGuard(StepCallback):
     """Stops training at a non-finite loss or gradient norm, or skips such steps.
 
     ``on_nonfinite: stop`` (default) adds no host synchronisation to a training step: the first
@@ -107,18 +106,13 @@ class DivergenceGuard(Callback):
                 f"{self.max_skips}); {self._last_good(trainer)}"
             )
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: object,
-        batch_idx: int,
+    def on_micro_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, ended: bool
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.on_nonfinite == "stop" and isinstance(loss, torch.Tensor):
             self._record(loss, 0)
-        if not optimizer_step_ended(trainer, batch_idx):
+        if not ended:
             return
         if self._step is not None:
             self._step += 1

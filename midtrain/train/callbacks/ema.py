@@ -29,6 +29,7 @@ from midtrain.errors import MidtrainError
 from midtrain.model.gpt import GPT
 from midtrain.run_state import RunPlan, Setting, plan_of
 from midtrain.train._lightning import evaluation_log_step, publish_callback_metrics
+from midtrain.train.callbacks.base import StepCallback
 
 PREFIX = "val_ema"  # TensorBoard family of the averaged weights' validation
 
@@ -57,7 +58,7 @@ def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
-class EMA(EMAWeightAveraging):
+class EMA(StepCallback, EMAWeightAveraging):
     """An exponential moving average of the weights: after every ``update_every_n_steps``-th
     optimizer step from ``update_starting_at_step`` on (0-based step index),
     ``ema = decay * ema + (1 - decay) * live``; the first update copies the live weights.
@@ -141,13 +142,8 @@ class EMA(EMAWeightAveraging):
             self._average_model.update_parameters(_averaged_module(pl_module))
         self._latest_update_step = step
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
         self._catch_up(trainer, pl_module)
 

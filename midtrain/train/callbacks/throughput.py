@@ -9,9 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import Throughput as FabricThroughput
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import Callback
 
-from midtrain.train.callbacks.base import optimizer_step_ended
+from midtrain.train.callbacks.base import StepCallback
 
 # compute dtype of a Trainer precision, for the device's peak FLOP/s (MFU)
 _PRECISION_DTYPES = {
@@ -23,7 +22,7 @@ _PRECISION_DTYPES = {
 }
 
 
-class Throughput(Callback):
+class Throughput(StepCallback):
     """Training throughput, logged on logging steps as ``train/device/batches_per_sec``,
     ``.../samples_per_sec`` (sequences), ``.../items_per_sec`` (tokens) and, where the model
     reports ``flops_per_batch``, ``.../flops_per_sec`` and (where the device's peak FLOP/s is
@@ -55,17 +54,12 @@ class Throughput(Callback):
         self._t0 = time.perf_counter()
         self._batches = self._samples = self._tokens = 0
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def on_micro_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, ended: bool
     ) -> None:
         if self._throughput is None or not trainer.is_global_zero:
             return
-        stepped = optimizer_step_ended(trainer, batch_idx)
+        stepped = ended
         step = trainer.global_step - 1 if stepped else None  # the optimizer step just taken
         logging = step is not None and _logs(trainer, pl_module, step)
         if logging and trainer.strategy.root_device.type == "cuda":
