@@ -3,6 +3,7 @@ command, and what follows from them without the planner knowing a part's setting
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,13 @@ import torch
 from midtrain import CausalLM, MixtureDataModule
 from midtrain.callbacks import MixtureSwitch, ModelCheckpoint
 from midtrain.checkpoint.plan import Fork, Rule, RunPlan, Setting, check_record
+from midtrain.cli import main
 from midtrain.errors import MidtrainError
+from midtrain.train.callbacks.summary import losses_line
 from midtrain.train.optim import adamw_settings, lr_at
 from midtrain.train.trainer import Trainer
+from tests.test_averaging import config as ema_config
+from tests.test_training import scalars
 
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}
 
@@ -158,3 +163,60 @@ def test_schedule_offset_continues_a_schedule_and_refuses_what_it_cannot() -> No
     for offset, schedule, said in ((-1, "cosine", "int >= 0"), (3, "anneal", "no schedule")):
         with pytest.raises(MidtrainError, match=f"model.schedule_offset: .*{said}"):
             CausalLM(arch="tiny", model_config=TINY, schedule_offset=offset, lr_schedule=schedule)
+
+
+# -- the command line: an EMA run, its TensorBoard files, what its evaluation writes ---------------
+
+
+@pytest.fixture(scope="module")
+def ema_cli_run(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Path:
+    """A 4-step run with EMA (validated at steps 2 and 4), from the command line."""
+    tmp = tmp_path_factory.mktemp("ema-cli")
+    assert main(["fit", "--config", str(ema_config(tmp, builtin_store, "run", max_steps=4))]) == 0
+    return tmp / "run"
+
+
+def test_tensorboard_opens_on_charts_that_mean_something(
+    ema_cli_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tags = scalars(ema_cli_run)
+    assert "epoch" not in tags and "hp_metric" not in tags
+    assert {"train/loss", "val/prose/loss", "val_ema/prose/loss"} <= set(tags)
+    # validate logs at the checkpoint's optimizer step, into <run>/validate only
+    ckpt = ema_cli_run / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert (
+        main(["validate", "--config", str(ema_cli_run / "config.yaml"), "--ckpt_path", str(ckpt)])
+        == 0
+    )
+    evaluated = scalars(ema_cli_run / "validate")
+    assert "epoch" not in evaluated and "hp_metric" not in evaluated
+    assert [step for step, _ in evaluated["val/prose/loss"]] == [2]
+    # the summary names the averaged weights' losses too
+    assert "val_ema/prose/loss" in json.loads((ema_cli_run / "summary.json").read_text())["metrics"]
+    assert "val_ema/prose/loss" in losses_line({"val_ema/prose/loss": 1.0}, "val")
+
+
+def test_init_from_reads_the_averaged_weights_with_weights_ema(
+    ema_cli_run: Path, builtin_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last = ema_cli_run / "checkpoints" / "last.ckpt"
+    cfg = ema_config(tmp_path, builtin_store, "child", max_steps=1, limit_val_batches=0)
+    common = ["fit", "--config", str(cfg), "--model.init_from", str(last)]
+    common += ["--model.lr_schedule", "constant", "--model.lr", "1e-12"]  # weights barely move
+    assert main([*common, "--weights", "ema"]) == 0
+    child = torch.load(tmp_path / "child" / "checkpoints" / "last.ckpt", weights_only=True)
+    average = torch.load(last, weights_only=True)["ema"]["state_dict"]
+    for name, value in average.items():
+        torch.testing.assert_close(child["state_dict"][name], value, rtol=0, atol=1e-9)
+    # a checkpoint without an average is one line, before anything is written
+    plain = tmp_path / "plain.ckpt"
+    saved = torch.load(last, weights_only=False)
+    del saved["ema"]
+    torch.save(saved, plain)
+    capsys.readouterr()
+    other = ema_config(tmp_path, builtin_store, "other", max_steps=1)
+    args = ["fit", "--config", str(other), "--model.init_from", str(plain), "--weights", "ema"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no averaged weights" in err[0], err
+    assert not (tmp_path / "other").exists()
