@@ -92,12 +92,13 @@ def run_settings(
 def record(parts: list[tuple[str | None, RunPart]], trainer: pl.Trainer) -> dict[str, Any]:
     """The run record saved in every checkpoint (``checkpoint["midtrain"]["run"]``): each
     setting's value by key, and under ``parts`` the callbacks that hold state (by key prefix)."""
-    out: dict[str, Any] = {k: s.value for k, s in run_settings(parts, trainer).items()}
+    out: dict[str, Any] = {k: s.value for k, s in trainer_settings(trainer).items()}
     named = {}
     for name, part in parts:
+        settings = part.run_settings(trainer)
+        out.update({k: s.value for k, s in settings.items()})
         if name is not None:
-            for key in part.run_settings(trainer):
-                named[key.split(".")[0]] = name
+            named.update({key.split(".")[0]: name for key in settings})
     out["parts"] = named
     return out
 
