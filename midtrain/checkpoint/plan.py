@@ -131,7 +131,7 @@ def check_start(
 def _differences(
     saved: Mapping[str, Any], now: Mapping[str, Setting], fork_step: int | None
 ) -> tuple[list[str], list[str]]:
-    """(setting differences as ``key: old -> new``, keys of differing schedules) between a
+    """(setting differences as ``key old -> new``, keys of differing schedules) between a
     record and this run's settings: all that a resume keeps, or, for a fork from
     ``fork_step``, what a fork keeps."""
     changed, schedules = [], []
@@ -148,14 +148,14 @@ def _differences(
 
 
 def _changed(key: str, old: Any, new: Any, parts: Mapping[str, str] | None = None) -> str:
-    """``key: old -> new``; a callback's setting as ``the checkpoint's <callback> had ...``."""
+    """``key old -> new``; a callback's setting as ``key: the checkpoint's <callback> had ...``."""
     part = key.split(".")[0]
     if part in (parts or {}):
         return f"{key}: the checkpoint's {part} had {old!r}, this run has {new!r}"
     if isinstance(old, dict) and isinstance(new, dict):
         keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        return ", ".join(f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
-    return f"{key}: {old!r} -> {new!r}"
+        return ", ".join(f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    return f"{key} {old!r} -> {new!r}"
 
 
 def _entries(schedule: Any, before: int | None = None) -> list[tuple[Any, ...]]:
