@@ -54,9 +54,10 @@ def list_configs(width: int = 100) -> str:
     lines = [f"ready-made configs in {root} (use as --config configs/<name> from any directory):"]
     for n in names:
         first = f"  {n:<{name_width}}  "
-        wrapped = textwrap.wrap(
-            _summary(root / n), width, initial_indent=first, subsequent_indent=indent
-        )
+        wrapped = textwrap.wrap(  # a path in a description is never cut at its hyphens
+            _summary(root / n), width, initial_indent=first, subsequent_indent=indent,
+            break_on_hyphens=False,
+        )  # fmt: skip
         lines += wrapped or [first.rstrip()]
     return "\n".join(lines)
 
