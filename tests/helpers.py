@@ -100,3 +100,13 @@ class NaNGradientAt(pl.Callback):
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float(
                 "nan"
             )
+
+
+class RecordValue(pl.Callback):
+    """Writes the value it was given, an ``Any``-typed init arg, to ``path`` as JSON."""
+
+    def __init__(self, path: str, value: Any = None) -> None:
+        self.path, self.value = path, value
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        Path(self.path).write_text(json.dumps(self.value))
