@@ -60,7 +60,8 @@ def explain_dict_error(message: str) -> str | None:
     if "Expected a <class 'dict'>" not in message:
         return None
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    given = re.search(r"Given value: (.*?)(?: - |$)", message)
+    # the first value given; jsonargparse < 4.50 runs the next "Given value type:" on without " - "
+    given = re.search(r"Given value: (.*?)(?: - | Given value|$)", message)
     key = ".".join(k for k in keys if not k.startswith("--")) or "value"
     got = f" got {given.group(1).strip()!r};" if given else ""
     return (
