@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal as signal_module
 import time
 from pathlib import Path
 from typing import Any
@@ -110,3 +112,27 @@ class RecordValue(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         Path(self.path).write_text(json.dumps(self.value))
+
+
+class SignalSelf(pl.Callback):
+    """Sends a signal to its own process at one moment of a run's start: ``init`` (the callback
+    is built while the command reads its config), ``setup`` (Lightning sets the run up: the
+    processes exist, the run directory is not written yet) or ``on_fit_start`` (config.yaml,
+    hparams and events written, training not started); ``rank``: only on that global rank."""
+
+    def __init__(self, signal: str, at: str, rank: int | None = None) -> None:
+        self.signal, self.at, self.rank = signal, at, rank
+        if at == "init":
+            self._send(None)
+
+    def _send(self, trainer: pl.Trainer | None) -> None:
+        if self.rank is None or trainer is None or trainer.global_rank == self.rank:
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.at == "setup":
+            self._send(trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at == "on_fit_start":
+            self._send(trainer)

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 
+from midtrain.train import preemption_signals
 from midtrain.train.host import keep_freed_memory
 from midtrain.train.summary_table import ModelSummary
 
@@ -134,6 +135,13 @@ class Trainer(pl.Trainer):
             keep_freed_memory()
 
     # Lightning's own parameters up to ``verbose`` (so it is never given twice), the rest as given.
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        # From here on the run writes into its directory and may start more processes: a
+        # preemption signal from now until training starts stops all ranks together, at a
+        # point where nothing is half-written (the Preemption callback)
+        preemption_signals.run_begins()
+        super().fit(*args, **kwargs)
+
     def validate(
         self,
         model: pl.LightningModule | None = None,
