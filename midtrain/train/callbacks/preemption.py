@@ -50,7 +50,7 @@ class Preemption(Callback):
 
     A signal that ``midtrain fit`` received while starting (``preemption_signals``, from the
     first moment of the process) stops the run before training, on every rank together: in
-    ``setup`` (the processes exist, the run directory is not written yet) or else in
+    ``setup`` (the processes exist; of the run, only its event file is created) or else in
     ``on_train_start``, with code ``exit_code`` and no checkpoint (nothing was trained).
 
     Under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``, detected by default), the
