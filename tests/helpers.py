@@ -117,8 +117,9 @@ class RecordValue(pl.Callback):
 class SignalSelf(pl.Callback):
     """Sends a signal to its own process at one moment of a run's start: ``init`` (the callback
     is built while the command reads its config), ``setup`` (Lightning sets the run up: the
-    processes exist, the run directory is not written yet) or ``on_fit_start`` (config.yaml,
-    hparams and events written, training not started); ``rank``: only on that global rank."""
+    processes exist, the run directory is not written yet), ``on_fit_start`` (config.yaml,
+    hparams and events written, training not started) or ``sanity_check`` (in the sanity
+    check's first batch); ``rank``: only on that global rank."""
 
     def __init__(self, signal: str, at: str, rank: int | None = None) -> None:
         self.signal, self.at, self.rank = signal, at, rank
@@ -135,4 +136,8 @@ class SignalSelf(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at == "on_fit_start":
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.at == "sanity_check" and trainer.sanity_checking and args[-1] == 0:
             self._send(trainer)

@@ -179,6 +179,8 @@ START_STEPS = SWITCH + 1  # short runs: a start, then the switch and one step af
         pytest.param("SIGUSR1", "setup", 1, None, id="USR1-during-setup"),
         # config.yaml, hparams.yaml and events written, training not started
         pytest.param("SIGTERM", "on_fit_start", 1, None, id="TERM-run-dir-written"),
+        # in the sanity check (validation before training), where Lightning's handler was
+        pytest.param("SIGTERM", "sanity_check", 1, None, id="TERM-sanity-check"),
         # DDP x2, only rank 1 signalled: both ranks stop together, none waits in a collective
         pytest.param("SIGUSR1", "setup", 2, 1, id="USR1-during-setup-ddp2-rank1-only"),
     ],
@@ -191,6 +193,8 @@ def test_signal_while_starting_exits_143_and_the_run_then_completes(
     signal_self = ["--trainer.callbacks+=tests.helpers.SignalSelf"]
     signal_self += [f"--trainer.callbacks.signal={sig}", f"--trainer.callbacks.at={at}"]
     signal_self += [] if rank is None else [f"--trainer.callbacks.rank={rank}"]
+    if at == "sanity_check":
+        steps += ["--trainer.num_sanity_val_steps", "1", "--trainer.limit_val_batches", "1.0"]
     args = ["fit", "--config", str(cfg), *steps, "--ckpt_path", "last_or_new"]
     proc = midtrain(*args, *([] if at == "launch" else signal_self))
     if at == "launch":
@@ -207,12 +211,12 @@ def test_signal_while_starting_exits_143_and_the_run_then_completes(
         name = sig if rank in (None, 0) else "a preemption signal (another rank)"
         assert f"preempted by {name} before training: nothing to save" in err, err[-3000:]
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()
-        assert (run_dir / "config.yaml").exists() == (at == "on_fit_start")
+        assert (run_dir / "config.yaml").exists() == (at in ("on_fit_start", "sanity_check"))
         for written in ("config.yaml", "hparams.yaml"):  # whole, where written
             if (run_dir / written).exists():
                 assert yaml.safe_load((run_dir / written).read_text())
-    if at == "init" or devices > 1:
-        return  # left as after "launch" / "setup" (1 process), whose runs are completed below
+    if at in ("init", "sanity_check") or devices > 1:
+        return  # left as after "launch", "setup" or "on_fit_start", whose runs are completed
     # the requeued job's command: a new run (no checkpoint), to its end
     proc = midtrain(*args)
     _, err = proc.communicate(timeout=300)

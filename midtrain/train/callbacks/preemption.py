@@ -83,18 +83,28 @@ class Preemption(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self.received = None
             self._stop_before_training(trainer, preemption_signals.received_while_starting())
 
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning registers its handlers just before the loop starts; ours take over for the
-        # loop (its SIGTERM handler would stop mid-accumulation with exit code 0).
+        self._take_over(trainer)
+        received = self.received or preemption_signals.received_while_starting()
+        self._stop_before_training(trainer, received)
+
+    def _take_over(self, trainer: pl.Trainer) -> None:
+        """Lightning registers its handlers just before the sanity check and the loop; ours take
+        over (its SIGTERM handler would end the sanity check, or a step inside an accumulation,
+        with exit code 0)."""
+        if self._previous:
+            return
         preemption_signals.take_over()
-        self.received = None
         self.requeue_signal = slurm_requeue_signal(trainer)
         for sig in self.numbers:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
-        self._stop_before_training(trainer, preemption_signals.received_while_starting())
 
     def _stop_before_training(self, trainer: pl.Trainer, received: signal.Signals | None) -> None:
         """Every rank stops if any received a signal while starting (one small all-reduce:
