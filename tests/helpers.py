@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal as signal_module
 import time
 from pathlib import Path
 from typing import Any
@@ -122,3 +124,42 @@ def fit_or_fork(
     assert ckpt_path is not None
     assert torch.load(ckpt_path, weights_only=False)["global_step"] == fork_step
     trainer.fork(model, datamodule, ckpt_path, optimizer=fork_optimizer, data=fork_data)
+
+
+class RecordValue(pl.Callback):
+    """Writes the value it was given, an ``Any``-typed init arg, to ``path`` as JSON."""
+
+    def __init__(self, path: str, value: Any = None) -> None:
+        self.path, self.value = path, value
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        Path(self.path).write_text(json.dumps(self.value))
+
+
+class SignalSelf(pl.Callback):
+    """Sends a signal to its own process at one moment of a run's start: ``init`` (the callback
+    is built while the command reads its config), ``setup`` (Lightning sets the run up: the
+    processes exist, the run directory is not written yet), ``on_fit_start`` (config.yaml,
+    hparams and events written, training not started) or ``sanity_check`` (in the sanity
+    check's first batch); ``rank``: only on that global rank."""
+
+    def __init__(self, signal: str, at: str, rank: int | None = None) -> None:
+        self.signal, self.at, self.rank = signal, at, rank
+        if at == "init":
+            self._send(None)
+
+    def _send(self, trainer: pl.Trainer | None) -> None:
+        if self.rank is None or trainer is None or trainer.global_rank == self.rank:
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.at == "setup":
+            self._send(trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at == "on_fit_start":
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.at == "sanity_check" and trainer.sanity_checking and args[-1] == 0:
+            self._send(trainer)

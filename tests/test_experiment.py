@@ -389,3 +389,25 @@ def test_rerun_changed_reruns_changed_stages(study: Path, capsys: pytest.Capture
     assert sum("re-ran (config changed)" in x for x in lines) == 4  # the SFT runs
     assert sum("done already" in x for x in lines) == 2  # the baseline and the branch
     assert main(["experiment", "--config", str(study / "study.yaml")]) == 0  # now consistent
+
+
+def test_quoted_strings_stay_strings_in_sft_targets(tmp_path: Path) -> None:
+    """``sft.targets`` (``dict[str, dict[str, Any]]``) keeps a quoted string a string, from the
+    study file and from the command line, up to the SFT stages' fit arguments."""
+    from midtrain.cli.tools import experiment_config
+    from midtrain.study.plan import _sft_stages
+
+    question = "Question: {q}"  # a mapping, if YAML read it a second time
+    study = yaml.safe_load((CONFIGS / "study" / "cpu.yaml").read_text())
+    study["sft"]["targets"]["math"]["prompt_template"] = question
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert f"prompt_template: '{question}'" in path.read_text()
+    cfg, _ = experiment_config(["--config", str(path)])
+    assert cfg.sft.targets["math"] == {"target": "math_sft", "prompt_template": question}
+    math = [s for s in _sft_stages(cfg, tmp_path / "out", {"baseline": {}}) if "math" in s.name]
+    assert math and all(f"--data.init_args.prompt_template={question}" in s.args for s in math)
+
+    given = f'{{math: {{target: math_sft, prompt_template: "{question}"}}}}'
+    cfg, _ = experiment_config(["--config", str(path), "--sft.targets", given])
+    assert cfg.sft.targets == {"math": {"target": "math_sft", "prompt_template": question}}

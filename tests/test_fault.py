@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from midtrain.checkpoint.atomic import TEMP_MARK, AtomicCheckpointIO, remove_stale_temps
@@ -31,7 +32,7 @@ from tests.conftest import needs_non_root, read_only_directory
 from tests.helpers import RecordDomains
 from tests.test_bad_input import Run, error_line, run_bad
 from tests.test_bad_input import run as run  # noqa: F401  (the fixture: a finished 2-step run)
-from tests.test_kill_resume import MAX_STEPS, config, finish, midtrain, weights
+from tests.test_kill_resume import MAX_STEPS, SWITCH, config, finish, midtrain, weights
 from tests.test_midtraining import run as train
 from tests.test_training import fit_config, scalars
 
@@ -162,6 +163,68 @@ def test_signal_checkpoints_the_step_and_resumes_bitwise(
     finish(midtrain("fit", "--config", str(cfg), "--ckpt_path", "last"))
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == MAX_STEPS
     assert_equal_weights(ref / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
+
+
+START_STEPS = SWITCH + 1  # short runs: a start, then the switch and one step after it
+
+
+@pytest.mark.parametrize(
+    "sig,at,devices,rank",
+    [
+        # external, right after launch: Python and torch are still being imported
+        pytest.param("SIGUSR1", "launch", 1, None, id="USR1-right-after-launch"),
+        # while the command builds its objects from the config (a callback's __init__)
+        pytest.param("SIGTERM", "init", 1, None, id="TERM-reading-the-config"),
+        # in Lightning's setup: Trainer.fit runs, the run directory is not written yet
+        pytest.param("SIGUSR1", "setup", 1, None, id="USR1-during-setup"),
+        # config.yaml, hparams.yaml and events written, training not started
+        pytest.param("SIGTERM", "on_fit_start", 1, None, id="TERM-run-dir-written"),
+        # in the sanity check (validation before training), where Lightning's handler was
+        pytest.param("SIGTERM", "sanity_check", 1, None, id="TERM-sanity-check"),
+        # DDP x2, only rank 1 signalled: both ranks stop together, none waits in a collective
+        pytest.param("SIGUSR1", "setup", 2, 1, id="USR1-during-setup-ddp2-rank1-only"),
+    ],
+)
+def test_signal_while_starting_exits_143_and_the_run_then_completes(
+    tmp_path: Path, builtin_store: Path, sig: str, at: str, devices: int, rank: int | None
+) -> None:
+    cfg = config(tmp_path, builtin_store, "run", 0, 1, devices, 0.0)
+    run_dir, steps = tmp_path / "run", ["--trainer.max_steps", str(START_STEPS)]
+    signal_self = ["--trainer.callbacks+=tests.helpers.SignalSelf"]
+    signal_self += [f"--trainer.callbacks.signal={sig}", f"--trainer.callbacks.at={at}"]
+    signal_self += [] if rank is None else [f"--trainer.callbacks.rank={rank}"]
+    if at == "sanity_check":
+        steps += ["--trainer.num_sanity_val_steps", "1", "--trainer.limit_val_batches", "1.0"]
+    args = ["fit", "--config", str(cfg), *steps, "--ckpt_path", "last_or_new"]
+    proc = midtrain(*args, *([] if at == "launch" else signal_self))
+    if at == "launch":
+        time.sleep(0.3)
+        os.kill(proc.pid, getattr(signal, sig))
+    _, err = proc.communicate(timeout=300)  # a rank left in a collective would hang here
+    err = err.decode()
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    if at in ("launch", "init"):  # alone, nothing written yet: exits at once
+        assert f"midtrain: received {sig} while starting; nothing trained yet: exiting" in err
+        assert not run_dir.exists()
+    else:  # stopped where every rank agrees, nothing trained: no checkpoint, no summary
+        name = sig if rank in (None, 0) else "a preemption signal (another rank)"
+        assert f"preempted by {name} before training: nothing to save" in err, err[-3000:]
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()
+        assert (run_dir / "config.yaml").exists() == (at in ("on_fit_start", "sanity_check"))
+        for written in ("config.yaml", "hparams.yaml"):  # whole, where written
+            if (run_dir / written).exists():
+                assert yaml.safe_load((run_dir / written).read_text())
+    if at in ("init", "sanity_check") or devices > 1:
+        return  # left as after "launch", "setup" or "on_fit_start", whose runs are completed
+    # the requeued job's command: a new run (no checkpoint), to its end
+    proc = midtrain(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert "NO CHECKPOINT in" in err.decode()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == START_STEPS
+    no_temps(run_dir)
 
 
 def test_workers_ignore_preemption_signals() -> None:

@@ -4,6 +4,7 @@ as one line, duplicated YAML keys refused), progress in steps after a resume."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -164,6 +165,51 @@ def test_duplicated_keys_refused_in_nested_files_values_and_tool_configs(
     trainer.write_text("max_steps: 2\nmax_steps: 3\n")
     assert main(["fit", "--config", str(cfg), "--trainer", str(trainer)]) == 2
     assert "key 'max_steps' is given twice" in capsys.readouterr().err
+
+
+QUESTION = "Question: {q}"  # a mapping, if YAML read it a second time
+
+
+def test_quoted_strings_stay_strings_in_any_typed_keys(
+    tmp_path: Path, builtin_store: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A callback's ``Any``-typed init arg, from a config file and from the command line (a
+    YAML value), reaches the callback as the string given, and the run's saved config.yaml
+    gives it back as that string."""
+    cfg = fit_config(tmp_path, builtin_store, "s", max_steps=1, limit_val_batches=0)
+    record = tmp_path / "value.json"
+    callback = {"class_path": "tests.helpers.RecordValue", "init_args": {"path": str(record)}}
+    raw = yaml.safe_load(cfg.read_text())
+    raw["trainer"]["callbacks"] = [{**callback, "init_args": {**callback["init_args"]}}]
+    raw["trainer"]["callbacks"][0]["init_args"]["value"] = QUESTION
+    in_file = tmp_path / "in-file.yaml"
+    in_file.write_text(yaml.safe_dump(raw))
+    assert f"value: '{QUESTION}'" in in_file.read_text()  # quoted in the file
+    assert main(["fit", "--config", str(in_file)]) == 0
+    assert json.loads(record.read_text()) == QUESTION
+    saved = tmp_path / "s" / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["trainer"]["callbacks"][0]["init_args"]["value"] == (
+        QUESTION
+    )
+    # the run's own config.yaml, read back by the command: the same string again
+    record.unlink()
+    assert main(["fit", "--config", str(saved), "--ckpt_path", "last"]) == 0
+    assert json.loads(record.read_text()) == QUESTION
+
+    # on the command line, inside a YAML value: a mapping and a list holding the string
+    def on_command_line(run: str, value: str) -> object:
+        record.unlink(missing_ok=True)
+        args = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / run)]
+        args += ["--trainer.callbacks+=tests.helpers.RecordValue"]
+        args += [f"--trainer.callbacks.path={record}", "--trainer.callbacks.value", value]
+        assert main(args) == 0
+        return json.loads(record.read_text())
+
+    given = f'{{template: "{QUESTION}", n: 2, parts: ["{QUESTION}", x]}}'
+    expected = {"template": QUESTION, "n": 2, "parts": [QUESTION, "x"]}
+    assert on_command_line("c", given) == expected
+    # a command-line value of its own is YAML, as every command-line value is
+    assert on_command_line("m", QUESTION) == {"Question": {"q": None}}
 
 
 @pytest.mark.parametrize("value", ["{prose:1}", "{prose:1,code:2}", "prose:1"])

@@ -189,3 +189,66 @@ def test_preempted_job_is_requeued_and_resumes_bitwise(
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def step_started(job: str) -> bool:
+    """Whether the job's first step (``srun midtrain fit``) runs: its tasks are starting."""
+    out = subprocess.run(
+        ["squeue", "--steps", "--noheader", f"--jobs={job}", "--format=%i"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return f"{job}.0" in out.split()
+
+
+@pytest.mark.parametrize("tasks", [1, 2], ids=["1task", "2tasks-ddp"])
+def test_usr1_while_the_job_starts_requeues_and_the_job_finishes(
+    cluster: None, tmp_path: Path, builtin_store: Path, tasks: int
+) -> None:
+    """SLURM's SIGUSR1 while `midtrain fit` is still starting (importing torch, reading its
+    config): no kill (exit 138, FAILED), but exit 143 with nothing written, and the requeue of
+    SLURM auto-requeue (rank 0 as it exits); the requeued job then runs to the end."""
+    cfg = config(tmp_path, builtin_store, "run", 0, 1, tasks, 0.0)
+    log, ckpts = tmp_path / "job.log", tmp_path / "run" / "checkpoints"
+    script = tmp_path / "job.sh"
+    script.write_text(SCRIPT.format(tasks=tasks, log=log, python=sys.executable, config=cfg))
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env["PYTHONPATH"] = str(REPO)
+    job = subprocess.run(
+        ["sbatch", "--parsable", str(script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    try:
+        wait_for("the job step", lambda: step_started(job), job, log, JOB_TIMEOUT)
+        time.sleep(1.0)  # the tasks run Python by now, and import torch for seconds more
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=60)
+        wait_for(
+            "the end of the requeued job",
+            lambda: job_fields(job).get("JobState") == "COMPLETED",
+            job,
+            log,
+            JOB_TIMEOUT,
+        )
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=60)  # a failed test's job
+    fields, out = job_fields(job), log.read_text()
+
+    assert "midtrain: received SIGUSR1 while starting" in out, out  # hit during the start
+    assert "after optimizer step" not in out, out  # not during training
+    if tasks == 1:  # alone: exits at once, before anything is written
+        assert "exiting with code 143 without writing anything" in out, out
+    else:  # the ranks agree in Preemption.setup, before training
+        assert "preempted by SIGUSR1 before training: nothing to save" in out, out
+    assert fields["Restarts"] == "1" and fields["ExitCode"] == "0:0", fields
+    assert f"midtrain: requeued SLURM job {job};" in out, out
+    assert f"job {job}: start, SLURM_RESTART_COUNT=1" in out
+    # the requeued job found no checkpoint (the first one wrote none), and ran to the end
+    assert "resuming from" not in out and f"job {job}: srun exit code 0" in out, out
+    assert "Traceback" not in out, out
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == MAX_STEPS

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from midtrain.errors import MidtrainError
+from midtrain.train import preemption_signals
 
 
 class Command(NamedTuple):
@@ -135,18 +136,25 @@ def run_command(name: str, args: list[str]) -> int:
         print(f"midtrain {name}: error: {one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2: bad input; 3: training diverged
     except SystemExit as e:
-        from midtrain.train.callbacks.preemption import Preempted
+        from midtrain.train.preemption_signals import Preempted
 
-        if isinstance(e, Preempted):  # checkpoint written: exit so the scheduler requeues
+        if isinstance(e, Preempted):  # checkpoint written, or nothing trained yet: requeue
             return int(e.code)
         raise
     except KeyboardInterrupt:
         return 130
+    finally:
+        if name == "fit":
+            preemption_signals.stop_watching()  # for a caller in Python; a process ends here
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        # first thing, before torch and Lightning are imported: a preemption signal at any
+        # moment of the start is honoured (exit 143, requeue), never the signal's default kill
+        preemption_signals.watch_from_start(alone=preemption_signals.alone_at_start())
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2

@@ -14,14 +14,21 @@ from midtrain.errors import MidtrainError
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
+    from midtrain.study import ExperimentConfig
+
 
 WEIGHTS_HELP = "live, or ema (the average of midtrain.callbacks.EMA)"  # export, generate
 
 
 def _tool_parser(command: str, description: str) -> ArgumentParser:
     """A jsonargparse parser for a tool subcommand: --config files, no prefix matching, and
-    errors raised (not printed with usage) so they become one line."""
+    errors raised (not printed with usage) so they become one line; YAML read the midtrain way
+    (``yaml_input.install``), also when called from Python."""
     from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from midtrain.cli import yaml_input
+
+    yaml_input.install()
 
     parser = ArgumentParser(
         prog=f"midtrain {command}", exit_on_error=False, allow_abbrev=False, description=description
@@ -129,9 +136,10 @@ def advise_main(args: Sequence[str]) -> None:
     print(f"written {advisor.write_advice(advice, Path(a.out))} and advice.md")
 
 
-def experiment_main(args: Sequence[str]) -> None:
+def experiment_config(args: Sequence[str]) -> tuple[ExperimentConfig, Namespace]:
+    """The study config of ``midtrain experiment <args>``, and the parsed options."""
     from midtrain.configs import resolve_config
-    from midtrain.study import ExperimentConfig, run_experiment
+    from midtrain.study import ExperimentConfig
 
     # a shipped study config is found by name from any directory, like the configs it names
     args = [
@@ -150,11 +158,14 @@ def experiment_main(args: Sequence[str]) -> None:
     )
     parser.add_class_arguments(ExperimentConfig)
     init = _parse(parser, args, "experiment config")
-    run_experiment(
-        ExperimentConfig(**_fields_of(ExperimentConfig, init)),
-        dry_run=init.dry_run,
-        rerun_changed=init.rerun_changed,
-    )
+    return ExperimentConfig(**_fields_of(ExperimentConfig, init)), init
+
+
+def experiment_main(args: Sequence[str]) -> None:
+    from midtrain.study import run_experiment
+
+    cfg, init = experiment_config(args)
+    run_experiment(cfg, dry_run=init.dry_run, rerun_changed=init.rerun_changed)
 
 
 def consolidate_main(args: Sequence[str]) -> None:

@@ -1,21 +1,21 @@
 """YAML as the ``midtrain`` command reads it: a duplicated key is an error (not "last wins"), a
-syntax error names the file and line, and the usual command-line dict slip gets one line.
+syntax error names the file and line, a quoted string stays a string, and the usual
+command-line dict slip gets one line.
 
-``install()`` puts the duplicate check into jsonargparse's loader (its public ``set_loader``
-hook), so it applies to every YAML the command reads: ``--config`` files, files given for
-nested keys, and YAML values on the command line."""
+``install()`` makes midtrain's one strict YAML reader (``midtrain.configs.load_yaml``)
+jsonargparse's loader (its public ``set_loader`` hook), so it applies to every YAML the command
+reads: ``--config`` files, files given for nested keys, and YAML values on the command line."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
 
-from midtrain.configs import _duplicate_error, check_yaml
+from midtrain.configs import load_yaml, load_yaml_file
 from midtrain.errors import MidtrainError
 
 
@@ -31,7 +31,7 @@ def check_args(args: Sequence[str]) -> None:
         else:
             continue
         if value.endswith((".yaml", ".yml")) and os.path.isfile(value):
-            check_yaml(Path(value).read_text(), value)
+            load_yaml_file(value)
         elif value.startswith("{") and value.endswith("}"):
             try:
                 loaded = yaml.safe_load(value)
@@ -60,7 +60,8 @@ def explain_dict_error(message: str) -> str | None:
     if "Expected a <class 'dict'>" not in message:
         return None
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    given = re.search(r"Given value: (.*?)(?: - |$)", message)
+    # the first value given; jsonargparse < 4.50 runs the next "Given value type:" on without " - "
+    given = re.search(r"Given value: (.*?)(?: - | Given value|$)", message)
     key = ".".join(k for k in keys if not k.startswith("--")) or "value"
     got = f" got {given.group(1).strip()!r};" if given else ""
     return (
@@ -71,25 +72,46 @@ def explain_dict_error(message: str) -> str | None:
 
 _installed = False
 
+# The strings read from YAML that a second reading would change ("Question: {q}" is a mapping
+# when read again), by id. jsonargparse reads a string that an ``Any``-typed key holds (``Any``,
+# ``dict[str, Any]``: a callback's init_args, model.model_config, the study's sft.targets) as
+# YAML again each time it checks, instantiates or dumps the config; the loader hands these back
+# as they are. By identity, not by value: the same text typed on the command line as a value
+# of its own has not been read yet, and is read as YAML, as every command-line value is.
+_already_read: dict[int, str] = {}
+
+
+def _remember_strings(value: Any, reread: Callable[[str], Any]) -> Any:
+    if isinstance(value, dict):
+        for item in value.values():
+            _remember_strings(item, reread)
+    elif isinstance(value, list):
+        for item in value:
+            _remember_strings(item, reread)
+    elif type(value) is str:
+        try:
+            changes = reread(value) != value
+        except yaml.YAMLError:
+            changes = False  # not YAML: jsonargparse keeps it as it is
+        if changes:
+            _already_read[id(value)] = value
+    return value
+
 
 def install() -> None:
-    """Refuse duplicated keys in every YAML jsonargparse loads (idempotent)."""
+    """Make ``load_yaml`` the loader of every YAML jsonargparse reads (idempotent)."""
     global _installed
     if _installed:
         return
     from jsonargparse import get_loader, set_loader
 
-    previous = get_loader("yaml")
+    previous = get_loader("yaml")  # jsonargparse's own: its number and date rules
 
     def strict_yaml_load(text: str) -> Any:
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            return previous(text)  # not YAML: jsonargparse decides (e.g. a plain string)
-        error = _duplicate_error(node, "YAML")
-        if error is not None:
-            raise error
-        return previous(text)
+        if _already_read.get(id(text)) is text:
+            return text  # a string of a document read before: it stays a string
+        value = load_yaml(text, "YAML", previous, not_yaml_to_construct=True)
+        return _remember_strings(value, previous)
 
     set_loader("yaml", strict_yaml_load, exceptions=(yaml.YAMLError,))
     _installed = True

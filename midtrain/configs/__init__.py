@@ -4,6 +4,7 @@ found by name from any directory, and strict YAML reading (duplicate keys are er
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,28 +61,44 @@ def _duplicate_error(node: yaml.Node | None, where: str) -> MidtrainError | None
     )
 
 
-def check_yaml(text: str, where: str = "YAML") -> None:
-    """Raise a one-line ``MidtrainError`` for a syntax error or a duplicated key in ``text``."""
+def load_yaml(
+    text: str,
+    where: str = "YAML",
+    construct: Callable[[str], Any] = yaml.safe_load,
+    *,
+    not_yaml_to_construct: bool = False,
+) -> Any:
+    """midtrain's one strict YAML reader: a key given twice in a mapping is an error (not "the
+    last one wins"), and a syntax error names ``where``, the line and the column, each as a
+    one-line ``MidtrainError``. ``construct`` builds the value from the checked text (the
+    ``midtrain`` command passes jsonargparse's loader, which reads ``1e-3`` as a float);
+    ``not_yaml_to_construct``: text that is not YAML goes to ``construct`` unchecked (a
+    command-line value: jsonargparse keeps it as a string)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        context = (
-            f" ({e.context} at line {e.context_mark.line + 1})"
-            if (e.context and e.context_mark and e.context_mark is not mark)
-            else ""
-        )
-        raise MidtrainError(f"{at}: YAML syntax error: {e.problem}{context}") from None
     except yaml.YAMLError as e:
-        raise MidtrainError(f"{where}: YAML error: {e}") from None
+        if not_yaml_to_construct:
+            return construct(text)
+        raise _syntax_error(e, where) from None
     error = _duplicate_error(node, where)
     if error is not None:
         raise error
+    return construct(text)
+
+
+def _syntax_error(e: yaml.YAMLError, where: str) -> MidtrainError:
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return MidtrainError(f"{where}: YAML error: {e}")
+    mark = e.problem_mark or e.context_mark
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+    context = (
+        f" ({e.context} at line {e.context_mark.line + 1})"
+        if (e.context and e.context_mark and e.context_mark is not mark)
+        else ""
+    )
+    return MidtrainError(f"{at}: YAML syntax error: {e.problem}{context}")
 
 
 def load_yaml_file(path: str | os.PathLike) -> Any:
-    """``yaml.safe_load`` of a file, with the checks of ``check_yaml`` naming the file."""
-    text = Path(path).read_text()
-    check_yaml(text, str(path))
-    return yaml.safe_load(text)
+    """``load_yaml`` of a file, its errors naming the file."""
+    return load_yaml(Path(path).read_text(), str(path))

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 
 from midtrain.checkpoint.files import check_checkpoint
 from midtrain.run_state import Fork, RunPlan
+from midtrain.train import preemption_signals
 from midtrain.train._lightning import log_without_epoch
 from midtrain.train.host import keep_freed_memory
 from midtrain.train.summary_table import ModelSummary
@@ -162,6 +163,13 @@ class Trainer(pl.Trainer):
             self.run_plan = None
 
     # Lightning's own parameters up to ``verbose`` (so it is never given twice), the rest as given.
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        # From here on the run writes into its directory and may start more processes: a
+        # preemption signal from now until training starts stops all ranks together, at a
+        # point where nothing is half-written (the Preemption callback)
+        preemption_signals.run_begins()
+        super().fit(*args, **kwargs)
+
     def validate(
         self,
         model: pl.LightningModule | None = None,

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import yaml
 
+from midtrain.configs import load_yaml
 from midtrain.data.contract import require_max_steps
 from midtrain.data.datamodule import MAX_PHASES
 from midtrain.errors import MidtrainError
@@ -117,7 +118,7 @@ def read_reference(reference: Any) -> dict[str, float]:
             path = path / "summary.json"
         try:
             text = path.read_text()
-            table = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            table = json.loads(text) if path.suffix == ".json" else load_yaml(text, str(path))
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise MidtrainError(
                 f"{WHERE}.reference: cannot read {path} ({type(e).__name__}); give a JSON/YAML "

@@ -1,29 +1,31 @@
 """``Preemption``: SIGTERM / SIGUSR1 finish the current optimizer step, save ``last.ckpt`` and
-exit 143, so a scheduler can requeue the job. See docs/fault-tolerance.md."""
+exit 143, so a scheduler can requeue the job; a signal while the run starts (before training,
+``midtrain.train.preemption_signals``) stops every rank before training, with nothing to save.
+See docs/fault-tolerance.md."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
-import subprocess
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from midtrain.checkpoint.layout import LAST, checkpoint_dir
 from midtrain.errors import MidtrainError
+from midtrain.train import preemption_signals
 from midtrain.train._lightning import slurm_requeue_signal
+from midtrain.train.callbacks.base import StepCallback
+from midtrain.train.preemption_signals import (
+    EXIT_PREEMPTED,
+    Preempted,
+    PreemptedBeforeTraining,
+    requeue_at_exit,
+    slurm_job_id,
+)
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job stopped by a signal
-
-
-class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is written; the process exits with its code."""
-
-    code: int
+__all__ = ["EXIT_PREEMPTED", "Preempted", "Preemption", "slurm_job_id"]
 
 
 def _signal_number(name: str) -> signal.Signals:
@@ -38,45 +40,18 @@ def _signal_number(name: str) -> signal.Signals:
     return sig
 
 
-def slurm_job_id() -> str | None:
-    """The job to requeue: ``<array job>_<task>`` for an array task, else ``SLURM_JOB_ID``."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
-        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def requeue_slurm_job(job: str) -> bool:
-    """``scontrol requeue <job>`` as the process exits; says in one line whether it worked.
-
-    SLURM then stops what is left of the job (SIGTERM, then SIGKILL) and runs its script again
-    (``SLURM_RESTART_COUNT`` counts the restarts). SIGTERM is ignored from here on, so this
-    process still ends with its own exit code."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        done = subprocess.run(
-            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
-        )
-        ok, why = done.returncode == 0, (done.stderr or done.stdout).strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        ok, why = False, str(e)
-    line = (
-        f"midtrain: requeued SLURM job {job}; its script runs again "
-        "(continue with --ckpt_path last_or_new)"
-        if ok
-        else f"midtrain: could not requeue SLURM job {job}: scontrol requeue: {why}"
-    )
-    os.write(2, f"{line}\n".encode())
-    return ok
-
-
-class Preemption(Callback):
+class Preemption(StepCallback):
     """On a preemption signal: finish the current optimizer step, save ``last.ckpt``, exit 143.
 
     The checkpoint is taken at an optimizer-step boundary (never inside gradient accumulation),
     so resuming from it with ``--ckpt_path last`` is bitwise equal to an uninterrupted run. The
     handler only sets a flag: a second signal during the save changes nothing. With several
     processes, ranks agree on the stop step with one small all-reduce per optimizer step.
+
+    A signal that ``midtrain fit`` received while starting (``preemption_signals``, from the
+    first moment of the process) stops the run before training, on every rank together: in
+    ``setup`` (the processes exist; of the run, only its event file is created) or else in
+    ``on_train_start``, with code ``exit_code`` and no checkpoint (nothing was trained).
 
     Under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``, detected by default), the
     requeue signal (SIGUSR1) also requeues the job: rank 0 runs ``scontrol requeue`` as the
@@ -106,14 +81,46 @@ class Preemption(Callback):
                 "the current optimizer step\n".encode(),
             )
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.received = None
+            self._stop_before_training(trainer, preemption_signals.received_while_starting())
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning registers its handlers just before the loop starts; ours take over for the
-        # loop (its SIGTERM handler would stop mid-accumulation with exit code 0).
-        self.received = None
+        self._take_over(trainer)
+        received = self.received or preemption_signals.received_while_starting()
+        self._stop_before_training(trainer, received)
+
+    def _take_over(self, trainer: pl.Trainer) -> None:
+        """Lightning registers its handlers just before the sanity check and the loop; ours take
+        over (its SIGTERM handler would end the sanity check, or a step inside an accumulation,
+        with exit code 0)."""
+        if self._previous:
+            return
+        preemption_signals.take_over()
         self.requeue_signal = slurm_requeue_signal(trainer)
         for sig in self.numbers:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
+
+    def _stop_before_training(self, trainer: pl.Trainer, received: signal.Signals | None) -> None:
+        """Every rank stops if any received a signal while starting (one small all-reduce:
+        no rank is left waiting in a collective); nothing is trained, so nothing is saved."""
+        stop = received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        name = received.name if received is not None else "a preemption signal (another rank)"
+        rank_zero_info(
+            f"preempted by {name} before training: nothing to save; continue with "
+            "`midtrain fit ... --ckpt_path last_or_new`"
+        )
+        requeue_at_exit(received, slurm_requeue_signal(trainer), trainer.is_global_zero)
+        raise PreemptedBeforeTraining(self.exit_code)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -132,16 +139,10 @@ class Preemption(Callback):
         if not isinstance(exception, Preempted):
             self._restore()
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: object,
-        batch: object,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # inside an accumulation: the optimizer step is not finished yet
+        # never inside an accumulation: the step is finished
         stop = self.received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -155,11 +156,9 @@ class Preemption(Callback):
             f"preempted by {name} after optimizer step {trainer.global_step}: saved "
             f"{path}; continue with `midtrain fit ... --ckpt_path last`"
         )
-        received, job = self.received, slurm_job_id()
-        if received is not None and received == self.requeue_signal and job:
-            if trainer.is_global_zero:
-                # at exit: a requeue stops the job's processes, so it comes after everything else
-                atexit.register(requeue_slurm_job, job)
+        received = self.received
+        if received is not None and received == self.requeue_signal and slurm_job_id():
+            requeue_at_exit(received, self.requeue_signal, trainer.is_global_zero)
         elif received is not None and received != signal.SIGTERM:
             previous = self._previous.get(received)
             if callable(previous):
