@@ -163,7 +163,7 @@ def agreement(
                 out.append(
                     CalibrationRow(
                         target,
-                        measure_proxies,
+                        measure,
                         predictor,
                         n,
                         n * (n - 1) // 2,

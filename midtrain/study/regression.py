@@ -379,6 +379,31 @@ def write_predictions(pred: Predictions, out: str | Path) -> Path:
     return path
 
 
+def plot_predictions(pred: Predictions, path: Path, title: str) -> Path | None:
+    """Predicted (with its interval) against measured, one point per test run; None without
+    matplotlib (the ``midtrain[plot]`` extra) or without a measured target."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if pred.measured is None:
+        return None
+    fig = Figure(figsize=(5, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    err = [pred.predicted - pred.low, pred.high - pred.predicted]
+    ax.errorbar(pred.measured, pred.predicted, yerr=err, fmt="o", ms=3, alpha=0.6, elinewidth=0.6)
+    lo = float(min(pred.measured.min(), pred.low.min()))
+    hi = float(max(pred.measured.max(), pred.high.max()))
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8)
+    ax.set_xlabel("measured")
+    ax.set_ylabel("predicted (interval)")
+    ax.set_title(f"{title}\nSpearman {pred.spearman:+.3f}, Kendall {pred.kendall:+.3f}", fontsize=9)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    return path
+
+
 def run(
     fit_path: str,
     predict_path: str,
@@ -408,5 +433,8 @@ def run(
             f"test: {len(test.rows)} runs of {test.path}: Spearman {pred.spearman:+.3f}, "
             f"Kendall {pred.kendall:+.3f} (predicted vs measured {target})"
         )
-    say(f"written {write_predictions(pred, out)}")
+    written = [write_predictions(pred, out)]
+    title = f"{reg.model} on {Path(fit_path).name} -> {Path(predict_path).name}: {target}"
+    figure = plot_predictions(pred, Path(out).with_suffix(".png"), title)
+    say("written " + ", ".join(str(p) for p in [*written, *([figure] if figure else [])]))
     return pred
