@@ -32,7 +32,6 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -306,16 +305,6 @@ def with_controls(proxies: Sequence[Proxy]) -> list[Proxy]:
     """A control per start step first (the run's own mixture from the same checkpoint)."""
     starts = dict.fromkeys((p.start, p.checkpoint) for p in proxies)
     return [Proxy(control_name(s), s, c) for s, c in starts] + [p for p in proxies if not p.control]
-
-
-def scorer_from_config(
-    target: str, config: Mapping[str, Any], args: list[str], general: str, sft_steps: int
-) -> Scorer:
-    """A scorer from an SFT config (parsed) and the arguments that give it."""
-    data = (config.get("data") or {}).get("init_args") or {}
-    if "target" not in data:
-        raise MidtrainError(f"sft.targets.{target}: the SFT config names no data.target")
-    return Scorer(target, str(data["target"]), general, args, sft_steps)
 
 
 def soup_rows(

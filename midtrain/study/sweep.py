@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import numpy as np
 
 from midtrain.configs import load_yaml_file, resolve_config
 from midtrain.errors import MidtrainError
-from midtrain.study.config import config_files, expand_grid, fit_args
+from midtrain.study.config import expand_grid, fit_args
 from midtrain.study.proxy import (
     ANNEALS,
     Measured,
@@ -117,7 +119,13 @@ def grid_proxies(g: Any, starts: Sequence[tuple[int, Path]], base: dict[str, flo
     out = []
     for d in domains:
         spec = {**g, "domain": d, "start": list(checkpoint)}
-        for name, b in expand_grid(f"proxy-{d}", spec, base).items():
+        try:
+            points = expand_grid(f"proxy-{d}", spec, base)
+        except MidtrainError as e:  # the study's grid check, named as the sweep spells it
+            raise MidtrainError(
+                str(e).replace(f"branches.proxy-{d}.grid", "candidates.grid")
+            ) from None
+        for name, b in points.items():
             ramp = (b.get("ramp_steps", 0), b.get("ramp", "linear"))
             out.append(Proxy(name, b["step"], checkpoint[b["step"]], b["weights"], *ramp, domain=d))
     return out
@@ -204,14 +212,14 @@ def scorers(cfg: SweepConfig) -> list[Scorer]:
     steps = int(sft.get("steps", 0))
     extra = [f"--model.lr={sft['lr']}"] if sft.get("lr") is not None else []
     base = fit_args(list(sft["config"]), [*sft.get("args", []), *extra], "sft.config")
-    config: dict[str, Any] = {}
-    for path in config_files(list(sft["config"]), "sft.config"):
-        config = {**config, **(load_yaml_file(path) or {})}
     out = []
     for target, data in sft["targets"].items():
         if not isinstance(data, dict) or "target" not in data:
             raise MidtrainError(f"sft.targets.{target}: give `target`, the SFT domain")
-        overrides = [f"--data.init_args.{k}={v}" for k, v in data.items()]
+        overrides = [
+            f"--data.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
+            for k, v in data.items()
+        ]
         args = [*base, *overrides, f"--data.init_args.general_val_sets=[{cfg.general}]"]
         out.append(Scorer(target, str(data["target"]), cfg.general, args, steps))
     return out
@@ -344,12 +352,11 @@ def plan_sweep(cfg: SweepConfig) -> tuple[PretrainRun, list[Proxy], list[Scorer]
 
 
 def _average(checkpoints: Sequence[Path], out: Path, say: Callable[[str], None]) -> Path:
-    """``midtrain average`` (the public command) unless the soup exists already."""
+    """``midtrain average`` (the public command) of the members, written anew."""
     import subprocess
     import sys
 
-    if out.is_file():
-        return out
+    out.unlink(missing_ok=True)  # its members may have changed since: averaged anew
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "midtrain", "average", *map(str, checkpoints), "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -382,7 +389,8 @@ def soups(
         ckpts = [run_checkpoints(root / "proxies" / p.name) / LAST for p in members]
         soup = _average(ckpts, root / "soups" / f"{s.target}.ckpt", say)
         stage = score_stage(f"soup-{s.target}", soup, s, root, None)
-        run_stages([stage], True, say)  # the soup's file changes with its members: score again
+        shutil.rmtree(stage.directory, ignore_errors=True)  # a new soup: scored again
+        run_stages([stage], False, say)
         best = min(measured[(p.name, s.target)].in_domain for p in members)
         out[s.target] = ([p.name for p in members], read_scores(stage, s)[0], best)
     return out

@@ -493,6 +493,7 @@ def main() -> None:
     from tests.benchmarks import advise as advise_bench
     from tests.benchmarks import breakdown
     from tests.benchmarks import prepare as prepare_bench
+    from tests.benchmarks import proxy as proxy_bench
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench.json")
@@ -515,6 +516,7 @@ def main() -> None:
             "step_breakdown": breakdown.in_fresh_process(),
             "gpu": bench_gpu(store),
             "advise": advise_bench.bench_advise(store),
+            "proxy_sweep": proxy_bench.bench_proxy_sweep(store, Path(tmp) / "proxy"),
         }
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -598,6 +600,7 @@ def main() -> None:
     rows += prepare_bench.rows(results["prepare_parallel"])
     rows += breakdown.rows(results["step_breakdown"])
     rows += advise_bench.rows(results["advise"])
+    rows += proxy_bench.rows(results["proxy_sweep"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
         print(f"{name:<52} {fig:>12}  {detail:<22} {goal}")
