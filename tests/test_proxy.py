@@ -122,7 +122,7 @@ def test_sweep_picks_the_planted_best_mixture(
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"steps": 13}, "steps: 13 proxy steps from control-s4's start step 4 run past the run's "
+        ({"steps": 13}, "steps: 13 proxy steps from proxy-code-s4-w0.5's start step 4 run past the run's "
                         "trainer.max_steps=16; give at most 12"),
         ({"starts": [5]}, "starts: the run "),
         ({"candidates": {"grid": {"domain": "poetry", "weight": [0.5]}}}, "candidates: domain 'poetry' is not in the run's store"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,17 +212,20 @@ def calibrate(
     return Calibration(str(root), advice, measured, agreement(advice, measured))
 
 
-def study_proxies(study: Path, candidates: list[Candidate], run: PretrainRun) -> list[Proxy]:
+def study_proxies(
+    study: Path, candidates: list[Candidate], run: PretrainRun, steps: int
+) -> list[Proxy]:
     """Every branch as a proxy from the baseline's checkpoint at its start step, with its
-    switch (weights and ramp), and a control per start step."""
+    switch (weights and ramp), and a control per start step; the length checked first."""
     out = []
     for c in candidates:
         if c.start is None:
             continue
         cfg = _config(stage_dir(study, c.name) / CONFIG)
         step, weights, ramp_steps, ramp = _switch(cfg, run.settings.max_steps)
-        ckpt = start_checkpoint(run, step, f"branch {c.name}")
-        out.append(Proxy(c.name, step, ckpt, weights, ramp_steps, ramp, c.domain))
+        out.append(Proxy(c.name, step, Path(), weights, ramp_steps, ramp, c.domain))
+    check_length(out, steps, run.settings.max_steps, "--proxy_steps")
+    out = [replace(p, checkpoint=start_checkpoint(run, p.start, f"branch {p.name}")) for p in out]
     return with_controls(out)
 
 
@@ -253,8 +256,7 @@ def add_proxy_features(
     run = PretrainRun.of(stage_dir(study, "baseline"), "advise --check")
     if schedule not in ANNEALS:
         raise MidtrainError(f"--proxy_schedule: {schedule!r} is not one of {', '.join(ANNEALS)}")
-    proxies = study_proxies(study, candidates, run)
-    check_length(proxies, steps, run.settings.max_steps, "--proxy_steps")
+    proxies = study_proxies(study, candidates, run, steps)
     scorers = study_scorers(study, list(dict.fromkeys(p.target for p in advice.predictions)))
     root = out / "proxies" / f"steps{steps}"
     stages = plan_stages(run, proxies, scorers, steps, schedule, root)

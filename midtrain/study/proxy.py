@@ -145,7 +145,7 @@ def check_length(proxies: Sequence[Proxy], steps: int, max_steps: int, where: st
     """Every proxy (and its ramp) fits inside the pretraining run."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise MidtrainError(f"{where}: {steps!r} is not a number of optimizer steps > 0")
-    for p in proxies:
+    for p in sorted(proxies, key=lambda p: p.control):  # a candidate named before a control
         if p.start + steps > max_steps:
             raise MidtrainError(
                 f"{where}: {steps} proxy steps from {p.name}'s start step {p.start} run past the "
