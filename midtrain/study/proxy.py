@@ -84,6 +84,7 @@ class PretrainRun:
     directory: Path
     settings: FitSettings
     base: dict[str, float]
+    resumed: bool = False  # its saved config names a ckpt_path (a resume rewrites config.yaml)
 
     @property
     def config(self) -> Path:
@@ -97,8 +98,9 @@ class PretrainRun:
                 f"{where}: {d} is not a run directory of `midtrain fit` (no {CONFIG}); give the "
                 "pretraining run's trainer.default_root_dir"
             )
-        settings = FitSettings.of(yaml.safe_load((d / CONFIG).read_text()))
-        return cls(d, settings, pretraining_weights(settings))
+        config = yaml.safe_load((d / CONFIG).read_text()) or {}
+        settings = FitSettings.of(config)
+        return cls(d, settings, pretraining_weights(settings), config.get("ckpt_path") is not None)
 
 
 def checkpoint_step(path: Path, where: str) -> int:
@@ -173,6 +175,8 @@ def proxy_args(
         "--trainer.limit_val_batches=0",
         f"--model.lr_schedule={schedule}",
     ]
+    if run.resumed:  # a proxy starts from --fork, never from the run's own resume point
+        args.append("--ckpt_path=null")
     if not p.control:
         args += [
             "--trainer.callbacks+=midtrain.callbacks.MixtureSwitch",
