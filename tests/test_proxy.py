@@ -119,6 +119,24 @@ def test_sweep_picks_the_planted_best_mixture(
     assert capsys.readouterr().out.count("done already") == 10
 
 
+@pytest.mark.slow
+def test_sweep_scores_after_a_short_sft(pretrained: Path, tmp_path: Path) -> None:
+    """``sft.steps``: every proxy is fine-tuned for that many steps before it is scored; the
+    scores are the SFT runs' own last validation."""
+    from midtrain.study.report import last_scalar
+
+    path = sweep_yaml(pretrained, output=str(tmp_path / "sft-sweep"))
+    cfg = yaml.safe_load(path.read_text())
+    cfg["sft"]["steps"] = 2
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_sweep(load_sweep(str(path)))
+    assert result.best[0].best_measured == "proxy-math-s4-w1"
+    run = tmp_path / "sft-sweep" / "scores" / "proxy-math-s4-w1" / "math"
+    assert "--trainer.max_steps=2" in (run / "stage.log").read_text()
+    measured = result.measured[("proxy-math-s4-w1", "math")]
+    assert measured.in_domain == pytest.approx(last_scalar(run, "val/math/loss"))
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -111,8 +111,11 @@ def _starts(cfg: SweepConfig, run: PretrainRun) -> list[tuple[int, Path]]:
 def grid_proxies(g: Any, starts: Sequence[tuple[int, Path]], base: dict[str, float]) -> list[Proxy]:
     """Every start × domain × weight × ramp of ``candidates.grid`` (the study's grid syntax,
     ``domain`` may be a list): the domain at weight w, the run's mixture scaled by 1 − w."""
-    if not isinstance(g, dict):
-        raise MidtrainError("candidates.grid: give {domain, weight, ramp_steps, ramp}")
+    if not isinstance(g, dict) or "start" in g:
+        raise MidtrainError(
+            "candidates.grid: give {domain, weight, ramp_steps, ramp} (the start steps are "
+            "the sweep's `starts`)"
+        )
     domains = g.get("domain")
     domains = domains if isinstance(domains, list) else [domains]
     checkpoint = dict(starts)
@@ -288,7 +291,7 @@ def pool_rows(
     extra = []
     if "grid" in cfg.candidates:
         ws = [float(w) for w in cfg.candidates["grid"]["weight"]]
-        for d in {p.domain for p in proxies if p.domain}:
+        for d in sorted({p.domain for p in proxies if p.domain}):
             for w in np.linspace(min(ws), max(ws), 21):
                 mix = {k: v * (1 - w) for k, v in base.items()}
                 mix[d] = mix.get(d, 0.0) + w
