@@ -199,3 +199,25 @@ def test_check_proxy_steps_orders_the_cpu_ablation_as_measured(
     # a re-run reuses every proxy and score
     assert main(["advise", "--check", str(study), "--proxy_steps", "10", "--bootstrap", "0"]) == 0
     assert capsys.readouterr().out.count("done already") == 6 + 6
+
+
+def test_dirichlet_candidates_are_the_same_draws_at_every_start() -> None:
+    """RegMix-style candidates: mixtures drawn from a symmetric Dirichlet, one proxy per draw
+    and start step, named by draw; the pool to search is more draws of the same law."""
+    from midtrain.study.sweep import SweepConfig, dirichlet_proxies, feature_row, pool_rows
+
+    spec = {"domains": ["prose", "code", "math"], "samples": 4, "alpha": 0.5}
+    starts = [(10, Path("a.ckpt")), (30, Path("b.ckpt"))]
+    proxies = dirichlet_proxies(spec, starts, seed=0)
+    assert [p.name for p in proxies] == [f"dirichlet{i}-s{s}" for s in (10, 30) for i in range(4)]
+    assert [p.weights for p in proxies[:4]] == [p.weights for p in proxies[4:]]
+    for p in proxies:
+        assert p.weights and sum(p.weights.values()) == pytest.approx(1.0, abs=2e-3)
+        assert p.checkpoint == Path("a.ckpt" if p.start == 10 else "b.ckpt")
+    cfg = SweepConfig("o", "r", 3, {"dirichlet": spec}, "prose", {}, pool=50)
+    base = {"prose": 1.0}
+    pool = pool_rows(cfg, proxies, ["code", "math", "prose"], base)
+    assert len(pool) == len(proxies) + 50 * 2  # the proxies, then 50 draws at both starts
+    assert pool[0] == feature_row(proxies[0], ["code", "math", "prose"], base)
+    with pytest.raises(MidtrainError, match=r"candidates.dirichlet.alpha: -1 is not > 0"):
+        dirichlet_proxies({**spec, "alpha": -1}, starts, seed=0)
