@@ -371,3 +371,19 @@ def test_check_reads_a_real_study_and_its_paper_measure_is_the_studys(
     assert float(advice["mid-s4-w0.5"]["measured_in_domain"]) == pytest.approx(
         float(summary["mid-s4-w0.5"]["in_domain_rel_improvement"])
     )
+
+
+def test_check_refuses_proxy_steps_past_the_run(
+    constructed_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The branch starting at step 80 of 100 has room for 20 proxy steps, not 30; refused
+    before any proxy runs, nothing written."""
+    study_dir = _study_dir(tmp_path / "study", constructed_store)
+    args = ["--num_docs", "60", "--top_k", "200", "--bootstrap", "0", "--proxy_steps", "30"]
+    assert main(["advise", "--check", str(study_dir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "midtrain advise: error: --proxy_steps: 30 proxy steps from late's start step 80 run "
+        "past the run's trainer.max_steps=100; give at most 20"
+    )
+    assert not (study_dir / "advise").exists()

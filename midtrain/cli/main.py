@@ -50,7 +50,8 @@ COMMANDS: dict[str, Command] = {
         "midtrain.cli.tools:similarity_main",
     ),
     "advise": Command(
-        "rank candidate midtraining mixtures per SFT target (--config); --check <study>",
+        "rank candidate mixtures per SFT target (--config); measure them (--proxy); a "
+        "regression on runs (--fit); --check <study>",
         "midtrain.cli.tools:advise_main",
     ),
     "experiment": Command(

@@ -105,28 +105,30 @@ def similarity_main(args: Sequence[str]) -> None:
     run(**{k: v for k, v in vars(init).items() if k != "config"})
 
 
+def _given(args: Sequence[str], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in args)
+
+
 def advise_main(args: Sequence[str]) -> None:
-    """`midtrain advise --config <yaml>` ranks candidates; `--check <study output>` calibrates."""
+    """`midtrain advise --config <yaml>` ranks candidates; `--check <study output>` calibrates
+    (with `--proxy_steps N`, measured proxies too); `--fit TRAIN --predict TEST` is the mixture
+    regression; `--proxy <yaml>` the proxy sweep."""
+    if _given(args, "--fit"):
+        return _advise_fit(args)
+    if _given(args, "--proxy"):
+        return _advise_proxy(args)
+    if _given(args, "--check"):
+        return _advise_check(args)
     from pathlib import Path
 
-    from midtrain.study import advisor, calibration
+    from midtrain.study import advisor
 
-    if "--check" in args or any(a.startswith("--check=") for a in args):
-        parser = _tool_parser("advise", (calibration.calibrate.__doc__ or "").splitlines()[0])
-        parser.add_argument("--check", required=True, help="a finished study's output directory")
-        parser.add_argument("--out", type=str | None, default=None, help="default <study>/advise")
-        parser.add_function_arguments(calibration.calibrate, skip={"study"})
-        a = _parse(parser, args, "advise --check")
-        kwargs = {k: v for k, v in vars(a).items() if k not in ("config", "check", "out")}
-        cal = calibration.calibrate(a.check, **kwargs)
-        print(advisor.to_markdown(cal.advice) + "\n\n" + calibration.to_markdown(cal))
-        written = calibration.write_calibration(cal, Path(a.out or Path(a.check) / "advise"))
-        print("written " + ", ".join(str(p) for p in written))
-        return
     parser = _tool_parser(
         "advise",
         (advisor.advise.__doc__ or "").splitlines()[0]
-        + " `midtrain advise --check <study output>` compares it with a finished study.",
+        + " `midtrain advise --check <study output>` compares it with a finished study;"
+        " `--fit TRAIN.csv --predict TEST.csv --target COLUMN` fits a mixture regression;"
+        " `--proxy <sweep.yaml>` measures candidates with short proxy runs.",
     )
     parser.add_function_arguments(advisor.advise)
     parser.add_argument("--out", type=str, default="results/advise", help="where advice.csv goes")
@@ -134,6 +136,69 @@ def advise_main(args: Sequence[str]) -> None:
     advice = advisor.advise(**{k: v for k, v in vars(a).items() if k not in ("config", "out")})
     print(advisor.to_markdown(advice))
     print(f"written {advisor.write_advice(advice, Path(a.out))} and advice.md")
+
+
+def _advise_check(args: Sequence[str]) -> None:
+    from pathlib import Path
+
+    from midtrain.study import advisor, calibration
+
+    parser = _tool_parser("advise", (calibration.calibrate.__doc__ or "").splitlines()[0])
+    parser.add_argument("--check", required=True, help="a finished study's output directory")
+    parser.add_argument("--out", type=str | None, default=None, help="default <study>/advise")
+    parser.add_function_arguments(calibration.calibrate, skip={"study"})
+    a = _parse(parser, args, "advise --check")
+    kwargs = {k: v for k, v in vars(a).items() if k not in ("config", "check", "out")}
+    cal = calibration.calibrate(a.check, **kwargs)
+    print(advisor.to_markdown(cal.advice) + "\n\n" + calibration.to_markdown(cal))
+    written = calibration.write_calibration(cal, Path(a.out or Path(a.check) / "advise"))
+    print("written " + ", ".join(str(p) for p in written))
+
+
+def _advise_fit(args: Sequence[str]) -> None:
+    from midtrain.study import regression
+
+    parser = _tool_parser(
+        "advise --fit",
+        "A mixture regression on a table of runs (one row per run: feature columns and the "
+        "measured target): gradient-boosted trees or a Data-Mixing-Laws fit, chosen by "
+        "cross-validation; predicts TEST's rows with a conformal interval.",
+    )
+    parser.add_argument("--fit", required=True, help="TRAIN.csv: the runs to fit on")
+    parser.add_argument("--predict", required=True, help="TEST.csv: the runs to predict")
+    parser.add_argument("--target", required=True, help="the column to predict")
+    parser.add_argument(
+        "--features",
+        type=str | None,
+        default=None,
+        help="comma-separated columns or shell patterns (train_*); default every numeric "
+        "column but the target",
+    )
+    parser.add_argument(
+        "--out", type=str, default="results/advise/predictions.csv", help="the CSV to write"
+    )
+    parser.add_argument("--model", type=str, default="auto", help="auto, gbt or mixing_law")
+    parser.add_argument("--level", type=float, default=0.9, help="the interval's coverage")
+    parser.add_argument("--seed", type=int, default=0, help="folds and trees")
+    a = _parse(parser, args, "advise --fit")
+    features = [f.strip() for f in a.features.split(",") if f.strip()] if a.features else None
+    regression.run(a.fit, a.predict, a.target, features, a.out, a.model, a.level, a.seed)
+
+
+def _advise_proxy(args: Sequence[str]) -> None:
+    from midtrain.study import sweep
+
+    parser = _tool_parser("advise --proxy", (sweep.__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--proxy", required=True, help="the sweep's YAML (configs/advise/proxy-cpu.yaml)"
+    )
+    parser.add_argument(
+        "--rerun_changed",
+        action="store_true",
+        help="re-run proxies whose config changed instead of refusing",
+    )
+    a = _parse(parser, args, "advise --proxy")
+    sweep.run_sweep(sweep.load_sweep(a.proxy), rerun_changed=a.rerun_changed)
 
 
 def experiment_config(args: Sequence[str]) -> tuple[ExperimentConfig, Namespace]:

@@ -19,8 +19,11 @@ Stages, each a ``midtrain fit`` run in its own directory with its saved, reprodu
 Modules: ``config`` (the YAML, the resolved pretraining config, branches), ``plan`` (stages and
 token plan), ``run`` (subprocess stages, fingerprints), ``stats`` (Welch, Spearman, Kendall),
 ``report``, ``figures`` (the ablation's PNG + CSV); ``similarity`` (the proximity measure),
-``advisor`` (``midtrain advise``: ranks candidate mixtures per SFT target before training) and
-``calibration`` (``advise --check``: the advisor against a finished study).
+``advisor`` (``midtrain advise``: ranks candidate mixtures per SFT target before training),
+``calibration`` (``advise --check``: the advisor against a finished study), ``regression``
+(``advise --fit``: a mixture regression on any table of runs), ``proxy`` (microanneals from a
+run's checkpoints, the measured predictors) and ``sweep`` (``advise --proxy``: proxies, the
+regression on them, the predicted best mixture).
 """
 
 from __future__ import annotations

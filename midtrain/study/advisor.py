@@ -393,8 +393,9 @@ def prediction_row(p: Prediction, rank_by: str) -> dict[str, Any]:
 
 
 def to_markdown(advice: Advice) -> str:
+    features = list(advice.predictions[0].features) if advice.predictions else list(PREDICTORS)
     head = f"| target | rank | candidate | {advice.rank_by} | 95% interval |"
-    head += "".join(f" {f} |" for f in PREDICTORS if f != advice.rank_by)
+    head += "".join(f" {f} |" for f in features if f != advice.rank_by)
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for p in advice.predictions:
         line = (

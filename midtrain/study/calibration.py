@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from midtrain.checkpoint.layout import CONFIG
 from midtrain.data.store import Store
 from midtrain.errors import MidtrainError
 from midtrain.study.advisor import (
-    PREDICTORS,
     Advice,
     Candidate,
     check_settings,
@@ -28,6 +27,19 @@ from midtrain.study.advisor import (
 )
 from midtrain.study.config import FitSettings, pretraining_weights
 from midtrain.study.plan import stage_dir
+from midtrain.study.proxy import (
+    ANNEALS,
+    PROXY_PREDICTORS,
+    PretrainRun,
+    Proxy,
+    Scorer,
+    check_length,
+    measure_proxies,
+    plan_stages,
+    run_stages,
+    start_checkpoint,
+    with_controls,
+)
 from midtrain.study.stats import kendall, spearman
 
 # measure -> the summary column it is read from (relative improvement vs baseline: higher is
@@ -93,12 +105,14 @@ def _find(path: str, study: Path, where: Path) -> str:
     )
 
 
-def _switch(config: dict[str, Any], max_steps: int) -> tuple[int, dict[str, float]]:
+def _switch(config: dict[str, Any], max_steps: int) -> tuple[int, dict[str, float], int, str]:
+    """A branch's switch: its step, weights, ramp length and shape."""
     for cb in (config.get("trainer") or {}).get("callbacks") or []:
         if str(cb.get("class_path", "")).endswith("MixtureSwitch"):
             a = cb.get("init_args") or {}
             step = a["step"] if a.get("step") is not None else round(a["fraction"] * max_steps)
-            return int(step), {str(k): float(v) for k, v in a["weights"].items()}
+            weights = {str(k): float(v) for k, v in a["weights"].items()}
+            return int(step), weights, int(a.get("ramp_steps") or 0), str(a.get("ramp") or "linear")
     raise MidtrainError("advise --check: a branch's config has no MixtureSwitch")
 
 
@@ -114,7 +128,9 @@ def study_inputs(
     candidates = [Candidate("baseline")]
     for branch in dict.fromkeys(r["branch"] for r in rows):
         if branch != "baseline":
-            step, weights = _switch(_config(stage_dir(study, branch) / CONFIG), settings.max_steps)
+            step, weights, _, _ = _switch(
+                _config(stage_dir(study, branch) / CONFIG), settings.max_steps
+            )
             gain = {d: w / sum(weights.values()) - pre.get(d, 0.0) for d, w in weights.items()}
             candidates.append(Candidate(branch, max(gain, key=lambda d: gain[d]), step, weights))
     targets = {}
@@ -142,7 +158,7 @@ def agreement(
             y = np.array([measured[(target, p.candidate.name)][measure] for p in preds])
             ok = np.isfinite(y)
             n = int(ok.sum())
-            for predictor in PREDICTORS:
+            for predictor in preds[0].features:  # the token statistics, then any proxy's
                 x = np.array([p.features[predictor] for p in preds])[ok]
                 out.append(
                     CalibrationRow(
@@ -166,8 +182,16 @@ def calibrate(
     min_tokens: int = 1000,
     bootstrap: int = 200,
     seed: int = 0,
+    proxy_steps: int = 0,
+    proxy_out: str | None = None,
+    proxy_schedule: str = "anneal",
 ) -> Calibration:
-    """The advisor's predictions for a finished study's branches against its measurements."""
+    """The advisor's predictions for a finished study's branches against its measurements.
+
+    With ``proxy_steps`` N > 0, also the measured predictors (``study.proxy``): an N-step
+    proxy of every branch from its own start checkpoint with its mixture, and a control per
+    start step, each scored with the target's SFT config; run (resumably) under ``proxy_out``
+    (default ``<study>/advise``)."""
     root = Path(study)
     rows = read_summary(root)
     store, pre, max_steps, candidates, target_specs = study_inputs(root, rows)
@@ -179,10 +203,70 @@ def calibrate(
     advice = predict(
         store, pre, candidates, docs, max_steps, rank_by, num_docs, top_k, bootstrap, seed
     )
+    if proxy_steps:
+        out = Path(proxy_out) if proxy_out else root / "advise"
+        add_proxy_features(root, advice, candidates, proxy_steps, proxy_schedule, out)
     measured = {
         (r["target"], r["branch"]): {m: _value(r, c) for m, c in MEASURES.items()} for r in rows
     }
     return Calibration(str(root), advice, measured, agreement(advice, measured))
+
+
+def study_proxies(
+    study: Path, candidates: list[Candidate], run: PretrainRun, steps: int
+) -> list[Proxy]:
+    """Every branch as a proxy from the baseline's checkpoint at its start step, with its
+    switch (weights and ramp), and a control per start step; the length checked first."""
+    out = []
+    for c in candidates:
+        if c.start is None:
+            continue
+        cfg = _config(stage_dir(study, c.name) / CONFIG)
+        step, weights, ramp_steps, ramp = _switch(cfg, run.settings.max_steps)
+        out.append(Proxy(c.name, step, Path(), weights, ramp_steps, ramp, c.domain))
+    check_length(out, steps, run.settings.max_steps, "--proxy_steps")
+    out = [replace(p, checkpoint=start_checkpoint(run, p.start, f"branch {p.name}")) for p in out]
+    return with_controls(out)
+
+
+def study_scorers(study: Path, targets: list[str]) -> list[Scorer]:
+    """Per target, validate with the config its first SFT run saved (its store, target and
+    general set)."""
+    out = []
+    for target in targets:
+        config = sorted((study / "sft" / "baseline" / target).glob(f"*/{CONFIG}"))[0]
+        data = _config(config)["data"]["init_args"]
+        general = (data.get("general_val_sets") or [None])[0]
+        if general is None:
+            raise MidtrainError(f"advise --check: {config} validates no general set")
+        args = ["--config", str(config), "--trainer.logger=true"]
+        out.append(Scorer(target, str(data["target"]), str(general), args))
+    return out
+
+
+def add_proxy_features(
+    study: Path,
+    advice: Advice,
+    candidates: list[Candidate],
+    steps: int,
+    schedule: str,
+    out: Path,
+) -> None:
+    """Run (or reuse) the study's proxies and add their predictors to every prediction."""
+    run = PretrainRun.of(stage_dir(study, "baseline"), "advise --check")
+    if schedule not in ANNEALS:
+        raise MidtrainError(f"--proxy_schedule: {schedule!r} is not one of {', '.join(ANNEALS)}")
+    proxies = study_proxies(study, candidates, run, steps)
+    scorers = study_scorers(study, list(dict.fromkeys(p.target for p in advice.predictions)))
+    root = out / "proxies" / f"steps{steps}"
+    stages = plan_stages(run, proxies, scorers, steps, schedule, root)
+    run_stages(stages, rerun_changed=False, say=print)
+    measured = measure_proxies(proxies, scorers, stages, steps, run.settings.max_steps)
+    for p in advice.predictions:
+        if p.candidate.start is None:
+            p.features.update(dict.fromkeys(PROXY_PREDICTORS, 0.0))
+        else:
+            p.features.update(measured[(p.candidate.name, p.target)].predictors)
 
 
 def to_markdown(cal: Calibration) -> str:
@@ -238,7 +322,10 @@ def plot(cal: Calibration, path: Path) -> Path | None:
         print("no figure: matplotlib is not installed (pip install 'midtrain[plot]')")
         return None
     panels = [("in_domain", cal.advice.rank_by), ("forgetting", "retention")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    if "proxy_seen" in cal.advice.predictions[0].features:  # measured beside the guesses
+        panels += [("in_domain", "proxy_seen"), ("forgetting", "proxy_retention")]
+    fig, grid = plt.subplots(len(panels) // 2, 2, figsize=(10, 4.2 * (len(panels) // 2)))
+    axes = np.atleast_1d(grid).ravel()
     for ax, (measure, predictor) in zip(axes, panels, strict=True):
         for target in dict.fromkeys(p.target for p in cal.advice.predictions):
             preds = cal.advice.for_target(target)

@@ -34,7 +34,7 @@ class Stage:
     this stage stale too."""
 
     name: str
-    kind: str  # prepare | pretrain | branch | sft
+    kind: str  # prepare | pretrain | branch | sft | score (midtrain validate)
     args: list[str]
     directory: Path
     fork: Path | None = None

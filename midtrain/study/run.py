@@ -157,6 +157,9 @@ def run_stage(stage: Stage, inputs: dict[str, Any] | None, stale: bool = False) 
         shutil.rmtree(stage.directory)
     elif done.is_file():
         return "done already"
+    if stage.kind == "score":  # an evaluation (``midtrain validate``): nothing to resume
+        what = "re-ran (config changed)" if stale else "ran"
+        return _finish(stage, inputs, ["validate", *stage.args], what)
     args = ["fit", *stage.args]
     if any(run_checkpoints(stage.directory).glob("*.ckpt")):
         # interrupted: continue from its newest loadable checkpoint (last.ckpt, or a
@@ -169,11 +172,16 @@ def run_stage(stage: Stage, inputs: dict[str, Any] | None, stale: bool = False) 
                 raise MidtrainError(f"{stage.name}: fork point {stage.fork} is missing")
             args += ["--fork", str(stage.fork)]
         what = "re-ran (config changed)" if stale else "ran"
+    return _finish(stage, inputs, args, what)
+
+
+def _finish(stage: Stage, inputs: dict[str, Any], argv: list[str], what: str) -> str:
+    """Run the stage's command, recording what it was started with and, once done, done.json."""
     record = {"stage": stage.name, "fingerprint": fingerprint(inputs), "inputs": inputs}
     stage.directory.mkdir(parents=True, exist_ok=True)
     (stage.directory / STARTED).write_text(json.dumps(record, default=str))
-    _run(args, stage.directory / LOG)
-    done.write_text(
+    _run(argv, stage.directory / LOG)
+    (stage.directory / DONE).write_text(
         json.dumps({**record, "finished": time.time(), "meta": stage.meta}, default=str)
     )
     return what

@@ -496,6 +496,7 @@ def main() -> None:
     from tests.benchmarks import breakdown
     from tests.benchmarks import corpora as corpora_bench
     from tests.benchmarks import prepare as prepare_bench
+    from tests.benchmarks import proxy as proxy_bench
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench.json")
@@ -519,6 +520,7 @@ def main() -> None:
             "gpu": bench_gpu(store),
             "advise": advise_bench.bench_advise(store),
             "corpora": corpora_bench.bench_corpora(Path(tmp) / "corpora"),
+            "proxy_sweep": proxy_bench.bench_proxy_sweep(store, Path(tmp) / "proxy"),
         }
     results["sampler"].pop("_np")
     r, s = results["resume"], results["sampler"]
@@ -603,6 +605,7 @@ def main() -> None:
     rows += breakdown.rows(results["step_breakdown"])
     rows += advise_bench.rows(results["advise"])
     rows += corpora_bench.rows(results["corpora"])
+    rows += proxy_bench.rows(results["proxy_sweep"])
     print(f"\n{'benchmark':<52} {'figure':>12}  {'detail':<22} goal")
     for name, fig, detail, goal in rows:
         print(f"{name:<52} {fig:>12}  {detail:<22} {goal}")
