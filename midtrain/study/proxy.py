@@ -243,7 +243,7 @@ def run_stages(stages: Sequence[Stage], rerun_changed: bool, say: Callable[[str]
 
 def read_scores(stage: Stage, s: Scorer) -> tuple[float, float]:
     """In-domain and general validation loss a score stage logged (its last values)."""
-    logs = stage.directory / "validate" if stage.kind == "score" else stage.directory
+    logs = stage.directory  # validate writes into the --trainer.default_root_dir it is given
     scalars = last_scalars(logs)
     out = []
     for name in (s.domain, s.general):
