@@ -1,0 +1,880 @@
+"""Journeys: every command on every kind of run, through the real ``midtrain`` command line.
+
+A researcher validates, compares, exports and resumes many branches a day; the features meet in
+those journeys. ``MATRIX`` is the one table of what each (run kind, command) cell does: it
+works, or it is refused in one line that says what to do instead (non-zero exit). Every cell
+also checks that the runs it reads are byte-identical afterwards: every file that existed is
+unchanged, and the only new files are the command's own output (``<run>/validate/``,
+``<run>/test/``, an ``--out`` or a new run directory outside the run). The fit-resume cell is the
+one that writes into its own run: it runs last for each kind, exits 0 (the run is finished)
+and leaves ``config.yaml`` and the checkpoints as they were.
+
+Each run kind is built once, lazily (tiny models, a few steps); the cells of one kind run in
+the order of ``COMMANDS``. Cells that need an optional extra are skipped where it is absent and
+run in the tox env that installs it (markers ``needs_hf``, ``needs_eval``, ``needs_corpora``;
+see tox.ini); the 2-process kinds (DDP, FSDP2) are ``slow`` and run in ``tox -e journeys``.
+
+docs/journeys.md shows the table, rendered from ``MATRIX`` by ``render_table``; regenerate it
+after changing the table with ``python -m tests.test_journeys > docs/journeys.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch  # noqa: F401  imported before any test captures stderr (its log handler)
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# -- the table ----------------------------------------------------------------------------------
+
+# extra -> (the modules it provides, the pip extra that installs it)
+EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
+    "hf": (("transformers", "safetensors"), "midtrain[hf]"),
+    "eval": (("lm_eval", "transformers"), "midtrain[eval]"),
+    "corpora": (("megatron.core",), "midtrain[corpora-test]"),
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of run: what it is, the extra it needs, whether it takes 2 processes."""
+
+    what: str
+    needs: tuple[str, ...] = ()
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command a researcher runs on a run, as typed (``{run}``, ``{ckpt}`` ... filled in)."""
+
+    what: str
+    needs: tuple[str, ...] = ()
+
+
+KINDS: dict[str, Kind] = {
+    "plain": Kind("pretraining, one mixture"),
+    "switch": Kind("pretraining with a `MixtureSwitch` at a step"),
+    "ramp": Kind("a `MixtureSwitch` with `ramp_steps`"),
+    "adaptive": Kind("`AdaptiveMixture` (thompson)"),
+    "fork-keep": Kind("`--fork` of `plain` with a switch and `lr_schedule: anneal`"),
+    "fork-reset": Kind("the same fork with `--fork_optimizer reset`"),
+    "fork-fresh": Kind("the same fork with `--fork_data fresh`"),
+    "ema": Kind("pretraining with `midtrain.callbacks.EMA`"),
+    "soup": Kind("`midtrain average` of the `fork-keep` and `fork-reset` branches"),
+    "sft": Kind("SFT (`SFTDataModule`) from the `switch` run's checkpoint"),
+    "hf-llama": Kind("`init_from: hf:` a GQA Llama 3 (BOS-adding tokenizer)", ("hf",)),
+    "hf-qwen3": Kind("`init_from: hf:` a Qwen3 base", ("hf",)),
+    "sequential": Kind("a Megatron .bin/.idx domain, `order: sequential`", ("corpora",)),
+    "ddp": Kind("DDP on 2 processes: a switch and `AdaptiveMixture`", processes=2),
+    "fsdp": Kind("FSDP2 on 2 processes: an anneal fork with `--fork_optimizer reset`", processes=2),
+}
+
+COMMANDS: dict[str, Command] = {
+    "validate": Command(
+        "`midtrain validate --config <run>/config.yaml --trainer.logger true --ckpt_path "
+        "<run>/checkpoints/last.ckpt` (the run summary's `evaluate:` line)"
+    ),
+    "test": Command("the same with `midtrain test`"),
+    "validate-ema": Command("`midtrain validate ... --weights ema`"),
+    "validate-other-shape": Command(
+        "`midtrain validate --config <a config of another model shape> --ckpt_path <ckpt>`"
+    ),
+    "export": Command("`midtrain export --ckpt <ckpt> --out <dir>`", ("hf",)),
+    "generate": Command("`midtrain generate --ckpt <ckpt> --prompt ...`"),
+    "lm-eval": Command(
+        "`midtrain lm-eval run --model midtrain --model_args checkpoint=<ckpt> ...`", ("eval",)
+    ),
+    "average": Command("`midtrain average <two checkpoints of the run> --out <file>`"),
+    "init_from": Command(
+        "a new run: `midtrain fit --config <the run's starting config> --model.init_from <ckpt> "
+        "--trainer.default_root_dir <new>`"
+    ),
+    "advise-check": Command("`midtrain advise --check <run>`"),
+    "experiment": Command(
+        "`midtrain experiment --config <study> --dry_run`, the study's `pretrain.config` being "
+        "`<run>/config.yaml`"
+    ),
+    "fit-other-run": Command(
+        "`midtrain fit --config <another run>/config.yaml --trainer.default_root_dir <run> "
+        "--ckpt_path last`"
+    ),
+    "fit-other-lr": Command(
+        "`midtrain fit --config <run>/config.yaml --ckpt_path last --model.lr 0.5`"
+    ),
+    "fit-resume": Command(
+        "`midtrain fit --config <run>/config.yaml --ckpt_path last` (after all the others)"
+    ),
+}
+
+W = "works"
+NO_EMA = "refused: has no averaged weights .*; use --weights live"
+OTHER_SHAPE = "refused: its model is not this config's .*; evaluate it with its own run's config.yaml"
+NOT_A_STUDY = "refused: has no finished study .*; run `midtrain experiment"
+OTHER_SETUP = "refused: it was trained with another setup: .*; resume with the checkpoint's settings"
+LR_CHANGED = "refused: model.lr: .* -> 0.5; resume with the checkpoint's settings"
+
+# the cells of every kind but the exceptions below
+COMMON: dict[str, str] = {
+    "validate": W,
+    "test": W,
+    "validate-ema": NO_EMA,
+    "validate-other-shape": OTHER_SHAPE,
+    "export": W,
+    "generate": W,
+    "lm-eval": W,
+    "average": W,
+    "init_from": W,
+    "advise-check": NOT_A_STUDY,
+    "experiment": W,
+    "fit-other-run": OTHER_SETUP,
+    "fit-other-lr": LR_CHANGED,
+    "fit-resume": W,
+}
+EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("ema", "validate-ema"): W,
+}
+MATRIX: dict[tuple[str, str], str] = {
+    (kind, command): EXCEPTIONS.get((kind, command), COMMON[command])
+    for kind in KINDS
+    for command in COMMANDS
+}
+
+
+def needs(kind: str, command: str) -> list[str]:
+    return sorted({*KINDS[kind].needs, *COMMANDS[command].needs})
+
+
+# -- rendering the table for docs/journeys.md -----------------------------------------------------
+
+PAGE = REPO / "docs" / "journeys.md"
+
+
+def render_table() -> str:
+    """The matrix as the markdown table docs/journeys.md shows."""
+    head = "| run kind | " + " | ".join(f"`{c}`" for c in COMMANDS) + " |"
+    rule = "|---" * (len(COMMANDS) + 1) + "|"
+    reasons: list[str] = []
+    rows = []
+    for kind in KINDS:
+        cells = []
+        for command in COMMANDS:
+            outcome = MATRIX[kind, command]
+            if outcome == W:
+                cells.append("works")
+                continue
+            reason = outcome.removeprefix("refused: ").replace(".*", "…")
+            if reason not in reasons:
+                reasons.append(reason)
+            cells.append(f"refused ({reasons.index(reason) + 1})")
+        rows.append(f"| `{kind}` | " + " | ".join(cells) + " |")
+    notes = [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
+    return "\n".join([head, rule, *rows, "", *notes])
+
+
+# -- building the runs -----------------------------------------------------------------------------
+
+TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}
+OTHER_TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 64}
+STEPS = 6
+FORK_STEP, FORK_STEPS = 4, 8
+
+
+@dataclass
+class Run:
+    """A built run: its directory, the config commands read it with, its checkpoints."""
+
+    kind: str
+    dir: Path
+    start: Path  # the config file it was started from (without fork options)
+    config: Path  # what --config names to continue or evaluate it: its saved config.yaml
+    ckpt: Path  # the checkpoint commands read
+    ckpts: list[Path]  # two of its checkpoints, for `midtrain average`
+    domains: list[str]
+    reads: list[Path] = field(default_factory=list)  # all it is made of: parents, stores, models
+
+    @property
+    def roots(self) -> list[Path]:
+        return [self.dir, *self.reads]
+
+
+def fit_yaml(
+    path: Path,
+    root: Path,
+    store: Path,
+    model: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    callbacks: list[dict[str, Any]] | None = None,
+    **trainer: Any,
+) -> Path:
+    """A tiny run's starting config: a checkpoint every 2 steps, all kept, one validation at
+    the end."""
+    steps = trainer.pop("max_steps", STEPS)
+    cfg = {
+        "seed_everything": 0,
+        "model": model or {"arch": "tiny", "model_config": TINY, "lr": 1e-2, "warmup": 1},
+        "data": data
+        or {
+            "class_path": "midtrain.MixtureDataModule",
+            "init_args": {
+                "store": str(store),
+                "seq_len": 16,
+                "micro_batch_size": 2,
+                "val_max_blocks": 2,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": steps,
+            "val_check_interval": steps,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            "callbacks": callbacks or [],
+            **trainer,
+        },
+        "checkpoint": {"every_n_train_steps": 2, "save_top_k": -1},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def callback(name: str, **init_args: Any) -> dict[str, Any]:
+    return {"class_path": f"midtrain.callbacks.{name}", "init_args": init_args}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def midtrain(args: list[str], cwd: Path, fresh_process: bool, capsys: Any = None) -> Result:
+    """``midtrain <args>``: in this process (``midtrain.cli.main``), or in a fresh one (what
+    2-process runs need: Lightning starts the second process from the command line)."""
+    if fresh_process:
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        proc = subprocess.run(
+            [sys.executable, "-m", "midtrain", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+    from midtrain.cli import main
+
+    saved = Path.cwd()
+    os.chdir(cwd)
+    try:
+        if capsys is not None:
+            capsys.readouterr()
+        code = main(args)
+        out, err = capsys.readouterr() if capsys is not None else ("", "")
+    finally:
+        os.chdir(saved)
+    return Result(code, out, err)
+
+
+def must(result: Result, what: str) -> Result:
+    assert result.code == 0, f"{what}: exit {result.code}\n{result.err[-3000:]}"
+    return result
+
+
+class Runs:
+    """Every run kind, built on first use (a kind's parents first) and kept for the module."""
+
+    def __init__(self, root: Path, builtin_store: Path) -> None:
+        self.root, self.builtin_store = root, builtin_store
+        self.built: dict[str, Run] = {}
+        self.cwd = root / "cwd"
+        self.cwd.mkdir()
+
+    def __getitem__(self, kind: str) -> Run:
+        if kind not in self.built:
+            self.built[kind] = BUILDERS[kind](self, kind)
+        return self.built[kind]
+
+    def fit(self, kind: str, start: Path, *args: str, processes: int = 1) -> None:
+        result = midtrain(["fit", "--config", str(start), *args], self.cwd, processes > 1)
+        must(result, f"building {kind}")
+
+    def run(
+        self,
+        kind: str,
+        start: Path,
+        domains: list[str],
+        reads: list[Path],
+        *args: str,
+        processes: int = 1,
+    ) -> Run:
+        d = self.root / kind
+        self.fit(kind, start, *args, processes=processes)
+        ckpts = sorted((d / "checkpoints").glob("epoch=*"))
+        return Run(
+            kind,
+            d,
+            start,
+            d / "config.yaml",
+            d / "checkpoints" / "last.ckpt",
+            [ckpts[0], d / "checkpoints" / "last.ckpt"],
+            domains,
+            reads,
+        )
+
+    @property
+    def store_domains(self) -> list[str]:
+        return ["prose", "code", "math"]
+
+
+def build_plain(runs: Runs, kind: str) -> Run:
+    start = fit_yaml(runs.root / f"{kind}.yaml", runs.root / kind, runs.builtin_store)
+    return runs.run(kind, start, runs.store_domains, [runs.builtin_store])
+
+
+def build_switch(runs: Runs, kind: str) -> Run:
+    switch = callback("MixtureSwitch", step=3, weights={"prose": 0.2, "code": 0.4, "math": 0.4})
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml", runs.root / kind, runs.builtin_store, callbacks=[switch]
+    )
+    return runs.run(kind, start, runs.store_domains, [runs.builtin_store])
+
+
+def build_ramp(runs: Runs, kind: str) -> Run:
+    ramp = callback("MixtureSwitch", step=2, weights={"prose": 0.3, "code": 0.7}, ramp_steps=3)
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml", runs.root / kind, runs.builtin_store, callbacks=[ramp]
+    )
+    return runs.run(kind, start, runs.store_domains, [runs.builtin_store])
+
+
+def build_adaptive(runs: Runs, kind: str) -> Run:
+    adaptive = callback("AdaptiveMixture", rule="thompson", every_n_steps=2, floor=0.1, step_size=2.0)
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml", runs.root / kind, runs.builtin_store, callbacks=[adaptive]
+    )
+    return runs.run(kind, start, runs.store_domains, [runs.builtin_store])
+
+
+FORK_OPTIONS = {
+    "fork-keep": ["--fork_optimizer", "keep"],
+    "fork-reset": ["--fork_optimizer", "reset"],
+    "fork-fresh": ["--fork_data", "fresh"],
+}
+
+
+def build_fork(runs: Runs, kind: str) -> Run:
+    parent = runs["plain"]
+    switch = callback("MixtureSwitch", step=FORK_STEP, weights={"prose": 0.5, "code": 0.5})
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml",
+        runs.root / kind,
+        runs.builtin_store,
+        callbacks=[switch],
+        max_steps=FORK_STEPS,
+    )
+    point = parent.dir / "checkpoints" / f"epoch=0-step={FORK_STEP}.ckpt"
+    fork = ["--fork", str(point), *FORK_OPTIONS[kind], "--model.lr_schedule", "anneal"]
+    return runs.run(kind, start, runs.store_domains, [parent.dir, runs.builtin_store], *fork)
+
+
+def build_ema(runs: Runs, kind: str) -> Run:
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml",
+        runs.root / kind,
+        runs.builtin_store,
+        callbacks=[callback("EMA", decay=0.7)],
+    )
+    return runs.run(kind, start, runs.store_domains, [runs.builtin_store])
+
+
+def build_soup(runs: Runs, kind: str) -> Run:
+    keep, reset = runs["fork-keep"], runs["fork-reset"]
+    d = runs.root / kind
+    d.mkdir()
+    soup = d / "soup.ckpt"
+    must(midtrain(["average", str(keep.ckpt), str(reset.ckpt), "--out", str(soup)], runs.cwd, False),
+         "building soup")  # fmt: skip
+    return Run(
+        kind,
+        d,
+        keep.start,
+        keep.config,
+        soup,
+        [soup, reset.ckpt],
+        keep.domains,
+        [keep.dir, reset.dir, *keep.reads],
+    )
+
+
+QA = [{"q": f"What is {i} plus {i}?", "a": f"It is {2 * i}."} for i in range(40)]
+
+
+def build_sft(runs: Runs, kind: str) -> Run:
+    from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, prepare
+
+    parent = runs["switch"]
+    src = runs.root / "qa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    store = Path(
+        prepare(
+            PrepareConfig(
+                output=str(runs.root / "sft-store"),
+                domains={
+                    "qa": DomainConfig(
+                        source={"path": str(src)},
+                        prompt="Q: {q}\nA: ",
+                        response="{a}",
+                        mask_prompt=True,
+                        val_fraction=0.1,
+                    )
+                },
+                tokenizer=TokenizerConfig(path=str(runs.builtin_store / "tokenizer.json")),
+            )
+        )
+    )
+    data = {
+        "class_path": "midtrain.SFTDataModule",
+        "init_args": {
+            "store": str(store),
+            "target": "qa",
+            "general_store": str(runs.builtin_store),
+            "general_val_sets": ["prose"],
+            "max_length": 48,
+            "micro_batch_size": 2,
+            "packing": True,
+            "val_max_examples": 4,
+            "general_val_max_blocks": 2,
+        },
+    }
+    model = {"arch": "tiny", "model_config": TINY, "lr": 1e-3, "warmup": 1,
+             "init_from": str(parent.ckpt)}  # fmt: skip
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml", runs.root / kind, store, model=model, data=data, max_steps=4
+    )
+    return runs.run(kind, start, ["qa"], [parent.dir, store, runs.builtin_store])
+
+
+def hf_store(runs: Runs, kind: str, model_dir: Path) -> Path:
+    """A store prepared with the model's own tokenizer (``tokenizer.hub: hf:<dir>``)."""
+    cfg = {
+        "output": str(runs.root / f"{kind}-store"),
+        "tokenizer": {"hub": f"hf:{model_dir}"},
+        "domains": {
+            "prose": {"source": {"builtin": "python-docs"}, "max_docs": 40, "val_fraction": 0.1},
+            "code": {"source": {"builtin": "python-stdlib"}, "max_docs": 20, "val_fraction": 0.1},
+        },
+    }
+    path = runs.root / f"{kind}-prepare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    must(midtrain(["prepare", "--config", str(path)], runs.cwd, False), f"preparing {kind}")
+    return runs.root / f"{kind}-store"
+
+
+def build_hf(runs: Runs, kind: str) -> Run:
+    from tests.test_interop import llama3_model, random_hf_model
+
+    model_dir = runs.root / f"{kind}-model"
+    if kind == "hf-llama":
+        llama3_model(model_dir)
+    else:
+        random_hf_model("qwen3", model_dir, runs.builtin_store)
+    store = hf_store(runs, kind, model_dir)
+    model = {"init_from": f"hf:{model_dir}", "lr": 1e-3, "warmup": 1}
+    start = fit_yaml(runs.root / f"{kind}.yaml", runs.root / kind, store, model=model)
+    return runs.run(kind, start, ["prose", "code"], [store, model_dir])
+
+
+def build_sequential(runs: Runs, kind: str) -> Run:
+    from tests.corpora import items, tokenizer_and_documents, write_megatron, write_npy
+
+    d = runs.root / "corpus"
+    d.mkdir()
+    tokenizer, docs = tokenizer_and_documents(d, n_prose=60, n_code=10)
+    write_megatron(d / "pile", items(docs["prose"], 17))
+    write_npy(d / "web.npy", docs["prose"][::-1])
+    cfg = {
+        "output": str(runs.root / "sequential-store"),
+        "tokenizer": {"path": str(tokenizer)},
+        "domains": {
+            "pile": {
+                "source": {"format": "megatron", "path": str(d / "pile")},
+                "val_fraction": 0,
+                "order": "sequential",
+            },
+            "web": {
+                "source": {"format": "npy", "path": str(d / "web.npy"), "dtype": "uint16"},
+                "val_fraction": 0.1,
+            },
+        },
+    }
+    path = runs.root / "sequential-prepare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    must(midtrain(["prepare", "--config", str(path)], runs.cwd, False), "preparing sequential")
+    store = runs.root / "sequential-store"
+    data = {
+        "class_path": "midtrain.MixtureDataModule",
+        "init_args": {
+            "store": str(store),
+            "seq_len": 16,
+            "micro_batch_size": 2,
+            "val_max_blocks": 2,
+            "weights": {"pile": 0.5, "web": 0.5},
+            "start_items": {"pile": 10},
+        },
+    }
+    start = fit_yaml(runs.root / f"{kind}.yaml", runs.root / kind, store, data=data)
+    return runs.run(kind, start, ["pile", "web"], [store, d])
+
+
+def build_ddp(runs: Runs, kind: str) -> Run:
+    callbacks = [
+        callback("MixtureSwitch", step=2, weights={"prose": 0.4, "code": 0.3, "math": 0.3}),
+        callback("AdaptiveMixture", rule="excess_loss", every_n_steps=2, start_step=2,
+                 reference={"prose": 5.0, "code": 5.0, "math": 5.0}),
+    ]  # fmt: skip
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml",
+        runs.root / kind,
+        runs.builtin_store,
+        callbacks=callbacks,
+        devices=2,
+        strategy="ddp",
+    )
+    cfg = yaml.safe_load(start.read_text())
+    cfg["data"]["init_args"]["micro_batch_size"] = 1  # the global batch of 2, as the others
+    start.write_text(yaml.safe_dump(cfg))
+    return runs.run(kind, start, runs.store_domains, [runs.builtin_store], processes=2)
+
+
+FSDP2 = {
+    "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+}
+
+
+def build_fsdp(runs: Runs, kind: str) -> Run:
+    parent = runs["plain"]
+    switch = callback("MixtureSwitch", step=FORK_STEP, weights={"prose": 0.5, "code": 0.5})
+    start = fit_yaml(
+        runs.root / f"{kind}.yaml",
+        runs.root / kind,
+        runs.builtin_store,
+        callbacks=[switch],
+        max_steps=FORK_STEPS,
+        devices=2,
+        strategy=FSDP2,
+    )
+    cfg = yaml.safe_load(start.read_text())
+    cfg["data"]["init_args"]["micro_batch_size"] = 1
+    start.write_text(yaml.safe_dump(cfg))
+    point = parent.dir / "checkpoints" / f"epoch=0-step={FORK_STEP}.ckpt"
+    fork = ["--fork", str(point), "--fork_optimizer", "reset", "--model.lr_schedule", "anneal"]
+    return runs.run(
+        kind, start, runs.store_domains, [parent.dir, runs.builtin_store], *fork, processes=2
+    )
+
+
+BUILDERS: dict[str, Callable[[Runs, str], Run]] = {
+    "plain": build_plain,
+    "switch": build_switch,
+    "ramp": build_ramp,
+    "adaptive": build_adaptive,
+    "fork-keep": build_fork,
+    "fork-reset": build_fork,
+    "fork-fresh": build_fork,
+    "ema": build_ema,
+    "soup": build_soup,
+    "sft": build_sft,
+    "hf-llama": build_hf,
+    "hf-qwen3": build_hf,
+    "sequential": build_sequential,
+    "ddp": build_ddp,
+    "fsdp": build_fsdp,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Runs:
+    return Runs(tmp_path_factory.mktemp("journeys"), builtin_store)
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One command on one run: its arguments, where it may write, and what it must leave."""
+
+    args: list[str]
+    outputs: list[Path]  # where new files may appear (the command's own output)
+    roots: list[Path]  # what it reads and must leave as it was
+    check: Callable[[Result], None] | None = None  # what it must have done, when it works
+    trainer: bool = True  # a Lightning command (2-process runs need a fresh process)
+
+
+TASK = """task: journeys_arith
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+test_split: train
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def write_task(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"question": f"{a} + 1 =", "choices": [str(a + 1), str(a + 2)], "label": 0}
+        for a in range(4)
+    ]
+    data = directory / "arith.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "arith.yaml").write_text(TASK.format(data=data))
+    return directory
+
+
+def other_run(runs: Runs, kind: str) -> Run:
+    return runs["switch" if kind == "plain" else "plain"]
+
+
+def other_shape_config(runs: Runs, inputs: Path) -> Path:
+    plain = runs["plain"]
+    cfg = yaml.safe_load(plain.start.read_text())
+    cfg["model"]["model_config"] = OTHER_TINY
+    cfg["trainer"]["default_root_dir"] = str(inputs / "other-shape")
+    path = inputs / "other-shape.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def study_yaml(run: Run, inputs: Path, out: Path) -> Path:
+    study = {
+        "output": str(out / "study"),
+        "general": run.domains[0],
+        "pretrain": {"config": [str(run.config)]},
+        "branches": {"mid": {"switch": {"step": 1, "weights": {run.domains[-1]: 1.0}}}},
+        "sft": {
+            "config": [str(run.config)],
+            "targets": {"t": {"target": run.domains[-1]}},
+            "lrs": [1e-3],
+        },
+    }
+    path = inputs / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def saw_table(stage: str) -> Callable[[Result], None]:
+    def check(result: Result) -> None:
+        assert f"{stage}/loss" in result.out, result.out
+
+    return check
+
+
+def cell(runs: Runs, kind: str, command: str, inputs: Path, out: Path) -> Cell:
+    """The command line of ``command`` on the run of ``kind`` (``inputs``: a directory for the
+    files it is given; ``out``: a new directory for its outputs outside the run)."""
+    run = runs[kind]
+    ckpt = str(run.ckpt)
+    evaluate = ["--config", str(run.config), "--trainer.logger", "true", "--ckpt_path", ckpt]
+    own = run.dir if run.ckpt.parent.name == "checkpoints" else out / "eval"
+    if own == out / "eval":  # a checkpoint outside a run: its evaluation goes where it is told
+        evaluate += ["--trainer.default_root_dir", str(own)]
+    if command in ("validate", "test"):
+        where = own / command if own == run.dir else own
+        return Cell([command, *evaluate], [where], run.roots, saw_table(f"val" if command == "validate" else "test"))
+    if command == "validate-ema":
+        where = own / "validate" if own == run.dir else own
+        return Cell(["validate", *evaluate, "--weights", "ema"], [where], run.roots, saw_table("val"))
+    if command == "validate-other-shape":
+        config = other_shape_config(runs, inputs)
+        return Cell(["validate", "--config", str(config), "--ckpt_path", ckpt], [], run.roots)
+    if command == "export":
+        hf = out / "hf"
+        return Cell(["export", "--ckpt", ckpt, "--out", str(hf)], [], run.roots,
+                    lambda r: assert_file(hf / "config.json"), trainer=False)  # fmt: skip
+    if command == "generate":
+        args = ["generate", "--ckpt", ckpt, "--prompt", "def add(a, b):", "--max_new_tokens", "4"]
+        return Cell(args, [], run.roots, lambda r: assert_in("def add(a, b):", r.out), trainer=False)
+    if command == "lm-eval":
+        tasks = write_task(inputs / "tasks")
+        results = out / "results"
+        args = ["lm-eval", "run", "--model", "midtrain", "--model_args",
+                f"checkpoint={ckpt},batch_size=4", "--tasks", "journeys_arith",
+                "--include_path", str(tasks), "--device", "cpu", "--output_path", str(results)]  # fmt: skip
+        return Cell(args, [], run.roots, lambda r: assert_any(results.rglob("results_*.json")), trainer=False)
+    if command == "average":
+        soup = out / "soup.ckpt"
+        args = ["average", *map(str, run.ckpts), "--out", str(soup)]
+        return Cell(args, [], run.roots, lambda r: assert_file(soup), trainer=False)
+    if command == "init_from":
+        new = out / "new"
+        args = ["fit", "--config", str(run.start), "--model.init_from", ckpt,
+                "--trainer.default_root_dir", str(new)]  # fmt: skip
+        return Cell(args, [], run.roots, lambda r: assert_file(new / "checkpoints" / "last.ckpt"))
+    if command == "advise-check":
+        return Cell(["advise", "--check", str(run.dir)], [], run.roots, trainer=False)
+    if command == "experiment":
+        study = study_yaml(run, inputs, out)
+        return Cell(["experiment", "--config", str(study), "--dry_run"], [], run.roots,
+                    lambda r: assert_in("stages:", r.out), trainer=False)  # fmt: skip
+    if command == "fit-other-run":
+        other = other_run(runs, kind)
+        args = ["fit", "--config", str(other.config), "--trainer.default_root_dir", str(run.dir),
+                "--ckpt_path", "last"]  # fmt: skip
+        return Cell(args, [], [*run.roots, other.dir])
+    if command == "fit-other-lr":
+        args = ["fit", "--config", str(run.config), "--ckpt_path", "last", "--model.lr", "0.5"]
+        return Cell(args, [], run.roots)
+    assert command == "fit-resume"
+    return Cell(["fit", "--config", str(run.config), "--ckpt_path", "last"], [], run.reads)
+
+
+def assert_file(path: Path) -> None:
+    assert path.is_file(), path
+
+
+def assert_in(text: str, out: str) -> None:
+    assert text in out, out
+
+
+def assert_any(paths: Any) -> None:
+    assert list(paths)
+
+
+# -- the cells ------------------------------------------------------------------------------------
+
+Snapshot = dict[str, tuple[Any, ...]]
+
+
+def snapshot(roots: list[Path]) -> Snapshot:
+    from tests.test_bad_input import snapshot as snap
+
+    return snap(*[r for r in dict.fromkeys(roots) if r.is_dir()])
+
+
+def check_untouched(before: Snapshot, after: Snapshot, outputs: list[Path]) -> None:
+    """Every file that existed is unchanged; new files only under ``outputs``."""
+    changed = sorted(k for k in before if before[k] != after.get(k))
+    assert changed == [], f"changed or removed: {changed}"
+    new = sorted(k for k in set(after) - set(before))
+    stray = [k for k in new if not any(Path(k).is_relative_to(o) for o in outputs)]
+    assert stray == [], f"new files outside the command's own output: {stray}"
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def missing_extra(kind: str, command: str) -> str | None:
+    for extra in needs(kind, command):
+        modules, install = EXTRAS[extra]
+        absent = [m for m in modules if not module_available(m)]
+        if absent:
+            return f"needs {install} ({', '.join(absent)} not installed)"
+    return None
+
+
+def marks(kind: str, command: str) -> list[Any]:
+    out: list[Any] = [getattr(pytest.mark, f"needs_{e}") for e in needs(kind, command)]
+    reason = missing_extra(kind, command)
+    if reason:
+        out.append(pytest.mark.skip(reason=reason))
+    if KINDS[kind].processes > 1:
+        out.append(pytest.mark.slow)
+    return out
+
+
+CELLS = [
+    pytest.param(kind, command, id=f"{kind}-{command}", marks=marks(kind, command))
+    for kind in KINDS
+    for command in COMMANDS
+]
+
+
+@pytest.mark.parametrize(("kind", "command"), CELLS)
+def test_journey(
+    kind: str, command: str, runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = MATRIX[kind, command]
+    run = runs[kind]
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    c = cell(runs, kind, command, inputs, out)
+    fresh = c.trainer and KINDS[kind].processes > 1
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    if command == "fit-resume":
+        kept = snapshot([run.dir / "checkpoints"])
+        kept_config = run.config.read_bytes()
+    before = snapshot(c.roots)
+    result = midtrain(c.args, cwd, fresh, None if fresh else capsys)
+    after = snapshot(c.roots)
+    assert list(cwd.iterdir()) == [], "the command wrote into the working directory"
+    if expected == W:
+        assert result.code == 0, f"exit {result.code}: {result.err[-3000:]}"
+        assert "Traceback" not in result.err, result.err
+        if c.check is not None:
+            c.check(result)
+        check_untouched(before, after, c.outputs)
+        if command == "fit-resume":
+            assert snapshot([run.dir / "checkpoints"]) == kept
+            assert run.config.read_bytes() == kept_config
+        return
+    pattern = expected.removeprefix("refused: ")
+    assert result.code != 0, f"expected a refusal ({pattern}), got exit 0:\n{result.out[-2000:]}"
+    from tests.test_bad_input import error_line
+
+    line = error_line(result.err, c.args[0])
+    assert re.search(pattern, line), line
+    check_untouched(before, after, [])
+    assert not out.exists(), "a refused command wrote its output"
+
+
+def test_docs_show_the_matrix() -> None:
+    """docs/journeys.md holds the table rendered from MATRIX (regenerate: see the docstring)."""
+    page = PAGE.read_text()
+    assert render_table() in page, (
+        "docs/journeys.md's table differs from MATRIX; regenerate it with "
+        "`python -m tests.test_journeys --table` and paste it over the old one"
+    )
+
+
+if __name__ == "__main__":
+    print(render_table())
+
