@@ -878,3 +878,20 @@ def test_docs_show_the_matrix() -> None:
 if __name__ == "__main__":
     print(render_table())
 
+
+# -- journeys beside the matrix ---------------------------------------------------------------------
+
+
+def test_evaluation_given_its_run_directory_writes_beside_the_record(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/midtraining.md validates an EMA run with ``--trainer.default_root_dir <the run>``:
+    that evaluates into ``<run>/validate/``; the run's config.yaml still continues it."""
+    run = tmp_path / "ema"
+    shutil.copytree(runs["ema"].dir, run)
+    before = snapshot([run])
+    args = ["validate", "--config", str(runs["ema"].start), "--trainer.default_root_dir",
+            str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--weights", "ema"]  # fmt: skip
+    must(midtrain(args, tmp_path, False, capsys), "validate")
+    check_untouched(before, snapshot([run]), [run / "validate"])
+    assert (run / "validate" / "config.yaml").is_file()

@@ -151,11 +151,13 @@ def given_on_command_line(key: str, argv: Sequence[str]) -> bool:
 
 def evaluation_dir(cfg: Namespace, subcommand: str, argv: Sequence[str]) -> Path:
     """Where validate/test/predict write: ``--trainer.default_root_dir`` when given on the
-    command line, else ``<run>/<command>``, where the run is the evaluated checkpoint's (the
-    directory above its ``checkpoints/``) or the config's ``trainer.default_root_dir``. So a
-    run's own config.yaml, hparams.yaml, summary and events stay as fit left them."""
+    command line (``<it>/<command>`` when it is a run directory, one holding ``checkpoints/``),
+    else ``<run>/<command>``, where the run is the evaluated checkpoint's (the directory above
+    its ``checkpoints/``) or the config's ``trainer.default_root_dir``. So a run's own
+    config.yaml, hparams.yaml, summary and events stay as fit left them."""
     if given_on_command_line("trainer.default_root_dir", argv):
-        return Path(cfg.trainer.default_root_dir)
+        given = Path(cfg.trainer.default_root_dir)
+        return given / subcommand if (given / CHECKPOINTS).is_dir() else given
     ckpt = Path(str(cfg.get("ckpt_path") or ""))
     if ckpt.parent.name == CHECKPOINTS:
         return ckpt.parent.parent / subcommand
