@@ -7,7 +7,8 @@ A run directory (``trainer.default_root_dir``) holds::
     checkpoints/epoch=0-step=<N>.ckpt                     periodic (ModelCheckpoint)
     checkpoints/switch-step=<N>.ckpt                      before a MixtureSwitch at step N
     checkpoints/step=<N>.ckpt                             fork points (CheckpointAtSteps)
-    validate/ test/ predict/                              evaluation logs, one per command
+    validate/ test/ predict/                              evaluation logs, one per command;
+    validate-2/ validate-3/ ...                           later evaluations (``unused_dir``)
     summary.json                                          the end-of-run summary
 """
 
@@ -34,6 +35,16 @@ def switch_checkpoint(step: int) -> str:
 def step_checkpoint(step: int) -> str:
     """A fork point: the state right before optimizer step ``step``."""
     return f"step={step}.ckpt"
+
+
+def unused_dir(path: Path) -> Path:
+    """``path``, or when it already holds files, the first of ``<path>-2``, ``<path>-3``, ...
+    that does not: an evaluation never writes over an earlier one's config.yaml and summary."""
+    candidate, n = path, 1
+    while candidate.is_dir() and any(candidate.iterdir()):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def run_checkpoints(run_dir: str | Path) -> Path:
