@@ -895,3 +895,20 @@ def test_evaluation_given_its_run_directory_writes_beside_the_record(
     must(midtrain(args, tmp_path, False, capsys), "validate")
     check_untouched(before, snapshot([run]), [run / "validate"])
     assert (run / "validate" / "config.yaml").is_file()
+
+
+def test_a_second_evaluation_keeps_the_first(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary's evaluate line, then the same with ``--weights ema``: the second writes to
+    ``<run>/validate-2/``; the first's config.yaml and summary stay as it wrote them."""
+    run = tmp_path / "ema"
+    shutil.copytree(runs["ema"].dir, run)
+    args = ["validate", "--config", str(run / "config.yaml"), "--trainer.logger", "true",
+            "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]  # fmt: skip
+    must(midtrain(args, tmp_path, False, capsys), "validate")
+    first = snapshot([run])
+    must(midtrain([*args, "--weights", "ema"], tmp_path, False, capsys), "validate --weights ema")
+    check_untouched(first, snapshot([run]), [run / "validate-2"])
+    assert yaml.safe_load((run / "validate" / "config.yaml").read_text())["weights"] == "live"
+    assert yaml.safe_load((run / "validate-2" / "config.yaml").read_text())["weights"] == "ema"
