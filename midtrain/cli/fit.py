@@ -357,9 +357,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         check_start(plan, parts, self.trainer)
         if plan.checkpoint is not None and os.path.exists(plan.checkpoint):
             meta = self.resume.checkpoint_metadata(plan.checkpoint, "ckpt_path")
+            check_checkpoint(plan, meta, parts, self.trainer)
             if plan.mode == "resume":
                 self._check_branch_resume(meta, plan)
-            check_checkpoint(plan, meta, parts, self.trainer)
         check_val_limits(self.trainer, self.datamodule)
         return plan
 
