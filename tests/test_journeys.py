@@ -20,6 +20,7 @@ after changing the table with ``python -m tests.test_journeys > docs/journeys.md
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -125,7 +126,26 @@ W = "works"
 NO_EMA = "refused: has no averaged weights .*; use --weights live"
 OTHER_SHAPE = "refused: its model is not this config's .*; evaluate it with its own run's config.yaml"
 NOT_A_STUDY = "refused: has no finished study .*; run `midtrain experiment"
+OTHER_SCHEDULE = (
+    "refused: the checkpoint was trained with a different mixture schedule .*; to continue "
+    "with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
+)
 OTHER_SETUP = "refused: it was trained with another setup: .*; resume with the checkpoint's settings"
+
+SOUP_RESUMED = (
+    "refused: it holds no training state to continue \\(a soup written by midtrain average\\); "
+    "start a new run from its weights with --model.init_from"
+)
+
+
+def no_callback(name: str) -> str:
+    return (
+        f"refused: it holds the state of midtrain.callbacks.{name} .* but this run has no "
+        f"midtrain.callbacks.{name}; resume with the same callback, or start a new run from it "
+        "with --fork"
+    )
+
+
 LR_CHANGED = "refused: model.lr: .* -> 0.5; resume with the checkpoint's settings"
 
 # the cells of every kind but the exceptions below
@@ -141,12 +161,19 @@ COMMON: dict[str, str] = {
     "init_from": W,
     "advise-check": NOT_A_STUDY,
     "experiment": W,
-    "fit-other-run": OTHER_SETUP,
+    "fit-other-run": OTHER_SCHEDULE,
     "fit-other-lr": LR_CHANGED,
     "fit-resume": W,
 }
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("ema", "validate-ema"): W,
+    ("adaptive", "fit-other-run"): no_callback("AdaptiveMixture"),
+    ("ema", "fit-other-run"): no_callback("EMA"),
+    ("sft", "experiment"): "refused: pretrain: the fit config needs `data: midtrain.MixtureDataModule`",
+    ("sft", "fit-other-run"): OTHER_SETUP,
+    ("soup", "fit-other-run"): SOUP_RESUMED,
+    ("soup", "fit-other-lr"): SOUP_RESUMED,
+    ("soup", "fit-resume"): SOUP_RESUMED,
 }
 MATRIX: dict[tuple[str, str], str] = {
     (kind, command): EXCEPTIONS.get((kind, command), COMMON[command])
@@ -206,6 +233,7 @@ class Run:
     ckpts: list[Path]  # two of its checkpoints, for `midtrain average`
     domains: list[str]
     reads: list[Path] = field(default_factory=list)  # all it is made of: parents, stores, models
+    resume: str = "last"  # what --ckpt_path names to continue it (a soup: the soup's file)
 
     @property
     def roots(self) -> list[Path]:
@@ -430,6 +458,7 @@ def build_soup(runs: Runs, kind: str) -> Run:
         [soup, reset.ckpt],
         keep.domains,
         [keep.dir, reset.dir, *keep.reads],
+        resume=str(soup),
     )
 
 
@@ -622,6 +651,11 @@ BUILDERS: dict[str, Callable[[Runs, str], Run]] = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, builtin_store: Path) -> Runs:
+    if module_available("lm_eval"):
+        # lm-eval's log handler keeps the stderr it first sees: pytest's, not one test's capsys
+        from lm_eval.utils import setup_logging
+
+        setup_logging()
     return Runs(tmp_path_factory.mktemp("journeys"), builtin_store)
 
 
@@ -696,6 +730,11 @@ def study_yaml(run: Run, inputs: Path, out: Path) -> Path:
     return path
 
 
+def evaluations(where: Path) -> list[Path]:
+    """An evaluation's directory, or a later one's (``<dir>-2``, ...)."""
+    return [where, *(where.with_name(f"{where.name}-{n}") for n in range(2, 10))]
+
+
 def saw_table(stage: str) -> Callable[[Result], None]:
     def check(result: Result) -> None:
         assert f"{stage}/loss" in result.out, result.out
@@ -712,12 +751,12 @@ def cell(runs: Runs, kind: str, command: str, inputs: Path, out: Path) -> Cell:
     own = run.dir if run.ckpt.parent.name == "checkpoints" else out / "eval"
     if own == out / "eval":  # a checkpoint outside a run: its evaluation goes where it is told
         evaluate += ["--trainer.default_root_dir", str(own)]
-    if command in ("validate", "test"):
-        where = own / command if own == run.dir else own
-        return Cell([command, *evaluate], [where], run.roots, saw_table(f"val" if command == "validate" else "test"))
-    if command == "validate-ema":
-        where = own / "validate" if own == run.dir else own
-        return Cell(["validate", *evaluate, "--weights", "ema"], [where], run.roots, saw_table("val"))
+    if command in ("validate", "test", "validate-ema"):
+        name = command.removesuffix("-ema")
+        ema = ["--weights", "ema"] if command == "validate-ema" else []
+        where = evaluations(own / name) if own == run.dir else [own]
+        table = saw_table("test" if name == "test" else "val")
+        return Cell([name, *evaluate, *ema], where, run.roots, table)
     if command == "validate-other-shape":
         config = other_shape_config(runs, inputs)
         return Cell(["validate", "--config", str(config), "--ckpt_path", ckpt], [], run.roots)
@@ -742,7 +781,7 @@ def cell(runs: Runs, kind: str, command: str, inputs: Path, out: Path) -> Cell:
     if command == "init_from":
         new = out / "new"
         args = ["fit", "--config", str(run.start), "--model.init_from", ckpt,
-                "--trainer.default_root_dir", str(new)]  # fmt: skip
+                "--trainer.default_root_dir", str(new), "--trainer.limit_val_batches", "0"]  # fmt: skip
         return Cell(args, [], run.roots, lambda r: assert_file(new / "checkpoints" / "last.ckpt"))
     if command == "advise-check":
         return Cell(["advise", "--check", str(run.dir)], [], run.roots, trainer=False)
@@ -753,13 +792,13 @@ def cell(runs: Runs, kind: str, command: str, inputs: Path, out: Path) -> Cell:
     if command == "fit-other-run":
         other = other_run(runs, kind)
         args = ["fit", "--config", str(other.config), "--trainer.default_root_dir", str(run.dir),
-                "--ckpt_path", "last"]  # fmt: skip
+                "--ckpt_path", run.resume]  # fmt: skip
         return Cell(args, [], [*run.roots, other.dir])
     if command == "fit-other-lr":
-        args = ["fit", "--config", str(run.config), "--ckpt_path", "last", "--model.lr", "0.5"]
+        args = ["fit", "--config", str(run.config), "--ckpt_path", run.resume, "--model.lr", "0.5"]
         return Cell(args, [], run.roots)
     assert command == "fit-resume"
-    return Cell(["fit", "--config", str(run.config), "--ckpt_path", "last"], [], run.reads)
+    return Cell(["fit", "--config", str(run.config), "--ckpt_path", run.resume], [], run.reads)
 
 
 def assert_file(path: Path) -> None:
@@ -780,9 +819,15 @@ Snapshot = dict[str, tuple[Any, ...]]
 
 
 def snapshot(roots: list[Path]) -> Snapshot:
-    from tests.test_bad_input import snapshot as snap
-
-    return snap(*[r for r in dict.fromkeys(roots) if r.is_dir()])
+    """Every file and directory under ``roots``: files by size and sha256 (their bytes)."""
+    out: Snapshot = {}
+    for root in dict.fromkeys(roots):
+        for p in sorted(root.rglob("*")) if root.is_dir() else []:
+            if p.is_dir():
+                out[str(p)] = ("dir",)
+            else:
+                out[str(p)] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
 
 
 def check_untouched(before: Snapshot, after: Snapshot, outputs: list[Path]) -> None:
@@ -912,3 +957,19 @@ def test_a_second_evaluation_keeps_the_first(
     check_untouched(first, snapshot([run]), [run / "validate-2"])
     assert yaml.safe_load((run / "validate" / "config.yaml").read_text())["weights"] == "live"
     assert yaml.safe_load((run / "validate-2" / "config.yaml").read_text())["weights"] == "ema"
+
+
+def test_a_soup_is_not_forked_either(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--fork <soup>``: one line pointing at ``--model.init_from``, nothing written."""
+    soup = runs["soup"]
+    before = snapshot(soup.roots)
+    new = tmp_path / "branch"
+    args = ["fit", "--config", str(soup.start), "--fork", str(soup.ckpt),
+            "--trainer.default_root_dir", str(new)]  # fmt: skip
+    result = midtrain(args, tmp_path, False, capsys)
+    assert result.code == 2
+    from tests.test_bad_input import error_line
+
+    assert re.search(SOUP_RESUMED.removeprefix("refused: "), error_line(result.err, "fit"))
+    check_untouched(before, snapshot(soup.roots), [])
+    assert not new.exists()
