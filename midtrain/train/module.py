@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from midtrain.checkpoint.files import averaged_state, load_weights, read_metadata
+from midtrain.checkpoint.load import check_init_from
 from midtrain.checkpoint.plan import Rule, RunPlan, Setting, check_restore, plan_of, record_of
 from midtrain.data.contract import DataContract, require_contract, require_max_steps
 from midtrain.data.hub import is_hf
@@ -282,14 +283,16 @@ class CausalLM(L.LightningModule):
         return settings
 
     def check_plan(self, plan: RunPlan, trainer: L.Trainer) -> None:
-        """An anneal starts from a checkpoint's LR; ``--weights ema`` for fit reads the
-        averaged weights of ``model.init_from``."""
+        """An anneal starts from a checkpoint's LR; ``model.init_from``'s weights fit this
+        model; ``--weights ema`` for fit reads the averaged weights of ``model.init_from``."""
         schedule = self.hparams.lr_schedule
         if plan.mode == "new" and schedule in ANNEALS and self.branch.anneal is None:
             raise anneal_without_checkpoint(schedule)
+        init_from = self.hparams.init_from
+        if init_from and not is_hf(init_from):
+            check_init_from(init_from, self.config)
         if plan.command != "fit" or plan.weights == "live":
             return
-        init_from = self.hparams.init_from
         if not init_from or is_hf(init_from):
             raise MidtrainError(
                 f"--weights: {plan.weights} for fit reads the averaged weights of the "
