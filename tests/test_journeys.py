@@ -132,6 +132,10 @@ OTHER_SCHEDULE = (
 )
 OTHER_SETUP = "refused: it was trained with another setup: .*; resume with the checkpoint's settings"
 
+ANOTHER_MODEL = (
+    "refused: holds the weights of another model .*; set model.arch and model.model_config to "
+    "the model it was trained as"
+)
 SOUP_RESUMED = (
     "refused: it holds no training state to continue \\(a soup written by midtrain average\\); "
     "start a new run from its weights with --model.init_from"
@@ -171,6 +175,8 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("ema", "fit-other-run"): no_callback("EMA"),
     ("sft", "experiment"): "refused: pretrain: the fit config needs `data: midtrain.MixtureDataModule`",
     ("sft", "fit-other-run"): OTHER_SETUP,
+    ("hf-llama", "init_from"): ANOTHER_MODEL,
+    ("hf-qwen3", "init_from"): ANOTHER_MODEL,
     ("soup", "fit-other-run"): SOUP_RESUMED,
     ("soup", "fit-other-lr"): SOUP_RESUMED,
     ("soup", "fit-resume"): SOUP_RESUMED,
@@ -972,4 +978,23 @@ def test_a_soup_is_not_forked_either(runs: Runs, tmp_path: Path, capsys: pytest.
 
     assert re.search(SOUP_RESUMED.removeprefix("refused: "), error_line(result.err, "fit"))
     check_untouched(before, snapshot(soup.roots), [])
+    assert not new.exists()
+
+
+def test_init_from_another_model_is_one_line_before_anything_is_written(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new run from a checkpoint of another shape: one line naming the fields that differ;
+    no run directory is made (it was, with an events file, before the weights failed to load)."""
+    plain = runs["plain"]
+    config = other_shape_config(runs, tmp_path)
+    new = tmp_path / "new"
+    args = ["fit", "--config", str(config), "--model.init_from", str(plain.ckpt),
+            "--trainer.default_root_dir", str(new)]  # fmt: skip
+    result = midtrain(args, tmp_path, False, capsys)
+    from tests.test_bad_input import error_line
+
+    line = error_line(result.err, "fit")
+    assert result.code == 2 and "(n_layer: 1 -> 2)" in line, line
+    assert re.search(ANOTHER_MODEL.removeprefix("refused: "), line)
     assert not new.exists()
