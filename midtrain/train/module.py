@@ -480,8 +480,17 @@ class CausalLM(L.LightningModule):
                 where = plan.checkpoint or "--ckpt_path"
                 checkpoint["state_dict"] = averaged_state(checkpoint, where)["state_dict"]
             return
+        # FSDP2 (ModelParallelStrategy) restores the optimizer in place, before this hook: a
+        # fork reads and rewrites the live state as it would the checkpoint's
+        in_place = plan.fork is not None and not trainer.strategy.lightning_restore_optimizer
+        if in_place:
+            checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
         self.branch.restore(plan, checkpoint, self.hparams)
         self.branch.start_optimizer(plan, checkpoint, self.hparams, trainer.max_steps)
+        if in_place:
+            states = checkpoint.pop("optimizer_states")
+            for opt, state in zip(trainer.optimizers, states, strict=True):
+                opt.load_state_dict(state)
         # already built where the strategy restores after configure_optimizers (FSDP2)
         for config in trainer.lr_scheduler_configs:
             reschedule(
