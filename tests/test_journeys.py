@@ -36,6 +36,7 @@ from typing import Any
 
 import lightning.pytorch  # noqa: F401  imported before any test captures stderr (its log handler)
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,10 @@ KINDS: dict[str, Kind] = {
     "hf-qwen3": Kind("`init_from: hf:` a Qwen3 base", ("hf",)),
     "sequential": Kind("a Megatron .bin/.idx domain, `order: sequential`", ("corpora",)),
     "ddp": Kind("DDP on 2 processes: a switch and `AdaptiveMixture`", processes=2),
-    "fsdp": Kind("FSDP2 on 2 processes: an anneal fork with `--fork_optimizer reset`", processes=2),
+    "fsdp": Kind(
+        "FSDP2 on 2 processes: an anneal fork (`--fork_optimizer reset`) of an FSDP2 run",
+        processes=2,
+    ),
 }
 
 COMMANDS: dict[str, Command] = {
@@ -347,12 +351,19 @@ class Runs:
     def __init__(self, root: Path, builtin_store: Path) -> None:
         self.root, self.builtin_store = root, builtin_store
         self.built: dict[str, Run] = {}
+        self.failed: set[str] = set()
         self.cwd = root / "cwd"
         self.cwd.mkdir()
 
     def __getitem__(self, kind: str) -> Run:
+        if kind in self.failed:
+            pytest.fail(f"building {kind} failed (see its first cell)")
         if kind not in self.built:
-            self.built[kind] = BUILDERS[kind](self, kind)
+            try:
+                self.built[kind] = BUILDERS[kind](self, kind)
+            except BaseException:
+                self.failed.add(kind)
+                raise
         return self.built[kind]
 
     def fit(self, kind: str, start: Path, *args: str, processes: int = 1) -> None:
@@ -614,8 +625,23 @@ FSDP2 = {
 }
 
 
+def fsdp_config(start: Path) -> Path:
+    """The start config on 2 processes with FSDP2, at the others' global batch of 2."""
+    cfg = yaml.safe_load(start.read_text())
+    cfg["trainer"].update(devices=2, strategy=FSDP2)
+    cfg["data"]["init_args"]["micro_batch_size"] = 1
+    start.write_text(yaml.safe_dump(cfg))
+    return start
+
+
+def build_fsdp_parent(runs: Runs, kind: str) -> Run:
+    """What the FSDP2 branch forks from: plain pretraining on 2 processes with FSDP2."""
+    start = fit_yaml(runs.root / f"{kind}.yaml", runs.root / kind, runs.builtin_store)
+    return runs.run(kind, fsdp_config(start), runs.store_domains, [runs.builtin_store], processes=2)
+
+
 def build_fsdp(runs: Runs, kind: str) -> Run:
-    parent = runs["plain"]
+    parent = runs["fsdp-parent"]
     switch = callback("MixtureSwitch", step=FORK_STEP, weights={"prose": 0.5, "code": 0.5})
     start = fit_yaml(
         runs.root / f"{kind}.yaml",
@@ -623,12 +649,8 @@ def build_fsdp(runs: Runs, kind: str) -> Run:
         runs.builtin_store,
         callbacks=[switch],
         max_steps=FORK_STEPS,
-        devices=2,
-        strategy=FSDP2,
     )
-    cfg = yaml.safe_load(start.read_text())
-    cfg["data"]["init_args"]["micro_batch_size"] = 1
-    start.write_text(yaml.safe_dump(cfg))
+    fsdp_config(start)
     point = parent.dir / "checkpoints" / f"epoch=0-step={FORK_STEP}.ckpt"
     fork = ["--fork", str(point), "--fork_optimizer", "reset", "--model.lr_schedule", "anneal"]
     return runs.run(
@@ -652,6 +674,7 @@ BUILDERS: dict[str, Callable[[Runs, str], Run]] = {
     "sequential": build_sequential,
     "ddp": build_ddp,
     "fsdp": build_fsdp,
+    "fsdp-parent": build_fsdp_parent,
 }
 
 
@@ -998,3 +1021,23 @@ def test_init_from_another_model_is_one_line_before_anything_is_written(
     assert result.code == 2 and "(n_layer: 1 -> 2)" in line, line
     assert re.search(ANOTHER_MODEL.removeprefix("refused: "), line)
     assert not new.exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_anneal_reset_fork_starts_as_on_one_process(runs: Runs, tmp_path: Path) -> None:
+    """The FSDP2 branch (anneal, ``--fork_optimizer reset``, from a sharded checkpoint, whose
+    optimizer the strategy restores in place) has the learning rates of the same fork on one
+    process (``fork-reset``), and AdamW starts afresh: two updates after the fork its step
+    count is 2 (a kept optimizer's, as ``fork-keep``'s, is 6)."""
+    from midtrain.checkpoint.files import consolidate
+    from tests.test_training import scalars
+
+    fsdp, reset, keep = runs["fsdp"], runs["fork-reset"], runs["fork-keep"]
+    lrs = {k: dict(scalars(r.dir)["train/lr"]) for k, r in (("fsdp", fsdp), ("reset", reset))}
+    assert min(lrs["fsdp"]) == FORK_STEP and lrs["fsdp"] == pytest.approx(lrs["reset"], rel=1e-6)
+    after = f"epoch=0-step={FORK_STEP + 2}.ckpt"
+    full = consolidate(fsdp.dir / "checkpoints" / after, tmp_path / "fsdp.ckpt")
+    sharded = torch.load(full, map_location="cpu", weights_only=True)["optimizer_0"]["state"]
+    kept = torch.load(keep.dir / "checkpoints" / after, map_location="cpu", weights_only=True)
+    assert len(sharded) > 0 and {float(s["step"]) for s in sharded.values()} == {2.0}
+    assert {float(s["step"]) for s in kept["optimizer_states"][0]["state"].values()} == {6.0}
