@@ -1,21 +1,25 @@
 """Journeys: every command on every kind of run, through the real ``midtrain`` command line.
 
-A researcher validates, compares, exports and resumes many branches a day; the features meet in
-those journeys. ``MATRIX`` is the one table of what each (run kind, command) cell does: it
-works, or it is refused in one line that says what to do instead (non-zero exit). Every cell
-also checks that the runs it reads are byte-identical afterwards: every file that existed is
-unchanged, and the only new files are the command's own output (``<run>/validate/``,
-``<run>/test/``, an ``--out`` or a new run directory outside the run). The fit-resume cell is the
-one that writes into its own run: it runs last for each kind, exits 0 (the run is finished)
-and leaves ``config.yaml`` and the checkpoints as they were.
+A researcher validates, compares, exports and resumes a dozen branches a day, and the features
+meet in those journeys. ``MATRIX`` is the one table of what each (run kind, command) cell does:
+it works, or it is refused in one line that says what to do instead (a non-zero exit). Every
+cell also checks that what it reads is byte-identical afterwards (the run, its parents, stores
+and models): every file that existed is unchanged, and the only new files are the command's own
+output (``<run>/validate/``, ``<run>/test/``, or an ``--out`` or new run directory outside the
+run); a refused cell writes nothing at all. ``fit-resume`` is the one cell that writes into
+its own run: it runs last for each kind, exits 0 (the run is finished) and leaves
+``config.yaml`` and the checkpoints as they were.
 
-Each run kind is built once, lazily (tiny models, a few steps); the cells of one kind run in
-the order of ``COMMANDS``. Cells that need an optional extra are skipped where it is absent and
-run in the tox env that installs it (markers ``needs_hf``, ``needs_eval``, ``needs_corpora``;
-see tox.ini); the 2-process kinds (DDP, FSDP2) are ``slow`` and run in ``tox -e journeys``.
+Each kind is built once per module, on first use, through ``midtrain fit`` (tiny models, a few
+steps). Commands run in this process (``midtrain.cli.main``), and Lightning's commands on a
+2-process run in a fresh ``python -m midtrain`` (Lightning starts the second process from the
+command line). Cells that need an optional extra are skipped where it is absent and run in the
+tox env that installs it (markers ``needs_hf``, ``needs_eval``, ``needs_corpora``: tox -e
+interop, tox -e corpora); the 2-process kinds are ``slow`` and run in tox -e journeys.
 
-docs/journeys.md shows the table, rendered from ``MATRIX`` by ``render_table``; regenerate it
-after changing the table with ``python -m tests.test_journeys > docs/journeys.md``.
+docs/journeys.md shows the table, rendered from ``MATRIX``; after a change to the table,
+``python -m tests.test_journeys`` rewrites that part of the page (``test_docs_show_the_matrix``
+fails until then).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +43,8 @@ import lightning.pytorch  # noqa: F401  imported before any test captures stderr
 import pytest
 import torch
 import yaml
+
+from tests.test_bad_input import error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,22 +76,44 @@ class Command:
 
 
 KINDS: dict[str, Kind] = {
-    "plain": Kind("pretraining, one mixture"),
-    "switch": Kind("pretraining with a `MixtureSwitch` at a step"),
-    "ramp": Kind("a `MixtureSwitch` with `ramp_steps`"),
-    "adaptive": Kind("`AdaptiveMixture` (thompson)"),
-    "fork-keep": Kind("`--fork` of `plain` with a switch and `lr_schedule: anneal`"),
-    "fork-reset": Kind("the same fork with `--fork_optimizer reset`"),
-    "fork-fresh": Kind("the same fork with `--fork_data fresh`"),
+    "plain": Kind(
+        "pretraining on three domains, one mixture (what the 1-process forks start from)"
+    ),
+    "switch": Kind("pretraining with a `MixtureSwitch` at step 3"),
+    "ramp": Kind("a `MixtureSwitch` at step 2 with `ramp_steps: 3`"),
+    "adaptive": Kind("`AdaptiveMixture` (`rule: thompson`) deciding every 2 steps"),
+    "fork-keep": Kind(
+        "`--fork` of `plain` at step 4 with a `MixtureSwitch` there and `model.lr_schedule: "
+        "anneal`, `--fork_optimizer keep`"
+    ),
+    "fork-reset": Kind("the same anneal fork with `--fork_optimizer reset`"),
+    "fork-fresh": Kind("the same anneal fork with `--fork_data fresh`"),
     "ema": Kind("pretraining with `midtrain.callbacks.EMA`"),
-    "soup": Kind("`midtrain average` of the `fork-keep` and `fork-reset` branches"),
-    "sft": Kind("SFT (`SFTDataModule`) from the `switch` run's checkpoint"),
-    "hf-llama": Kind("`init_from: hf:` a GQA Llama 3 (BOS-adding tokenizer)", ("hf",)),
-    "hf-qwen3": Kind("`init_from: hf:` a Qwen3 base", ("hf",)),
-    "sequential": Kind("a Megatron .bin/.idx domain, `order: sequential`", ("corpora",)),
-    "ddp": Kind("DDP on 2 processes: a switch and `AdaptiveMixture`", processes=2),
+    "soup": Kind(
+        "`midtrain average` of the last checkpoints of `fork-keep` and `fork-reset` (a file "
+        "outside any run; its commands take `fork-keep`'s config.yaml)"
+    ),
+    "sft": Kind(
+        "SFT (`midtrain.SFTDataModule`) with `model.init_from` the `switch` run's checkpoint"
+    ),
+    "hf-llama": Kind(
+        "`model.init_from: hf:<dir>` of a GQA Llama with a Llama 3-style tokenizer (a BOS in "
+        "front of every document), its store prepared with that tokenizer",
+        ("hf",),
+    ),
+    "hf-qwen3": Kind(
+        "`model.init_from: hf:<dir>` of a Qwen3 base (GQA, QK-norm), its store prepared with its "
+        "tokenizer",
+        ("hf",),
+    ),
+    "sequential": Kind(
+        "a Megatron `.bin`/`.idx` domain written by megatron-core, `order: sequential` with "
+        "`start_items`, beside an `.npy` domain",
+        ("corpora",),
+    ),
+    "ddp": Kind("DDP on 2 processes with a `MixtureSwitch` and `AdaptiveMixture`", processes=2),
     "fsdp": Kind(
-        "FSDP2 on 2 processes: an anneal fork (`--fork_optimizer reset`) of an FSDP2 run",
+        "FSDP2 on 2 processes: an anneal fork with `--fork_optimizer reset` of an FSDP2 run",
         processes=2,
     ),
 }
@@ -92,49 +121,58 @@ KINDS: dict[str, Kind] = {
 COMMANDS: dict[str, Command] = {
     "validate": Command(
         "`midtrain validate --config <run>/config.yaml --trainer.logger true --ckpt_path "
-        "<run>/checkpoints/last.ckpt` (the run summary's `evaluate:` line)"
+        "<run>/checkpoints/last.ckpt`, the run summary's `evaluate:` line"
     ),
     "test": Command("the same with `midtrain test`"),
-    "validate-ema": Command("`midtrain validate ... --weights ema`"),
+    "validate-ema": Command("the same `midtrain validate` with `--weights ema`"),
     "validate-other-shape": Command(
         "`midtrain validate --config <a config of another model shape> --ckpt_path <ckpt>`"
     ),
-    "export": Command("`midtrain export --ckpt <ckpt> --out <dir>`", ("hf",)),
-    "generate": Command("`midtrain generate --ckpt <ckpt> --prompt ...`"),
+    "export": Command("`midtrain export --ckpt <ckpt> --out <new dir>`", ("hf",)),
+    "generate": Command("`midtrain generate --ckpt <ckpt> --prompt ... --max_new_tokens 4`"),
     "lm-eval": Command(
-        "`midtrain lm-eval run --model midtrain --model_args checkpoint=<ckpt> ...`", ("eval",)
+        "`midtrain lm-eval run --model midtrain --model_args checkpoint=<ckpt> --tasks <a local "
+        "task> ...`",
+        ("eval",),
     ),
-    "average": Command("`midtrain average <two checkpoints of the run> --out <file>`"),
+    "average": Command("`midtrain average <two checkpoints of the run> --out <new file>`"),
     "init_from": Command(
-        "a new run: `midtrain fit --config <the run's starting config> --model.init_from <ckpt> "
-        "--trainer.default_root_dir <new>`"
+        "a new run from its weights: `midtrain fit --config <the config the run was started "
+        "with> --model.init_from <ckpt> --trainer.default_root_dir <new dir>`"
     ),
     "advise-check": Command("`midtrain advise --check <run>`"),
     "experiment": Command(
-        "`midtrain experiment --config <study> --dry_run`, the study's `pretrain.config` being "
+        "`midtrain experiment --config <study> --dry_run` for a study whose `pretrain.config` is "
         "`<run>/config.yaml`"
     ),
     "fit-other-run": Command(
         "`midtrain fit --config <another run>/config.yaml --trainer.default_root_dir <run> "
-        "--ckpt_path last`"
+        "--ckpt_path last` (a soup: `--ckpt_path <soup>`, as below)"
     ),
     "fit-other-lr": Command(
         "`midtrain fit --config <run>/config.yaml --ckpt_path last --model.lr 0.5`"
     ),
     "fit-resume": Command(
-        "`midtrain fit --config <run>/config.yaml --ckpt_path last` (after all the others)"
+        "`midtrain fit --config <run>/config.yaml --ckpt_path last`, after all the others"
     ),
 }
 
 W = "works"
 NO_EMA = "refused: has no averaged weights .*; use --weights live"
-OTHER_SHAPE = "refused: its model is not this config's .*; evaluate it with its own run's config.yaml"
-NOT_A_STUDY = "refused: has no finished study .*; run `midtrain experiment"
+OTHER_SHAPE = (
+    "refused: its model is not this config's .*; evaluate it with its own run's config.yaml"
+)
+NOT_A_STUDY = (
+    "refused: has no finished study .*; run `midtrain experiment --config <study.yaml>` to the "
+    "end first"
+)
 OTHER_SCHEDULE = (
     "refused: the checkpoint was trained with a different mixture schedule .*; to continue "
     "with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
 )
-OTHER_SETUP = "refused: it was trained with another setup: .*; resume with the checkpoint's settings"
+OTHER_SETUP = (
+    "refused: it was trained with another setup: .*; resume with the checkpoint's settings"
+)
 
 ANOTHER_MODEL = (
     "refused: holds the weights of another model .*; set model.arch and model.model_config to "
@@ -177,7 +215,10 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("ema", "validate-ema"): W,
     ("adaptive", "fit-other-run"): no_callback("AdaptiveMixture"),
     ("ema", "fit-other-run"): no_callback("EMA"),
-    ("sft", "experiment"): "refused: pretrain: the fit config needs `data: midtrain.MixtureDataModule`",
+    (
+        "sft",
+        "experiment",
+    ): "refused: pretrain: the fit config needs `data: midtrain.MixtureDataModule`",
     ("sft", "fit-other-run"): OTHER_SETUP,
     ("hf-llama", "init_from"): ANOTHER_MODEL,
     ("hf-qwen3", "init_from"): ANOTHER_MODEL,
@@ -199,28 +240,64 @@ def needs(kind: str, command: str) -> list[str]:
 # -- rendering the table for docs/journeys.md -----------------------------------------------------
 
 PAGE = REPO / "docs" / "journeys.md"
+BEGIN = "<!-- generated from MATRIX in tests/test_journeys.py: python -m tests.test_journeys -->"
+END = "<!-- end of the generated part -->"
 
 
-def render_table() -> str:
-    """The matrix as the markdown table docs/journeys.md shows."""
-    head = "| run kind | " + " | ".join(f"`{c}`" for c in COMMANDS) + " |"
-    rule = "|---" * (len(COMMANDS) + 1) + "|"
-    reasons: list[str] = []
-    rows = []
+def _extras(names: list[str] | tuple[str, ...]) -> str:
+    return " (needs " + ", ".join(f"`{EXTRAS[n][1]}`" for n in names) + ")" if names else ""
+
+
+def _reason(outcome: str) -> str:
+    """A refusal's pattern as the words of its message."""
+    return outcome.removeprefix("refused: ").replace(".*", "…").replace("\\", "")
+
+
+def _item(mark: str, text: str) -> str:
+    """A list item of the page, wrapped at 100 characters."""
+    return textwrap.fill(text, 100, initial_indent=mark, subsequent_indent=" " * len(mark),
+                         break_long_words=False, break_on_hyphens=False)  # fmt: skip
+
+
+def render_section() -> str:
+    """The generated part of docs/journeys.md: the kinds, the commands, the table and the
+    refusals, from ``KINDS``, ``COMMANDS`` and ``MATRIX``."""
+    kinds = [_item("- ", f"`{k}`: {v.what}{_extras(v.needs)}") for k, v in KINDS.items()]
+    commands = [_item("- ", f"`{c}`: {v.what}{_extras(v.needs)}") for c, v in COMMANDS.items()]
+    reasons = list(dict.fromkeys(_reason(o) for o in MATRIX.values() if o != W))
+    rows = [
+        "| run kind | " + " | ".join(f"`{c}`" for c in COMMANDS) + " |",
+        "|---" * (len(COMMANDS) + 1) + "|",
+    ]
     for kind in KINDS:
-        cells = []
-        for command in COMMANDS:
-            outcome = MATRIX[kind, command]
-            if outcome == W:
-                cells.append("works")
-                continue
-            reason = outcome.removeprefix("refused: ").replace(".*", "…")
-            if reason not in reasons:
-                reasons.append(reason)
-            cells.append(f"refused ({reasons.index(reason) + 1})")
+        outcomes = [MATRIX[kind, c] for c in COMMANDS]
+        cells = [
+            "works" if o == W else f"refused ({reasons.index(_reason(o)) + 1})" for o in outcomes
+        ]
         rows.append(f"| `{kind}` | " + " | ".join(cells) + " |")
-    notes = [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
-    return "\n".join([head, rule, *rows, "", *notes])
+    notes = [_item(f"{i}. ", f"`` {r} ``") for i, r in enumerate(reasons, 1)]
+    return "\n".join(
+        [BEGIN, "", "Run kinds:", "", *kinds, "", "Commands:", "", *commands, "", *rows, "",
+         "Refused, in the message's own words (… for the run's own values):", "", *notes, "",
+         END]
+    )  # fmt: skip
+
+
+def page_section(page: str) -> str:
+    """The generated part of a page (from ``BEGIN`` to ``END``), or "" without one."""
+    if BEGIN not in page or END not in page:
+        return ""
+    return page[page.index(BEGIN) : page.index(END) + len(END)]
+
+
+def write_page() -> None:
+    """Rewrite the generated part of docs/journeys.md from ``MATRIX``."""
+    page = PAGE.read_text()
+    old = page_section(page)
+    if not old:
+        raise SystemExit(f"{PAGE}: no generated part ({BEGIN} ... {END})")
+    PAGE.write_text(page.replace(old, render_section()))
+    print(f"{PAGE}: {'unchanged' if old == render_section() else 'table rewritten from MATRIX'}")
 
 
 # -- building the runs -----------------------------------------------------------------------------
@@ -248,6 +325,10 @@ class Run:
     @property
     def roots(self) -> list[Path]:
         return [self.dir, *self.reads]
+
+    @property
+    def store(self) -> Path:
+        return Path(yaml.safe_load(self.start.read_text())["data"]["init_args"]["store"])
 
 
 def fit_yaml(
@@ -420,7 +501,9 @@ def build_ramp(runs: Runs, kind: str) -> Run:
 
 
 def build_adaptive(runs: Runs, kind: str) -> Run:
-    adaptive = callback("AdaptiveMixture", rule="thompson", every_n_steps=2, floor=0.1, step_size=2.0)
+    adaptive = callback(
+        "AdaptiveMixture", rule="thompson", every_n_steps=2, floor=0.1, step_size=2.0
+    )
     start = fit_yaml(
         runs.root / f"{kind}.yaml", runs.root / kind, runs.builtin_store, callbacks=[adaptive]
     )
@@ -728,10 +811,6 @@ def write_task(directory: Path) -> Path:
     return directory
 
 
-def other_run(runs: Runs, kind: str) -> Run:
-    return runs["switch" if kind == "plain" else "plain"]
-
-
 def other_shape_config(runs: Runs, inputs: Path) -> Path:
     plain = runs["plain"]
     cfg = yaml.safe_load(plain.start.read_text())
@@ -743,16 +822,18 @@ def other_shape_config(runs: Runs, inputs: Path) -> Path:
 
 
 def study_yaml(run: Run, inputs: Path, out: Path) -> Path:
+    """A study whose pretraining is the run's config: a branch to its last domain from step 1,
+    SFT on that domain."""
+    sft = inputs / "sft.yaml"
+    data = {"store": str(run.store), "target": run.domains[-1]}
+    sft.write_text(yaml.safe_dump({"data": {"class_path": "midtrain.SFTDataModule",
+                                            "init_args": data}}))  # fmt: skip
     study = {
         "output": str(out / "study"),
         "general": run.domains[0],
         "pretrain": {"config": [str(run.config)]},
         "branches": {"mid": {"switch": {"step": 1, "weights": {run.domains[-1]: 1.0}}}},
-        "sft": {
-            "config": [str(run.config)],
-            "targets": {"t": {"target": run.domains[-1]}},
-            "lrs": [1e-3],
-        },
+        "sft": {"config": [str(sft)], "targets": {"t": data}, "lrs": [1e-3]},
     }
     path = inputs / "study.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -764,82 +845,140 @@ def evaluations(where: Path) -> list[Path]:
     return [where, *(where.with_name(f"{where.name}-{n}") for n in range(2, 10))]
 
 
-def saw_table(stage: str) -> Callable[[Result], None]:
+def printed(text: str) -> Callable[[Result], None]:
     def check(result: Result) -> None:
-        assert f"{stage}/loss" in result.out, result.out
+        assert text in result.out, result.out[-2000:]
 
     return check
 
 
-def cell(runs: Runs, kind: str, command: str, inputs: Path, out: Path) -> Cell:
-    """The command line of ``command`` on the run of ``kind`` (``inputs``: a directory for the
-    files it is given; ``out``: a new directory for its outputs outside the run)."""
-    run = runs[kind]
-    ckpt = str(run.ckpt)
-    evaluate = ["--config", str(run.config), "--trainer.logger", "true", "--ckpt_path", ckpt]
-    own = run.dir if run.ckpt.parent.name == "checkpoints" else out / "eval"
-    if own == out / "eval":  # a checkpoint outside a run: its evaluation goes where it is told
-        evaluate += ["--trainer.default_root_dir", str(own)]
-    if command in ("validate", "test", "validate-ema"):
-        name = command.removesuffix("-ema")
-        ema = ["--weights", "ema"] if command == "validate-ema" else []
-        where = evaluations(own / name) if own == run.dir else [own]
-        table = saw_table("test" if name == "test" else "val")
-        return Cell([name, *evaluate, *ema], where, run.roots, table)
-    if command == "validate-other-shape":
-        config = other_shape_config(runs, inputs)
-        return Cell(["validate", "--config", str(config), "--ckpt_path", ckpt], [], run.roots)
-    if command == "export":
-        hf = out / "hf"
-        return Cell(["export", "--ckpt", ckpt, "--out", str(hf)], [], run.roots,
-                    lambda r: assert_file(hf / "config.json"), trainer=False)  # fmt: skip
-    if command == "generate":
-        args = ["generate", "--ckpt", ckpt, "--prompt", "def add(a, b):", "--max_new_tokens", "4"]
-        return Cell(args, [], run.roots, lambda r: assert_in("def add(a, b):", r.out), trainer=False)
-    if command == "lm-eval":
-        tasks = write_task(inputs / "tasks")
-        results = out / "results"
-        args = ["lm-eval", "run", "--model", "midtrain", "--model_args",
-                f"checkpoint={ckpt},batch_size=4", "--tasks", "journeys_arith",
-                "--include_path", str(tasks), "--device", "cpu", "--output_path", str(results)]  # fmt: skip
-        return Cell(args, [], run.roots, lambda r: assert_any(results.rglob("results_*.json")), trainer=False)
-    if command == "average":
-        soup = out / "soup.ckpt"
-        args = ["average", *map(str, run.ckpts), "--out", str(soup)]
-        return Cell(args, [], run.roots, lambda r: assert_file(soup), trainer=False)
-    if command == "init_from":
-        new = out / "new"
-        args = ["fit", "--config", str(run.start), "--model.init_from", ckpt,
-                "--trainer.default_root_dir", str(new), "--trainer.limit_val_batches", "0"]  # fmt: skip
-        return Cell(args, [], run.roots, lambda r: assert_file(new / "checkpoints" / "last.ckpt"))
-    if command == "advise-check":
-        return Cell(["advise", "--check", str(run.dir)], [], run.roots, trainer=False)
-    if command == "experiment":
-        study = study_yaml(run, inputs, out)
-        return Cell(["experiment", "--config", str(study), "--dry_run"], [], run.roots,
-                    lambda r: assert_in("stages:", r.out), trainer=False)  # fmt: skip
-    if command == "fit-other-run":
-        other = other_run(runs, kind)
-        args = ["fit", "--config", str(other.config), "--trainer.default_root_dir", str(run.dir),
-                "--ckpt_path", run.resume]  # fmt: skip
-        return Cell(args, [], [*run.roots, other.dir])
-    if command == "fit-other-lr":
-        args = ["fit", "--config", str(run.config), "--ckpt_path", run.resume, "--model.lr", "0.5"]
-        return Cell(args, [], run.roots)
-    assert command == "fit-resume"
-    return Cell(["fit", "--config", str(run.config), "--ckpt_path", run.resume], [], run.reads)
+def wrote(path: Path | Callable[[], Path]) -> Callable[[Result], None]:
+    def check(result: Result) -> None:
+        found = path() if callable(path) else path
+        assert found.is_file(), found
+
+    return check
 
 
-def assert_file(path: Path) -> None:
-    assert path.is_file(), path
+@dataclass
+class Place:
+    """Where a cell runs: the runs, its kind's run, a directory for the files it is given
+    (``inputs``) and a new one for its outputs outside the run (``out``)."""
+
+    runs: Runs
+    kind: str
+    inputs: Path
+    out: Path
+
+    @property
+    def run(self) -> Run:
+        return self.runs[self.kind]
 
 
-def assert_in(text: str, out: str) -> None:
-    assert text in out, out
+def evaluation(p: Place, command: str, *extra: str) -> Cell:
+    """The run summary's ``evaluate:`` line (a soup, outside any run: with its own directory)."""
+    run = p.run
+    args = [command, "--config", str(run.config), "--trainer.logger", "true"]
+    args += ["--ckpt_path", str(run.ckpt), *extra]
+    if run.ckpt.parent.name == "checkpoints":
+        where = evaluations(run.dir / command)
+    else:
+        where = [p.out / "eval"]
+        args += ["--trainer.default_root_dir", str(where[0])]
+    return Cell(args, where, run.roots, printed(f"{'test' if command == 'test' else 'val'}/loss"))
 
 
-def assert_any(paths: Any) -> None:
-    assert list(paths)
+def lm_eval(p: Place) -> Cell:
+    tasks, results = write_task(p.inputs / "tasks"), p.out / "results"
+    args = ["lm-eval", "run", "--model", "midtrain", "--model_args",
+            f"checkpoint={p.run.ckpt},batch_size=4", "--tasks", "journeys_arith",
+            "--include_path", str(tasks), "--device", "cpu", "--output_path", str(results)]  # fmt: skip
+    first = lambda: next(results.rglob("results_*.json"), results / "results_*.json")  # noqa: E731
+    return Cell(args, [], p.run.roots, wrote(first), trainer=False)
+
+
+def init_from(p: Place) -> Cell:
+    new = p.out / "new"
+    args = ["fit", "--config", str(p.run.start), "--model.init_from", str(p.run.ckpt),
+            "--trainer.default_root_dir", str(new), "--trainer.limit_val_batches", "0"]  # fmt: skip
+    return Cell(args, [], p.run.roots, wrote(new / "checkpoints" / "last.ckpt"))
+
+
+def fit_other_run(p: Place) -> Cell:
+    """Another run's config with this run's directory: what a copy-pasted command does."""
+    other = p.runs["switch" if p.kind == "plain" else "plain"]
+    args = ["fit", "--config", str(other.config), "--trainer.default_root_dir", str(p.run.dir),
+            "--ckpt_path", p.run.resume]  # fmt: skip
+    return Cell(args, [], [*p.run.roots, other.dir])
+
+
+def experiment(p: Place) -> Cell:
+    study = study_yaml(p.run, p.inputs, p.out)
+    args = ["experiment", "--config", str(study), "--dry_run"]
+    return Cell(args, [], p.run.roots, printed("branch mid:"), trainer=False)
+
+
+CELL: dict[str, Callable[[Place], Cell]] = {
+    "validate": lambda p: evaluation(p, "validate"),
+    "test": lambda p: evaluation(p, "test"),
+    "validate-ema": lambda p: evaluation(p, "validate", "--weights", "ema"),
+    "validate-other-shape": lambda p: Cell(
+        [
+            "validate",
+            "--config",
+            str(other_shape_config(p.runs, p.inputs)),
+            "--ckpt_path",
+            str(p.run.ckpt),
+        ],
+        [],
+        p.run.roots,
+    ),  # fmt: skip
+    "export": lambda p: Cell(
+        ["export", "--ckpt", str(p.run.ckpt), "--out", str(p.out / "hf")],
+        [],
+        p.run.roots,
+        wrote(p.out / "hf" / "config.json"),
+        trainer=False,
+    ),  # fmt: skip
+    "generate": lambda p: Cell(
+        [
+            "generate",
+            "--ckpt",
+            str(p.run.ckpt),
+            "--prompt",
+            "def add(a, b):",
+            "--max_new_tokens",
+            "4",
+        ],
+        [],
+        p.run.roots,
+        printed("def add(a, b):"),
+        trainer=False,
+    ),  # fmt: skip
+    "lm-eval": lm_eval,
+    "average": lambda p: Cell(
+        ["average", *map(str, p.run.ckpts), "--out", str(p.out / "soup.ckpt")],
+        [],
+        p.run.roots,
+        wrote(p.out / "soup.ckpt"),
+        trainer=False,
+    ),  # fmt: skip
+    "init_from": init_from,
+    "advise-check": lambda p: Cell(
+        ["advise", "--check", str(p.run.dir)], [], p.run.roots, trainer=False
+    ),  # fmt: skip
+    "experiment": experiment,
+    "fit-other-run": fit_other_run,
+    "fit-other-lr": lambda p: Cell(
+        ["fit", "--config", str(p.run.config), "--ckpt_path", p.run.resume, "--model.lr", "0.5"],
+        [],
+        p.run.roots,
+    ),  # fmt: skip
+    # the run's own directory is what it writes: its parents and stores are what it reads
+    "fit-resume": lambda p: Cell(
+        ["fit", "--config", str(p.run.config), "--ckpt_path", p.run.resume], [], p.run.reads
+    ),
+}
 
 
 # -- the cells ------------------------------------------------------------------------------------
@@ -905,35 +1044,30 @@ CELLS = [
 def test_journey(
     kind: str, command: str, runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    expected = MATRIX[kind, command]
-    run = runs[kind]
-    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    expected, run = MATRIX[kind, command], runs[kind]
+    inputs, out, cwd = tmp_path / "inputs", tmp_path / "out", tmp_path / "cwd"
     inputs.mkdir()
-    c = cell(runs, kind, command, inputs, out)
-    fresh = c.trainer and KINDS[kind].processes > 1
-    cwd = tmp_path / "cwd"
     cwd.mkdir()
-    if command == "fit-resume":
-        kept = snapshot([run.dir / "checkpoints"])
-        kept_config = run.config.read_bytes()
-    before = snapshot(c.roots)
+    c = CELL[command](Place(runs, kind, inputs, out))
+    # a refused command writes nothing, not even into the run it would continue
+    roots = c.roots if expected == W else [*run.roots, *c.roots]
+    before = snapshot(roots)
+    own = snapshot([run.dir / "checkpoints"]), run.config.read_bytes()
+    fresh = c.trainer and KINDS[kind].processes > 1
     result = midtrain(c.args, cwd, fresh, None if fresh else capsys)
-    after = snapshot(c.roots)
+    after = snapshot(roots)
     assert list(cwd.iterdir()) == [], "the command wrote into the working directory"
     if expected == W:
         assert result.code == 0, f"exit {result.code}: {result.err[-3000:]}"
-        assert "Traceback" not in result.err, result.err
+        assert "Traceback" not in result.err, result.err[-3000:]
         if c.check is not None:
             c.check(result)
         check_untouched(before, after, c.outputs)
-        if command == "fit-resume":
-            assert snapshot([run.dir / "checkpoints"]) == kept
-            assert run.config.read_bytes() == kept_config
+        # fit-resume: the finished run's config.yaml and checkpoints stay as they were
+        assert (snapshot([run.dir / "checkpoints"]), run.config.read_bytes()) == own
         return
     pattern = expected.removeprefix("refused: ")
     assert result.code != 0, f"expected a refusal ({pattern}), got exit 0:\n{result.out[-2000:]}"
-    from tests.test_bad_input import error_line
-
     line = error_line(result.err, c.args[0])
     assert re.search(pattern, line), line
     check_untouched(before, after, [])
@@ -941,19 +1075,15 @@ def test_journey(
 
 
 def test_docs_show_the_matrix() -> None:
-    """docs/journeys.md holds the table rendered from MATRIX (regenerate: see the docstring)."""
-    page = PAGE.read_text()
-    assert render_table() in page, (
-        "docs/journeys.md's table differs from MATRIX; regenerate it with "
-        "`python -m tests.test_journeys --table` and paste it over the old one"
+    """docs/journeys.md holds the table rendered from ``MATRIX``, word for word."""
+    assert page_section(PAGE.read_text()) == render_section(), (
+        "docs/journeys.md's table is not MATRIX's; rewrite it with `python -m tests.test_journeys`"
     )
 
 
-if __name__ == "__main__":
-    print(render_table())
-
-
 # -- journeys beside the matrix ---------------------------------------------------------------------
+
+EVALUATIONS = shutil.ignore_patterns("validate*", "test*")
 
 
 def test_evaluation_given_its_run_directory_writes_beside_the_record(
@@ -962,7 +1092,7 @@ def test_evaluation_given_its_run_directory_writes_beside_the_record(
     """docs/midtraining.md validates an EMA run with ``--trainer.default_root_dir <the run>``:
     that evaluates into ``<run>/validate/``; the run's config.yaml still continues it."""
     run = tmp_path / "ema"
-    shutil.copytree(runs["ema"].dir, run)
+    shutil.copytree(runs["ema"].dir, run, ignore=EVALUATIONS)  # the run as fit left it
     before = snapshot([run])
     args = ["validate", "--config", str(runs["ema"].start), "--trainer.default_root_dir",
             str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--weights", "ema"]  # fmt: skip
@@ -977,7 +1107,7 @@ def test_a_second_evaluation_keeps_the_first(
     """The summary's evaluate line, then the same with ``--weights ema``: the second writes to
     ``<run>/validate-2/``; the first's config.yaml and summary stay as it wrote them."""
     run = tmp_path / "ema"
-    shutil.copytree(runs["ema"].dir, run)
+    shutil.copytree(runs["ema"].dir, run, ignore=EVALUATIONS)  # the run as fit left it
     args = ["validate", "--config", str(run / "config.yaml"), "--trainer.logger", "true",
             "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]  # fmt: skip
     must(midtrain(args, tmp_path, False, capsys), "validate")
@@ -988,7 +1118,9 @@ def test_a_second_evaluation_keeps_the_first(
     assert yaml.safe_load((run / "validate-2" / "config.yaml").read_text())["weights"] == "ema"
 
 
-def test_a_soup_is_not_forked_either(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_soup_is_not_forked_either(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--fork <soup>``: one line pointing at ``--model.init_from``, nothing written."""
     soup = runs["soup"]
     before = snapshot(soup.roots)
@@ -997,8 +1129,6 @@ def test_a_soup_is_not_forked_either(runs: Runs, tmp_path: Path, capsys: pytest.
             "--trainer.default_root_dir", str(new)]  # fmt: skip
     result = midtrain(args, tmp_path, False, capsys)
     assert result.code == 2
-    from tests.test_bad_input import error_line
-
     assert re.search(SOUP_RESUMED.removeprefix("refused: "), error_line(result.err, "fit"))
     check_untouched(before, snapshot(soup.roots), [])
     assert not new.exists()
@@ -1015,8 +1145,6 @@ def test_init_from_another_model_is_one_line_before_anything_is_written(
     args = ["fit", "--config", str(config), "--model.init_from", str(plain.ckpt),
             "--trainer.default_root_dir", str(new)]  # fmt: skip
     result = midtrain(args, tmp_path, False, capsys)
-    from tests.test_bad_input import error_line
-
     line = error_line(result.err, "fit")
     assert result.code == 2 and "(n_layer: 1 -> 2)" in line, line
     assert re.search(ANOTHER_MODEL.removeprefix("refused: "), line)
@@ -1041,3 +1169,7 @@ def test_fsdp2_anneal_reset_fork_starts_as_on_one_process(runs: Runs, tmp_path: 
     kept = torch.load(keep.dir / "checkpoints" / after, map_location="cpu", weights_only=True)
     assert len(sharded) > 0 and {float(s["step"]) for s in sharded.values()} == {2.0}
     assert {float(s["step"]) for s in kept["optimizer_states"][0]["state"].values()} == {6.0}
+
+
+if __name__ == "__main__":
+    write_page()
