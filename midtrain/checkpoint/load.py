@@ -52,7 +52,7 @@ def check_init_from(init_from: str, config: ModelConfig) -> None:
     if _parameter_shapes(theirs) == _parameter_shapes(config):
         return
     saved, ours = asdict(theirs), asdict(config)
-    fields = ", ".join(f"{k}: {saved[k]!r} -> {v!r}" for k, v in ours.items() if saved[k] != v)
+    fields = ", ".join(f"{k} {saved[k]!r} -> {v!r}" for k, v in ours.items() if saved[k] != v)
     raise MidtrainError(
         f"model.init_from: {init_from} holds the weights of another model ({fields}); set "
         "model.arch and model.model_config to the model it was trained as"
