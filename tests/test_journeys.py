@@ -69,7 +69,8 @@ class Kind:
 
 @dataclass(frozen=True)
 class Command:
-    """A command a researcher runs on a run, as typed (``{run}``, ``{ckpt}`` ... filled in)."""
+    """A command a researcher runs on a run (``CELL`` builds its command line): what it is,
+    the extra it needs."""
 
     what: str
     needs: tuple[str, ...] = ()
@@ -157,6 +158,8 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
+# A cell is "works", or "refused: <pattern>": a regular expression searched in the command's one
+# error line (here: words of the message, `.*` for the run's own values).
 W = "works"
 NO_EMA = "refused: has no averaged weights .*; use --weights live"
 OTHER_SHAPE = (
@@ -166,6 +169,7 @@ NOT_A_STUDY = (
     "refused: has no finished study .*; run `midtrain experiment --config <study.yaml>` to the "
     "end first"
 )
+NOT_PRETRAINING = "refused: pretrain: the fit config needs `data: midtrain.MixtureDataModule`"
 OTHER_SCHEDULE = (
     "refused: the checkpoint was trained with a different mixture schedule .*; to continue "
     "with a new schedule, start a new run with `midtrain fit --fork <ckpt>`"
@@ -173,7 +177,7 @@ OTHER_SCHEDULE = (
 OTHER_SETUP = (
     "refused: it was trained with another setup: .*; resume with the checkpoint's settings"
 )
-
+LR_CHANGED = "refused: another setup: model.lr.* -> 0.5; resume with the checkpoint's settings"
 ANOTHER_MODEL = (
     "refused: holds the weights of another model .*; set model.arch and model.model_config to "
     "the model it was trained as"
@@ -191,8 +195,6 @@ def no_callback(name: str) -> str:
         "with --fork"
     )
 
-
-LR_CHANGED = "refused: another setup: model.lr.* -> 0.5; resume with the checkpoint's settings"
 
 # the cells of every kind but the exceptions below
 COMMON: dict[str, str] = {
@@ -215,10 +217,7 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("ema", "validate-ema"): W,
     ("adaptive", "fit-other-run"): no_callback("AdaptiveMixture"),
     ("ema", "fit-other-run"): no_callback("EMA"),
-    (
-        "sft",
-        "experiment",
-    ): "refused: pretrain: the fit config needs `data: midtrain.MixtureDataModule`",
+    ("sft", "experiment"): NOT_PRETRAINING,
     ("sft", "fit-other-run"): OTHER_SETUP,
     ("hf-llama", "init_from"): ANOTHER_MODEL,
     ("hf-qwen3", "init_from"): ANOTHER_MODEL,
@@ -918,66 +917,54 @@ def experiment(p: Place) -> Cell:
     return Cell(args, [], p.run.roots, printed("branch mid:"), trainer=False)
 
 
+def validate_other_shape(p: Place) -> Cell:
+    config = other_shape_config(p.runs, p.inputs)
+    return Cell(
+        ["validate", "--config", str(config), "--ckpt_path", str(p.run.ckpt)], [], p.run.roots
+    )
+
+
+def export(p: Place) -> Cell:
+    args = ["export", "--ckpt", str(p.run.ckpt), "--out", str(p.out / "hf")]
+    return Cell(args, [], p.run.roots, wrote(p.out / "hf" / "config.json"), trainer=False)
+
+
+def generate(p: Place) -> Cell:
+    prompt = "def add(a, b):"
+    args = ["generate", "--ckpt", str(p.run.ckpt), "--prompt", prompt, "--max_new_tokens", "4"]
+    return Cell(args, [], p.run.roots, printed(prompt), trainer=False)
+
+
+def average(p: Place) -> Cell:
+    args = ["average", *map(str, p.run.ckpts), "--out", str(p.out / "soup.ckpt")]
+    return Cell(args, [], p.run.roots, wrote(p.out / "soup.ckpt"), trainer=False)
+
+
+def fit(p: Place, *extra: str, reads_only: bool = True) -> Cell:
+    """``midtrain fit --config <run>/config.yaml --ckpt_path last``; ``reads_only=False``: the
+    resume of the finished run, which may write into it (its parents and stores it only
+    reads)."""
+    args = ["fit", "--config", str(p.run.config), "--ckpt_path", p.run.resume, *extra]
+    return Cell(args, [], p.run.roots if reads_only else p.run.reads)
+
+
 CELL: dict[str, Callable[[Place], Cell]] = {
     "validate": lambda p: evaluation(p, "validate"),
     "test": lambda p: evaluation(p, "test"),
     "validate-ema": lambda p: evaluation(p, "validate", "--weights", "ema"),
-    "validate-other-shape": lambda p: Cell(
-        [
-            "validate",
-            "--config",
-            str(other_shape_config(p.runs, p.inputs)),
-            "--ckpt_path",
-            str(p.run.ckpt),
-        ],
-        [],
-        p.run.roots,
-    ),  # fmt: skip
-    "export": lambda p: Cell(
-        ["export", "--ckpt", str(p.run.ckpt), "--out", str(p.out / "hf")],
-        [],
-        p.run.roots,
-        wrote(p.out / "hf" / "config.json"),
-        trainer=False,
-    ),  # fmt: skip
-    "generate": lambda p: Cell(
-        [
-            "generate",
-            "--ckpt",
-            str(p.run.ckpt),
-            "--prompt",
-            "def add(a, b):",
-            "--max_new_tokens",
-            "4",
-        ],
-        [],
-        p.run.roots,
-        printed("def add(a, b):"),
-        trainer=False,
-    ),  # fmt: skip
+    "validate-other-shape": validate_other_shape,
+    "export": export,
+    "generate": generate,
     "lm-eval": lm_eval,
-    "average": lambda p: Cell(
-        ["average", *map(str, p.run.ckpts), "--out", str(p.out / "soup.ckpt")],
-        [],
-        p.run.roots,
-        wrote(p.out / "soup.ckpt"),
-        trainer=False,
-    ),  # fmt: skip
+    "average": average,
     "init_from": init_from,
     "advise-check": lambda p: Cell(
         ["advise", "--check", str(p.run.dir)], [], p.run.roots, trainer=False
-    ),  # fmt: skip
+    ),
     "experiment": experiment,
     "fit-other-run": fit_other_run,
-    "fit-other-lr": lambda p: Cell(
-        ["fit", "--config", str(p.run.config), "--ckpt_path", p.run.resume, "--model.lr", "0.5"],
-        [],
-        p.run.roots,
-    ),  # fmt: skip
-    # the run's own directory is what it writes: its parents and stores are what it reads
-    "fit-resume": lambda p: Cell(
-        ["fit", "--config", str(p.run.config), "--ckpt_path", p.run.resume], [], p.run.reads
-    ),
+    "fit-other-lr": lambda p: fit(p, "--model.lr", "0.5"),
+    "fit-resume": lambda p: fit(p, reads_only=False),
 }
 
 
