@@ -7,7 +7,8 @@ A run directory (``trainer.default_root_dir``) holds::
     checkpoints/epoch=0-step=<N>.ckpt                     periodic (ModelCheckpoint)
     checkpoints/switch-step=<N>.ckpt                      before a MixtureSwitch at step N
     checkpoints/step=<N>.ckpt                             fork points (CheckpointAtSteps)
-    validate/ test/ predict/                              evaluation logs, one per command
+    validate/ test/ predict/                              evaluation logs, one per command;
+    validate-2/ validate-3/ ...                           later evaluations (``unused_dir``)
     summary.json                                          the end-of-run summary
 """
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 CONFIG = "config.yaml"
+EVENTS = "events.out.tfevents."  # TensorBoard's event files
 
 
 def switch_checkpoint(step: int) -> str:
@@ -34,6 +36,26 @@ def switch_checkpoint(step: int) -> str:
 def step_checkpoint(step: int) -> str:
     """A fork point: the state right before optimizer step ``step``."""
     return f"step={step}.ckpt"
+
+
+def holds_a_record(directory: Path) -> bool:
+    """Whether a command already wrote its record here: a config.yaml, a summary or events."""
+    return directory.is_dir() and any(
+        p.name == CONFIG or p.name.endswith("summary.json") or p.name.startswith(EVENTS)
+        for p in directory.iterdir()
+    )
+
+
+def unused_dir(path: Path) -> Path:
+    """``path``, or when a command already wrote its record there, the first of
+    ``<path>-2``, ``<path>-3``, ... where none did: an evaluation never writes over an earlier
+    one's config.yaml, summary and events (other files, e.g. a study's stage markers, do not
+    count)."""
+    candidate, n = path, 1
+    while holds_a_record(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def run_checkpoints(run_dir: str | Path) -> Path:

@@ -5,7 +5,7 @@ weights, and the tokenizer its run trained with."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,31 @@ def weights_record(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(hparams, dict):
         return {}
     return {"model.shape": checkpoint_config(hparams, "--ckpt_path").shape()}
+
+
+def check_init_from(init_from: str, config: ModelConfig) -> None:
+    """``model.init_from``'s weights fit a model of ``config``: the parameter names and shapes of
+    the model its hyperparameters describe, compared before anything is written (the weights
+    are read when the model is built). One line naming the fields that differ."""
+    from midtrain.checkpoint.files import read_metadata
+
+    hparams = read_metadata(init_from).get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        return  # a plain state dict: loading it says what does not fit
+    theirs = checkpoint_config(hparams, "model.init_from")
+    if _parameter_shapes(theirs) == _parameter_shapes(config):
+        return
+    saved, ours = asdict(theirs), asdict(config)
+    fields = ", ".join(f"{k} {saved[k]!r} -> {v!r}" for k, v in ours.items() if saved[k] != v)
+    raise MidtrainError(
+        f"model.init_from: {init_from} holds the weights of another model ({fields}); set "
+        "model.arch and model.model_config to the model it was trained as"
+    )
+
+
+def _parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from midtrain.checkpoint.files import averaged_state
-from midtrain.checkpoint.load import weights_record
+from midtrain.checkpoint.load import AVERAGED_FROM, weights_record
 from midtrain.errors import MidtrainError
 from midtrain.run_state import Fork, Rule, RunPart, RunPlan, Setting, plan_of
 
@@ -248,6 +248,18 @@ def check_weights_shape(
         )
 
 
+def check_training_state(plan: RunPlan, metadata: Mapping[str, Any]) -> None:
+    """A resume or a fork continues a run's training state (loops, optimizer, data position); a
+    weights-only checkpoint (a soup of ``midtrain average``) has none: it starts a new run."""
+    if "loops" in metadata:
+        return
+    what = "a soup written by midtrain average" if AVERAGED_FROM in metadata else "weights only"
+    raise MidtrainError(
+        f"{plan.where}: it holds no training state to continue ({what}); start a new run from "
+        f"its weights with --model.init_from {plan.checkpoint}"
+    )
+
+
 def check_checkpoint(
     plan: RunPlan,
     metadata: Mapping[str, Any],
@@ -256,7 +268,8 @@ def check_checkpoint(
 ) -> None:
     """Everything a command must refuse about its checkpoint, once per plan and checkpoint:
     for evaluation, that it holds the weights asked for and that they fit this model; for a
-    resume or a fork, its record against this run's settings."""
+    resume or a fork, that it holds a run's training state and its record against this run's
+    settings."""
     if plan.checkpoint is None or plan.checkpoint in plan.checked:
         return
     saved = (metadata.get("midtrain") or {}).get("run")
@@ -265,8 +278,10 @@ def check_checkpoint(
         if plan.weights == "ema":
             averaged_state(dict(metadata), plan.checkpoint)
         check_weights_shape(plan, saved if saved is not None else weights_record(metadata), now)
-    elif saved is not None:
-        check_record(plan, saved, now)
+    else:
+        check_training_state(plan, metadata)
+        if saved is not None:
+            check_record(plan, saved, now)
     plan.checked.add(plan.checkpoint)
 
 

@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from midtrain.checkpoint.atomic import remove_stale_temps, use_atomic_checkpoints
 from midtrain.checkpoint.files import check_weights_choice
-from midtrain.checkpoint.layout import CHECKPOINTS, check_run_dir, run_checkpoints
+from midtrain.checkpoint.layout import CHECKPOINTS, check_run_dir, run_checkpoints, unused_dir
 from midtrain.checkpoint.plan import (
     Fork,
     RunPlan,
@@ -150,18 +150,20 @@ def given_on_command_line(key: str, argv: Sequence[str]) -> bool:
 
 
 def evaluation_dir(cfg: Namespace, subcommand: str, argv: Sequence[str]) -> Path:
-    """Where validate/test/predict write: the ``--trainer.default_root_dir`` given on the
-    command line (``<it>/<command>`` when it is a training run's directory), else
-    ``<run>/<command>``, where the run is the evaluated checkpoint's (the directory above its
-    ``checkpoints/``) or the config's ``trainer.default_root_dir``. So a run's own config.yaml,
-    hparams.yaml, summary and events stay as fit left them."""
+    """Where validate/test/predict write: ``--trainer.default_root_dir`` when given on the
+    command line (``<it>/<command>`` when it is a run directory, one holding ``checkpoints/``),
+    else ``<run>/<command>``, where the run is the evaluated checkpoint's (the directory above
+    its ``checkpoints/``) or the config's ``trainer.default_root_dir``; a directory that
+    already holds an evaluation is not reused (``unused_dir``: ``<dir>-2``, ...). So a run's
+    own config.yaml, hparams.yaml, summary and events stay as fit left them, and an earlier
+    evaluation's as it left them."""
     if given_on_command_line("trainer.default_root_dir", argv):
         given = Path(cfg.trainer.default_root_dir)
-        return given / subcommand if (given / CHECKPOINTS).is_dir() else given
+        return unused_dir(given / subcommand if (given / CHECKPOINTS).is_dir() else given)
     ckpt = Path(str(cfg.get("ckpt_path") or ""))
     if ckpt.parent.name == CHECKPOINTS:
-        return ckpt.parent.parent / subcommand
-    return Path(cfg.trainer.default_root_dir) / subcommand
+        return unused_dir(ckpt.parent.parent / subcommand)
+    return unused_dir(Path(cfg.trainer.default_root_dir) / subcommand)
 
 
 def evaluation_logger(logger: Any, directory: Path) -> Any:
@@ -355,9 +357,9 @@ class MidtrainCLI(KeepConfigOnResume, LightningCLI):
         check_start(plan, parts, self.trainer)
         if plan.checkpoint is not None and os.path.exists(plan.checkpoint):
             meta = self.resume.checkpoint_metadata(plan.checkpoint, "ckpt_path")
+            check_checkpoint(plan, meta, parts, self.trainer)
             if plan.mode == "resume":
                 self._check_branch_resume(meta, plan)
-            check_checkpoint(plan, meta, parts, self.trainer)
         check_val_limits(self.trainer, self.datamodule)
         return plan
 

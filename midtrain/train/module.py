@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from midtrain.checkpoint.files import averaged_state, load_weights, read_metadata
+from midtrain.checkpoint.load import check_init_from
 from midtrain.checkpoint.plan import Rule, RunPlan, Setting, check_restore, plan_of, record_of
 from midtrain.data.contract import DataContract, require_contract, require_max_steps
 from midtrain.data.hub import is_hf
@@ -289,14 +290,16 @@ class CausalLM(L.LightningModule):
         return settings
 
     def check_plan(self, plan: RunPlan, trainer: L.Trainer) -> None:
-        """An anneal starts from a checkpoint's LR; ``--weights ema`` for fit reads the
-        averaged weights of ``model.init_from``."""
+        """An anneal starts from a checkpoint's LR; ``model.init_from``'s weights fit this
+        model; ``--weights ema`` for fit reads the averaged weights of ``model.init_from``."""
         schedule = self.hparams.lr_schedule
         if plan.mode == "new" and schedule in ANNEALS and self.branch.anneal is None:
             raise anneal_without_checkpoint(schedule)
+        init_from = self.hparams.init_from
+        if init_from and not is_hf(init_from):
+            check_init_from(init_from, self.config)
         if plan.command != "fit" or plan.weights == "live":
             return
-        init_from = self.hparams.init_from
         if not init_from or is_hf(init_from):
             raise MidtrainError(
                 f"--weights: {plan.weights} for fit reads the averaged weights of the "
@@ -484,8 +487,17 @@ class CausalLM(L.LightningModule):
                 where = plan.checkpoint or "--ckpt_path"
                 checkpoint["state_dict"] = averaged_state(checkpoint, where)["state_dict"]
             return
+        # FSDP2 (ModelParallelStrategy) restores the optimizer in place, before this hook: a
+        # fork reads and rewrites the live state as it would the checkpoint's
+        in_place = plan.fork is not None and not trainer.strategy.lightning_restore_optimizer
+        if in_place:
+            checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
         self.branch.restore(plan, checkpoint, self.hparams)
         self.branch.start_optimizer(plan, checkpoint, self.hparams, trainer.max_steps)
+        if in_place:
+            states = checkpoint.pop("optimizer_states")
+            for opt, state in zip(trainer.optimizers, states, strict=True):
+                opt.load_state_dict(state)
         # already built where the strategy restores after configure_optimizers (FSDP2)
         for config in trainer.lr_scheduler_configs:
             reschedule(
