@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from midtrain.data.hub import HF_PREFIX, is_hf, tokenizer_file
+from midtrain.data.hub import HF_PREFIX, TOKENIZER_FILE, is_hf, tokenizer_file
 from midtrain.data.store import StoreIndex
 from midtrain.data.tokenizer import Bos, model_tokens
 from midtrain.errors import MidtrainError
@@ -78,7 +78,7 @@ class TokenizerSource:
     @classmethod
     def of_store(cls, store: str | Path) -> TokenizerSource:
         index = StoreIndex.read(store, any_format=True)
-        return cls(Path(store) / "tokenizer.json", index.eos, index.bos_id, index.add_bos)
+        return cls(Path(store) / TOKENIZER_FILE, index.eos, index.bos_id, index.add_bos)
 
     @classmethod
     def of_model(cls, spec: str) -> TokenizerSource:
@@ -125,7 +125,7 @@ def model_tokenizer(store: str | Path | None, init_from: str | None) -> Tokenize
     """The tokenizer a model trains with, and its conventions: its store's, else that of the
     HF model it was initialised from; None when it has neither. The one lookup ``generate`` of
     a live ``CausalLM`` and the tools reading a checkpoint share."""
-    if store and StoreIndex.exists(store) and (Path(store) / "tokenizer.json").is_file():
+    if store and StoreIndex.exists(store) and (Path(store) / TOKENIZER_FILE).is_file():
         return TokenizerSource.of_store(store)
     if is_hf(init_from):
         assert init_from is not None
@@ -168,7 +168,7 @@ def tokenizer_source(given: str) -> TokenizerSource:
         return TokenizerSource(p)
     if StoreIndex.exists(p):
         return TokenizerSource.of_store(p)
-    if is_hf(given) or (p / "tokenizer.json").is_file():
+    if is_hf(given) or (p / TOKENIZER_FILE).is_file():
         return TokenizerSource.of_model(given if is_hf(given) else HF_PREFIX + given)
     raise MidtrainError(f"--tokenizer: {given} is not a tokenizer.json, a store or an HF model")
 

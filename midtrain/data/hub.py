@@ -9,6 +9,7 @@ from pathlib import Path
 from midtrain.errors import MidtrainError
 
 HF_PREFIX = "hf:"
+TOKENIZER_FILE = "tokenizer.json"  # a fast tokenizer, in a store and in an HF model directory
 # what a model directory's weights are stored as (transformers' file names)
 WEIGHT_FILES = (
     "model.safetensors",
@@ -89,7 +90,7 @@ def tokenizer_file(spec: str, where: str = "tokenizer") -> Path:
             "chat_template.jinja",
         ),
     )
-    path = directory / "tokenizer.json"
+    path = directory / TOKENIZER_FILE
     if not path.is_file():
         raise MidtrainError(f"{where}: {directory} has no tokenizer.json (a fast tokenizer)")
     return path

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from midtrain.data.hub import TOKENIZER_FILE
 from midtrain.errors import MidtrainError
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ class Store:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / "tokenizer.json"
+        return self.root / TOKENIZER_FILE
 
     def fingerprint(self, domains: list[str] | None = None) -> str:
         """Identity of the data a run trains on: tokenizer plus each domain's content hash."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from midtrain.data.hub import TOKENIZER_FILE
 from midtrain.errors import MidtrainError
 
 DEFAULT_EOS = "<|endoftext|>"
@@ -32,7 +33,7 @@ def load_tokenizer(path: str | None = None, hub: str | None = None) -> Tokenizer
         if is_model_spec(hub):
             # a model directory or hub id, optionally @revision: the tokenizer a released
             # model was trained with (resolved the way model.init_from resolves hf:)
-            return Tokenizer.from_file(str(model_directory(hub) / "tokenizer.json"))
+            return Tokenizer.from_file(str(model_directory(hub) / TOKENIZER_FILE))
         try:
             return Tokenizer.from_pretrained(hub)
         except Exception as e:  # network, auth or a wrong name: one line either way

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from midtrain.data.hub import resolve
+from midtrain.data.hub import TOKENIZER_FILE, resolve
 from midtrain.errors import MidtrainError
 from midtrain.model.config import ModelConfig
 from midtrain.model.gpt import GPT
@@ -550,7 +550,7 @@ def check_store(init_from: str, store: Store) -> None:
     from tokenizers import Tokenizer
 
     directory = resolve(init_from, "model.init_from")
-    hf_tokenizer = directory / "tokenizer.json"
+    hf_tokenizer = directory / TOKENIZER_FILE
     fix = f"prepare the store with `tokenizer: {{hub: {init_from}}}`"
     if hf_tokenizer.is_file():
         ours = Tokenizer.from_file(str(store.tokenizer_path)).get_vocab(with_added_tokens=True)

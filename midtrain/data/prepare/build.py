@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from midtrain.data.hub import TOKENIZER_FILE
 from midtrain.data.prepare.config import PrepareConfig
 from midtrain.data.prepare.console import DomainProgress, print_summary, summary, write_summary
 from midtrain.data.prepare.encode import Builder
@@ -221,10 +222,10 @@ def _swap_in(run: _Run, staging: Path, built: dict[str, dict[str, Any]]) -> bool
     A reused store is left byte-for-byte alone: only what changed is written. Whether
     anything changed."""
     root = run.root
-    old_tok = root / "tokenizer.json"
+    old_tok = root / TOKENIZER_FILE
     if not old_tok.is_file() or tokenizer_hash(Tokenizer.from_file(str(old_tok))) != run.tok_hash:
-        run.tok.save(str(staging / "tokenizer.json"))
-        os.replace(staging / "tokenizer.json", old_tok)
+        run.tok.save(str(staging / TOKENIZER_FILE))
+        os.replace(staging / TOKENIZER_FILE, old_tok)
     for name in built:
         target = root / name
         if target.exists():

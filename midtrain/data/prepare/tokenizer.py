@@ -15,6 +15,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from midtrain.data.chat import ChatTemplate
+from midtrain.data.hub import TOKENIZER_FILE
 from midtrain.data.prepare.config import PrepareConfig
 from midtrain.data.prepare.plan import SHARDS, Plan
 from midtrain.data.prepare.render import documents, validation_split
@@ -57,10 +58,10 @@ def tokenizer_spec_hash(config: PrepareConfig, plans: list[Plan]) -> str:
 def _stored(root: Path, spec_hash: str) -> Tokenizer | None:
     """The store's own tokenizer, or the one shared with the shards, when made from this spec."""
     index = StoreIndex.find(root)
-    own = root / "tokenizer.json"
+    own = root / TOKENIZER_FILE
     if index is not None and own.is_file() and index.tokenizer_spec == spec_hash:
-        return Tokenizer.from_file(str(root / "tokenizer.json"))
-    shared = root / SHARDS / "tokenizer.json"  # trained once for the shards (--tokenizer_only)
+        return Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    shared = root / SHARDS / TOKENIZER_FILE  # trained once for the shards (--tokenizer_only)
     if shared.is_file() and (root / SHARDS / "tokenizer.spec").read_text() == spec_hash:
         return Tokenizer.from_file(str(shared))
     return None
@@ -109,7 +110,7 @@ def model_conventions(config: PrepareConfig) -> ModelTokens | None:
     if hub is None or not is_model_spec(hub):
         return None
     directory = model_directory(hub)
-    return model_tokens(directory, Tokenizer.from_file(str(directory / "tokenizer.json")))
+    return model_tokens(directory, Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
 
 
 def with_model_eos(config: PrepareConfig, tokens: ModelTokens | None) -> PrepareConfig:
@@ -184,8 +185,8 @@ def save_for_shards(root: Path, tok: Tokenizer, spec_hash: str) -> Path:
     tmp = root / SHARDS / f".tokenizer-{os.getpid()}.json"
     tok.save(str(tmp))
     (root / SHARDS / "tokenizer.spec").write_text(spec_hash)
-    os.replace(tmp, root / SHARDS / "tokenizer.json")
-    return root / SHARDS / "tokenizer.json"
+    os.replace(tmp, root / SHARDS / TOKENIZER_FILE)
+    return root / SHARDS / TOKENIZER_FILE
 
 
 def chat_encoder(tok: Tokenizer) -> Callable[[list[list[str]]], list[list[list[int]]]]:
