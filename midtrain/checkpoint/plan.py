@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from midtrain.checkpoint.files import averaged_state
 from midtrain.checkpoint.load import AVERAGED_FROM, weights_record
+from midtrain.data.mixture import describe_schedule
 from midtrain.errors import MidtrainError
 from midtrain.run_state import Fork, Rule, RunPart, RunPlan, Setting, plan_of
 
@@ -185,9 +186,10 @@ def check_record(plan: RunPlan, saved: Mapping[str, Any], now: Mapping[str, Sett
     if schedules:
         key = schedules[0]
         raise MidtrainError(
-            f"{key}: the checkpoint was trained with a different mixture schedule "
-            f"({_entries(saved[key])} vs {_entries(now[key].value)}); to continue with a new "
-            "schedule, start a new run with `midtrain fit --fork <ckpt>`"
+            f"{key}: the checkpoint was trained with a different mixture schedule (the "
+            f"checkpoint's: {describe_schedule(_entries(saved[key]))}; this run's: "
+            f"{describe_schedule(_entries(now[key].value))}); to continue with a new schedule, "
+            "start a new run with `midtrain fit --fork <ckpt>`"
         )
     if changed:
         hint = (

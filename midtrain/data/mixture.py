@@ -54,6 +54,19 @@ class Phase:
         return cls(int(key[0]), dict(key[1]), *(key[2:4] if len(key) > 2 else ()))
 
 
+def describe_schedule(keys: Sequence[Sequence[Any]]) -> str:
+    """Recorded phases (``Phase.key`` form) as a person reads them: each phase's start step,
+    ramp and domain shares (weights may be token counts: they are shown normalised)."""
+    described = []
+    for key in keys:
+        phase = Phase.from_key(key)
+        total = sum(phase.weights.values()) or 1.0
+        shares = ", ".join(f"{d} {w / total:.3g}" for d, w in sorted(phase.weights.items()))
+        ramp = f" (ramp {phase.ramp_steps} steps, {phase.ramp})" if phase.ramp_steps else ""
+        described.append(f"step {phase.start_step}{ramp}: {shares}")
+    return " then ".join(described) or "none"
+
+
 def shift_phases(phases: Sequence[Phase], origin: int) -> list[Phase]:
     """The schedule of a stream whose step 0 is optimizer step ``origin`` (``--fork_data
     fresh``): the phase in force at ``origin`` from 0, later phases ``origin`` steps earlier.
