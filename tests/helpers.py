@@ -14,6 +14,21 @@ import torch
 
 from midtrain.train.trainer import Trainer
 
+# The study tests' tiny model and a quiet one-device CPU trainer (the study tests and the proxy
+# benchmark).
+MODEL = {
+    "arch": "tiny",
+    "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
+}
+QUIET = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+}
+
 
 class RecordDomains(pl.Callback):
     """Writes the domain ids of every micro-batch the model trains on, with its step."""

@@ -19,19 +19,8 @@ from midtrain.errors import MidtrainError
 from midtrain.study import ExperimentConfig, PretrainConfig, SFTConfig, expand_branches
 from midtrain.study.figures import PLOT_HINT, draw, figure_specs, read_summary, write_figures
 from midtrain.study.report import SUMMARY_COLUMNS
+from tests.helpers import MODEL, QUIET
 
-MODEL = {
-    "arch": "tiny",
-    "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
-}
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "log_every_n_steps": 1,
-}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

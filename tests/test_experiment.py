@@ -16,20 +16,9 @@ from midtrain.data.prepare import DomainConfig, PrepareConfig, TokenizerConfig, 
 from midtrain.errors import MidtrainError
 from midtrain.study.report import last_scalar
 from midtrain.study.stats import _betainc, welch_t_test
+from tests.helpers import MODEL, QUIET
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODEL = {
-    "arch": "tiny",
-    "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
-}
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "log_every_n_steps": 1,
-}
 
 
 def write_pretrain(path: Path, store: Path, weights: dict[str, float]) -> Path:

@@ -14,7 +14,8 @@ import yaml
 from midtrain.cli import main
 from midtrain.errors import MidtrainError
 from midtrain.study.sweep import load_sweep, run_sweep
-from tests.test_experiment import MODEL, QUIET, write_pretrain
+from tests.helpers import MODEL, QUIET
+from tests.test_experiment import write_pretrain
 
 pytest.importorskip("sklearn", reason="the proxy sweep fits the regression of midtrain[advise]")
 

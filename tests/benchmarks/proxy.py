@@ -14,19 +14,7 @@ from pathlib import Path
 import yaml
 
 from tests.benchmarks import print_figures
-
-MODEL = {
-    "arch": "tiny",
-    "model_config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64},
-}
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "log_every_n_steps": 1,
-}
+from tests.helpers import MODEL, QUIET
 
 
 def _configs(root: Path, store: Path) -> tuple[Path, Path]:
